@@ -1,0 +1,31 @@
+"""slimllm: an edge-deployment compiler for decoder-only LLMs.
+
+    >>> import slimllm
+    >>> loaded = slimllm.load_model("smollm2-135m")
+
+The stages are plain functions: `load_model`, `run_prune`, `evaluate_model`. Attributes are imported lazily so that
+`import slimllm` stays cheap for the CLI.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_model": "slimllm.models",
+    "run_prune": "slimllm.pruning.stage",
+    "PruneSettings": "slimllm.pruning.stage",
+    "evaluate_model": "slimllm.evaluate",
+    "EvalSettings": "slimllm.evaluate",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'slimllm' has no attribute {name!r}")

@@ -1,0 +1,137 @@
+"""The architecture registry: the one place that knows per-architecture facts.
+
+    >>> from slimllm.architectures import architecture_for
+    >>> architecture_for(model.config).gguf_arch
+    'llama'
+
+Nothing outside this module tests an architecture's name. Every other module asks the registry where the decoder
+layers live, which config fields hold one entry per layer and how the model is written to GGUF.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import reduce
+
+from torch import nn
+
+from slimllm.errors import UserInputError
+
+
+def _qwen_layer_types(config) -> list[str]:
+    """Qwen2/Qwen3 semantics of `max_window_layers`: layers at index >= it use sliding-window attention."""
+    sliding = getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None)
+    max_window_layers = getattr(config, "max_window_layers", config.num_hidden_layers)
+    return [
+        "sliding_attention" if sliding and i >= max_window_layers else "full_attention"
+        for i in range(config.num_hidden_layers)
+    ]
+
+
+def _qwen_range_fields(layer_types: list[str]) -> dict[str, int]:
+    """`max_window_layers` that agrees with an explicit list, where the list has the full-then-sliding form."""
+    leading_full = next((i for i, t in enumerate(layer_types) if t != "full_attention"), len(layer_types))
+    if all(t != "full_attention" for t in layer_types[leading_full:]):
+        return {"max_window_layers": leading_full}
+    return {}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Facts about one decoder-only architecture family."""
+
+    name: str
+    """Registry key, also the name shown to users."""
+    model_types: tuple[str, ...]
+    """`config.model_type` values this entry covers."""
+    gguf_arch: str
+    """`general.architecture` value in GGUF files (llama.cpp's LLM_ARCH name)."""
+    gguf_permute_qk: bool
+    """llama.cpp expects Q/K rows permuted for its interleaved rope layout (true for the llama arch only)."""
+    layers_path: str = "model.layers"
+    embed_tokens_path: str = "model.embed_tokens"
+    final_norm_path: str = "model.norm"
+    lm_head_path: str = "lm_head"
+    per_layer_config_fields: tuple[str, ...] = ()
+    """Config fields holding one entry per decoder layer; layer surgery cuts them to the kept layers."""
+    layer_range_config_fields: tuple[str, ...] = ()
+    """Config fields that describe layers by index range; surgery replaces them by explicit per-layer lists."""
+    derive_layer_types: Callable | None = field(default=None, compare=False)
+    """Builds `layer_types` from the range fields when a config lacks the explicit list."""
+    range_fields_from_layer_types: Callable | None = field(default=None, compare=False)
+    """Recomputes the range fields from a (cut) `layer_types` list, where they can express it."""
+
+
+ARCHITECTURES: tuple[Architecture, ...] = (
+    Architecture(
+        name="llama",
+        model_types=("llama",),
+        gguf_arch="llama",
+        gguf_permute_qk=True,
+        per_layer_config_fields=("layer_types",),
+    ),
+    Architecture(
+        name="mistral",
+        model_types=("mistral",),
+        # llama.cpp runs Mistral (v0.1-v0.3 style) through its llama graph.
+        gguf_arch="llama",
+        gguf_permute_qk=True,
+        per_layer_config_fields=("layer_types",),
+    ),
+    Architecture(
+        name="qwen2",
+        model_types=("qwen2",),
+        gguf_arch="qwen2",
+        gguf_permute_qk=False,
+        per_layer_config_fields=("layer_types",),
+        layer_range_config_fields=("max_window_layers",),
+        derive_layer_types=_qwen_layer_types,
+        range_fields_from_layer_types=_qwen_range_fields,
+    ),
+    Architecture(
+        name="qwen3",
+        model_types=("qwen3",),
+        gguf_arch="qwen3",
+        gguf_permute_qk=False,
+        per_layer_config_fields=("layer_types",),
+        layer_range_config_fields=("max_window_layers",),
+        derive_layer_types=_qwen_layer_types,
+        range_fields_from_layer_types=_qwen_range_fields,
+    ),
+)
+
+_BY_MODEL_TYPE = {model_type: arch for arch in ARCHITECTURES for model_type in arch.model_types}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_BY_MODEL_TYPE)
+
+
+def architecture_for(config) -> Architecture:
+    """The registry entry for a transformers config; a clear user error for anything else."""
+    model_type = getattr(config, "model_type", None)
+    arch = _BY_MODEL_TYPE.get(model_type)
+    if arch is None:
+        raise UserInputError(
+            f"model type {model_type!r} is not supported; slimllm handles decoder-only "
+            f"{', '.join(supported_model_types())} models (Llama, Mistral, SmolLM, Qwen2, Qwen3)"
+        )
+    return arch
+
+
+def get_submodule(model: nn.Module, path: str) -> nn.Module:
+    return reduce(getattr, path.split("."), model)
+
+
+def decoder_layers(model: nn.Module, arch: Architecture | None = None) -> nn.ModuleList:
+    """The model's decoder layers, in order."""
+    arch = arch or architecture_for(model.config)
+    return get_submodule(model, arch.layers_path)
+
+
+def set_decoder_layers(model: nn.Module, layers: nn.ModuleList, arch: Architecture | None = None) -> None:
+    arch = arch or architecture_for(model.config)
+    parent_path, _, attr = arch.layers_path.rpartition(".")
+    parent = get_submodule(model, parent_path) if parent_path else model
+    setattr(parent, attr, layers)

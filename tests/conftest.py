@@ -1,0 +1,113 @@
+"""Shared fixtures: tiny random-weight models for every registered architecture, the real SmolLM2-135M, data paths.
+
+Tiny models use SmolLM2's real tokenizer (49,152-entry BPE vocabulary) so that exporters and llama.cpp can load them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimllm.architectures import ARCHITECTURES
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(os.environ.get("SLIMLLM_DATA_DIR", REPO_ROOT.parent / "shared" / "data" / "wikitext2"))
+CALIB_FILE = DATA_DIR / "wiki.valid.tokens"
+EVAL_FILE = DATA_DIR / "wiki.test.raw"
+
+
+def _tiny_config(arch_name: str, tied: bool, num_layers: int = 6):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        rope_theta=10000.0,
+    )
+    factories = {
+        "llama": lambda: LlamaConfig(**common),
+        "mistral": lambda: MistralConfig(**common, sliding_window=None),
+        "qwen2": lambda: Qwen2Config(**common, use_sliding_window=False),
+        "qwen3": lambda: Qwen3Config(**common, head_dim=16, use_sliding_window=False),
+    }
+    return factories[arch_name]()
+
+
+TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+"""One tiny fixture per registry entry; `test_registry_has_tiny_fixtures` keeps the two in step."""
+
+
+def build_tiny_model(arch_name: str, tied: bool = True, num_layers: int = 6, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_tiny_config(arch_name, tied, num_layers))
+    # Random init at std 0.02 makes every layer nearly an identity; larger weights give layers real work to do.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2 and "embed" not in name and "lm_head" not in name:
+                param.normal_(0.0, 0.08)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct as a cached HF directory (dequantized once per machine)."""
+    from slimllm.models import materialize_embedded
+
+    return materialize_embedded("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
+    """Factory: saves (once) a tiny random model of an architecture with SmolLM2's tokenizer; returns its dir."""
+    cache: dict[tuple, Path] = {}
+
+    def make(arch_name: str = "llama", tied: bool = True, num_layers: int = 6) -> Path:
+        key = (arch_name, tied, num_layers)
+        if key not in cache:
+            path = tmp_path_factory.mktemp(f"tiny-{arch_name}-{'tied' if tied else 'untied'}-{num_layers}")
+            build_tiny_model(arch_name, tied, num_layers).save_pretrained(path)
+            smollm2_tokenizer.save_pretrained(path)
+            cache[key] = path
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    """A small plain-text calibration file cut from the WikiText-2 validation split."""
+    lines = CALIB_FILE.read_text(encoding="utf-8-sig").splitlines()[:400]
+    path = tmp_path / "calib.txt"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def pytest_configure(config):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+def registered_architecture_names() -> list[str]:
+    return [arch.name for arch in ARCHITECTURES]
