@@ -1,0 +1,255 @@
+"""Quality benchmark: dense against every pruning method, in one run, on the same calibration and evaluation text.
+
+    python bench/quality.py --model smollm2-135m --remove 8 \
+        --calib ../shared/data/wikitext2/wiki.valid.tokens --eval-data ../shared/data/wikitext2/wiki.test.raw \
+        --seq-len 1024 --max-windows 24
+
+Writes bench/results/quality-<model>-k<k>.json and .md: perplexity, KL to dense, top-1 agreement with dense,
+removed layers and time per method, with the machine, library versions and settings.
+Every method sees the same calibration blocks; all models are scored in one pass over the same windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from slimllm.artifacts import atomic_write_json, atomic_write_text, library_versions, machine_info  # noqa: E402
+from slimllm.data import DataPurpose, load_calibration, load_corpus, tokenize_corpus  # noqa: E402
+from slimllm.evaluate import compare_with_reference, split_windows, torch_logits_fn  # noqa: E402
+from slimllm.models import LoadedModel, load_model  # noqa: E402
+from slimllm.pruning.methods import PruneMethod  # noqa: E402
+from slimllm.pruning.stage import PruneSettings, count_parameters, prune_in_memory  # noqa: E402
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+_OPTIONS: dict = {}
+"""Command-line options some row builders read (set by `main`)."""
+
+
+@dataclass
+class Row:
+    """One benchmark row: a pruned model and how it was made."""
+
+    name: str
+    model: torch.nn.Module
+    removed_layers: list[int]
+    seconds: float
+    training_tokens: int = 0
+    notes: str = ""
+
+
+RowBuilder = Callable[[LoadedModel, PruneSettings, object], Row]
+
+
+def baseline_row(method: PruneMethod, max_blocks: Callable[[], int | None] = lambda: None) -> RowBuilder:
+    def build(loaded: LoadedModel, settings: PruneSettings, calibration) -> Row:
+        method_settings = PruneSettings(**{**settings.__dict__, "method": method})
+        limit = max_blocks()
+        notes = ""
+        if limit is not None and calibration.blocks.shape[0] > limit:
+            calibration = dataclasses.replace(calibration, blocks=calibration.blocks[:limit])
+            notes = f"first {limit} calibration blocks (cost: one suffix forward per candidate per step)"
+        pruned, report, selection, seconds = prune_in_memory(loaded, method_settings, calibration)
+        return Row(method.value, pruned, report.removed_layers, seconds, notes=notes)
+
+    return build
+
+
+# The rows this benchmark knows, in report order. TRSP and its ablations join here.
+ROW_BUILDERS: dict[str, RowBuilder] = {
+    "shortgpt": baseline_row(PruneMethod.SHORTGPT),
+    "angular": baseline_row(PruneMethod.ANGULAR),
+    "sleb": baseline_row(PruneMethod.SLEB, max_blocks=lambda: _OPTIONS.get("sleb_blocks")),
+    "last": baseline_row(PruneMethod.LAST),
+    "random": baseline_row(PruneMethod.RANDOM),
+}
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9.]+", "-", Path(name).name.lower()).strip("-")
+
+
+def _format_layers(layers: list[int]) -> str:
+    return ", ".join(str(i) for i in layers)
+
+
+def write_markdown(path: Path, payload: dict) -> None:
+    settings = payload["settings"]
+    lines = [
+        f"# Quality: {payload['model']} with {settings['remove']} of {payload['original_num_layers']} layers removed",
+        "",
+        f"Command: `{payload['command']}`",
+        "",
+        f"Calibration: `{settings['calib']}` ({settings['calib_blocks']} blocks x {settings['block_len']} tokens, "
+        f"seed {settings['seed']}); evaluation: `{settings['eval_data']}` ({payload['eval']['windows']} windows x "
+        f"{settings['seq_len']} tokens, {payload['eval']['tokens_scored']} tokens scored).",
+        "",
+        "| method | PPL | KL to dense (nats) | top-1 agree | removed layers | params | selection/training s |",
+        "|---|---:|---:|---:|---|---:|---:|",
+    ]
+    footnotes = [f"- {row['name']}: {row['notes']}" for row in payload["rows"] if row.get("notes")]
+    for row in payload["rows"]:
+        kl = "" if row["name"] == "dense" else f"{row['kl_to_dense']:.4f}"
+        agree = "" if row["name"] == "dense" else f"{100 * row['top1_agreement']:.1f} %"
+        ppl = f"{row['perplexity']:.4g}" if row["perplexity"] < 1e4 else f"{row['perplexity']:.3e}"
+        lines.append(
+            f"| {row['name']} | {ppl} | {kl} | {agree} | {_format_layers(row['removed_layers'])} | "
+            f"{row['params'] / 1e6:.1f}M | {row['seconds']:.1f} |"
+        )
+    if footnotes:
+        lines += ["", "Notes:", *footnotes]
+    machine = payload["machine"]
+    versions = payload["versions"]
+    lines += [
+        "",
+        f"Machine: {machine['cpu']} ({machine['cpu_count']} cores), {machine.get('gpu', 'no GPU')}; "
+        f"device {payload['device']}, dtype {payload['dtype']}.",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
+        f"Wall time: {payload['wall_seconds']:.0f} s.",
+        "",
+    ]
+    atomic_write_text(path, "\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--remove", type=int, default=8)
+    parser.add_argument("--calib", default="../shared/data/wikitext2/wiki.valid.tokens")
+    parser.add_argument("--eval-data", default="../shared/data/wikitext2/wiki.test.raw")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--max-windows", type=int, default=24)
+    parser.add_argument("--calib-blocks", type=int, default=16)
+    parser.add_argument("--block-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--protect-first", type=int, default=0)
+    parser.add_argument("--protect-last", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--sleb-blocks",
+        type=int,
+        default=4,
+        help="SLEB scores on the first N calibration blocks (its greedy search costs ~k x L forwards).",
+    )
+    parser.add_argument("--rows", default=",".join(ROW_BUILDERS), help="Comma-separated rows to run.")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+
+    _OPTIONS["sleb_blocks"] = args.sleb_blocks
+    rows_wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows_wanted if r not in ROW_BUILDERS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; known: {', '.join(ROW_BUILDERS)}")
+
+    started = time.perf_counter()
+    loaded = load_model(args.model, device=args.device)
+    settings = PruneSettings(
+        remove=args.remove,
+        protect_first=args.protect_first,
+        protect_last=args.protect_last,
+        calib=args.calib,
+        calib_blocks=args.calib_blocks,
+        block_len=args.block_len,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    calibration = load_calibration(
+        args.calib, loaded.model, loaded.tokenizer, args.calib_blocks, args.block_len, args.seed
+    )
+    rows: list[Row] = []
+    for name in rows_wanted:
+        print(f"[quality] {name} ...", file=sys.stderr, flush=True)
+        row = ROW_BUILDERS[name](loaded, settings, calibration)
+        print(
+            f"[quality] {name}: removed {row.removed_layers} in {row.seconds:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+        rows.append(row)
+
+    corpus = load_corpus(args.eval_data, DataPurpose.EVALUATION)
+    windows = split_windows(tokenize_corpus(corpus, loaded.tokenizer), args.seq_len, args.max_windows)
+    print(
+        f"[quality] scoring dense + {len(rows)} rows on {windows.shape[0]} windows ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    eval_started = time.perf_counter()
+    dense_result, results = compare_with_reference(
+        torch_logits_fn(loaded.model), {row.name: torch_logits_fn(row.model) for row in rows}, windows
+    )
+    eval_seconds = time.perf_counter() - eval_started
+
+    num_layers = loaded.model.config.num_hidden_layers
+    payload = {
+        "benchmark": "quality",
+        "model": args.model,
+        "original_num_layers": num_layers,
+        "command": "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "settings": {**vars(args), "out_dir": str(args.out_dir), "eval_data": args.eval_data},
+        "calibration": calibration.describe(),
+        "eval": {
+            "data": args.eval_data,
+            "data_sha256": corpus.sha256,
+            "windows": int(windows.shape[0]),
+            "seq_len": args.seq_len,
+            "tokens_scored": dense_result.tokens_scored,
+            "seconds": eval_seconds,
+        },
+        "rows": [
+            {
+                "name": "dense",
+                "perplexity": dense_result.perplexity,
+                "mean_nll": dense_result.mean_nll,
+                "kl_to_dense": 0.0,
+                "top1_agreement": 1.0,
+                "removed_layers": [],
+                "params": count_parameters(loaded.model),
+                "seconds": 0.0,
+                "training_tokens": 0,
+            }
+        ]
+        + [
+            {
+                "name": row.name,
+                "perplexity": results[row.name].perplexity,
+                "mean_nll": results[row.name].mean_nll,
+                "kl_to_dense": results[row.name].kl_to_reference,
+                "top1_agreement": results[row.name].top1_agreement,
+                "removed_layers": row.removed_layers,
+                "params": count_parameters(row.model),
+                "seconds": row.seconds,
+                "training_tokens": row.training_tokens,
+                "notes": row.notes,
+            }
+            for row in rows
+        ],
+        "device": str(loaded.device),
+        "dtype": str(loaded.dtype).replace("torch.", ""),
+        "machine": machine_info(),
+        "versions": library_versions(),
+        "wall_seconds": time.perf_counter() - started,
+    }
+    stem = f"quality-{_slug(args.model)}-k{args.remove}"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out_dir / f"{stem}.json", payload)
+    write_markdown(args.out_dir / f"{stem}.md", payload)
+    for row in payload["rows"]:
+        print(f"{row['name']:>10}  PPL {row['perplexity']:.4g}  removed {row['removed_layers']}")
+    print(f"wrote {args.out_dir / stem}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,179 @@
+"""Baseline layer-selection methods: ShortGPT, angular block, SLEB, last-k and random.
+
+    >>> selection = select_layers(model, PruneMethod.SHORTGPT, k=8, blocks=calib_blocks, candidates=range(30))
+    >>> selection.removed_layers
+    [3, 12, 13, 14, 15, 17, 25, 26]
+
+Every method sees the same calibration blocks and candidate layers and returns original layer indices. They share
+the removal and evaluation path, so comparisons between methods are made in one run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from slimllm.device import autocast
+from slimllm.errors import UserInputError
+from slimllm.pruning.layer_io import causal_lm_loss_sum, layers_skipped, run_from_layer, trace_decoder
+from slimllm.pruning.methods import PruneMethod
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Selection:
+    """Layers a method chose to remove, with the per-layer scores behind the choice."""
+
+    removed_layers: list[int]
+    """Original indices, sorted."""
+    scores: dict[str, float] = field(default_factory=dict)
+    """Per-layer (or per-start) score, keyed by the original index as a string (JSON-friendly)."""
+    details: dict = field(default_factory=dict)
+
+
+def _minibatches(blocks: torch.Tensor, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
+    for start in range(0, blocks.shape[0], batch_size):
+        yield blocks[start : start + batch_size].to(device)
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def block_influence(model, blocks: torch.Tensor, batch_size: int, progress: Progress | None = None) -> list[float]:
+    """ShortGPT's Block Influence per layer: 1 - mean over all tokens of cos(x_i, x_{i+1}) on the raw stream."""
+    device = _device_of(model)
+    cosine_sums: torch.Tensor | None = None
+    tokens = 0
+    total = math.ceil(blocks.shape[0] / batch_size)
+    for step, batch in enumerate(_minibatches(blocks, batch_size, device)):
+        with autocast(device):
+            trace = trace_decoder(model, batch)
+        num_layers = len(trace.layer_inputs)
+        sums = torch.stack(
+            [
+                F.cosine_similarity(trace.stream(i).float(), trace.stream(i + 1).float(), dim=-1).sum()
+                for i in range(num_layers)
+            ]
+        ).cpu()
+        cosine_sums = sums if cosine_sums is None else cosine_sums + sums
+        tokens += batch.numel()
+        if progress:
+            progress(step + 1, total)
+    assert cosine_sums is not None
+    return (1.0 - cosine_sums.double() / tokens).tolist()
+
+
+@torch.no_grad()
+def angular_distances(
+    model, blocks: torch.Tensor, k: int, batch_size: int, progress: Progress | None = None
+) -> list[float]:
+    """Gromov et al.: arccos(cos(x_l, x_{l+k}))/pi on each sample's last token, averaged; one value per start l."""
+    device = _device_of(model)
+    last_token_states: list[torch.Tensor] = []
+    total = math.ceil(blocks.shape[0] / batch_size)
+    for step, batch in enumerate(_minibatches(blocks, batch_size, device)):
+        with autocast(device):
+            trace = trace_decoder(model, batch)
+        num_layers = len(trace.layer_inputs)
+        last_token_states.append(torch.stack([trace.stream(i)[:, -1].float() for i in range(num_layers + 1)], 1).cpu())
+        if progress:
+            progress(step + 1, total)
+    states = torch.cat(last_token_states)  # [samples, L+1, hidden]
+    num_layers = states.shape[1] - 1
+    distances = []
+    for start in range(num_layers - k + 1):
+        cos = F.cosine_similarity(states[:, start].double(), states[:, start + k].double(), dim=-1).clamp(-1, 1)
+        distances.append(float((torch.arccos(cos) / math.pi).mean()))
+    return distances
+
+
+@torch.no_grad()
+def sleb_greedy(
+    model,
+    blocks: torch.Tensor,
+    k: int,
+    candidates: Sequence[int],
+    batch_size: int,
+    progress: Progress | None = None,
+) -> tuple[list[int], list[dict[str, float]]]:
+    """SLEB-style greedy: k times, remove the candidate whose removal gives the lowest calibration loss.
+
+    Each step records the input of every layer once, then re-runs only the suffix after each candidate.
+    Returns the removal order and, per step, the mean loss of every candidate's removal.
+    """
+    device = _device_of(model)
+    removed: list[int] = []
+    history: list[dict[str, float]] = []
+    for step in range(k):
+        alive = [c for c in candidates if c not in removed]
+        loss_sums = dict.fromkeys(alive, 0.0)
+        tokens = 0
+        with layers_skipped(model, removed) as kept:
+            position = {original: j for j, original in enumerate(kept)}
+            for batch in _minibatches(blocks, batch_size, device):
+                with autocast(device):
+                    trace = trace_decoder(model, batch, keep_kwargs=True)
+                    for candidate in alive:
+                        start = position[candidate]
+                        logits = run_from_layer(model, trace, start=start, skip={start})
+                        loss, count = causal_lm_loss_sum(logits, batch)
+                        loss_sums[candidate] += loss
+                tokens += count
+        mean_losses = {str(c): loss_sums[c] / tokens for c in alive}
+        history.append(mean_losses)
+        best = min(alive, key=lambda c: (loss_sums[c], c))
+        removed.append(best)
+        if progress:
+            progress(step + 1, k)
+    return removed, history
+
+
+def select_layers(
+    model,
+    method: PruneMethod,
+    k: int,
+    blocks: torch.Tensor | None,
+    candidates: Sequence[int],
+    batch_size: int = 2,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> Selection:
+    """Choose k of the candidate layers with a baseline method. `blocks` may be None for last/random."""
+    candidates = list(candidates)
+    if method is PruneMethod.LAST:
+        return Selection(sorted(candidates[-k:]), details={"rule": "last k candidate layers"})
+    if method is PruneMethod.RANDOM:
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(candidates), generator=generator).tolist()
+        return Selection(sorted(candidates[i] for i in order[:k]), details={"seed": seed})
+    assert blocks is not None, "score-based methods need calibration blocks"
+    if method is PruneMethod.SHORTGPT:
+        influence = block_influence(model, blocks, batch_size, progress)
+        ranked = sorted(candidates, key=lambda i: (influence[i], i))
+        return Selection(sorted(ranked[:k]), scores={str(i): influence[i] for i in range(len(influence))})
+    if method is PruneMethod.ANGULAR:
+        distances = angular_distances(model, blocks, k, batch_size, progress)
+        candidate_set = set(candidates)
+        starts = [s for s in range(len(distances)) if all(i in candidate_set for i in range(s, s + k))]
+        if not starts:
+            raise UserInputError(
+                f"no run of {k} consecutive candidate layers exists for the angular method; "
+                "remove fewer layers or protect fewer"
+            )
+        best = min(starts, key=lambda s: (distances[s], s))
+        return Selection(
+            list(range(best, best + k)),
+            scores={str(s): distances[s] for s in range(len(distances))},
+            details={"start": best},
+        )
+    if method is PruneMethod.SLEB:
+        order, history = sleb_greedy(model, blocks, k, candidates, batch_size, progress)
+        return Selection(sorted(order), details={"removal_order": order, "step_losses": history})
+    raise ValueError(f"{method} is not a baseline method")

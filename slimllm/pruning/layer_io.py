@@ -1,0 +1,122 @@
+"""Access to the raw residual stream at every decoder layer, without editing transformers' source.
+
+    >>> trace = trace_decoder(model, input_ids)            # inputs of every layer + raw final output
+    >>> logits = run_from_layer(model, trace, start=12, skip={12, 13})
+
+`output_hidden_states` is not enough for pruning scores: its last entry is taken after the final norm. Forward
+hooks see the raw stream, and the keyword arguments each layer received (rotary embeddings, masks) so that a suffix
+of the network can be re-run from any layer, which makes SLEB's greedy search about twice as cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from slimllm.architectures import architecture_for, decoder_layers, get_submodule, set_decoder_layers
+
+
+def layer_output_tensor(output) -> torch.Tensor:
+    """Decoder layers return a tensor (transformers >= 4.56) or a tuple whose first item is the hidden states."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def layer_input_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@dataclass
+class DecoderTrace:
+    """One forward pass seen at every decoder layer."""
+
+    layer_inputs: list[torch.Tensor]
+    """x_i, the residual stream entering layer i (index by position in the current layer list)."""
+    final_output: torch.Tensor
+    """The raw residual stream after the last layer, before the final norm."""
+    layer_kwargs: list[dict]
+    """Keyword arguments each layer was called with (position embeddings, attention mask, ...)."""
+
+    def stream(self, i: int) -> torch.Tensor:
+        """x_i for i in 0..L, where x_L is the final output."""
+        return self.final_output if i == len(self.layer_inputs) else self.layer_inputs[i]
+
+
+@torch.no_grad()
+def trace_decoder(model: nn.Module, input_ids: torch.Tensor, keep_kwargs: bool = False) -> DecoderTrace:
+    """Run the model once and record the residual stream entering every layer and leaving the last one."""
+    layers = decoder_layers(model)
+    inputs: list[torch.Tensor | None] = [None] * len(layers)
+    kwargs_seen: list[dict] = [{} for _ in layers]
+    final: list[torch.Tensor] = []
+    handles = []
+
+    def make_pre_hook(i: int):
+        def hook(module, args, kwargs):
+            inputs[i] = layer_input_tensor(args, kwargs).detach()
+            if keep_kwargs:
+                kwargs_seen[i] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+
+        return hook
+
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(make_pre_hook(i), with_kwargs=True))
+    handles.append(layers[-1].register_forward_hook(lambda m, a, out: final.append(layer_output_tensor(out).detach())))
+    base_path = architecture_for(model.config).layers_path.rpartition(".")[0]
+    base = get_submodule(model, base_path) if base_path else model
+    try:
+        base(input_ids=input_ids, use_cache=False)  # the base model stops before the LM head, which we do not need
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert all(x is not None for x in inputs) and final, "a decoder layer was not called"
+    return DecoderTrace([x for x in inputs if x is not None], final[0], kwargs_seen)
+
+
+def lm_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Final norm + LM head on a raw residual stream."""
+    arch = architecture_for(model.config)
+    norm = get_submodule(model, arch.final_norm_path)
+    head = get_submodule(model, arch.lm_head_path)
+    return head(norm(hidden))
+
+
+def causal_lm_loss_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token cross-entropy and the number of predicted tokens."""
+    targets = input_ids[:, 1:].to(logits.device)
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+    )
+    return float(loss), targets.numel()
+
+
+@torch.no_grad()
+def run_from_layer(model: nn.Module, trace: DecoderTrace, start: int, skip: Iterable[int] = ()) -> torch.Tensor:
+    """Logits when layers `start..L-1` minus `skip` run from x_start (as recorded in `trace`)."""
+    layers = decoder_layers(model)
+    skipped = set(skip)
+    hidden = trace.layer_inputs[start] if start < len(layers) else trace.final_output
+    for i in range(start, len(layers)):
+        if i in skipped:
+            continue
+        hidden = layer_output_tensor(layers[i](hidden, **trace.layer_kwargs[i]))
+    return lm_logits(model, hidden)
+
+
+@contextlib.contextmanager
+def layers_skipped(model: nn.Module, skipped: Iterable[int]) -> Iterator[list[int]]:
+    """Temporarily run the model without some layers (no cache renumbering: only for use_cache=False passes).
+
+    Yields the original indices of the layers that stay, in order.
+    """
+    layers = decoder_layers(model)
+    skipped = set(skipped)
+    kept = [i for i in range(len(layers)) if i not in skipped]
+    set_decoder_layers(model, nn.ModuleList([layers[i] for i in kept]))
+    try:
+        yield kept
+    finally:
+        set_decoder_layers(model, layers)

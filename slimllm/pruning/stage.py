@@ -1,0 +1,189 @@
+"""The prune stage: load a model, choose layers with a method, remove them and save the pruned checkpoint.
+
+>>> from slimllm.pruning.stage import PruneSettings, run_prune
+>>> result = run_prune("smollm2-135m", PruneSettings(method="shortgpt", remove=8, calib="self"), Path("out/p"))
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from slimllm.architectures import decoder_layers
+from slimllm.artifacts import check_output_directory
+from slimllm.data import CalibrationData, load_calibration
+from slimllm.device import dtype_name
+from slimllm.errors import UserInputError
+from slimllm.models import LoadedModel, load_model
+from slimllm.pruning.baselines import Selection, select_layers
+from slimllm.pruning.candidates import candidate_layers, check_removable, layers_to_remove
+from slimllm.pruning.methods import PruneMethod
+from slimllm.pruning.surgery import SurgeryReport, remove_layers, save_pruned_checkpoint
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class PruneSettings:
+    """Settings of `slimllm prune` (baseline methods)."""
+
+    method: PruneMethod = PruneMethod.SHORTGPT
+    """Layer-selection method."""
+    remove: int | None = None
+    """Number of layers to remove (exclusive with `ratio`)."""
+    ratio: float | None = None
+    """Fraction of all layers to remove, rounded to a whole layer (exclusive with `remove`)."""
+    protect_first: int = 0
+    """The first N layers are never removed."""
+    protect_last: int = 1
+    """The last M layers are never removed; the final layer feeds the LM head directly."""
+    calib: str = "self"
+    """Calibration text: `self` (the model writes it; offline), wikitext2, c4 or a local file."""
+    calib_blocks: int = 16
+    """Number of calibration blocks."""
+    block_len: int = 512
+    """Tokens per calibration block."""
+    batch_size: int = 2
+    """Calibration blocks per forward pass."""
+    seed: int = 0
+    """Seed for block sampling, `self` text and the random method."""
+
+    def __post_init__(self) -> None:
+        self.method = PruneMethod(self.method)
+        if self.calib_blocks < 1 or self.block_len < 2 or self.batch_size < 1:
+            raise UserInputError("--calib-blocks, --block-len and --batch-size must be positive (block-len >= 2)")
+
+
+@dataclass
+class PruneResult:
+    out_dir: Path | None
+    method: str
+    original_num_layers: int
+    removed_layers: list[int]
+    kept_layers: list[int]
+    params_before: int
+    params_after: int
+    seconds: float
+    selection_seconds: float
+    calibration: dict | None
+    scores: dict = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        payload = asdict(self)
+        payload["out_dir"] = str(self.out_dir) if self.out_dir else None
+        return payload
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def resolve_k(loaded: LoadedModel, settings: PruneSettings) -> tuple[int, list[int]]:
+    num_layers = len(decoder_layers(loaded.model, loaded.architecture))
+    k = layers_to_remove(num_layers, settings.remove, settings.ratio)
+    candidates = candidate_layers(num_layers, settings.protect_first, settings.protect_last)
+    check_removable(num_layers, k, candidates)
+    return k, candidates
+
+
+def prune_in_memory(
+    loaded: LoadedModel,
+    settings: PruneSettings,
+    calibration: CalibrationData | None = None,
+    progress: Progress | None = None,
+    inplace: bool = False,
+) -> tuple[torch.nn.Module, SurgeryReport, Selection, float]:
+    """Select and remove layers; returns the pruned model, the surgery report, the selection and its seconds.
+
+    The loaded model is left intact unless `inplace` (which saves a copy of the weights).
+    """
+    k, candidates = resolve_k(loaded, settings)
+    started = time.perf_counter()
+    selection = select_layers(
+        loaded.model,
+        settings.method,
+        k,
+        calibration.blocks if calibration is not None else None,
+        candidates,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+        progress=progress,
+    )
+    seconds = time.perf_counter() - started
+    pruned, report = remove_layers(loaded.model, selection.removed_layers, inplace=inplace)
+    return pruned, report, selection, seconds
+
+
+def run_prune(
+    model: str | LoadedModel,
+    settings: PruneSettings,
+    out_dir: Path,
+    force: bool = False,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: Progress | None = None,
+) -> PruneResult:
+    """The whole stage: load, calibrate, select, remove and save to `out_dir` (atomically)."""
+    started = time.perf_counter()
+    check_output_directory(Path(out_dir), force)  # fail before any expensive work
+    owns_model = not isinstance(model, LoadedModel)
+    loaded = load_model(model, device=device, dtype=dtype) if owns_model else model
+    resolve_k(loaded, settings)  # validate k and protection before calibrating
+    calibration = None
+    if settings.method.needs_calibration:
+        calibration = load_calibration(
+            settings.calib,
+            loaded.model,
+            loaded.tokenizer,
+            settings.calib_blocks,
+            settings.block_len,
+            settings.seed,
+        )
+    params_before = count_parameters(loaded.model)
+    pruned, report, selection, selection_seconds = prune_in_memory(
+        loaded, settings, calibration, progress, inplace=owns_model
+    )
+    params_after = count_parameters(pruned)
+    seconds = time.perf_counter() - started
+    result = PruneResult(
+        out_dir=Path(out_dir),
+        method=settings.method.value,
+        original_num_layers=report.original_num_layers,
+        removed_layers=report.removed_layers,
+        kept_layers=report.kept_layers,
+        params_before=params_before,
+        params_after=params_after,
+        seconds=seconds,
+        selection_seconds=selection_seconds,
+        calibration=calibration.describe() if calibration else None,
+        scores=selection.scores,
+        details=selection.details,
+        notes=loaded.notes + report.notes,
+    )
+    record = {
+        "source_model": loaded.source.spec,
+        "original_num_layers": report.original_num_layers,
+        "kept_layers": report.kept_layers,
+        "removed_layers": report.removed_layers,
+        "method": settings.method.value,
+        "settings": {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(settings).items()},
+        "calibration": result.calibration,
+        "seed": settings.seed,
+        "scores": selection.scores,
+        "details": selection.details,
+        "params_before": params_before,
+        "params_after": params_after,
+        "timings": {"selection_s": round(selection_seconds, 3), "total_s": round(seconds, 3)},
+        "device": str(loaded.device),
+        "dtype": dtype_name(loaded.dtype),
+        "notes": result.notes,
+    }
+    save_pruned_checkpoint(pruned, loaded.tokenizer, Path(out_dir), record, force=force)
+    return result

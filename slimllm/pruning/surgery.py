@@ -1,0 +1,104 @@
+"""Layer surgery: physically remove decoder layers and save a checkpoint that plain transformers loads.
+
+    >>> pruned, report = remove_layers(model, [3, 12, 13])
+    >>> save_pruned_checkpoint(pruned, tokenizer, Path("out/pruned"), record={"method": "shortgpt"})
+
+After deleting layers the model must still generate with the KV cache and its config must still validate, so:
+- `self_attn.layer_idx` is renumbered (the KV cache indexes layers by it; stale values raise IndexError);
+- `config.num_hidden_layers` is set;
+- every per-layer config list (`layer_types`, ...) is cut to the kept layers;
+- index-range settings (`max_window_layers`) are replaced by an explicit per-layer list.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from slimllm.architectures import architecture_for, decoder_layers, set_decoder_layers
+from slimllm.artifacts import atomic_directory, library_versions
+from slimllm.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+PRUNING_RECORD_FILE = "slimllm_pruning.json"
+
+
+@dataclass
+class SurgeryReport:
+    original_num_layers: int
+    kept_layers: list[int]
+    removed_layers: list[int]
+    notes: list[str] = field(default_factory=list)
+
+
+def remove_layers(
+    model: nn.Module, removed_layers: Iterable[int], inplace: bool = False
+) -> tuple[nn.Module, SurgeryReport]:
+    """Return the model without the given original layer indices. The input is left untouched unless `inplace`."""
+    arch = architecture_for(model.config)
+    num_layers = len(decoder_layers(model, arch))
+    removed = sorted(set(int(i) for i in removed_layers))
+    bad = [i for i in removed if not 0 <= i < num_layers]
+    if bad:
+        raise UserInputError(f"layer indices {bad} are out of range for a model with {num_layers} layers")
+    if len(removed) >= num_layers:
+        raise UserInputError(f"cannot remove all {num_layers} layers")
+    if not inplace:
+        model = copy.deepcopy(model)
+    config = model.config
+    layers = decoder_layers(model, arch)
+    kept = [i for i in range(num_layers) if i not in set(removed)]
+    notes: list[str] = []
+
+    if arch.derive_layer_types is not None and getattr(config, "layer_types", None) is None:
+        config.layer_types = arch.derive_layer_types(config)
+        notes.append("layer_types made explicit from the range settings before cutting")
+
+    new_layers = nn.ModuleList([layers[i] for i in kept])
+    for new_index, layer in enumerate(new_layers):
+        attention = getattr(layer, "self_attn", None)
+        if attention is not None and hasattr(attention, "layer_idx"):
+            attention.layer_idx = new_index
+        if hasattr(layer, "layer_idx"):
+            layer.layer_idx = new_index
+    set_decoder_layers(model, new_layers, arch)
+
+    for name in arch.per_layer_config_fields:
+        value = getattr(config, name, None)
+        if isinstance(value, (list, tuple)) and len(value) == num_layers:
+            setattr(config, name, [value[i] for i in kept])
+    if arch.range_fields_from_layer_types is not None and getattr(config, "layer_types", None) is not None:
+        for name, value in arch.range_fields_from_layer_types(config.layer_types).items():
+            setattr(config, name, value)
+    config.num_hidden_layers = len(kept)
+
+    known = set(arch.per_layer_config_fields)
+    for name, value in config.to_dict().items():
+        if name not in known and isinstance(value, list) and len(value) == num_layers and num_layers > 1:
+            notes.append(f"config field {name!r} has one entry per original layer but is not cut; check it")
+            log.warning("config field %r looks per-layer but the registry does not list it", name)
+    return model, SurgeryReport(num_layers, kept, removed, notes)
+
+
+def save_pruned_checkpoint(model: nn.Module, tokenizer, out_dir: Path, record: dict, force: bool = False) -> Path:
+    """Save model (safetensors), tokenizer, generation config and `slimllm_pruning.json`, atomically."""
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir, force=force) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        payload = {"format_version": 1, **record, "versions": library_versions()}
+        (tmp / PRUNING_RECORD_FILE).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return out_dir
+
+
+def read_pruning_record(checkpoint_dir: Path) -> dict | None:
+    path = Path(checkpoint_dir) / PRUNING_RECORD_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,0 +1,139 @@
+"""Baseline selection methods on tiny models: determinism, protection, and a constructed removable layer."""
+
+import pytest
+import torch
+from conftest import TINY_ARCHITECTURES, build_tiny_model
+
+from slimllm.architectures import decoder_layers
+from slimllm.errors import UserInputError
+from slimllm.pruning.baselines import select_layers
+from slimllm.pruning.candidates import candidate_layers, check_removable, layers_to_remove
+from slimllm.pruning.layer_io import causal_lm_loss_sum
+from slimllm.pruning.methods import PruneMethod
+from slimllm.pruning.surgery import remove_layers
+
+SCORE_METHODS = (PruneMethod.SHORTGPT, PruneMethod.ANGULAR, PruneMethod.SLEB)
+IDENTITY_LAYER = 2
+
+
+def _blocks(seed: int = 0, n: int = 4, length: int = 32) -> torch.Tensor:
+    return torch.randint(3, 49152, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _loss(model, blocks) -> float:
+    with torch.no_grad():
+        total, count = causal_lm_loss_sum(model(blocks).logits, blocks)
+    return total / count
+
+
+@pytest.fixture(scope="module")
+def model_with_identity_layer(smollm2_tokenizer):
+    """A tiny Llama trained on real text in which layer 2 is an exact identity (zero output projections)."""
+    from conftest import CALIB_FILE
+
+    model = build_tiny_model("llama", num_layers=5, seed=1).train()
+    layer = decoder_layers(model)[IDENTITY_LAYER]
+    with torch.no_grad():
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    for param in layer.parameters():
+        param.requires_grad_(False)
+    text = "\n\n".join(CALIB_FILE.read_text(encoding="utf-8-sig").splitlines()[:300])
+    ids = smollm2_tokenizer(text, return_tensors="pt").input_ids[0]
+    blocks = ids[: (ids.numel() // 64) * 64].view(-1, 64)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(80):
+        batch = blocks[torch.randint(0, blocks.shape[0], (8,), generator=generator)]
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return model, blocks[:8]
+
+
+@pytest.mark.parametrize("method", SCORE_METHODS)
+def test_identity_layer_is_chosen_first(model_with_identity_layer, method):
+    model, blocks = model_with_identity_layer
+    selection = select_layers(model, method, 1, blocks, candidate_layers(5, 0, 1), batch_size=4)
+    assert selection.removed_layers == [IDENTITY_LAYER]
+    # Removing it leaves the loss exactly as it was; removing any other layer costs measurably more.
+    dense_loss = _loss(model, blocks)
+    chosen_loss = _loss(remove_layers(model, [IDENTITY_LAYER])[0], blocks)
+    assert chosen_loss == pytest.approx(dense_loss, abs=1e-5)
+    for other in (0, 1, 3):
+        assert _loss(remove_layers(model, [other])[0], blocks) > chosen_loss + 1e-3
+
+
+def test_shortgpt_scores_identity_as_zero_influence(model_with_identity_layer):
+    model, blocks = model_with_identity_layer
+    scores = select_layers(model, PruneMethod.SHORTGPT, 1, blocks, range(4), batch_size=4).scores
+    assert scores[str(IDENTITY_LAYER)] == pytest.approx(0.0, abs=1e-6)
+    assert min(v for k, v in scores.items() if k != str(IDENTITY_LAYER)) > 1e-4
+
+
+@pytest.mark.parametrize("arch_name", TINY_ARCHITECTURES)
+@pytest.mark.parametrize("method", list(PruneMethod))
+def test_methods_are_deterministic_and_respect_protection(arch_name, method):
+    model = build_tiny_model(arch_name, num_layers=6)
+    candidates = candidate_layers(6, protect_first=1, protect_last=1)
+    first = select_layers(model, method, 2, _blocks(), candidates, batch_size=2, seed=5)
+    second = select_layers(model, method, 2, _blocks(), candidates, batch_size=2, seed=5)
+    assert first.removed_layers == second.removed_layers
+    assert len(first.removed_layers) == 2 and set(first.removed_layers) <= set(candidates)
+
+
+def test_last_and_random():
+    model = build_tiny_model("llama", num_layers=6)
+    assert select_layers(model, PruneMethod.LAST, 2, None, candidate_layers(6, 0, 1)).removed_layers == [3, 4]
+    draws = {
+        tuple(select_layers(model, PruneMethod.RANDOM, 2, None, range(6), seed=s).removed_layers) for s in range(6)
+    }
+    assert len(draws) > 1
+
+
+def test_sleb_records_greedy_order(model_with_identity_layer):
+    model, blocks = model_with_identity_layer
+    selection = select_layers(model, PruneMethod.SLEB, 2, blocks, range(4), batch_size=4)
+    order = selection.details["removal_order"]
+    assert order[0] == IDENTITY_LAYER and sorted(order) == selection.removed_layers
+    first_step = selection.details["step_losses"][0]
+    assert min(first_step, key=first_step.get) == str(IDENTITY_LAYER)
+
+
+@pytest.mark.parametrize(
+    ("remove", "ratio", "message"),
+    [
+        (None, None, "exactly one"),
+        (2, 0.5, "exactly one"),
+        (-1, None, "positive"),
+        (0, None, "positive"),
+        (None, 1.0, "between 0 and 1"),
+        (None, 0.0, "between 0 and 1"),
+        (None, 0.01, "rounds to 0"),
+    ],
+)
+def test_bad_k(remove, ratio, message):
+    with pytest.raises(UserInputError, match=message):
+        layers_to_remove(30, remove, ratio)
+
+
+def test_ratio_rounds_to_layers():
+    assert layers_to_remove(32, None, 0.25) == 8
+    assert layers_to_remove(30, None, 0.25) == 8
+
+
+def test_k_must_leave_a_candidate():
+    candidates = candidate_layers(6, 2, 2)
+    assert candidates == [2, 3]
+    with pytest.raises(UserInputError, match="only 2 are candidates"):
+        check_removable(6, 2, candidates)
+    with pytest.raises(UserInputError, match=">= 0"):
+        candidate_layers(6, -1, 0)
+
+
+def test_angular_needs_a_contiguous_run():
+    model = build_tiny_model("llama", num_layers=6)
+    with pytest.raises(UserInputError, match="consecutive"):
+        select_layers(model, PruneMethod.ANGULAR, 3, _blocks(), [0, 1, 3, 4], batch_size=2)

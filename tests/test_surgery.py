@@ -1,0 +1,114 @@
+"""Layer surgery on tiny models of every registered architecture."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import TINY_ARCHITECTURES, build_tiny_model
+
+from slimllm.architectures import decoder_layers
+from slimllm.errors import UserInputError
+from slimllm.pruning.surgery import PRUNING_RECORD_FILE, remove_layers, save_pruned_checkpoint
+
+REMOVED = [1, 3, 4]
+IDS = torch.tensor([[11, 250, 3000, 17, 42, 9, 1200, 5]])
+
+RELOAD_SCRIPT = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+assert 'slimllm' not in sys.modules
+with torch.no_grad():
+    torch.save(model(torch.tensor([[11, 250, 3000, 17, 42, 9, 1200, 5]])).logits, sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("arch_name", TINY_ARCHITECTURES)
+@pytest.mark.parametrize("tied", [True, False])
+def test_pruned_checkpoint_reloads_in_plain_transformers(arch_name, tied, tmp_path, smollm2_tokenizer):
+    model = build_tiny_model(arch_name, tied)
+    pruned, report = remove_layers(model, REMOVED)
+    assert report.kept_layers == [0, 2, 5] and report.removed_layers == REMOVED
+    assert len(decoder_layers(model)) == 6, "the input model must be left untouched"
+    assert pruned.config.num_hidden_layers == 3
+    assert [layer.self_attn.layer_idx for layer in decoder_layers(pruned)] == [0, 1, 2]
+    if getattr(pruned.config, "layer_types", None) is not None:
+        assert len(pruned.config.layer_types) == 3
+    out = save_pruned_checkpoint(
+        pruned, smollm2_tokenizer, tmp_path / "pruned", {"method": "test", "removed_layers": REMOVED}
+    )
+    record = json.loads((out / PRUNING_RECORD_FILE).read_text())
+    assert record["removed_layers"] == REMOVED and "transformers" in record["versions"]
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert (out / "generation_config.json").is_file()
+
+    # Reload in a fresh interpreter that never imports slimllm.
+    logits_file = tmp_path / "logits.pt"
+    subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, str(out), str(logits_file)], check=True)
+    with torch.no_grad():
+        expected = pruned(IDS).logits
+    torch.testing.assert_close(torch.load(logits_file), expected, rtol=0, atol=0)
+
+    # The pruned logits really are those of the kept layers only, run in order.
+    with torch.no_grad():
+        dense_layers = decoder_layers(model)
+        hidden = model.model.embed_tokens(IDS)
+        position_ids = torch.arange(IDS.shape[1])[None]
+        rotary = model.model.rotary_emb(hidden, position_ids)
+        from transformers.masking_utils import create_causal_mask
+
+        mask = create_causal_mask(
+            config=model.config,
+            input_embeds=hidden,
+            attention_mask=None,
+            cache_position=torch.arange(IDS.shape[1]),
+            past_key_values=None,
+            position_ids=position_ids,
+        )
+        for i in report.kept_layers:
+            hidden = dense_layers[i](hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=rotary)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        manual = model.lm_head(model.model.norm(hidden))
+    torch.testing.assert_close(manual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch_name", TINY_ARCHITECTURES)
+def test_generate_with_kv_cache_after_pruning(arch_name):
+    pruned, _ = remove_layers(build_tiny_model(arch_name), REMOVED)
+    with torch.no_grad():
+        cached = pruned.generate(IDS, max_new_tokens=12, do_sample=False, use_cache=True, pad_token_id=2)
+        uncached = pruned.generate(IDS, max_new_tokens=12, do_sample=False, use_cache=False, pad_token_id=2)
+    assert cached.shape == (1, IDS.shape[1] + 12)
+    assert torch.equal(cached, uncached)
+
+
+def test_sliding_window_range_becomes_explicit_list():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=3,
+    )
+    assert config.layer_types == ["full_attention"] * 3 + ["sliding_attention"] * 3
+    pruned, _ = remove_layers(Qwen2ForCausalLM(config), [1, 4])
+    assert pruned.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    assert pruned.config.max_window_layers == 2
+    assert [layer.self_attn.sliding_window for layer in decoder_layers(pruned)] == [None, None, 4, 4]
+
+
+@pytest.mark.parametrize(
+    ("removed", "message"),
+    [([6], "out of range"), ([-1], "out of range"), (list(range(6)), "cannot remove all")],
+)
+def test_bad_removals(removed, message):
+    with pytest.raises(UserInputError, match=message):
+        remove_layers(build_tiny_model("llama"), removed)
