@@ -12,8 +12,10 @@ Every method sees the same calibration blocks; all models are scored in one pass
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import re
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -30,8 +32,13 @@ from slimllm.evaluate import compare_with_reference, split_windows, torch_logits
 from slimllm.models import LoadedModel, load_model  # noqa: E402
 from slimllm.pruning.methods import PruneMethod  # noqa: E402
 from slimllm.pruning.stage import PruneSettings, count_parameters, prune_in_memory  # noqa: E402
+from slimllm.pruning.surgery import remove_layers  # noqa: E402
+from slimllm.pruning.training import fine_tune  # noqa: E402
+from slimllm.pruning.trsp import Stage2Mode, TrainScope, TrspSettings  # noqa: E402
+from slimllm.recipes import build_settings, load_recipe  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "examples" / "recipes" / "smollm2-135m-cpu.toml"
 _OPTIONS: dict = {}
 """Command-line options some row builders read (set by `main`)."""
 
@@ -46,6 +53,7 @@ class Row:
     seconds: float
     training_tokens: int = 0
     notes: str = ""
+    extra: dict = dataclasses.field(default_factory=dict)
 
 
 RowBuilder = Callable[[LoadedModel, PruneSettings, object], Row]
@@ -65,8 +73,112 @@ def baseline_row(method: PruneMethod, max_blocks: Callable[[], int | None] = lam
     return build
 
 
-# The rows this benchmark knows, in report order. TRSP and its ablations join here.
+def _trsp_settings(**overrides) -> TrspSettings:
+    recipe = load_recipe(_OPTIONS["trsp_recipe"]).get("trsp", {}) if _OPTIONS.get("trsp_recipe") else {}
+    return build_settings(TrspSettings, recipe, overrides)
+
+
+def trsp_row(name: str, **overrides) -> RowBuilder:
+    def build(loaded: LoadedModel, settings: PruneSettings, calibration) -> Row:
+        calibration = _OPTIONS.get("train_calibration", calibration)
+        trsp = _trsp_settings(**overrides)
+        method_settings = PruneSettings(**{**settings.__dict__, "method": PruneMethod.TRSP})
+        pruned, report, selection, seconds = prune_in_memory(loaded, method_settings, calibration, trsp=trsp)
+        _OPTIONS.setdefault("trsp_runs", {})[name] = {"selection": selection, "settings": trsp}
+        details = selection.details
+        notes = (
+            f"selection order {details['selection_order']}; stage 2 {trsp.stage2.value}; "
+            f"relative |y-x| before/after stage 2: "
+            + ", ".join(
+                f"{k}: {details['delta_before_stage2'][k]:.3f}->{details['delta_after_stage2'][k]:.3f}"
+                for k in details.get("delta_before_stage2", {})
+            )
+        )
+        row = Row(name, pruned, report.removed_layers, seconds, training_tokens=details["training_tokens"], notes=notes)
+        row.extra = {"trsp": details}
+        return row
+
+    return build
+
+
+def _trsp_training_tokens(loaded: LoadedModel, settings: PruneSettings, calibration) -> int:
+    """Tokens the `trsp` row trained on (runs it first if needed): the budget the healing rows get."""
+    runs = _OPTIONS.get("trsp_runs", {})
+    if "trsp" not in runs:
+        ROW_BUILDERS["trsp"](loaded, settings, calibration)
+        runs = _OPTIONS["trsp_runs"]
+    return runs["trsp"]["selection"].details["training_tokens"]
+
+
+def _heal_steps(tokens: int, settings: PruneSettings) -> int:
+    return max(1, round(tokens / (settings.batch_size * settings.block_len)))
+
+
+def shortgpt_heal_row(loaded: LoadedModel, settings: PruneSettings, calibration) -> Row:
+    """ShortGPT's removal, then plain LM fine-tuning with the same number of tokens as the trsp row."""
+    tokens = _trsp_training_tokens(loaded, settings, calibration)
+    method_settings = PruneSettings(**{**settings.__dict__, "method": PruneMethod.SHORTGPT})
+    pruned, report, _, selection_seconds = prune_in_memory(loaded, method_settings, calibration)
+    calibration = _OPTIONS.get("train_calibration", calibration)
+    lr = _OPTIONS.get("heal_lr", 1e-4)
+    log = fine_tune(pruned, calibration.blocks, _heal_steps(tokens, settings), lr, settings.batch_size, settings.seed)
+    pruned.eval()
+    return Row(
+        "shortgpt+heal",
+        pruned,
+        report.removed_layers,
+        selection_seconds + log.seconds,
+        training_tokens=log.tokens,
+        notes=f"{log.steps} AdamW steps at lr {lr} (same tokens as trsp)",
+    )
+
+
+def dense_ft_row(loaded: LoadedModel, settings: PruneSettings, calibration) -> Row:
+    """The dense model fine-tuned with the same tokens: how much of a gain is only domain adaptation."""
+    tokens = _trsp_training_tokens(loaded, settings, calibration)
+    calibration = _OPTIONS.get("train_calibration", calibration)
+    model = copy.deepcopy(loaded.model)
+    lr = _OPTIONS.get("heal_lr", 1e-4)
+    log = fine_tune(model, calibration.blocks, _heal_steps(tokens, settings), lr, settings.batch_size, settings.seed)
+    model.eval()
+    return Row(
+        "dense+ft",
+        model,
+        [],
+        log.seconds,
+        training_tokens=log.tokens,
+        notes=f"{log.steps} AdamW steps at lr {lr} (same tokens as trsp)",
+    )
+
+
+def trsp_no_stage2_row(loaded: LoadedModel, settings: PruneSettings, calibration) -> Row:
+    """TRSP's stage-1 selection removed without knowledge transfer (the ablation)."""
+    runs = _OPTIONS.get("trsp_runs", {})
+    base = _trsp_settings()
+    if "trsp" in runs and base.train_scope is TrainScope.GATES:
+        # Gate-only stage 1 leaves the weights untouched: the ablation is the dense model minus the same layers.
+        selection = runs["trsp"]["selection"]
+        pruned, report = remove_layers(loaded.model, selection.removed_layers)
+        stage1 = selection.details["stage1_seconds"]
+        return Row(
+            "trsp-no-stage2",
+            pruned,
+            report.removed_layers,
+            stage1,
+            training_tokens=len(selection.details["stage1_losses"]) * settings.batch_size * settings.block_len,
+            notes="the trsp row's stage-1 selection, removed without stage 2",
+        )
+    return trsp_row("trsp-no-stage2", stage2=Stage2Mode.NONE)(loaded, settings, calibration)
+
+
+TRAINING_ROWS = ("trsp", "trsp-no-stage2", "shortgpt+heal", "dense+ft")
+
+# The rows this benchmark knows, in report order.
 ROW_BUILDERS: dict[str, RowBuilder] = {
+    "trsp": trsp_row("trsp"),
+    "trsp-no-stage2": trsp_no_stage2_row,
+    "shortgpt+heal": shortgpt_heal_row,
+    "dense+ft": dense_ft_row,
     "shortgpt": baseline_row(PruneMethod.SHORTGPT),
     "angular": baseline_row(PruneMethod.ANGULAR),
     "sleb": baseline_row(PruneMethod.SLEB, max_blocks=lambda: _OPTIONS.get("sleb_blocks")),
@@ -94,8 +206,8 @@ def write_markdown(path: Path, payload: dict) -> None:
         f"seed {settings['seed']}); evaluation: `{settings['eval_data']}` ({payload['eval']['windows']} windows x "
         f"{settings['seq_len']} tokens, {payload['eval']['tokens_scored']} tokens scored).",
         "",
-        "| method | PPL | KL to dense (nats) | top-1 agree | removed layers | params | selection/training s |",
-        "|---|---:|---:|---:|---|---:|---:|",
+        "| method | PPL | KL to dense (nats) | top-1 agree | removed layers | params | training tokens | time s |",
+        "|---|---:|---:|---:|---|---:|---:|---:|",
     ]
     footnotes = [f"- {row['name']}: {row['notes']}" for row in payload["rows"] if row.get("notes")]
     for row in payload["rows"]:
@@ -104,7 +216,7 @@ def write_markdown(path: Path, payload: dict) -> None:
         ppl = f"{row['perplexity']:.4g}" if row["perplexity"] < 1e4 else f"{row['perplexity']:.3e}"
         lines.append(
             f"| {row['name']} | {ppl} | {kl} | {agree} | {_format_layers(row['removed_layers'])} | "
-            f"{row['params'] / 1e6:.1f}M | {row['seconds']:.1f} |"
+            f"{row['params'] / 1e6:.1f}M | {row['training_tokens']} | {row['seconds']:.1f} |"
         )
     if footnotes:
         lines += ["", "Notes:", *footnotes]
@@ -115,7 +227,7 @@ def write_markdown(path: Path, payload: dict) -> None:
         f"Machine: {machine['cpu']} ({machine['cpu_count']} cores), {machine.get('gpu', 'no GPU')}; "
         f"device {payload['device']}, dtype {payload['dtype']}.",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
-        f"Wall time: {payload['wall_seconds']:.0f} s.",
+        f"Wall time: {payload['wall_seconds']:.0f} s; peak RSS {payload['peak_rss_gib']:.1f} GiB.",
         "",
     ]
     atomic_write_text(path, "\n".join(lines))
@@ -147,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     _OPTIONS["sleb_blocks"] = args.sleb_blocks
+    _OPTIONS["trsp_recipe"] = args.trsp_recipe
+    _OPTIONS["heal_lr"] = args.heal_lr
     rows_wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows_wanted if r not in ROW_BUILDERS]
     if unknown:
@@ -167,7 +281,18 @@ def main(argv: list[str] | None = None) -> int:
     calibration = load_calibration(
         args.calib, loaded.model, loaded.tokenizer, args.calib_blocks, args.block_len, args.seed
     )
+    if any(name in TRAINING_ROWS for name in rows_wanted):
+        _OPTIONS["train_calibration"] = load_calibration(
+            args.calib, loaded.model, loaded.tokenizer, args.train_blocks, args.block_len, args.seed
+        )
     rows: list[Row] = []
+    recipe_prune = load_recipe(args.trsp_recipe).get("prune", {}) if args.trsp_recipe else {}
+    if recipe_prune:
+        print(
+            f"[quality] note: the [prune] table of {args.trsp_recipe} is not used here; the command line sets "
+            "the shared calibration",
+            file=sys.stderr,
+        )
     for name in rows_wanted:
         print(f"[quality] {name} ...", file=sys.stderr, flush=True)
         row = ROW_BUILDERS[name](loaded, settings, calibration)
@@ -199,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": {**vars(args), "out_dir": str(args.out_dir), "eval_data": args.eval_data},
         "calibration": calibration.describe(),
+        "training_calibration": _OPTIONS["train_calibration"].describe() if "train_calibration" in _OPTIONS else None,
         "eval": {
             "data": args.eval_data,
             "data_sha256": corpus.sha256,
@@ -232,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds": row.seconds,
                 "training_tokens": row.training_tokens,
                 "notes": row.notes,
+                **row.extra,
             }
             for row in rows
         ],
@@ -240,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "versions": library_versions(),
         "wall_seconds": time.perf_counter() - started,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
     stem = f"quality-{_slug(args.model)}-k{args.remove}"
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -119,12 +119,18 @@ class _ProgressBar:
         self.description = description
         self.bar = None
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, **postfix: Any) -> None:
         from tqdm.auto import tqdm
 
         if self.bar is None:
             self.bar = tqdm(total=total, desc=self.description, file=sys.stderr, leave=False)
         self.bar.n = done
+        if "stage" in postfix:
+            self.bar.set_description(f"{self.description} {postfix.pop('stage')}", refresh=False)
+        if postfix:
+            self.bar.set_postfix(
+                {k: f"{v:.4f}" if isinstance(v, float) else v for k, v in postfix.items()}, refresh=False
+            )
         self.bar.refresh()
 
     def close(self) -> None:
@@ -191,7 +197,9 @@ def eval_command(
 def prune_command(
     model: ModelArg = None,
     model_option: ModelOpt = None,
-    method: Annotated[str, typer.Option("--method", help="shortgpt, angular, sleb, last or random.")] = "shortgpt",
+    method: Annotated[
+        str | None, typer.Option("--method", help="trsp (default), shortgpt, angular, sleb, last or random.")
+    ] = None,
     remove: Annotated[
         int | None, typer.Option("--remove", "-k", help="Number of layers to remove.", show_default=False)
     ] = None,
@@ -199,16 +207,56 @@ def prune_command(
         float | None, typer.Option("--ratio", help="Fraction of layers to remove (0-1).", show_default=False)
     ] = None,
     calib: Annotated[
-        str,
+        str | None,
         typer.Option("--calib", help="Calibration text: self (offline default), wikitext2, c4 or a file."),
-    ] = "self",
+    ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory.", show_default=False)] = None,
-    protect_first: Annotated[int, typer.Option("--protect-first", help="Never remove the first N layers.")] = 0,
-    protect_last: Annotated[int, typer.Option("--protect-last", help="Never remove the last M layers.")] = 1,
-    calib_blocks: Annotated[int, typer.Option("--calib-blocks", help="Number of calibration blocks.")] = 16,
-    block_len: Annotated[int, typer.Option("--block-len", help="Tokens per calibration block.")] = 512,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration blocks per forward pass.")] = 2,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for sampling and the random method.")] = 0,
+    recipe: Annotated[
+        Path | None, typer.Option("--recipe", help="TOML recipe ([prune] and [trsp] tables); flags override it.")
+    ] = None,
+    protect_first: Annotated[
+        int | None, typer.Option("--protect-first", help="Never remove the first N layers (0).")
+    ] = None,
+    protect_last: Annotated[
+        int | None, typer.Option("--protect-last", help="Never remove the last M layers (1).")
+    ] = None,
+    calib_blocks: Annotated[
+        int | None, typer.Option("--calib-blocks", help="Number of calibration blocks (16).")
+    ] = None,
+    block_len: Annotated[int | None, typer.Option("--block-len", help="Tokens per calibration block (512).")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Blocks per forward/training step (2).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed for data order, sampling and random (0).")] = None,
+    gate_mode: Annotated[str | None, typer.Option("--gate-mode", help="TRSP gate: delta (default) or output.")] = None,
+    train_scope: Annotated[
+        str | None, typer.Option("--train-scope", help="TRSP stage 1 trains: gates (default) or full.")
+    ] = None,
+    lambda1: Annotated[float | None, typer.Option("--lambda1", help="TRSP stage-1 L1 weight on gates (5e-3).")] = None,
+    gate_lr: Annotated[float | None, typer.Option("--gate-lr", help="TRSP gate learning rate (1e-2).")] = None,
+    weight_lr: Annotated[
+        float | None, typer.Option("--weight-lr", help="TRSP stage-1 weight LR, full scope (2e-5).")
+    ] = None,
+    steps_per_round: Annotated[
+        int | None, typer.Option("--steps-per-round", help="TRSP stage-1 steps per greedy round (6).")
+    ] = None,
+    stage2: Annotated[
+        str | None, typer.Option("--stage2", help="TRSP knowledge transfer: fade (default), regularize or none.")
+    ] = None,
+    lambda2: Annotated[float | None, typer.Option("--lambda2", help="TRSP stage-2 regularizer weight (1e-3).")] = None,
+    reg_norm: Annotated[str | None, typer.Option("--reg-norm", help="TRSP stage-2 norm: l2 (default) or l1.")] = None,
+    stage2_steps: Annotated[int | None, typer.Option("--stage2-steps", help="TRSP stage-2 steps (64).")] = None,
+    stage2_lr: Annotated[float | None, typer.Option("--stage2-lr", help="TRSP stage-2 weight LR (1e-4).")] = None,
+    fade_fraction: Annotated[
+        float | None, typer.Option("--fade-fraction", help="TRSP fade: share of stage 2 spent fading (0.5).")
+    ] = None,
+    gradient_checkpointing: Annotated[
+        bool | None,
+        typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted TRSP run from its last round checkpoint.")
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output directory.")] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -220,28 +268,50 @@ def prune_command(
     def action() -> None:
         from slimllm.pruning.methods import PruneMethod
         from slimllm.pruning.stage import PruneSettings, run_prune
+        from slimllm.pruning.trsp import TrspSettings
+        from slimllm.recipes import build_settings, load_recipe
 
         if out is None:
             raise UserInputError("--out is required: the directory to write the pruned checkpoint to")
-        try:
-            chosen = PruneMethod(method)
-        except ValueError:
-            raise UserInputError(
-                f"unknown --method {method!r}; use one of {', '.join(m.value for m in PruneMethod)}"
-            ) from None
-        settings = PruneSettings(
-            method=chosen,
-            remove=remove,
-            ratio=ratio,
-            protect_first=protect_first,
-            protect_last=protect_last,
-            calib=calib,
-            calib_blocks=calib_blocks,
-            block_len=block_len,
-            batch_size=batch_size,
-            seed=seed,
+        if method is not None and method not in {m.value for m in PruneMethod}:
+            raise UserInputError(f"unknown --method {method!r}; use one of {', '.join(m.value for m in PruneMethod)}")
+        sections = load_recipe(recipe) if recipe is not None else {}
+        settings = build_settings(
+            PruneSettings,
+            sections.get("prune"),
+            dict(
+                method=method,
+                remove=remove,
+                ratio=ratio,
+                protect_first=protect_first,
+                protect_last=protect_last,
+                calib=calib,
+                calib_blocks=calib_blocks,
+                block_len=block_len,
+                batch_size=batch_size,
+                seed=seed,
+            ),
         )
-        bar = _ProgressBar(f"{chosen.value}")
+        trsp = build_settings(
+            TrspSettings,
+            sections.get("trsp"),
+            dict(
+                gate_mode=gate_mode,
+                train_scope=train_scope,
+                lambda1=lambda1,
+                gate_lr=gate_lr,
+                weight_lr=weight_lr,
+                steps_per_round=steps_per_round,
+                stage2=stage2,
+                lambda2=lambda2,
+                reg_norm=reg_norm,
+                stage2_steps=stage2_steps,
+                stage2_lr=stage2_lr,
+                fade_fraction=fade_fraction,
+                gradient_checkpointing=gradient_checkpointing,
+            ),
+        )
+        bar = _ProgressBar(settings.method.value)
         try:
             result = run_prune(
                 _pick_model(model, model_option),
@@ -251,6 +321,8 @@ def prune_command(
                 device=device,
                 dtype=dtype,
                 progress=bar,
+                trsp=trsp,
+                resume=resume,
             )
         finally:
             bar.close()

@@ -6,6 +6,8 @@ from enum import Enum
 
 
 class PruneMethod(str, Enum):
+    TRSP = "trsp"
+    """Two-stage regularization-based structured pruning: learned gates select, knowledge transfer, removal."""
     SHORTGPT = "shortgpt"
     """ShortGPT Block Influence: remove the k layers whose output is most similar to their input."""
     ANGULAR = "angular"

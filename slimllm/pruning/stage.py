@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import copy
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,15 +25,16 @@ from slimllm.pruning.baselines import Selection, select_layers
 from slimllm.pruning.candidates import candidate_layers, check_removable, layers_to_remove
 from slimllm.pruning.methods import PruneMethod
 from slimllm.pruning.surgery import SurgeryReport, remove_layers, save_pruned_checkpoint
+from slimllm.pruning.trsp import TrspSettings, run_trsp
 
 Progress = Callable[[int, int], None]
 
 
 @dataclass
 class PruneSettings:
-    """Settings of `slimllm prune` (baseline methods)."""
+    """Settings of `slimllm prune` shared by every method (TRSP's own are in `TrspSettings`)."""
 
-    method: PruneMethod = PruneMethod.SHORTGPT
+    method: PruneMethod = PruneMethod.TRSP
     """Layer-selection method."""
     remove: int | None = None
     """Number of layers to remove (exclusive with `ratio`)."""
@@ -99,18 +102,38 @@ def prune_in_memory(
     calibration: CalibrationData | None = None,
     progress: Progress | None = None,
     inplace: bool = False,
+    trsp: TrspSettings | None = None,
+    work_dir: Path | None = None,
+    resume: bool = False,
 ) -> tuple[torch.nn.Module, SurgeryReport, Selection, float]:
     """Select and remove layers; returns the pruned model, the surgery report, the selection and its seconds.
 
-    The loaded model is left intact unless `inplace` (which saves a copy of the weights).
+    The loaded model is left intact unless `inplace` (which saves a copy of the weights). TRSP trains weights, so
+    without `inplace` it works on a copy.
     """
     k, candidates = resolve_k(loaded, settings)
     started = time.perf_counter()
+    blocks = calibration.blocks if calibration is not None else None
+    if settings.method is PruneMethod.TRSP:
+        assert blocks is not None, "TRSP needs calibration blocks"
+        model = loaded.model if inplace else copy.deepcopy(loaded.model)
+        trsp = trsp or TrspSettings()
+        order, info = run_trsp(
+            model, blocks, k, candidates, trsp, settings.batch_size, settings.seed, work_dir, resume, progress
+        )
+        selection = Selection(
+            sorted(order),
+            scores={str(i): v for i, v in enumerate(info.gate_trajectory[0])} if info.gate_trajectory else {},
+            details={"trsp_settings": _plain(asdict(trsp)), **info.to_dict()},
+        )
+        seconds = time.perf_counter() - started
+        pruned, report = remove_layers(model, selection.removed_layers, inplace=True)
+        return pruned, report, selection, seconds
     selection = select_layers(
         loaded.model,
         settings.method,
         k,
-        calibration.blocks if calibration is not None else None,
+        blocks,
         candidates,
         batch_size=settings.batch_size,
         seed=settings.seed,
@@ -121,6 +144,16 @@ def prune_in_memory(
     return pruned, report, selection, seconds
 
 
+def _plain(values: dict) -> dict:
+    return {k: (v.value if hasattr(v, "value") else v) for k, v in values.items()}
+
+
+def work_directory(out_dir: Path) -> Path:
+    """Where resumable state lives while a stage runs: beside the output, never inside it."""
+    out_dir = Path(out_dir)
+    return out_dir.with_name(out_dir.name + ".partial")
+
+
 def run_prune(
     model: str | LoadedModel,
     settings: PruneSettings,
@@ -129,10 +162,19 @@ def run_prune(
     device: str = "auto",
     dtype: str = "auto",
     progress: Progress | None = None,
+    trsp: TrspSettings | None = None,
+    resume: bool = False,
 ) -> PruneResult:
-    """The whole stage: load, calibrate, select, remove and save to `out_dir` (atomically)."""
+    """The whole stage: load, calibrate, select, remove and save to `out_dir` (atomically).
+
+    TRSP checkpoints to `<out_dir>.partial/` after every round; `resume=True` continues from there.
+    """
     started = time.perf_counter()
-    check_output_directory(Path(out_dir), force)  # fail before any expensive work
+    work_dir = work_directory(Path(out_dir))
+    if not resume:
+        check_output_directory(Path(out_dir), force)  # fail before any expensive work
+    elif not work_dir.is_dir():
+        raise UserInputError(f"nothing to resume: {work_dir} does not exist; run without --resume")
     owns_model = not isinstance(model, LoadedModel)
     loaded = load_model(model, device=device, dtype=dtype) if owns_model else model
     resolve_k(loaded, settings)  # validate k and protection before calibrating
@@ -148,7 +190,14 @@ def run_prune(
         )
     params_before = count_parameters(loaded.model)
     pruned, report, selection, selection_seconds = prune_in_memory(
-        loaded, settings, calibration, progress, inplace=owns_model
+        loaded,
+        settings,
+        calibration,
+        progress,
+        inplace=owns_model,
+        trsp=trsp,
+        work_dir=work_dir / "trsp",
+        resume=resume,
     )
     params_after = count_parameters(pruned)
     seconds = time.perf_counter() - started
@@ -173,7 +222,7 @@ def run_prune(
         "kept_layers": report.kept_layers,
         "removed_layers": report.removed_layers,
         "method": settings.method.value,
-        "settings": {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(settings).items()},
+        "settings": _plain(asdict(settings)),
         "calibration": result.calibration,
         "seed": settings.seed,
         "scores": selection.scores,
@@ -185,5 +234,6 @@ def run_prune(
         "dtype": dtype_name(loaded.dtype),
         "notes": result.notes,
     }
-    save_pruned_checkpoint(pruned, loaded.tokenizer, Path(out_dir), record, force=force)
+    save_pruned_checkpoint(pruned, loaded.tokenizer, Path(out_dir), record, force=force or resume)
+    shutil.rmtree(work_dir, ignore_errors=True)
     return result

@@ -1,0 +1,97 @@
+"""Small training utilities shared by TRSP and the healing/fine-tuning baselines.
+
+    >>> schedule = batch_schedule(n_blocks=64, batch_size=2, steps=100, seed=0)
+    >>> log = fine_tune(model, blocks, steps=100, lr=1e-4, batch_size=2, seed=0)
+
+The batch order is a pure function of (blocks, batch size, steps, seed), so a resumed run sees exactly the batches
+an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from slimllm.device import autocast
+
+Progress = Callable[..., None]
+
+
+def batch_schedule(n_blocks: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """Block indices for every step: epochs of seeded permutations, cut into batches."""
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    needed = steps * batch_size
+    while len(order) < needed:
+        order.extend(torch.randperm(n_blocks, generator=generator).tolist())
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
+
+
+def causal_lm_loss(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over every position (fp32 loss even under autocast)."""
+    logits = model(input_ids=input_ids, use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+
+
+def warmup_constant(step: int, warmup_steps: int) -> float:
+    """LR multiplier: linear warm-up, then constant."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+def default_warmup(steps: int) -> int:
+    return max(1, min(10, steps // 10))
+
+
+@dataclass
+class TrainingLog:
+    steps: int = 0
+    tokens: int = 0
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def fine_tune(
+    model,
+    blocks: torch.Tensor,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int = 0,
+    params: Iterable[torch.nn.Parameter] | None = None,
+    progress: Progress | None = None,
+) -> TrainingLog:
+    """Plain causal-LM fine-tuning with AdamW (the healing baseline and dense+ft)."""
+    device = next(model.parameters()).device
+    trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    warmup = default_warmup(steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_constant(s, warmup))
+    log = TrainingLog()
+    started = time.perf_counter()
+    was_training = model.training
+    model.train()
+    try:
+        for step, indices in enumerate(batch_schedule(blocks.shape[0], batch_size, steps, seed)):
+            batch = blocks[indices].to(device)
+            with autocast(device):
+                loss = causal_lm_loss(model, batch)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            log.steps += 1
+            log.tokens += batch.numel()
+            log.losses.append(float(loss))
+            if not math.isfinite(log.losses[-1]):
+                raise FloatingPointError(f"training loss became {log.losses[-1]} at step {step}")
+            if progress:
+                progress(step + 1, steps, loss=log.losses[-1])
+    finally:
+        model.train(was_training)
+    log.seconds = time.perf_counter() - started
+    return log
