@@ -120,7 +120,7 @@ def shortgpt_heal_row(loaded: LoadedModel, settings: PruneSettings, calibration)
     method_settings = PruneSettings(**{**settings.__dict__, "method": PruneMethod.SHORTGPT})
     pruned, report, _, selection_seconds = prune_in_memory(loaded, method_settings, calibration)
     calibration = _OPTIONS.get("train_calibration", calibration)
-    lr = _OPTIONS.get("heal_lr", 1e-4)
+    lr = _OPTIONS.get("heal_lr") or _trsp_settings().stage2_lr
     log = fine_tune(pruned, calibration.blocks, _heal_steps(tokens, settings), lr, settings.batch_size, settings.seed)
     pruned.eval()
     return Row(
@@ -138,7 +138,7 @@ def dense_ft_row(loaded: LoadedModel, settings: PruneSettings, calibration) -> R
     tokens = _trsp_training_tokens(loaded, settings, calibration)
     calibration = _OPTIONS.get("train_calibration", calibration)
     model = copy.deepcopy(loaded.model)
-    lr = _OPTIONS.get("heal_lr", 1e-4)
+    lr = _OPTIONS.get("heal_lr") or _trsp_settings().stage2_lr
     log = fine_tune(model, calibration.blocks, _heal_steps(tokens, settings), lr, settings.batch_size, settings.seed)
     model.eval()
     return Row(
@@ -185,6 +185,16 @@ ROW_BUILDERS: dict[str, RowBuilder] = {
     "last": baseline_row(PruneMethod.LAST),
     "random": baseline_row(PruneMethod.RANDOM),
 }
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The full command that reproduces this run, every setting spelled out."""
+    parts = ["python bench/quality.py"]
+    for key, value in vars(args).items():
+        if key == "out_dir" or value is None:
+            continue
+        parts.append(f"--{key.replace('_', '-')} {value}")
+    return " ".join(parts)
 
 
 def _slug(name: str) -> str:
@@ -253,8 +263,24 @@ def main(argv: list[str] | None = None) -> int:
         default=4,
         help="SLEB scores on the first N calibration blocks (its greedy search costs ~k x L forwards).",
     )
+    parser.add_argument(
+        "--trsp-recipe", type=Path, default=DEFAULT_RECIPE, help="TOML recipe whose [trsp] table configures TRSP rows."
+    )
+    parser.add_argument(
+        "--train-blocks",
+        type=int,
+        default=192,
+        help="Calibration blocks the training rows (trsp, heals, dense+ft) draw their batches from.",
+    )
+    parser.add_argument(
+        "--heal-lr",
+        type=float,
+        default=None,
+        help="LR of the shortgpt+heal and dense+ft rows (default: the recipe's stage2_lr).",
+    )
     parser.add_argument("--rows", default=",".join(ROW_BUILDERS), help="Comma-separated rows to run.")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--tag", default="", help="Suffix for the result file names (e.g. trsp).")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
 
@@ -321,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "quality",
         "model": args.model,
         "original_num_layers": num_layers,
-        "command": "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": _command_line(args),
         "settings": {**vars(args), "out_dir": str(args.out_dir), "eval_data": args.eval_data},
         "calibration": calibration.describe(),
         "training_calibration": _OPTIONS["train_calibration"].describe() if "train_calibration" in _OPTIONS else None,
@@ -369,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": time.perf_counter() - started,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
-    stem = f"quality-{_slug(args.model)}-k{args.remove}"
+    stem = f"quality-{_slug(args.model)}-k{args.remove}" + (f"-{args.tag}" if args.tag else "")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out_dir / f"{stem}.json", payload)
     write_markdown(args.out_dir / f"{stem}.md", payload)

@@ -100,7 +100,11 @@ def _run(debug: bool, action: Callable[[], T]) -> T:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_FAILURE) from None
     except KeyboardInterrupt:
-        typer.echo("interrupted; finished artifacts were kept, unfinished ones were removed", err=True)
+        typer.echo(
+            "interrupted: finished artifacts were kept and unfinished ones removed; "
+            "`slimllm prune ... --resume` continues TRSP from its last checkpoint",
+            err=True,
+        )
         raise typer.Exit(130) from None
 
 

@@ -53,6 +53,13 @@ class Stage2Mode(str, Enum):
     """No knowledge transfer (the ablation): remove the stage-1 selection directly."""
 
 
+class GateOptimizer(str, Enum):
+    ADAM = "adam"
+    """AdamW: every gate moves about gate_lr per step, whatever its gradient's size."""
+    SGD = "sgd"
+    """SGD with momentum 0.9: gates move in proportion to their gradient, a first-order importance signal."""
+
+
 class RegNorm(str, Enum):
     L2 = "l2"
     L1 = "l1"
@@ -69,7 +76,9 @@ class TrspSettings:
     lambda1: float = 5e-3
     """Stage 1 weight of the L1 penalty on the alive candidates' gates."""
     gate_lr: float = 1e-2
-    """Learning rate of the gates (their own AdamW group)."""
+    """Learning rate of the gates (their own optimizer group)."""
+    gate_optimizer: GateOptimizer = GateOptimizer.ADAM
+    """Optimizer of the gates in stage 1."""
     weight_lr: float = 2e-5
     """Stage 1 learning rate of the weights (train_scope=full)."""
     steps_per_round: int = 6
@@ -94,6 +103,7 @@ class TrspSettings:
         self.train_scope = TrainScope(self.train_scope)
         self.stage2 = Stage2Mode(self.stage2)
         self.reg_norm = RegNorm(self.reg_norm)
+        self.gate_optimizer = GateOptimizer(self.gate_optimizer)
         for name in ("lambda1", "lambda2", "gate_lr", "weight_lr", "stage2_lr"):
             if getattr(self, name) < 0:
                 raise UserInputError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -223,10 +233,18 @@ def _stage1(model, gates, blocks, schedule, k, candidates, settings, checkpoints
         p.requires_grad_(settings.train_scope is TrainScope.FULL)
     for i, g in enumerate(gates.layers):
         g.gate.requires_grad_(i in candidates)
-    groups = [{"params": gate_params, "lr": settings.gate_lr, "weight_decay": 0.0}]
-    if settings.train_scope is TrainScope.FULL:
-        groups.append({"params": weights, "lr": settings.weight_lr, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups)
+    optimizer = _MultiOptimizer(
+        [
+            torch.optim.SGD(gate_params, lr=settings.gate_lr, momentum=0.9)
+            if settings.gate_optimizer is GateOptimizer.SGD
+            else torch.optim.AdamW(gate_params, lr=settings.gate_lr, weight_decay=0.0)
+        ]
+        + (
+            [torch.optim.AdamW(weights, lr=settings.weight_lr, weight_decay=0.0)]
+            if settings.train_scope is TrainScope.FULL
+            else []
+        )
+    )
 
     order: list[int] = []
     start_round = 0
@@ -286,6 +304,28 @@ def _stage1(model, gates, blocks, schedule, k, candidates, settings, checkpoints
         )
     info.stage1_seconds += time.perf_counter() - started
     return order
+
+
+class _MultiOptimizer:
+    """Steps several optimizers as one (the gates and the weights may use different algorithms)."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> list[dict]:
+        return [optimizer.state_dict() for optimizer in self.optimizers]
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        for optimizer, state in zip(self.optimizers, states, strict=True):
+            optimizer.load_state_dict(state)
 
 
 def _trainable_state(model) -> dict:
