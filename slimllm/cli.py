@@ -238,6 +238,9 @@ def prune_command(
     ] = None,
     lambda1: Annotated[float | None, typer.Option("--lambda1", help="TRSP stage-1 L1 weight on gates (5e-3).")] = None,
     gate_lr: Annotated[float | None, typer.Option("--gate-lr", help="TRSP gate learning rate (1e-2).")] = None,
+    gate_optimizer: Annotated[
+        str | None, typer.Option("--gate-optimizer", help="TRSP gate optimizer: adam (default) or sgd.")
+    ] = None,
     weight_lr: Annotated[
         float | None, typer.Option("--weight-lr", help="TRSP stage-1 weight LR, full scope (2e-5).")
     ] = None,
@@ -304,6 +307,7 @@ def prune_command(
                 train_scope=train_scope,
                 lambda1=lambda1,
                 gate_lr=gate_lr,
+                gate_optimizer=gate_optimizer,
                 weight_lr=weight_lr,
                 steps_per_round=steps_per_round,
                 stage2=stage2,

@@ -294,6 +294,11 @@ def generate_self_text(model, tokenizer, settings: SelfTextSettings) -> list[str
     if cache_file.is_file():
         return json.loads(cache_file.read_text())["documents"]
     device = next(model.parameters()).device
+    log.info(
+        "writing %d calibration documents of up to %d tokens with the model itself (cached for next time)",
+        settings.n_samples,
+        settings.max_new_tokens,
+    )
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(settings.seed)
     padding_side = tokenizer.padding_side

@@ -106,7 +106,6 @@ def text_file(tmp_path) -> Path:
 
 def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
 def registered_architecture_names() -> list[str]:

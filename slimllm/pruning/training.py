@@ -86,7 +86,7 @@ def fine_tune(
             optimizer.zero_grad(set_to_none=True)
             log.steps += 1
             log.tokens += batch.numel()
-            log.losses.append(float(loss))
+            log.losses.append(float(loss.detach()))
             if not math.isfinite(log.losses[-1]):
                 raise FloatingPointError(f"training loss became {log.losses[-1]} at step {step}")
             if progress:
