@@ -22,3 +22,7 @@ class PruneMethod(str, Enum):
     @property
     def needs_calibration(self) -> bool:
         return self not in (PruneMethod.LAST, PruneMethod.RANDOM)
+
+
+BASELINE_METHODS: tuple[PruneMethod, ...] = tuple(m for m in PruneMethod if m is not PruneMethod.TRSP)
+"""The methods `slimllm.pruning.baselines.select_layers` implements."""
