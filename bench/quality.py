@@ -37,7 +37,8 @@ from slimllm.pruning.training import fine_tune  # noqa: E402
 from slimllm.pruning.trsp import Stage2Mode, TrainScope, TrspSettings  # noqa: E402
 from slimllm.recipes import build_settings, load_recipe  # noqa: E402
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "examples" / "recipes" / "smollm2-135m-cpu.toml"
 _OPTIONS: dict = {}
 """Command-line options some row builders read (set by `main`)."""
@@ -193,6 +194,8 @@ def _command_line(args: argparse.Namespace) -> str:
     for key, value in vars(args).items():
         if key == "out_dir" or value is None:
             continue
+        if isinstance(value, Path) and value.is_absolute() and value.is_relative_to(REPO_ROOT):
+            value = value.relative_to(REPO_ROOT)
         parts.append(f"--{key.replace('_', '-')} {value}")
     return " ".join(parts)
 
@@ -348,7 +351,17 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
         "original_num_layers": num_layers,
         "command": _command_line(args),
-        "settings": {**vars(args), "out_dir": str(args.out_dir), "eval_data": args.eval_data},
+        "settings": {
+            **vars(args),
+            "out_dir": str(
+                args.out_dir.relative_to(REPO_ROOT) if args.out_dir.is_relative_to(REPO_ROOT) else args.out_dir
+            ),
+            "trsp_recipe": str(
+                args.trsp_recipe.relative_to(REPO_ROOT)
+                if args.trsp_recipe.is_relative_to(REPO_ROOT)
+                else args.trsp_recipe
+            ),
+        },
         "calibration": calibration.describe(),
         "training_calibration": _OPTIONS["train_calibration"].describe() if "train_calibration" in _OPTIONS else None,
         "eval": {

@@ -87,7 +87,9 @@ class SelfTextSettings:
     """How the model writes its own calibration text for `--calib self`."""
 
     n_samples: int = 32
-    """Number of generated documents."""
+    """Minimum number of generated documents."""
+    min_tokens: int = 0
+    """Keep generating documents until their joined text has at least this many tokens."""
     max_new_tokens: int = 256
     """Tokens generated per document."""
     temperature: float = 0.8
@@ -295,19 +297,24 @@ def generate_self_text(model, tokenizer, settings: SelfTextSettings) -> list[str
         return json.loads(cache_file.read_text())["documents"]
     device = next(model.parameters()).device
     log.info(
-        "writing %d calibration documents of up to %d tokens with the model itself (cached for next time)",
+        "writing calibration text with the model itself (at least %d documents and %d tokens; cached for next time)",
         settings.n_samples,
-        settings.max_new_tokens,
+        settings.min_tokens,
     )
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(settings.seed)
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
     documents: list[str] = []
+    tokens = 0
+    batch_index = 0
     try:
-        prompts = [SELF_PROMPTS[i % len(SELF_PROMPTS)] for i in range(settings.n_samples)]
-        for start in range(0, len(prompts), settings.batch_size):
-            batch = prompts[start : start + settings.batch_size]
+        while len(documents) < settings.n_samples or tokens < settings.min_tokens:
+            if batch_index > 10 * max(1, settings.n_samples // settings.batch_size) + 100:
+                raise UserInputError("the model stops generating almost at once; calibrate on a text file instead")
+            start = batch_index * settings.batch_size
+            batch = [SELF_PROMPTS[(start + i) % len(SELF_PROMPTS)] for i in range(settings.batch_size)]
+            batch_index += 1
             encoded = tokenizer(batch, return_tensors="pt", padding=True).to(device)
             output = model.generate(
                 **encoded,
@@ -317,11 +324,14 @@ def generate_self_text(model, tokenizer, settings: SelfTextSettings) -> list[str
                 max_new_tokens=settings.max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
             )
-            documents.extend(t.strip() for t in tokenizer.batch_decode(output, skip_special_tokens=True))
+            new_documents = [t.strip() for t in tokenizer.batch_decode(output, skip_special_tokens=True)]
+            new_documents = [d for d in new_documents if d]
+            documents.extend(new_documents)
+            # +2 for the blank line that joins documents
+            tokens += sum(len(tokenizer(d, verbose=False)["input_ids"]) + 2 for d in new_documents)
     finally:
         tokenizer.padding_side = padding_side
         torch.random.set_rng_state(generator_state)
-    documents = [d for d in documents if d]
     atomic_write_json(cache_file, {"settings": settings.__dict__, "documents": documents})
     return documents
 
@@ -354,10 +364,10 @@ def load_calibration(source: str, model, tokenizer, n_blocks: int, block_len: in
     """Calibration blocks from any source; `self` generates enough text for the blocks requested."""
     self_settings = None
     if source == SELF_SOURCE:
-        per_sample = SelfTextSettings().max_new_tokens
-        # Generated documents are joined, so ~1.3x the needed tokens leaves room for short or stopped samples.
-        n_samples = max(8, -(-int(1.3 * n_blocks * block_len) // per_sample))
-        self_settings = SelfTextSettings(n_samples=n_samples, seed=seed)
+        # Blocks are cut at block boundaries of the joined text, so ask for a little more than n_blocks x block_len.
+        self_settings = SelfTextSettings(
+            n_samples=8, min_tokens=int(1.05 * n_blocks * block_len) + block_len, seed=seed
+        )
     corpus = load_corpus(source, DataPurpose.CALIBRATION, model=model, tokenizer=tokenizer, self_settings=self_settings)
     blocks = calibration_blocks(tokenize_corpus(corpus, tokenizer), n_blocks, block_len, seed)
     return CalibrationData(blocks, corpus.source, corpus.kind, corpus.sha256, seed)
