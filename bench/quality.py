@@ -115,15 +115,21 @@ def _heal_steps(tokens: int, settings: PruneSettings) -> int:
     return max(1, round(tokens / (settings.batch_size * settings.block_len)))
 
 
+def _fine_tune_with_trsp_budget(model, tokens: int, settings: PruneSettings, calibration):
+    """Plain LM fine-tuning on the training blocks for `tokens` tokens, at the heal LR. Returns (log, lr)."""
+    calibration = _OPTIONS.get("train_calibration", calibration)
+    lr = _OPTIONS.get("heal_lr") or _trsp_settings().stage2_lr
+    log = fine_tune(model, calibration.blocks, _heal_steps(tokens, settings), lr, settings.batch_size, settings.seed)
+    model.eval()
+    return log, lr
+
+
 def shortgpt_heal_row(loaded: LoadedModel, settings: PruneSettings, calibration) -> Row:
     """ShortGPT's removal, then plain LM fine-tuning with the same number of tokens as the trsp row."""
     tokens = _trsp_training_tokens(loaded, settings, calibration)
     method_settings = PruneSettings(**{**settings.__dict__, "method": PruneMethod.SHORTGPT})
     pruned, report, _, selection_seconds = prune_in_memory(loaded, method_settings, calibration)
-    calibration = _OPTIONS.get("train_calibration", calibration)
-    lr = _OPTIONS.get("heal_lr") or _trsp_settings().stage2_lr
-    log = fine_tune(pruned, calibration.blocks, _heal_steps(tokens, settings), lr, settings.batch_size, settings.seed)
-    pruned.eval()
+    log, lr = _fine_tune_with_trsp_budget(pruned, tokens, settings, calibration)
     return Row(
         "shortgpt+heal",
         pruned,
@@ -137,11 +143,8 @@ def shortgpt_heal_row(loaded: LoadedModel, settings: PruneSettings, calibration)
 def dense_ft_row(loaded: LoadedModel, settings: PruneSettings, calibration) -> Row:
     """The dense model fine-tuned with the same tokens: how much of a gain is only domain adaptation."""
     tokens = _trsp_training_tokens(loaded, settings, calibration)
-    calibration = _OPTIONS.get("train_calibration", calibration)
     model = copy.deepcopy(loaded.model)
-    lr = _OPTIONS.get("heal_lr") or _trsp_settings().stage2_lr
-    log = fine_tune(model, calibration.blocks, _heal_steps(tokens, settings), lr, settings.batch_size, settings.seed)
-    model.eval()
+    log, lr = _fine_tune_with_trsp_budget(model, tokens, settings, calibration)
     return Row(
         "dense+ft",
         model,
