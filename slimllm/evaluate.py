@@ -87,6 +87,13 @@ def torch_logits_fn(model) -> LogitsFn:
     return logits
 
 
+def causal_lm_loss_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token cross-entropy (in fp32) and the number of predicted tokens."""
+    targets = input_ids[:, 1:].to(logits.device)
+    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+    return float(loss), targets.numel()
+
+
 def perplexity_of_windows(
     logits_fn: LogitsFn, windows: torch.Tensor, batch_size: int = 1, progress: Progress | None = None
 ) -> tuple[float, int]:
@@ -96,11 +103,9 @@ def perplexity_of_windows(
         progress(0, windows.shape[0])
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start : start + batch_size]
-        logits = logits_fn(batch).float()
-        targets = batch[:, 1:].to(logits.device)
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-        total_nll += float(nll)
-        total_tokens += targets.numel()
+        nll, count = causal_lm_loss_sum(logits_fn(batch), batch)
+        total_nll += nll
+        total_tokens += count
         if progress:
             progress(min(start + batch_size, windows.shape[0]), windows.shape[0])
     return total_nll, total_tokens

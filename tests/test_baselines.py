@@ -6,9 +6,9 @@ from conftest import TINY_ARCHITECTURES, build_tiny_model
 
 from slimllm.architectures import decoder_layers
 from slimllm.errors import UserInputError
+from slimllm.evaluate import causal_lm_loss_sum
 from slimllm.pruning.baselines import select_layers
 from slimllm.pruning.candidates import candidate_layers, check_removable, layers_to_remove
-from slimllm.pruning.layer_io import causal_lm_loss_sum
 from slimllm.pruning.methods import BASELINE_METHODS, PruneMethod
 from slimllm.pruning.surgery import remove_layers
 

@@ -147,7 +147,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, stop_at):
 
 def test_misspelled_recipe_keys_are_errors(tmp_path):
     recipe = tmp_path / "recipe.toml"
-    recipe.write_text('[prune]\nremov = 3\n\n[trsp]\nlamda1 = 0.1\nlambda2 = 0.5\n\n[trainer]\nx = 1\n')
+    recipe.write_text("[prune]\nremov = 3\n\n[trsp]\nlamda1 = 0.1\nlambda2 = 0.5\n\n[trainer]\nx = 1\n")
     with pytest.raises(UserInputError) as error:
         load_recipe(recipe)
     message = str(error.value)
@@ -167,12 +167,25 @@ def test_flags_override_recipe(tmp_path):
 def test_cli_trsp_with_recipe(tiny_model_dir, text_file, tmp_path):
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(
-        '[prune]\nremove = 2\ncalib_blocks = 6\nblock_len = 32\n\n'
-        '[trsp]\nsteps_per_round = 2\nstage2_steps = 4\nlambda1 = 0.05\n'
+        "[prune]\nremove = 2\ncalib_blocks = 6\nblock_len = 32\n\n"
+        "[trsp]\nsteps_per_round = 2\nstage2_steps = 4\nlambda1 = 0.05\n"
     )
     out = tmp_path / "pruned"
-    result = run_cli("prune", str(tiny_model_dir("mistral")), "--method", "trsp", "--calib", str(text_file),
-                     "--recipe", str(recipe), "--lambda1", "0.01", "--out", str(out), "--json")
+    result = run_cli(
+        "prune",
+        str(tiny_model_dir("mistral")),
+        "--method",
+        "trsp",
+        "--calib",
+        str(text_file),
+        "--recipe",
+        str(recipe),
+        "--lambda1",
+        "0.01",
+        "--out",
+        str(out),
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     record = json.loads((out / PRUNING_RECORD_FILE).read_text())
     assert record["method"] == "trsp" and len(record["removed_layers"]) == 2
@@ -187,8 +200,9 @@ def test_cli_trsp_with_recipe(tiny_model_dir, text_file, tmp_path):
 def test_cli_recipe_typo_is_exit_2(tiny_model_dir, tmp_path):
     recipe = tmp_path / "bad.toml"
     recipe.write_text("[trsp]\nsteps_per_rond = 3\n")
-    result = run_cli("prune", str(tiny_model_dir("llama")), "--remove", "1", "--recipe", str(recipe),
-                     "--out", str(tmp_path / "o"))
+    result = run_cli(
+        "prune", str(tiny_model_dir("llama")), "--remove", "1", "--recipe", str(recipe), "--out", str(tmp_path / "o")
+    )
     _assert_user_error(result, "trsp.steps_per_rond")
 
 

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from slimllm.device import autocast
 from slimllm.errors import UserInputError
-from slimllm.pruning.layer_io import causal_lm_loss_sum, layers_skipped, run_from_layer, trace_decoder
+from slimllm.evaluate import causal_lm_loss_sum
+from slimllm.pruning.layer_io import layers_skipped, run_from_layer, trace_decoder
 from slimllm.pruning.methods import PruneMethod
 
 Progress = Callable[[int, int], None]

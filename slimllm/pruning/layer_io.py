@@ -84,15 +84,6 @@ def lm_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return head(norm(hidden))
 
 
-def causal_lm_loss_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token cross-entropy and the number of predicted tokens."""
-    targets = input_ids[:, 1:].to(logits.device)
-    loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-    )
-    return float(loss), targets.numel()
-
-
 @torch.no_grad()
 def run_from_layer(model: nn.Module, trace: DecoderTrace, start: int, skip: Iterable[int] = ()) -> torch.Tensor:
     """Logits when layers `start..L-1` minus `skip` run from x_start (as recorded in `trace`)."""

@@ -27,7 +27,8 @@ from slimllm.pruning.methods import PruneMethod
 from slimllm.pruning.surgery import SurgeryReport, remove_layers, save_pruned_checkpoint
 from slimllm.pruning.trsp import TrspSettings, run_trsp
 
-Progress = Callable[[int, int], None]
+Progress = Callable[..., None]
+"""Called with (done, total) and, from TRSP, keyword details (stage, loss)."""
 
 
 @dataclass

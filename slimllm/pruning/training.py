@@ -38,6 +38,14 @@ def causal_lm_loss(model, input_ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
 
 
+def finite_loss(loss: torch.Tensor, where: str) -> float:
+    """The loss as a float; a NaN or infinite loss stops training instead of corrupting the weights."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{where} loss became {value}")
+    return value
+
+
 def warmup_constant(step: int, warmup_steps: int) -> float:
     """LR multiplier: linear warm-up, then constant."""
     return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
@@ -86,9 +94,7 @@ def fine_tune(
             optimizer.zero_grad(set_to_none=True)
             log.steps += 1
             log.tokens += batch.numel()
-            log.losses.append(float(loss.detach()))
-            if not math.isfinite(log.losses[-1]):
-                raise FloatingPointError(f"training loss became {log.losses[-1]} at step {step}")
+            log.losses.append(finite_loss(loss, f"training step {step}"))
             if progress:
                 progress(step + 1, steps, loss=log.losses[-1])
     finally:

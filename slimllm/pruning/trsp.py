@@ -30,7 +30,13 @@ from slimllm.artifacts import atomic_write_bytes
 from slimllm.device import autocast
 from slimllm.errors import UserInputError
 from slimllm.pruning.gates import GateMode, GateSet, attach_gates, detach_gates
-from slimllm.pruning.training import batch_schedule, causal_lm_loss, default_warmup, warmup_constant
+from slimllm.pruning.training import (
+    batch_schedule,
+    causal_lm_loss,
+    default_warmup,
+    finite_loss,
+    warmup_constant,
+)
 
 log = logging.getLogger(__name__)
 
@@ -277,10 +283,8 @@ def _stage1(model, gates, blocks, schedule, k, candidates, settings, checkpoints
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            info.stage1_losses.append(float(ce.detach()))
+            info.stage1_losses.append(finite_loss(ce, "stage-1"))
             info.training_tokens += batch.numel()
-            if not math.isfinite(info.stage1_losses[-1]):
-                raise FloatingPointError(f"stage-1 loss became {info.stage1_losses[-1]}")
             if progress:
                 progress(global_step + 1, total, stage=f"select {round_index + 1}/{k}", loss=info.stage1_losses[-1])
         values = gates.values()
@@ -296,7 +300,7 @@ def _stage1(model, gates, blocks, schedule, k, candidates, settings, checkpoints
                 "order": order,
                 "gates": gates.values(),
                 "optimizer": optimizer.state_dict(),
-                "model": _trainable_state(model) if settings.train_scope is TrainScope.FULL else None,
+                "model": _model_state(model) if settings.train_scope is TrainScope.FULL else None,
                 "trajectory": info.gate_trajectory,
                 "losses": info.stage1_losses,
                 "tokens": info.training_tokens,
@@ -328,8 +332,8 @@ class _MultiOptimizer:
             optimizer.load_state_dict(state)
 
 
-def _trainable_state(model) -> dict:
-    """Model weights without the gate wrappers' names (so the state loads into the gated model)."""
+def _model_state(model) -> dict:
+    """A CPU copy of the gated model's full state dict (gate wrappers' names included, so it loads back into it)."""
     return {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
 
 
@@ -403,10 +407,8 @@ def _stage2(model, gates, blocks, schedule, order, settings, checkpoints, resume
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        info.stage2_losses.append(float(ce.detach()))
+        info.stage2_losses.append(finite_loss(ce, "stage-2"))
         info.training_tokens += batch.numel()
-        if not math.isfinite(info.stage2_losses[-1]):
-            raise FloatingPointError(f"stage-2 loss became {info.stage2_losses[-1]}")
         if progress:
             progress(offset + step + 1, total, stage="transfer", loss=info.stage2_losses[-1])
         phase_end = (step + 1) % phase_len == 0 or step + 1 == steps
@@ -415,7 +417,7 @@ def _stage2(model, gates, blocks, schedule, order, settings, checkpoints, resume
                 "stage2",
                 {
                     "step": step + 1,
-                    "model": _trainable_state(model),
+                    "model": _model_state(model),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "losses": info.stage2_losses,
