@@ -4,9 +4,21 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch; on a CUDA machine use e.g. `make TORCH=torch install-gpu`.
 TORCH ?= torch==2.13.0
-LLAMA_CPP := llama-cpp-python==0.3.36
-# llama-cpp-python compiles from source (~4 min on 2 cores); the built wheel is kept here and reused.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CPP := llama-cpp-python==$(LLAMA_CPP_VERSION)
+# llama-cpp-python compiles llama.cpp for this CPU (~4 min on 2 cores). The wheel is kept and reused, keyed by the
+# CPU's feature flags so that a cache shared between different machines never hands out a wheel built for another CPU.
 WHEELHOUSE ?= $(HOME)/.cache/slimllm/wheels
+CPU_KEY := $(shell (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m) | cksum | cut -d' ' -f1)
+LLAMA_WHEELS := $(WHEELHOUSE)/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(CPU_KEY)
+# On x86, llama.cpp is built without AMX: on the virtualized Xeons we test on, AMX tile instructions crash llama.cpp's
+# quantized matmuls (Q8_0, Q4_*), while the AVX-512 kernels run fine. Override LLAMA_CMAKE_ARGS to build with AMX.
+ifeq ($(shell uname -m),x86_64)
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
+else
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON
+endif
 STAMP := $(VENV)/.slimllm-installed
 DATA_DIR ?= ../shared/data/wikitext2
 EVAL_DATA := $(if $(wildcard $(DATA_DIR)/wiki.test.raw),$(DATA_DIR)/wiki.test.raw,wikitext2)
@@ -18,10 +30,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip wheel
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	@mkdir -p $(WHEELHOUSE)
-	@ls $(WHEELHOUSE)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
-		$(BIN)/python -m pip wheel --no-deps --wheel-dir $(WHEELHOUSE) "$(LLAMA_CPP)"
-	$(BIN)/python -m pip install --quiet --find-links $(WHEELHOUSE) -e ".[llama,dev]"
+	@mkdir -p $(LLAMA_WHEELS)
+	@ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip wheel --no-deps --no-cache-dir \
+			--wheel-dir $(LLAMA_WHEELS) "$(LLAMA_CPP)"
+	$(BIN)/python -m pip install --quiet --find-links $(LLAMA_WHEELS) -e ".[llama,genai,dev]"
 	@touch $@
 
 install: $(STAMP)

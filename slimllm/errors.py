@@ -38,3 +38,12 @@ class OutOfDiskSpaceError(SlimllmError):
 # Exit codes used by the CLI.
 EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
+
+
+def parse_choice(enum_type, value, option: str):
+    """`enum_type(value)`, or a user error naming the option and every accepted value."""
+    try:
+        return enum_type(value)
+    except ValueError:
+        choices = ", ".join(str(member.value) for member in enum_type)
+        raise UserInputError(f"unknown {option} {value!r}; use one of {choices}") from None

@@ -146,6 +146,11 @@ def embedded_gguf_path(name: str) -> Path:
     )
 
 
+def _gguf_scalar(reader, key: str):
+    field_ = reader.fields.get(key)
+    return None if field_ is None else field_.parts[field_.data[0]][0]
+
+
 def gguf_add_special_tokens(gguf_path: Path) -> dict[str, bool]:
     """`tokenizer.ggml.add_bos_token` / `add_eos_token` from a GGUF file's metadata (absent keys omitted)."""
     from gguf import GGUFReader
@@ -156,10 +161,44 @@ def gguf_add_special_tokens(gguf_path: Path) -> dict[str, bool]:
         ("tokenizer.ggml.add_bos_token", "add_bos_token"),
         ("tokenizer.ggml.add_eos_token", "add_eos_token"),
     ):
-        field_ = reader.fields.get(key)
-        if field_ is not None:
-            flags[name] = bool(field_.parts[field_.data[0]][0])
+        value = _gguf_scalar(reader, key)
+        if value is not None:
+            flags[name] = bool(value)
     return flags
+
+
+GGUF_SPECIAL_TOKEN_KEYS = {
+    "bos": "tokenizer.ggml.bos_token_id",
+    "eos": "tokenizer.ggml.eos_token_id",
+    "unk": "tokenizer.ggml.unknown_token_id",
+    "pad": "tokenizer.ggml.padding_token_id",
+}
+
+
+def gguf_special_token_ids(gguf_path: Path) -> dict[str, int]:
+    """Special-token ids a GGUF file declares (`bos`, `eos`, `unk`, `pad`; absent keys omitted)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf_path))
+    ids = {name: _gguf_scalar(reader, key) for name, key in GGUF_SPECIAL_TOKEN_KEYS.items()}
+    return {name: int(value) for name, value in ids.items() if value is not None}
+
+
+def set_special_tokens_from_ids(tokenizer, ids: dict[str, int]) -> list[str]:
+    """Point the tokenizer's bos/eos/unk/pad at the given ids; returns what changed.
+
+    transformers' GGUF tokenizer converter mislabels special tokens of BPE vocabularies (SmolLM2 comes out with
+    eos = <|im_start|>, while the file says <|im_end|>), so generation would not stop where llama.cpp stops.
+    """
+    changed = []
+    for name, token_id in ids.items():
+        if not 0 <= token_id < len(tokenizer):
+            continue
+        token = tokenizer.convert_ids_to_tokens(token_id)
+        if getattr(tokenizer, f"{name}_token") != token:
+            changed.append(f"{name}={token!r}")
+            setattr(tokenizer, f"{name}_token", token)
+    return changed
 
 
 def set_special_token_insertion(tokenizer, add_bos: bool, add_eos: bool = False) -> None:
@@ -232,18 +271,36 @@ def _load_weights_and_tokenizer(source: ModelSource, dtype: torch.dtype, trust_r
             tokenizer, add_bos=flags.get("add_bos_token", True), add_eos=flags.get("add_eos_token", False)
         )
         notes.append(f"tokenizer set to add_bos_token={flags.get('add_bos_token', True)} as the GGUF metadata says")
+        changed = set_special_tokens_from_ids(tokenizer, gguf_special_token_ids(source.path))
+        if changed:
+            notes.append(f"special tokens set as the GGUF metadata says: {', '.join(changed)}")
+        # The converted tokenizer names the .gguf file as its vocab file; saving it would copy the whole model.
+        if hasattr(tokenizer, "vocab_file"):
+            tokenizer.vocab_file = None
     return model, tokenizer, notes
 
 
-def materialize_embedded(name: str) -> Path:
-    """Dequantize an embedded model once into a cached HF directory and return that directory."""
-    entry = EMBEDDED_MODELS[name]
-    gguf_path = embedded_gguf_path(name)
-    stat = gguf_path.stat()
-    target = cache_dir() / "models" / f"{name}-{stat.st_size}-{int(stat.st_mtime)}"
+_CONVERSION_RECIPE = "v2"
+"""Names how GGUF files are converted to cached HF directories; bump it when that changes so caches are redone."""
+
+
+def _file_key(path: Path) -> str:
+    """Size plus a hash of the first MiB: stable across re-installs (unlike mtime), cheap on large files."""
+    import hashlib
+
+    with open(path, "rb") as handle:
+        head = hashlib.sha256(handle.read(1 << 20)).hexdigest()[:12]
+    return f"{path.stat().st_size}-{head}"
+
+
+def materialize_gguf(gguf_path: Path, name: str | None = None) -> Path:
+    """Dequantize a GGUF file once into a cached HF directory (weights, fixed tokenizer) and return it."""
+    gguf_path = Path(gguf_path)
+    label = name or re.sub(r"[^A-Za-z0-9._-]+", "-", gguf_path.stem)
+    target = cache_dir() / "models" / f"{label}-{_file_key(gguf_path)}-{_CONVERSION_RECIPE}"
     if (target / "config.json").is_file():
         return target
-    log.info("dequantizing the embedded %s once into %s", entry.filename, target)
+    log.info("dequantizing %s once into %s", gguf_path.name, target)
     source = ModelSource(str(gguf_path), SourceKind.GGUF_FILE, gguf_path)
     model, tokenizer, notes = _load_weights_and_tokenizer(source, torch.float32, trust_remote_code=False)
     with atomic_directory(target, force=True) as tmp:
@@ -253,6 +310,40 @@ def materialize_embedded(name: str) -> Path:
             json.dumps({"embedded": name, "gguf_file": str(gguf_path), "notes": notes}, indent=2)
         )
     return target
+
+
+def materialize_embedded(name: str) -> Path:
+    """The embedded model as a cached HF directory (dequantized from its GGUF on first use)."""
+    return materialize_gguf(embedded_gguf_path(name), name=name)
+
+
+def checkpoint_directory(spec: str) -> Path:
+    """A local Hugging Face directory for any `--model` value: the directory itself, the cached dequantized copy of
+    a `.gguf` file or of the embedded model, or a hub snapshot (downloaded once into the hub cache)."""
+    source = resolve_model_source(spec)
+    if source.kind is SourceKind.EMBEDDED:
+        return materialize_embedded(source.spec)
+    if source.kind is SourceKind.HF_DIRECTORY:
+        assert source.path is not None
+        return source.path
+    if source.kind is SourceKind.GGUF_FILE:
+        assert source.path is not None
+        return materialize_gguf(source.path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                source.spec,
+                allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"],
+            )
+        )
+    except Exception as exc:  # noqa: BLE001 - hub errors come in many types; all mean "could not get it"
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserInputError(
+            f"could not download {source.spec!r} from the Hugging Face Hub ({first_line}); check the id and your "
+            "network, or pass a local model directory"
+        ) from exc
 
 
 def load_model(

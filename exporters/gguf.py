@@ -1,0 +1,349 @@
+"""GGUF export of a (pruned) checkpoint, validated in llama.cpp against PyTorch.
+
+    >>> result = export_gguf(Path("out/pruned"), Path("out/gguf"), GgufExportSettings(outtypes=["f32", "q4_k_m"]))
+    >>> sorted(result.files)
+    ['pruned-F32.gguf', 'pruned-Q4_K_M.gguf']
+
+F32/F16/BF16/Q8_0/Q4_0 are written by gguf-py; K-quants are made by llama.cpp's own quantizer from an F32 file.
+Every file is then loaded in llama.cpp (llama-cpp-python) and checked: identical token ids to the Hugging Face
+tokenizer, logits against PyTorch (F32), and perplexity against PyTorch within a bound per type. All files are
+written into a temporary directory beside the target, which is renamed only when every file passes; a failed
+export is kept as `<target>.failed` with its `validation.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from exporters.checkpoint import CheckpointInfo, inspect_checkpoint
+from exporters.gguf_writer import GgufType, quantize_with_llama_cpp, write_gguf
+from exporters.llama_cpp_runner import LlamaCppModel, import_llama_cpp
+from exporters.parity import (
+    FALLBACK_EVAL_TEXT,
+    PARITY_PROMPTS,
+    CheckResult,
+    ParityReport,
+    TorchReference,
+    compare_logits,
+    eval_windows,
+    hf_token_ids,
+    perplexity_check,
+    tokenizer_samples,
+    tokens_check,
+)
+from slimllm.artifacts import atomic_directory, atomic_write_json, library_versions
+from slimllm.errors import UserInputError, parse_choice
+
+EXPORT_RECORD_FILE = "slimllm_export.json"
+VALIDATION_FILE = "validation.json"
+
+
+@dataclass(frozen=True)
+class GgufTolerance:
+    max_ppl_ratio: float
+    """Perplexity in llama.cpp over PyTorch's must lie within [1/r, r]."""
+    max_abs_logits: float | None = None
+    """Bound on |Δlogits| on the parity prompts (F32 only: other types are judged on perplexity)."""
+    min_argmax_agreement: float | None = None
+    """Share of evaluation positions where llama.cpp's argmax equals PyTorch's (F32 only)."""
+
+
+# F32 differs from PyTorch only in summation order. F16/BF16 round every weight; Q8_0 costs well under 1 %; the
+# 4-bit and smaller types cost more on small models (100M parameters), where every weight matters more.
+TOLERANCES: dict[GgufType, GgufTolerance] = {
+    GgufType.F32: GgufTolerance(1.005, max_abs_logits=0.02, min_argmax_agreement=0.995),
+    GgufType.F16: GgufTolerance(1.01),
+    GgufType.BF16: GgufTolerance(1.03),
+    GgufType.Q8_0: GgufTolerance(1.02),
+    GgufType.Q6_K: GgufTolerance(1.05),
+    GgufType.Q5_K_M: GgufTolerance(1.10),
+    GgufType.Q5_K_S: GgufTolerance(1.10),
+    GgufType.Q4_0: GgufTolerance(1.35),
+    GgufType.Q4_K_M: GgufTolerance(1.25),
+    GgufType.Q4_K_S: GgufTolerance(1.30),
+    GgufType.Q3_K_M: GgufTolerance(1.60),
+    GgufType.Q2_K: GgufTolerance(3.00),
+}
+
+
+@dataclass
+class GgufExportSettings:
+    """Settings of `slimllm export --target gguf`."""
+
+    outtypes: list[GgufType] = field(default_factory=lambda: [GgufType.F16])
+    """Output types; one file each: f32, f16, bf16, q8_0, q4_0 (gguf-py) and K-quants such as q4_k_m (llama.cpp)."""
+    eval_data: str | None = None
+    """Text for the perplexity checks and tokenizer comparison; None uses a built-in paragraph."""
+    eval_seq_len: int = 512
+    """Tokens per perplexity window (also the llama.cpp context used for validation)."""
+    eval_windows: int = 8
+    """Perplexity windows scored per file."""
+    tokenizer_lines: int = 200
+    """Lines of the evaluation text whose token ids must match the Hugging Face tokenizer exactly."""
+    generate_tokens: int = 32
+    """Greedy tokens generated in llama.cpp and shown next to PyTorch's."""
+    threads: int | None = None
+    """llama.cpp threads for validation and quantization (None: llama.cpp's default)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.outtypes, (str, GgufType)):
+            self.outtypes = [self.outtypes]
+        self.outtypes = list(
+            dict.fromkeys(
+                parse_choice(GgufType, t.value if isinstance(t, GgufType) else str(t).lower(), "--outtype")
+                for t in self.outtypes
+            )
+        )
+        if not self.outtypes:
+            raise UserInputError("give at least one --outtype")
+        if self.eval_seq_len < 16 or self.eval_windows < 1 or self.tokenizer_lines < 0 or self.generate_tokens < 1:
+            raise UserInputError("eval_seq_len >= 16, eval_windows >= 1, tokenizer_lines >= 0, generate_tokens >= 1")
+
+
+@dataclass
+class GgufExportResult:
+    out_dir: Path
+    files: dict[str, dict[str, Any]]
+    """File name -> {type, bytes, ppl, ppl_ratio, ...}."""
+    validation: dict[str, Any]
+    seconds: dict[str, float]
+    greedy_samples: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        payload = asdict(self)
+        payload["out_dir"] = str(self.out_dir)
+        return payload
+
+    def path_of(self, outtype: GgufType | str) -> Path:
+        label = (outtype if isinstance(outtype, GgufType) else GgufType(str(outtype).lower())).label
+        for name, info in self.files.items():
+            if info["type"] == label:
+                return self.out_dir / name
+        raise KeyError(label)
+
+
+def gguf_file_name(checkpoint: CheckpointInfo, outtype: GgufType) -> str:
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", checkpoint.path.name).strip("-") or "model"
+    return f"{base}-{outtype.label}.gguf"
+
+
+def export_gguf(
+    checkpoint_dir: Path, out_dir: Path, settings: GgufExportSettings | None = None, force: bool = False
+) -> GgufExportResult:
+    """Write every requested type, validate each in llama.cpp, then move the directory into place."""
+    settings = settings or GgufExportSettings()
+    checkpoint = inspect_checkpoint(checkpoint_dir)
+    if any(not t.written_by_gguf_py for t in settings.outtypes):
+        import_llama_cpp()  # fail before writing anything if the K-quant tool is missing
+    seconds: dict[str, float] = {}
+    with atomic_directory(Path(out_dir), force=force, keep_failed=True) as tmp:
+        paths: dict[GgufType, Path] = {}
+        started = time.perf_counter()
+        for outtype in [t for t in settings.outtypes if t.written_by_gguf_py]:
+            paths[outtype] = tmp / gguf_file_name(checkpoint, outtype)
+            write_gguf(checkpoint, paths[outtype], outtype)
+        kquants = [t for t in settings.outtypes if not t.written_by_gguf_py]
+        if kquants:
+            source = paths.get(GgufType.F32)
+            intermediate = None
+            if source is None:
+                intermediate = source = tmp / ".intermediate-F32.gguf"
+                write_gguf(checkpoint, source, GgufType.F32)
+            for outtype in kquants:
+                paths[outtype] = tmp / gguf_file_name(checkpoint, outtype)
+                quantize_with_llama_cpp(source, paths[outtype], outtype, settings.threads)
+            if intermediate is not None:
+                intermediate.unlink()
+        seconds["write"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        reports, files, samples = validate_gguf_files(paths, checkpoint.path, settings)
+        seconds["validate"] = time.perf_counter() - started
+        validation = {
+            "passed": all(r.passed for r in reports.values()),
+            "files": {name: report.to_dict() for name, report in reports.items()},
+            "versions": library_versions(),
+        }
+        atomic_write_json(tmp / VALIDATION_FILE, validation)
+        atomic_write_json(
+            tmp / EXPORT_RECORD_FILE,
+            {
+                "format": "gguf",
+                "settings": {**asdict(settings), "outtypes": [t.value for t in settings.outtypes]},
+                "source_checkpoint": str(checkpoint.path),
+                "source_sha256": checkpoint.sha256,
+                "architecture": checkpoint.architecture.gguf_arch,
+                "pruning": checkpoint.pruning_summary,
+                "files": files,
+                "validation_passed": validation["passed"],
+                "seconds": seconds,
+                "versions": library_versions(),
+            },
+        )
+        failed = [r for r in reports.values() if not r.passed]
+        if failed:
+            from slimllm.errors import ValidationError
+
+            raise ValidationError(
+                "GGUF parity check failed",
+                [f"{Path(r.artifact).name}: {c.describe()}" for r in failed for c in r.failures()],
+            )
+    return GgufExportResult(Path(out_dir), files, validation, seconds, samples)
+
+
+def _tokenizer_texts(settings: GgufExportSettings) -> list[str]:
+    """Lines whose token ids must match: the first non-blank lines of the evaluation text."""
+    if settings.tokenizer_lines == 0:
+        return []
+    if settings.eval_data is None:
+        return [p for p in FALLBACK_EVAL_TEXT.split("\n") if p.strip()]
+    from slimllm.data import DataPurpose, load_corpus
+
+    corpus = load_corpus(settings.eval_data, DataPurpose.EVALUATION)
+    return list(corpus.documents[: settings.tokenizer_lines])
+
+
+def validate_gguf_files(
+    paths: dict[GgufType, Path], checkpoint_dir: Path, settings: GgufExportSettings
+) -> tuple[dict[str, ParityReport], dict[str, dict[str, Any]], dict[str, str]]:
+    """Check every file in llama.cpp; returns per-file reports, file summaries and the greedy samples shown."""
+    reference = TorchReference.load(checkpoint_dir)
+    tokenizer = reference.tokenizer
+    windows, source = eval_windows(tokenizer, settings.eval_data, settings.eval_seq_len, settings.eval_windows)
+    reference_stats = _reference_window_stats(reference, windows)
+    samples = tokenizer_samples(tokenizer) + [
+        (f"eval line {i}", text, True) for i, text in enumerate(_tokenizer_texts(settings))
+    ]
+    prompt_ids = [hf_token_ids(tokenizer, p, True) for p in PARITY_PROMPTS]
+    prompt_logits = [reference.forward(np.array([ids]))[0][0] for ids in prompt_ids]
+    expected_greedy = reference.greedy(prompt_ids[0], settings.generate_tokens)
+
+    reports: dict[str, ParityReport] = {}
+    files: dict[str, dict[str, Any]] = {}
+    greedy_texts: dict[str, str] = {"pytorch": tokenizer.decode(expected_greedy)}
+    n_ctx = max(settings.eval_seq_len, max(len(ids) for ids in prompt_ids) + settings.generate_tokens + 8)
+    for outtype, path in paths.items():
+        tolerance = TOLERANCES[outtype]
+        model = LlamaCppModel(path, n_ctx=n_ctx, threads=settings.threads)
+        report = ParityReport(
+            artifact=str(path),
+            context={
+                "type": outtype.label,
+                "backend": "llama.cpp (llama-cpp-python), CPU, F32 KV cache",
+                "tolerance": asdict(tolerance),
+                "eval_data": source,
+            },
+        )
+        try:
+            report.add(_tokenizer_check(model, tokenizer, samples))
+            if tolerance.max_abs_logits is not None:
+                deltas = [
+                    compare_logits(f"logits prompt {i}", expected, model.logits(ids), tolerance.max_abs_logits)
+                    for i, (ids, expected) in enumerate(zip(prompt_ids, prompt_logits, strict=True))
+                ]
+                worst = max(deltas, key=lambda c: c.value if c.value is not None else math.inf)
+                report.add(
+                    CheckResult(
+                        f"logits on {len(deltas)} prompts",
+                        all(c.passed for c in deltas),
+                        "max_abs_logits",
+                        worst.value,
+                        tolerance.max_abs_logits,
+                        {"per_prompt": [c.value for c in deltas], "mean_abs": worst.details.get("mean_abs")},
+                    )
+                )
+            ppl, agreement = _llama_window_stats(model, windows, reference_stats["argmax"])
+            check = perplexity_check(
+                f"perplexity ({outtype.label})", reference_stats["ppl"], ppl, tolerance.max_ppl_ratio
+            )
+            check.details.update({"data": source, "windows": int(windows.shape[0]), "tokens": int(windows.numel())})
+            report.add(check)
+            agreement_check = CheckResult(
+                "argmax agreement on evaluation windows",
+                tolerance.min_argmax_agreement is None or agreement >= tolerance.min_argmax_agreement,
+                "argmax_agreement" if tolerance.min_argmax_agreement else "argmax_agreement (informational)",
+                agreement,
+                tolerance.min_argmax_agreement,
+            )
+            report.add(agreement_check)
+            actual_greedy = model.greedy(prompt_ids[0], settings.generate_tokens)
+            greedy = tokens_check(
+                f"greedy {settings.generate_tokens} tokens (informational)", expected_greedy, actual_greedy
+            )
+            greedy.metric = f"informational: {greedy.metric}"
+            greedy.passed = True
+            report.add(greedy)
+            greedy_texts[outtype.label] = tokenizer.decode(actual_greedy)
+        finally:
+            model.close()
+        reports[path.name] = report
+        files[path.name] = {
+            "type": outtype.label,
+            "bytes": path.stat().st_size,
+            "ppl": check.details["candidate_ppl"],
+            "reference_ppl": reference_stats["ppl"],
+            "ppl_ratio": check.value,
+            "argmax_agreement": agreement,
+            "passed": report.passed,
+        }
+    return reports, files, greedy_texts
+
+
+def _tokenizer_check(model: LlamaCppModel, tokenizer, samples: list[tuple[str, str, bool]]) -> CheckResult:
+    mismatches = []
+    for name, text, add_special in samples:
+        expected = hf_token_ids(tokenizer, text, add_special)
+        actual = model.tokenize(text, add_special=add_special, parse_special=True)
+        if expected != actual:
+            mismatches.append({"sample": name, "text": text[:200], "hf": expected[:64], "llama.cpp": actual[:64]})
+    return CheckResult(
+        f"token ids identical on {len(samples)} samples",
+        not mismatches,
+        "identical token ids" if not mismatches else f"{len(mismatches)} samples tokenize differently",
+        None,
+        None,
+        {"samples": len(samples), "mismatches": mismatches[:10]},
+    )
+
+
+@torch.no_grad()
+def _reference_window_stats(reference: TorchReference, windows: torch.Tensor) -> dict[str, Any]:
+    logits_fn = reference.logits_fn()
+    nll, count, argmax = 0.0, 0, []
+    for row in windows:
+        logits = logits_fn(row[None]).float()[0, :-1]
+        targets = row[1:]
+        nll += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+        count += targets.numel()
+        argmax.append(logits.argmax(-1).numpy())
+    return {"ppl": math.exp(nll / count), "argmax": argmax}
+
+
+def _llama_window_stats(model: LlamaCppModel, windows: torch.Tensor, reference_argmax: list[np.ndarray]):
+    nll, count, agree = 0.0, 0, 0
+    for row, expected in zip(windows, reference_argmax, strict=True):
+        logits = torch.from_numpy(model.logits(row.tolist()))[:-1]
+        targets = row[1:]
+        nll += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+        count += targets.numel()
+        agree += int((logits.argmax(-1).numpy() == expected).sum())
+    return math.exp(nll / count), agree / count
+
+
+def read_export_record(gguf_dir: Path) -> dict | None:
+    path = Path(gguf_dir) / EXPORT_RECORD_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _plain(values: dict) -> dict:
+    return {k: (v.value if isinstance(v, Enum) else v) for k, v in values.items()}

@@ -1,0 +1,557 @@
+"""ONNX export of a (pruned) checkpoint, validated in onnxruntime against PyTorch.
+
+    >>> result = export_onnx(Path("out/pruned"), Path("out/onnx"), OnnxExportSettings(quant="int4"))
+    >>> result.validation["passed"]
+    True
+
+Two engines:
+- `optimum` (default): optimum-onnx's exporter, task `text-generation-with-past`. One `model.onnx` with
+  `input_ids`, `attention_mask`, `position_ids`, `past_key_values.N.key/value` -> `logits`, `present.N.*`; the
+  directory loads in `optimum.onnxruntime.ORTModelForCausalLM`. Optional int8 (dynamic) or int4 (MatMulNBits).
+- `genai`: onnxruntime-genai's model builder (fused GroupQueryAttention, `genai_config.json`), fp32/fp16/int4.
+
+The export is written into a temporary directory beside the target and renamed only after the parity check
+passes; a failed one is kept as `<target>.failed` with its `validation.json`, for debugging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exporters.checkpoint import CheckpointInfo, inspect_checkpoint
+from exporters.ort_session import OrtCausalLM, Provider, resolve_provider
+from exporters.parity import (
+    PARITY_PROMPTS,
+    CheckResult,
+    ParityReport,
+    TorchReference,
+    compare_logits,
+    eval_windows,
+    hf_token_ids,
+    left_padded_batch,
+    perplexity,
+    perplexity_check,
+    tokens_check,
+)
+from slimllm.artifacts import atomic_directory, atomic_write_json, library_versions
+from slimllm.errors import ExportError, MissingDependencyError, UserInputError, parse_choice
+
+log = logging.getLogger(__name__)
+
+EXPORT_RECORD_FILE = "slimllm_export.json"
+VALIDATION_FILE = "validation.json"
+MODEL_FILE = "model.onnx"
+
+
+class OnnxEngine(str, Enum):
+    OPTIMUM = "optimum"
+    """optimum-onnx's exporter: the standard layout ORTModelForCausalLM loads."""
+    GENAI = "genai"
+    """onnxruntime-genai's model builder: fused GroupQueryAttention, runs in onnxruntime-genai."""
+
+
+class OnnxDType(str, Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+
+
+class OnnxQuant(str, Enum):
+    NONE = "none"
+    INT8 = "int8"
+    """Dynamic quantization: int8 weights, activations quantized at run time (MatMul with constant weights)."""
+    INT4 = "int4"
+    """Weight-only 4-bit blocks (MatMulNBits); activations stay in float."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What an export of one precision must reach against PyTorch fp32."""
+
+    max_abs_logits: float | None
+    """Prefill and decode logits bound; None where logits are compared through perplexity instead."""
+    greedy_identical: bool
+    """32-token greedy output must equal PyTorch's."""
+    max_ppl_ratio: float | None
+    """Perplexity of the export over PyTorch's; None where logits are compared directly."""
+
+
+# fp32 graphs differ from eager PyTorch only in summation order. fp16 logits of a 30-layer model drift by a few
+# hundredths, and near-ties then flip a greedy token. Quantized models are judged on perplexity: int8 dynamic
+# quantization costs a few percent, 4-bit weights (block 32) up to about a fifth on 100M-parameter models.
+TOLERANCES: dict[tuple[OnnxDType, OnnxQuant], Tolerance] = {
+    (OnnxDType.FP32, OnnxQuant.NONE): Tolerance(1e-4, True, None),
+    (OnnxDType.FP16, OnnxQuant.NONE): Tolerance(0.25, False, 1.02),
+    (OnnxDType.FP32, OnnxQuant.INT8): Tolerance(None, False, 1.10),
+    (OnnxDType.FP32, OnnxQuant.INT4): Tolerance(None, False, 1.25),
+    (OnnxDType.FP16, OnnxQuant.INT4): Tolerance(None, False, 1.25),
+}
+
+
+@dataclass
+class OnnxExportSettings:
+    """Settings of `slimllm export --target onnx`."""
+
+    engine: OnnxEngine = OnnxEngine.OPTIMUM
+    """optimum (standard layout, ORTModelForCausalLM) or genai (onnxruntime-genai model builder)."""
+    dtype: OnnxDType = OnnxDType.FP32
+    """Precision of the graph; fp16 needs a CUDA device."""
+    quant: OnnxQuant = OnnxQuant.NONE
+    """none, int8 (dynamic; optimum engine) or int4 (weight-only MatMulNBits)."""
+    block_size: int = 32
+    """Block size of int4 weight quantization (16, 32, 64, 128 or 256)."""
+    opset: int | None = None
+    """ONNX opset; None takes the exporter's default."""
+    provider: Provider = Provider.AUTO
+    """Execution provider for validation: auto (CUDA EP when usable, else CPU EP), cpu or cuda."""
+    eval_data: str | None = None
+    """Text for the perplexity checks (quantized and fp16 exports); None uses a built-in paragraph."""
+    eval_seq_len: int = 256
+    """Tokens per perplexity window."""
+    eval_windows: int = 4
+    """Perplexity windows scored."""
+    generate_tokens: int = 32
+    """Greedy tokens compared with PyTorch."""
+    decode_steps: int = 4
+    """Decode steps through the KV cache compared with PyTorch, on a left-padded batch."""
+
+    def __post_init__(self) -> None:
+        self.engine = parse_choice(OnnxEngine, self.engine, "--engine")
+        self.dtype = parse_choice(OnnxDType, self.dtype, "--dtype")
+        self.quant = parse_choice(OnnxQuant, self.quant, "--quant")
+        self.provider = parse_choice(Provider, self.provider, "--provider")
+        if (self.dtype, self.quant) not in TOLERANCES:
+            raise UserInputError(
+                f"--dtype {self.dtype.value} with --quant {self.quant.value} is not supported; "
+                "quantize from fp32 (int8, int4) or use fp16 with int4 on the genai engine"
+            )
+        if self.engine is OnnxEngine.GENAI and self.quant is OnnxQuant.INT8:
+            raise UserInputError("the genai engine builds fp32, fp16 or int4 models; use --quant int4 or none")
+        if self.block_size not in (16, 32, 64, 128, 256):
+            raise UserInputError(f"--block-size must be 16, 32, 64, 128 or 256, got {self.block_size}")
+        if self.generate_tokens < 1 or self.decode_steps < 1 or self.eval_windows < 1 or self.eval_seq_len < 2:
+            raise UserInputError("generate_tokens, decode_steps and eval_windows must be >= 1 (eval_seq_len >= 2)")
+
+    @property
+    def tolerance(self) -> Tolerance:
+        return TOLERANCES[(self.dtype, self.quant)]
+
+    @property
+    def variant(self) -> str:
+        """Short name of what this export is, e.g. `optimum-fp32` or `genai-int4`."""
+        precision = self.dtype.value if self.quant is OnnxQuant.NONE else self.quant.value
+        return f"{self.engine.value}-{precision}"
+
+
+@dataclass
+class OnnxExportResult:
+    out_dir: Path
+    variant: str
+    model_file: Path
+    files: dict[str, int]
+    """File name -> size in bytes."""
+    provider: str
+    validation: dict[str, Any]
+    seconds: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        payload = asdict(self)
+        payload["out_dir"] = str(self.out_dir)
+        payload["model_file"] = str(self.model_file)
+        return payload
+
+
+def export_onnx(
+    checkpoint_dir: Path, out_dir: Path, settings: OnnxExportSettings | None = None, force: bool = False
+) -> OnnxExportResult:
+    """Export, quantize if asked, validate against PyTorch, then move the directory into place."""
+    settings = settings or OnnxExportSettings()
+    checkpoint = inspect_checkpoint(checkpoint_dir)
+    provider = resolve_provider(settings.provider)
+    if settings.dtype is OnnxDType.FP16 and provider is not Provider.CUDA:
+        raise UserInputError("--dtype fp16 needs a CUDA device (onnxruntime's CPU EP runs fp16 slowly); use fp32")
+    notes: list[str] = []
+    seconds: dict[str, float] = {}
+    with atomic_directory(Path(out_dir), force=force, keep_failed=True) as tmp:
+        started = time.perf_counter()
+        if settings.engine is OnnxEngine.OPTIMUM:
+            _export_with_optimum(checkpoint, tmp, settings, provider)
+            seconds["export"] = time.perf_counter() - started
+            if settings.quant is not OnnxQuant.NONE:
+                started = time.perf_counter()
+                notes.extend(_quantize(tmp / MODEL_FILE, settings))
+                seconds["quantize"] = time.perf_counter() - started
+        else:
+            _build_with_genai(checkpoint, tmp, settings, provider)
+            seconds["export"] = time.perf_counter() - started
+        started = time.perf_counter()
+        report = validate_onnx(tmp, checkpoint.path, settings)
+        report.warnings.extend(notes)
+        seconds["validate"] = time.perf_counter() - started
+        atomic_write_json(tmp / VALIDATION_FILE, report.to_dict())
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        atomic_write_json(
+            tmp / EXPORT_RECORD_FILE,
+            {
+                "format": "onnx",
+                "variant": settings.variant,
+                "settings": _plain(asdict(settings)),
+                "source_checkpoint": str(checkpoint.path),
+                "source_sha256": checkpoint.sha256,
+                "pruning": checkpoint.pruning_summary,
+                "files": files,
+                "provider": report.context.get("provider"),
+                "validation_passed": report.passed,
+                "seconds": seconds,
+                "notes": notes,
+                "versions": library_versions(),
+            },
+        )
+        report.raise_if_failed(f"ONNX parity check ({settings.variant})")
+    return OnnxExportResult(
+        out_dir=Path(out_dir),
+        variant=settings.variant,
+        model_file=Path(out_dir) / MODEL_FILE,
+        files=files,
+        provider=str(report.context.get("provider")),
+        validation=report.to_dict(),
+        seconds=seconds,
+        notes=notes,
+    )
+
+
+def _plain(values: dict) -> dict:
+    return {k: (v.value if isinstance(v, Enum) else v) for k, v in values.items()}
+
+
+@contextlib.contextmanager
+def _quiet_export():
+    """optimum and torch.onnx print tracer warnings for every traced branch; they are noise for our users."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loggers = [logging.getLogger(name) for name in ("optimum", "torch.onnx", "transformers")]
+        levels = [logger.level for logger in loggers]
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
+
+
+def _export_with_optimum(checkpoint: CheckpointInfo, out: Path, settings: OnnxExportSettings, provider: Provider):
+    try:
+        from optimum.exporters.onnx import main_export
+    except ImportError as exc:  # pragma: no cover - a core dependency
+        raise MissingDependencyError("optimum-onnx is not installed; run `pip install optimum-onnx`") from exc
+    fp16 = settings.dtype is OnnxDType.FP16
+    try:
+        with _quiet_export(), contextlib.redirect_stdout(io.StringIO()):
+            main_export(
+                str(checkpoint.path),
+                output=str(out),
+                task="text-generation-with-past",
+                opset=settings.opset,
+                device="cuda" if fp16 else "cpu",
+                dtype="fp16" if fp16 else None,
+                do_validation=False,  # optimum only warns on a mismatch; our own check below fails the command
+                local_files_only=True,
+            )
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise ExportError(f"optimum could not export {checkpoint.path}: {exc}") from exc
+    if not (out / MODEL_FILE).is_file():
+        raise ExportError(f"optimum wrote no {MODEL_FILE} for {checkpoint.path}")
+
+
+def _build_with_genai(checkpoint: CheckpointInfo, out: Path, settings: OnnxExportSettings, provider: Provider):
+    """Run onnxruntime-genai's model builder in a child process (it loads its own copy of the model)."""
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "the genai engine needs onnxruntime-genai; install the `genai` extra (`pip install 'slimllm[genai]'`)"
+        ) from exc
+    precision = "int4" if settings.quant is OnnxQuant.INT4 else settings.dtype.value
+    cache = out.parent / f".{out.name}.genai-cache"
+    command = [
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        str(checkpoint.path),
+        "-o",
+        str(out),
+        "-p",
+        precision,
+        "-e",
+        provider.value,
+        "-c",
+        str(cache),
+    ]
+    if settings.quant is OnnxQuant.INT4:
+        command += ["--extra_options", f"int4_block_size={settings.block_size}"]
+    try:
+        completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    if completed.returncode != 0 or not (out / MODEL_FILE).is_file():
+        tail = (completed.stderr or completed.stdout).strip().splitlines()[-3:]
+        raise ExportError(f"onnxruntime-genai's builder failed for {checkpoint.path}: {' | '.join(tail)}")
+    # The builder copies tokenizer files; keep the config beside them so the directory documents itself.
+    shutil.copy2(checkpoint.path / "config.json", out / "config.json")
+
+
+def materialize_transposed_weights(model) -> list[str]:
+    """Replace Transpose(initializer) feeding a MatMul by a transposed initializer; returns the new names.
+
+    optimum shares a tied LM head with the embedding through a Transpose node. Weight quantizers only see MatMuls
+    whose weight is an initializer, so without this the LM head, the largest matrix of small models, would stay
+    in fp32.
+    """
+    from onnx import numpy_helper
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    matmul_weights = {node.input[1] for node in model.graph.node if node.op_type == "MatMul"}
+    created: list[str] = []
+    for node in list(model.graph.node):
+        if node.op_type != "Transpose" or node.input[0] not in initializers or node.output[0] not in matmul_weights:
+            continue
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        values = numpy_helper.to_array(initializers[node.input[0]])
+        transposed = np.ascontiguousarray(values.transpose(perm) if perm else values.T)
+        model.graph.initializer.append(numpy_helper.from_array(transposed, name=node.output[0]))
+        model.graph.node.remove(node)
+        created.append(node.output[0])
+    return created
+
+
+def _save_onnx(model, path: Path) -> None:
+    import onnx
+
+    large = model.ByteSize() > 1_800_000_000 if hasattr(model, "ByteSize") else True
+    tmp = path.with_name(path.name + ".tmp")
+    if large:
+        onnx.save_model(
+            model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + "_data"
+        )
+    else:
+        onnx.save_model(model, str(tmp))
+    os.replace(tmp, path)
+
+
+def _quantize(model_path: Path, settings: OnnxExportSettings) -> list[str]:
+    """Quantize `model_path` in place; returns notes for the report."""
+    import onnx
+
+    notes: list[str] = []
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
+    model = onnx.load(str(model_path))
+    materialized = materialize_transposed_weights(model)
+    if materialized:
+        notes.append(
+            f"tied LM head stored as its own initializer ({', '.join(materialized)}) so that it is quantized too"
+        )
+    for stale in model_path.parent.glob(model_path.name + "_data"):
+        stale.unlink()
+    if settings.quant is OnnxQuant.INT8:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        staged = model_path.with_name("model.fp32.onnx")
+        _save_onnx(model, staged)
+        quantize_dynamic(
+            str(staged),
+            str(model_path),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            # Only weight MatMuls: quantizing the attention score MatMuls (two activations) costs accuracy.
+            extra_options={"MatMulConstBOnly": True},
+            use_external_data_format=model.ByteSize() > 1_800_000_000,
+        )
+        for path in model_path.parent.glob("model.fp32.onnx*"):
+            path.unlink()
+        notes.append("int8 dynamic quantization of weight MatMuls and the embedding Gather (per-channel weights)")
+    else:
+        try:
+            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+        except ImportError as exc:
+            raise MissingDependencyError(
+                f"onnxruntime's MatMulNBits quantizer could not be imported ({exc}); run `pip install onnx-ir`"
+            ) from exc
+        quantizer = MatMulNBitsQuantizer(
+            model,
+            bits=4,
+            block_size=settings.block_size,
+            is_symmetric=True,
+            # The embedding Gather too (GatherBlockQuantized): in small models it is the largest tensor.
+            op_types_to_quantize=("MatMul", "Gather"),
+            quant_axes=(("MatMul", 0), ("Gather", 1)),
+        )
+        quantizer.process()
+        _save_onnx(quantizer.model.model, model_path)
+        notes.append(
+            f"int4 weight-only quantization of the MatMuls (MatMulNBits) and the embedding (GatherBlockQuantized), "
+            f"symmetric, block {settings.block_size}"
+        )
+    return notes
+
+
+def validate_onnx(onnx_dir: Path, checkpoint_dir: Path, settings: OnnxExportSettings) -> ParityReport:
+    """Every check for one export, against transformers on the checkpoint. Never raises on a failed figure."""
+    onnx_dir = Path(onnx_dir)
+    tolerance = settings.tolerance
+    runner = OrtCausalLM(onnx_dir / MODEL_FILE, settings.provider)
+    reference = TorchReference.load(checkpoint_dir)
+    tokenizer = reference.tokenizer
+    report = ParityReport(
+        artifact=str(onnx_dir / MODEL_FILE),
+        context={
+            "variant": settings.variant,
+            "provider": runner.provider_used,
+            "provider_requested": runner.provider.value,
+            "provider_fallback": runner.fallback,
+            "reference": "transformers, fp32, cpu",
+            "tolerance": asdict(tolerance),
+            "versions": library_versions(),
+        },
+    )
+    if runner.fallback:
+        report.warnings.append(f"onnxruntime fell back to {runner.provider_used}")
+    pad_id = reference.pad_id
+
+    if tolerance.max_abs_logits is not None:
+        report.add(*_logits_checks(runner, reference, tokenizer, pad_id, settings, tolerance.max_abs_logits))
+    if tolerance.max_ppl_ratio is not None:
+        windows, source = eval_windows(tokenizer, settings.eval_data, settings.eval_seq_len, settings.eval_windows)
+        reference_ppl = perplexity(reference.logits_fn(), windows)
+        export_ppl = perplexity(runner.logits_fn(), windows)
+        check = perplexity_check("perplexity", reference_ppl, export_ppl, tolerance.max_ppl_ratio)
+        check.details.update({"data": source, "tokens": int(windows.numel()), "windows": int(windows.shape[0])})
+        report.add(check)
+
+    prompt_ids = hf_token_ids(tokenizer, PARITY_PROMPTS[0], True)
+    expected = reference.greedy(prompt_ids, settings.generate_tokens)
+    if settings.engine is OnnxEngine.GENAI:
+        actual, runtime = _genai_greedy(onnx_dir, prompt_ids, settings.generate_tokens), "onnxruntime-genai"
+    else:
+        actual, runtime = runner.greedy(prompt_ids, settings.generate_tokens), "onnxruntime"
+    greedy = tokens_check(
+        f"greedy {settings.generate_tokens} tokens ({runtime})",
+        expected,
+        actual,
+        text=tokenizer.decode(actual),
+        reference_text=tokenizer.decode(expected),
+    )
+    if not tolerance.greedy_identical:
+        greedy.passed = True
+        greedy.metric = f"informational: {greedy.metric}"
+    report.add(greedy)
+    if settings.engine is OnnxEngine.OPTIMUM:
+        report.add(_optimum_runtime_check(onnx_dir, prompt_ids, actual[:8], runner.provider_used, pad_id))
+    return report
+
+
+def _logits_checks(runner, reference, tokenizer, pad_id, settings, max_abs) -> list[CheckResult]:
+    checks: list[CheckResult] = []
+    for index, prompt in enumerate(PARITY_PROMPTS):
+        ids = np.array([hf_token_ids(tokenizer, prompt, True)], dtype=np.int64)
+        expected, _ = reference.forward(ids)
+        actual, _ = runner.forward(ids)
+        checks.append(compare_logits(f"prefill prompt {index}", expected, actual, max_abs))
+
+    padded = settings.engine is OnnxEngine.OPTIMUM
+    if padded:
+        ids, mask = left_padded_batch(tokenizer, PARITY_PROMPTS, pad_id)
+    else:
+        # genai graphs derive positions from the sequence length inside GroupQueryAttention and expect
+        # onnxruntime-genai to manage padding, so a left-padded batch fed directly is not the same computation.
+        ids = np.array([hf_token_ids(tokenizer, PARITY_PROMPTS[0], True)], dtype=np.int64)
+        mask = np.ones_like(ids)
+    expected, ref_past = reference.forward(ids, mask)
+    actual, ort_past = runner.forward(ids, mask)
+    if padded:
+        checks.append(
+            compare_logits(f"prefill padded batch of {len(PARITY_PROMPTS)}", expected, actual, max_abs, mask=mask)
+        )
+
+    decode_deltas: list[CheckResult] = []
+    for step in range(settings.decode_steps):
+        next_tokens = expected[:, -1].argmax(-1)[:, None].astype(np.int64)  # both sides follow the reference
+        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=np.int64)], axis=1)
+        expected, ref_past = reference.forward(next_tokens, mask, ref_past, past_length=mask.shape[1] - 1)
+        actual, ort_past = runner.forward(next_tokens, mask, ort_past)
+        decode_deltas.append(compare_logits(f"decode step {step + 1}", expected, actual, max_abs))
+    worst_decode = max(decode_deltas, key=lambda c: c.value if c.value is not None else float("inf"))
+    checks.append(
+        CheckResult(
+            f"decode {settings.decode_steps} steps with KV cache ({'padded batch' if padded else 'one sequence'})",
+            all(c.passed for c in decode_deltas),
+            "max_abs_logits",
+            worst_decode.value,
+            max_abs,
+            {"per_step": [c.value for c in decode_deltas], **worst_decode.details},
+        )
+    )
+    return checks
+
+
+def _genai_greedy(onnx_dir: Path, prompt_ids: list[int], new_tokens: int) -> list[int]:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(onnx_dir))
+    params = og.GeneratorParams(model)
+    total = len(prompt_ids) + new_tokens
+    params.set_search_options(do_sample=False, max_length=total, min_length=total)
+    generator = og.Generator(model, params)
+    generator.append_tokens([prompt_ids])
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [int(t) for t in generator.get_sequence(0)[len(prompt_ids) :]]
+
+
+def _optimum_runtime_check(
+    onnx_dir: Path, prompt_ids: list[int], expected: list[int], provider: str, pad_id: int
+) -> CheckResult:
+    """The directory loads in optimum's ORTModelForCausalLM and generates what our own session generated."""
+    import torch
+
+    try:
+        from optimum.onnxruntime import ORTModelForCausalLM
+    except ImportError as exc:  # pragma: no cover - a core dependency
+        raise MissingDependencyError("optimum-onnx is not installed; run `pip install optimum-onnx`") from exc
+    try:
+        with _quiet_export():
+            model = ORTModelForCausalLM.from_pretrained(str(onnx_dir), provider=provider)
+            input_ids = torch.tensor([prompt_ids])
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                do_sample=False,
+                max_new_tokens=len(expected),
+                min_new_tokens=len(expected),
+                pad_token_id=pad_id,
+            )
+    except Exception as exc:  # noqa: BLE001 - any failure to load is the finding
+        return CheckResult("ORTModelForCausalLM load + generate", False, f"failed: {exc}", None, None)
+    actual = output[0, len(prompt_ids) :].tolist()
+    return tokens_check("ORTModelForCausalLM load + generate", expected, actual)
+
+
+def read_export_record(onnx_dir: Path) -> dict | None:
+    path = Path(onnx_dir) / EXPORT_RECORD_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,0 +1,328 @@
+"""Checks shared by the ONNX and GGUF exporters: an exported artifact must compute what the checkpoint computes.
+
+    >>> reference = TorchReference.load(Path("out/pruned"))
+    >>> report = ParityReport(artifact="out/onnx/model.onnx")
+    >>> report.add(compare_logits("prefill", reference.logits(ids), candidate_logits, max_abs=1e-4))
+    >>> report.raise_if_failed()          # one ValidationError listing every failed figure
+
+The reference is always plain transformers on the saved checkpoint (no slimllm code in the forward pass), so a bug
+in our own model handling cannot hide a bug in an exporter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slimllm.errors import ValidationError
+
+# Prompts for logits and generation parity: prose, code, digits and punctuation, unicode.
+PARITY_PROMPTS: tuple[str, ...] = (
+    "The tower is 324 metres tall, about the same height as an 81-storey building, and",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n   ",
+    "Les élèves ont étudié l'histoire de la ville pendant",
+    "Q: What is 17 times 3?\nA:",
+)
+
+# A short paragraph for quantized-model perplexity when no evaluation text is given. Written for this purpose.
+FALLBACK_EVAL_TEXT = (
+    "The river town grew slowly at first. Its earliest houses stood on the eastern bank, where the ground was "
+    "higher and the spring floods rarely reached. Merchants brought salt, wool and iron down the valley, and the "
+    "ferry that carried them across became the first public service the town paid for. By the end of the "
+    "century a stone bridge had replaced the ferry, a market hall stood beside the church, and the population "
+    "had passed four thousand. The railway arrived much later. Its engineers chose a route along the western "
+    "bank, and within twenty years the station district was larger than the old town. Today the two halves are "
+    "joined by three bridges, and the market hall is a museum that tells the story of the crossing.\n\n"
+    "A hash table stores values under keys. It computes a number from each key, reduces that number to a slot "
+    "in an array, and keeps the value there. When two keys land in the same slot, the table must resolve the "
+    "collision, either by keeping a short list in each slot or by probing for the next free one. A good hash "
+    "function spreads keys evenly, so that most lookups touch a single slot and finish in constant time. When "
+    "the array fills up, the table allocates a larger one and moves every entry, which is expensive but rare.\n\n"
+    "To make bread, mix five hundred grams of flour with ten grams of salt, seven grams of yeast and three "
+    "hundred and fifty millilitres of warm water. Knead the dough for ten minutes, until it is smooth and "
+    "springs back when pressed. Leave it covered for an hour, shape it into a loaf, let it rise again, and bake "
+    "it at two hundred and twenty degrees for about thirty-five minutes."
+)
+
+
+@dataclass
+class CheckResult:
+    """One parity or quality figure with the bound it was held to."""
+
+    name: str
+    passed: bool
+    metric: str
+    value: float | None
+    bound: float | None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        if self.value is None:
+            return f"{self.name}: {self.metric}"
+        comparison = "<=" if self.metric != "argmax_agreement" and not self.metric.endswith("_min") else ">="
+        if self.metric == "ppl_ratio" and self.bound is not None:
+            return f"{self.name}: ppl_ratio {self.value:.4g} (bound within [{1 / self.bound:.4g}, {self.bound:.4g}])"
+        bound = "" if self.bound is None else f" (bound {comparison} {self.bound:.3g})"
+        return f"{self.name}: {self.metric} {self.value:.4g}{bound}"
+
+
+@dataclass
+class ParityReport:
+    """Every check run on one artifact; `raise_if_failed` reports all failures at once."""
+
+    artifact: str
+    checks: list[CheckResult] = field(default_factory=list)
+    context: dict[str, Any] = field(default_factory=dict)
+    """Provider or backend actually used, dtype, versions: whatever makes the figures reproducible."""
+    warnings: list[str] = field(default_factory=list)
+
+    def add(self, *checks: CheckResult) -> None:
+        self.checks.extend(checks)
+
+    @property
+    def passed(self) -> bool:
+        return all(check.passed for check in self.checks)
+
+    def failures(self) -> list[CheckResult]:
+        return [check for check in self.checks if not check.passed]
+
+    def raise_if_failed(self, what: str = "parity check") -> None:
+        failed = self.failures()
+        if failed:
+            raise ValidationError(f"{what} failed for {self.artifact}", [check.describe() for check in failed])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "artifact": self.artifact,
+            "passed": self.passed,
+            "checks": [asdict(check) for check in self.checks],
+            "context": self.context,
+            "warnings": self.warnings,
+        }
+
+
+def _as_numpy(values: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        return values.detach().float().cpu().numpy()
+    return np.asarray(values, dtype=np.float32)
+
+
+def compare_logits(
+    name: str,
+    reference: np.ndarray | torch.Tensor,
+    candidate: np.ndarray | torch.Tensor,
+    max_abs: float,
+    min_argmax_agreement: float | None = None,
+    mask: np.ndarray | torch.Tensor | None = None,
+) -> CheckResult:
+    """Max and mean |Δ| between two logits arrays [..., vocab], over the positions `mask` keeps."""
+    ref = _as_numpy(reference)
+    cand = _as_numpy(candidate)
+    if ref.shape != cand.shape:
+        return CheckResult(name, False, f"shape mismatch {cand.shape} vs reference {ref.shape}", None, None)
+    if mask is not None:
+        keep = np.asarray(_as_numpy(mask) if isinstance(mask, torch.Tensor) else mask).astype(bool)
+        ref, cand = ref[keep], cand[keep]
+    ref = ref.reshape(-1, ref.shape[-1])
+    cand = cand.reshape(-1, cand.shape[-1])
+    if not np.isfinite(cand).all():
+        return CheckResult(name, False, "non-finite logits", None, None)
+    delta = np.abs(ref.astype(np.float64) - cand.astype(np.float64))
+    max_delta = float(delta.max())
+    agreement = float((ref.argmax(-1) == cand.argmax(-1)).mean())
+    passed = max_delta <= max_abs
+    if min_argmax_agreement is not None:
+        passed = passed and agreement >= min_argmax_agreement
+    return CheckResult(
+        name,
+        passed,
+        "max_abs_logits",
+        max_delta,
+        max_abs,
+        {
+            "mean_abs": float(delta.mean()),
+            "argmax_agreement": agreement,
+            "min_argmax_agreement": min_argmax_agreement,
+            "positions": int(ref.shape[0]),
+            "reference_abs_max": float(np.abs(ref).max()),
+        },
+    )
+
+
+def argmax_agreement_check(
+    name: str, reference: np.ndarray | torch.Tensor, candidate: np.ndarray | torch.Tensor, minimum: float
+) -> CheckResult:
+    """Share of positions where both logits arrays pick the same token (for types whose |Δ| is not meaningful)."""
+    ref = _as_numpy(reference).reshape(-1, _as_numpy(reference).shape[-1])
+    cand = _as_numpy(candidate).reshape(-1, _as_numpy(candidate).shape[-1])
+    agreement = float((ref.argmax(-1) == cand.argmax(-1)).mean())
+    return CheckResult(name, agreement >= minimum, "argmax_agreement", agreement, minimum, {"positions": len(ref)})
+
+
+def tokens_check(name: str, expected: Sequence[int], actual: Sequence[int], **details: Any) -> CheckResult:
+    """Two token sequences must be identical; the first difference is recorded."""
+    expected, actual = [int(t) for t in expected], [int(t) for t in actual]
+    first_difference = next(
+        (i for i, (a, b) in enumerate(zip(expected, actual, strict=False)) if a != b),
+        None if len(expected) == len(actual) else min(len(expected), len(actual)),
+    )
+    passed = first_difference is None
+    return CheckResult(
+        name,
+        passed,
+        "identical tokens" if passed else f"tokens differ from position {first_difference}",
+        None,
+        None,
+        {"expected": expected, "actual": actual, "first_difference": first_difference, **details},
+    )
+
+
+def perplexity_check(name: str, reference_ppl: float, candidate_ppl: float, max_ratio: float) -> CheckResult:
+    """Candidate perplexity over reference perplexity must lie within [1/max_ratio, max_ratio].
+
+    Two-sided: an export that scores far *better* than its source is as suspicious as one that scores worse.
+    """
+    ratio = candidate_ppl / reference_ppl if reference_ppl > 0 else math.inf
+    passed = math.isfinite(candidate_ppl) and 1.0 / max_ratio <= ratio <= max_ratio
+    return CheckResult(
+        name,
+        passed,
+        "ppl_ratio",
+        ratio,
+        max_ratio,
+        {"reference_ppl": reference_ppl, "candidate_ppl": candidate_ppl},
+    )
+
+
+def tokenizer_samples(tokenizer, texts: Sequence[str] = ()) -> list[tuple[str, str, bool]]:
+    """(name, text, add_special_tokens) samples: plain text both ways, special-token text and a chat rendering."""
+    samples: list[tuple[str, str, bool]] = []
+    base = list(texts) or list(PARITY_PROMPTS)
+    for index, text in enumerate(base):
+        samples.append((f"text[{index}]", text, True))
+        samples.append((f"text[{index}] no-special", text, False))
+    specials = [t for t in (tokenizer.bos_token, tokenizer.eos_token) if t]
+    if specials:
+        samples.append(("special tokens in text", f"{specials[0]}Hello{specials[-1]} world {specials[0]}", False))
+    if getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template(
+            [
+                {"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "Name three rivers in Europe."},
+                {"role": "assistant", "content": "The Danube, the Rhine and the Loire."},
+            ],
+            tokenize=False,
+        )
+        samples.append(("chat template", rendered, False))
+    return samples
+
+
+def hf_token_ids(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"])
+
+
+def left_padded_batch(tokenizer, prompts: Sequence[str], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and attention mask of a left-padded batch (decoder-only generation pads on the left)."""
+    encoded = [hf_token_ids(tokenizer, prompt, True) for prompt in prompts]
+    width = max(len(ids) for ids in encoded)
+    ids = np.full((len(encoded), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(encoded), width), dtype=np.int64)
+    for row, tokens in enumerate(encoded):
+        ids[row, width - len(tokens) :] = tokens
+        mask[row, width - len(tokens) :] = 1
+    return ids, mask
+
+
+def position_ids_from_mask(mask: np.ndarray, past_length: int = 0) -> np.ndarray:
+    """Positions as transformers' generate computes them: cumulative count of real tokens, padding at 0."""
+    positions = np.cumsum(mask, axis=-1) - 1
+    positions = np.where(mask == 0, 1, positions)
+    return positions[:, past_length:].astype(np.int64)
+
+
+class TorchReference:
+    """The checkpoint in plain transformers (fp32 on CPU by default): the reference every export is held to."""
+
+    def __init__(self, model, tokenizer, device: torch.device) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+
+    @classmethod
+    def load(cls, checkpoint_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> TorchReference:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(str(checkpoint_dir), dtype=dtype).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir))
+        if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return cls(model, tokenizer, torch.device(device))
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else 0)
+
+    @torch.no_grad()
+    def forward(
+        self, ids: np.ndarray, mask: np.ndarray | None = None, past=None, past_length: int = 0
+    ) -> tuple[np.ndarray, Any]:
+        """Logits (fp32 numpy) and the new KV cache for `ids` after `past_length` cached tokens."""
+        input_ids = torch.as_tensor(ids, device=self.device)
+        if mask is None:
+            mask = np.ones((ids.shape[0], past_length + ids.shape[1]), dtype=np.int64)
+        attention_mask = torch.as_tensor(mask, device=self.device)
+        position_ids = torch.as_tensor(position_ids_from_mask(mask, past_length), device=self.device)
+        output = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past,
+            use_cache=True,
+        )
+        return output.logits.float().cpu().numpy(), output.past_key_values
+
+    @torch.no_grad()
+    def greedy(self, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+        """New tokens from transformers' own `generate` (greedy; EOS suppressed so the length is fixed)."""
+        input_ids = torch.tensor([list(prompt_ids)], device=self.device)
+        output = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            pad_token_id=self.pad_id,
+        )
+        return output[0, input_ids.shape[1] :].tolist()
+
+    def logits_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        from slimllm.evaluate import torch_logits_fn
+
+        return torch_logits_fn(self.model)
+
+
+def eval_windows(tokenizer, data: str | None, seq_len: int, max_windows: int) -> tuple[torch.Tensor, str]:
+    """Evaluation windows from a text source, or from the built-in paragraph when `data` is None."""
+    from slimllm.data import DataPurpose, load_corpus, tokenize_corpus
+    from slimllm.evaluate import split_windows
+
+    if data is None:
+        ids = tokenizer(FALLBACK_EVAL_TEXT, return_tensors="pt", verbose=False)["input_ids"][0]
+        seq_len = min(seq_len, ids.numel())
+        return split_windows(ids, seq_len, max_windows), "built-in paragraph"
+    corpus = load_corpus(data, DataPurpose.EVALUATION)
+    return split_windows(tokenize_corpus(corpus, tokenizer), seq_len, max_windows), data
+
+
+def perplexity(logits_fn: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor) -> float:
+    from slimllm.evaluate import perplexity_of_windows
+
+    nll, tokens = perplexity_of_windows(logits_fn, windows)
+    return math.exp(nll / tokens)

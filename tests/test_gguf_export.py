@@ -1,0 +1,316 @@
+"""GGUF export on tiny random models, checked in real llama.cpp: writer, tokenizer, types, parity and failures."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import CALIB_FILE, EVAL_FILE, TINY_ARCHITECTURES
+from gguf import GGUFReader
+from test_cli import _assert_user_error, run_cli
+
+import exporters.gguf as gguf_exporter
+from exporters.checkpoint import inspect_checkpoint
+from exporters.gguf import VALIDATION_FILE, GgufExportSettings, export_gguf, validate_gguf_files
+from exporters.gguf_vocab import BPE_PRE_TOKENIZERS, identify_bpe_pre_tokenizer
+from exporters.gguf_writer import GgufType, permute_for_llama_rope, write_gguf
+from exporters.llama_cpp_runner import LlamaCppModel
+from slimllm.errors import ExportError
+
+FAST = {"eval_seq_len": 128, "eval_windows": 2, "tokenizer_lines": 50, "eval_data": str(EVAL_FILE)}
+
+
+def _checks(validation: dict, file_name: str) -> dict[str, dict]:
+    return {c["name"]: c for c in validation["files"][file_name]["checks"]}
+
+
+def _metadata(path) -> dict:
+    reader = GGUFReader(str(path))
+    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("tokenizer.ggml.")}
+
+
+@pytest.mark.parametrize("arch_name", TINY_ARCHITECTURES)
+@pytest.mark.parametrize("tied", [True, False])
+def test_f32_export_matches_pytorch_in_llama_cpp(tiny_model_dir, tmp_path, arch_name, tied):
+    source = tiny_model_dir(arch_name, tied)
+    result = export_gguf(source, tmp_path / "gguf", GgufExportSettings(outtypes=["f32"], **FAST))
+    name = f"{source.name}-F32.gguf"
+    checks = _checks(result.validation, name)
+    assert result.validation["passed"], checks
+    tokens = next(c for n, c in checks.items() if n.startswith("token ids identical"))
+    assert tokens["passed"] and tokens["details"]["samples"] >= 50
+    logits = next(c for n, c in checks.items() if n.startswith("logits on"))
+    assert logits["value"] < 1e-4
+    assert result.files[name]["argmax_agreement"] >= 0.995
+    assert abs(result.files[name]["ppl_ratio"] - 1) < 1e-3
+    reader = GGUFReader(str(tmp_path / "gguf" / name))
+    names = {t.name for t in reader.tensors}
+    assert ("output.weight" in names) == (not tied)
+    expected_arch = {"mistral": "llama"}.get(arch_name, arch_name)
+    assert _metadata(tmp_path / "gguf" / name)["general.architecture"] == expected_arch
+
+
+def test_all_types_in_one_call(tiny_model_dir, tmp_path):
+    source = tiny_model_dir("llama", True)
+    types = ["f16", "bf16", "q8_0", "q4_0", "q4_k_m"]
+    result = export_gguf(source, tmp_path / "gguf", GgufExportSettings(outtypes=types, **FAST))
+    assert sorted(info["type"] for info in result.files.values()) == sorted(t.upper() for t in types)
+    assert not list((tmp_path / "gguf").glob(".intermediate*")), "the F32 intermediate of the K-quant is left over"
+    tensor_types = {
+        info["type"]: {t.name: t.tensor_type.name for t in GGUFReader(str(tmp_path / "gguf" / name)).tensors}
+        for name, info in result.files.items()
+    }
+    assert tensor_types["Q8_0"]["blk.0.attn_q.weight"] == "Q8_0"
+    assert tensor_types["Q4_0"]["blk.0.ffn_down.weight"] == "Q4_0"
+    assert tensor_types["Q4_0"]["token_embd.weight"] == "Q8_0"  # tied: it is also the output projection
+    assert tensor_types["F16"]["blk.0.attn_norm.weight"] == "F32"  # 1-D tensors stay F32
+    assert tensor_types["BF16"]["blk.0.attn_k.weight"] == "BF16"
+    assert "Q4_K" in set(tensor_types["Q4_K_M"].values()) or "Q5_0" in set(tensor_types["Q4_K_M"].values())
+    for info in result.files.values():
+        bound = gguf_exporter.TOLERANCES[GgufType(info["type"].lower())].max_ppl_ratio
+        assert info["passed"] and info["ppl_ratio"] <= bound
+    sizes = {info["type"]: info["bytes"] for info in result.files.values()}
+    assert sizes["Q4_0"] < sizes["Q8_0"] < sizes["F16"]
+
+
+def test_rows_that_do_not_split_into_blocks_stay_f16(tmp_path, smollm2_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+    )
+    directory = tmp_path / "odd"
+    LlamaForCausalLM(config).save_pretrained(directory)
+    smollm2_tokenizer.save_pretrained(directory)
+    result = export_gguf(directory, tmp_path / "gguf", GgufExportSettings(outtypes=["q8_0"], **FAST))
+    types = {t.name: t.tensor_type.name for t in GGUFReader(str(tmp_path / "gguf" / "odd-Q8_0.gguf")).tensors}
+    assert types["blk.0.attn_q.weight"] == "F16"  # rows of 48 do not split into blocks of 32
+    assert types["blk.0.ffn_down.weight"] == "F16"  # rows of 80
+    assert result.validation["passed"]
+
+
+def test_missing_rope_permutation_is_caught(tiny_model_dir, tmp_path):
+    """A llama-arch file written without the Q/K permutation loads and runs, but the parity check rejects it."""
+    checkpoint = inspect_checkpoint(tiny_model_dir("llama", True))
+    path = tmp_path / "unpermuted.gguf"
+    write_gguf(checkpoint, path, GgufType.F32, permute_qk=False)
+    reports, files, _ = validate_gguf_files({GgufType.F32: path}, checkpoint.path, GgufExportSettings(**FAST))
+    report = reports[path.name]
+    assert not report.passed
+    failed = {c.name for c in report.failures()}
+    assert "logits on 4 prompts" in failed and "argmax agreement on evaluation windows" in failed
+
+
+def test_permutation_matches_interleaved_rope():
+    """Row 2i/2i+1 of a permuted head are rows i and i + d/2 of the original (rotate-half -> adjacent pairs)."""
+    weight = np.arange(2 * 8 * 3, dtype=np.float32).reshape(16, 3)  # 2 heads of dim 8, 3 input features
+    permuted = permute_for_llama_rope(weight, n_heads=2)
+    for head in range(2):
+        for i in range(4):
+            np.testing.assert_array_equal(permuted[head * 8 + 2 * i], weight[head * 8 + i])
+            np.testing.assert_array_equal(permuted[head * 8 + 2 * i + 1], weight[head * 8 + i + 4])
+
+
+def test_failed_parity_fails_the_command_and_leaves_no_valid_output(tiny_model_dir, tmp_path, monkeypatch):
+    real_write = gguf_exporter.write_gguf
+    monkeypatch.setattr(gguf_exporter, "write_gguf", lambda c, p, t: real_write(c, p, t, permute_qk=False))
+    out = tmp_path / "gguf"
+    result = run_cli(
+        "export", str(tiny_model_dir("llama", True)), "--target", "gguf", "--outtype", "f32", "--out", str(out),
+        "--eval-seq-len", "128", "--eval-windows", "2",
+    )
+    assert result.exit_code == 1, result.output
+    assert "GGUF parity check failed" in result.stderr and "max_abs_logits" in result.stderr
+    assert not out.exists()
+    validation = json.loads((tmp_path / "gguf.failed" / VALIDATION_FILE).read_text())
+    assert not validation["passed"]
+
+
+def _with_pre_tokenizer(source, target, pre_tokenizer):
+    import shutil
+
+    shutil.copytree(source, target)
+    tokenizer_json = json.loads((target / "tokenizer.json").read_text())
+    tokenizer_json["pre_tokenizer"] = pre_tokenizer
+    (target / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    return target
+
+
+def _pre_tokenizer_json(signature) -> dict:
+    parts = []
+    for component in signature:
+        if component[0] == "byte_level":
+            parts.append(
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                 "use_regex": component[1] == "gpt2_regex"}
+            )
+        elif component[0] == "digits":
+            parts.append({"type": "Digits", "individual_digits": True})
+        else:
+            parts.append({"type": "Split", "pattern": {"Regex": component[1]}, "behavior": "Isolated", "invert": False})
+    return {"type": "Sequence", "pretokenizers": parts}
+
+
+TRICKY_TEXTS = [
+    "In 2024, 12345 people paid $3.50 each -- that's 43,207.5 dollars!",
+    "They'll say it's fine; we'd RATHER not.\n\n\nTabs\tand   spaces   ",
+    "naïve café déjà vu 東京 ok?? ...",
+    "x=10;y=200\nfor(i=0;i<1000;i++){}",
+]
+
+
+@pytest.mark.parametrize("pre_name", sorted(set(BPE_PRE_TOKENIZERS.values())))
+def test_each_known_pre_tokenizer_tokenizes_like_hugging_face(tiny_model_dir, tmp_path, pre_name):
+    """For every pre-tokenizer in our table, llama.cpp's splitting equals the Hugging Face tokenizer's."""
+    from transformers import AutoTokenizer
+
+    signature = next(s for s, name in BPE_PRE_TOKENIZERS.items() if name == pre_name)
+    source = _with_pre_tokenizer(tiny_model_dir("llama", True), tmp_path / "model", _pre_tokenizer_json(signature))
+    assert identify_bpe_pre_tokenizer(json.loads((source / "tokenizer.json").read_text())) == pre_name
+    path = tmp_path / "model.gguf"
+    write_gguf(inspect_checkpoint(source), path, GgufType.F32)
+    assert GGUFReader(str(path)).fields["tokenizer.ggml.pre"].contents() == pre_name
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = LlamaCppModel(path, n_ctx=64, vocab_only=True)
+    try:
+        for text in TRICKY_TEXTS:
+            assert model.tokenize(text, add_special=False) == tokenizer(text, add_special_tokens=False)["input_ids"]
+    finally:
+        model.close()
+
+
+def test_unknown_pre_tokenizer_is_a_clear_error(tiny_model_dir, tmp_path):
+    source = _with_pre_tokenizer(
+        tiny_model_dir("llama", True), tmp_path / "model", {"type": "Whitespace"}
+    )
+    with pytest.raises(ExportError, match="cannot identify the tokenizer's pre-tokenizer"):
+        write_gguf(inspect_checkpoint(source), tmp_path / "x.gguf", GgufType.F32)
+    result = run_cli("export", str(source), "--target", "gguf", "--out", str(tmp_path / "out"))
+    assert result.exit_code == 1 and "cannot identify the tokenizer's pre-tokenizer" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_model_dir(tmp_path_factory):
+    """A tiny Mistral with a real SentencePiece tokenizer trained on WikiText (Llama 2 / Mistral style)."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer, LlamaTokenizerFast, MistralConfig, MistralForCausalLM
+    from transformers.convert_slow_tokenizer import LlamaConverter
+
+    directory = tmp_path_factory.mktemp("spm")
+    lines = [line for line in CALIB_FILE.read_text(encoding="utf-8-sig").splitlines()[:3000] if line.strip()]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(directory / "sp"), vocab_size=1000, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, split_digits=True,
+        num_threads=1, minloglevel=2,
+    )
+    slow = LlamaTokenizer(str(directory / "sp.model"), legacy=True)
+    fast = LlamaTokenizerFast(
+        tokenizer_object=LlamaConverter(slow).converted(), vocab_file=str(directory / "sp.model"),
+        bos_token="<s>", eos_token="</s>", unk_token="<unk>", legacy=True, add_bos_token=True,
+    )
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, sliding_window=None,
+    )
+    model_dir = directory / "model"
+    MistralForCausalLM(config).save_pretrained(model_dir)
+    fast.save_pretrained(model_dir)
+    return model_dir
+
+
+def test_sentencepiece_tokenizer_is_written_as_llama_model(sentencepiece_model_dir, tmp_path):
+    result = export_gguf(sentencepiece_model_dir, tmp_path / "gguf", GgufExportSettings(outtypes=["f32"], **FAST))
+    assert result.validation["passed"]
+    name = next(iter(result.files))
+    reader = GGUFReader(str(tmp_path / "gguf" / name))
+    assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
+    assert len(reader.fields["tokenizer.ggml.scores"].data) == 1000
+
+
+def test_pruning_metadata_and_inspect(tiny_model_dir, tmp_path):
+    from slimllm.models import load_model
+    from slimllm.pruning.surgery import remove_layers, save_pruned_checkpoint
+
+    loaded = load_model(str(tiny_model_dir("qwen3")), device="cpu")
+    pruned, _ = remove_layers(loaded.model, [0, 3])
+    record = {"method": "shortgpt", "original_num_layers": 6, "removed_layers": [0, 3], "kept_layers": [1, 2, 4, 5]}
+    checkpoint = save_pruned_checkpoint(pruned, loaded.tokenizer, tmp_path / "pruned", record)
+    result = export_gguf(checkpoint, tmp_path / "gguf", GgufExportSettings(outtypes=["q8_0"], **FAST))
+    path = result.path_of("q8_0")
+    metadata = _metadata(path)
+    assert metadata["qwen3.block_count"] == 4
+    assert metadata["general.slimllm.original_block_count"] == 6
+    assert list(metadata["general.slimllm.removed_layers"]) == [0, 3]
+    assert "2 of 6 transformer layers removed" in metadata["general.description"]
+    shown = run_cli("inspect", str(path))
+    assert shown.exit_code == 0 and "general.slimllm.removed_layers = [0, 3]" in shown.output
+    assert "qwen3.block_count = 4" in shown.output
+    revalidated = run_cli("validate", str(path), "--json")
+    assert revalidated.exit_code == 0, revalidated.output
+    assert json.loads(revalidated.stdout)["passed"]
+
+
+@pytest.mark.parametrize(
+    "rope_scaling",
+    [
+        {"rope_type": "linear", "factor": 2.0},
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 64},
+    ],
+)
+def test_rope_scaling_is_carried_over(tmp_path, smollm2_tokenizer, rope_scaling):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rope_scaling=rope_scaling, rope_theta=10000.0,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2 and "embed" not in name and "lm_head" not in name:
+                param.normal_(0.0, 0.08)
+    directory = tmp_path / "rope"
+    model.save_pretrained(directory)
+    smollm2_tokenizer.save_pretrained(directory)
+    result = export_gguf(directory, tmp_path / "gguf", GgufExportSettings(outtypes=["f32"], **FAST))
+    assert result.validation["passed"]
+    names = {t.name for t in GGUFReader(str(result.path_of("f32"))).tensors}
+    assert ("rope_freqs.weight" in names) == (rope_scaling["rope_type"] == "llama3")
+
+
+def test_unsupported_rope_scaling_is_an_export_error(tmp_path, smollm2_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        rope_scaling={"rope_type": "dynamic", "factor": 2.0},
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
+    smollm2_tokenizer.save_pretrained(tmp_path / "m")
+    with pytest.raises(ExportError, match="rope scaling 'dynamic' is not supported"):
+        write_gguf(inspect_checkpoint(tmp_path / "m"), tmp_path / "x.gguf", GgufType.F32)
+
+
+def test_gguf_cli_writes_several_types(tiny_model_dir, tmp_path):
+    out = tmp_path / "gguf"
+    result = run_cli(
+        "export", str(tiny_model_dir("qwen2", False)), "--target", "gguf", "--outtype", "f16,q8_0",
+        "--outtype", "q4_k_m", "--out", str(out), "--eval-seq-len", "128", "--eval-windows", "2", "--json",
+    )
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert sorted(i["type"] for i in payload["files"].values()) == ["F16", "Q4_K_M", "Q8_0"]
+    assert {p.name for p in out.glob("*.gguf")} == set(payload["files"])
+
+
+def test_unknown_outtype_is_a_user_error(tiny_model_dir, tmp_path):
+    result = run_cli(
+        "export", str(tiny_model_dir("llama")), "--target", "gguf", "--outtype", "q3_x", "--out", str(tmp_path / "o")
+    )
+    _assert_user_error(result, "unknown --outtype 'q3_x'")
