@@ -3,8 +3,9 @@
     >>> import slimllm
     >>> loaded = slimllm.load_model("smollm2-135m")
 
-The stages are plain functions: `load_model`, `run_prune`, `evaluate_model`. Attributes are imported lazily so that
-`import slimllm` stays cheap for the CLI.
+The stages are plain functions: `load_model`, `run_prune`, `evaluate_model`, `run_profile`, and `compile` chains
+them. The exporters live in the `exporters` package (`exporters.onnx.export_onnx`, `exporters.gguf.export_gguf`).
+Attributes are imported lazily so that `import slimllm` stays cheap for the CLI.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ _EXPORTS = {
     "PruneSettings": "slimllm.pruning.stage",
     "evaluate_model": "slimllm.evaluate",
     "EvalSettings": "slimllm.evaluate",
+    "compile": "slimllm.pipeline",
+    "CompileSettings": "slimllm.pipeline",
+    "run_profile": "slimllm.profiler",
+    "load_profile": "slimllm.profiles",
 }
 
 __all__ = ["__version__", *_EXPORTS]

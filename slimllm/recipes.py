@@ -24,10 +24,19 @@ T = TypeVar("T")
 
 
 def recipe_sections() -> dict[str, type]:
+    from exporters.gguf import GgufExportSettings
+    from exporters.onnx import OnnxExportSettings
+    from slimllm.pipeline import CompileSettings
     from slimllm.pruning.stage import PruneSettings
     from slimllm.pruning.trsp import TrspSettings
 
-    return {"prune": PruneSettings, "trsp": TrspSettings}
+    return {
+        "compile": CompileSettings,
+        "prune": PruneSettings,
+        "trsp": TrspSettings,
+        "onnx": OnnxExportSettings,
+        "gguf": GgufExportSettings,
+    }
 
 
 def load_recipe(path: Path) -> dict[str, dict[str, Any]]:

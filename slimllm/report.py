@@ -8,6 +8,7 @@ Charts use matplotlib's headless Agg backend, so they render on servers without 
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +132,271 @@ def write_latency_report(out_dir: Path, payload: dict[str, Any]) -> None:
     atomic_write_text(out_dir / "latency.md", latency_markdown(payload))
     if payload["summary"]:
         atomic_write_bytes(out_dir / "latency.png", latency_chart_png(payload))
+
+
+# --- compile report -----------------------------------------------------------------------------------------------
+
+
+def gate_trajectory_png(trajectory: list[list[float]], selection_order: list[int]) -> bytes:
+    """Every layer's gate after every TRSP stage-1 round; the selected layers are drawn in colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    rounds = list(range(1, len(trajectory) + 1))
+    layers = len(trajectory[0]) if trajectory else 0
+    for layer in range(layers):
+        values = [row[layer] for row in trajectory]
+        if layer in selection_order:
+            label = f"layer {layer} (round {selection_order.index(layer) + 1})"
+            axis.plot(rounds, values, marker="o", linewidth=1.6, label=label)
+        else:
+            axis.plot(rounds, values, color="#bbbbbb", linewidth=0.8)
+    axis.set_xlabel("stage-1 round")
+    axis.set_ylabel("gate value at the end of the round")
+    axis.set_title("TRSP gate trajectory (grey: kept layers)")
+    axis.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> dict[str, Any]:
+    return {"kind": "table", "header": header, "rows": [[str(cell) for cell in row] for row in rows]}
+
+
+def _compile_blocks(out_dir: Path, manifest: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, bytes]]:
+    """The report as a list of blocks (heading, text, table, image, code), rendered to Markdown and HTML."""
+    stages = manifest.get("stages", {})
+    images: dict[str, bytes] = {}
+    blocks: list[dict[str, Any]] = [
+        {"kind": "h1", "text": f"slimllm compile report: {manifest['model']}"},
+        {"kind": "p", "text": f"Output directory `{out_dir}`; dense checkpoint `{manifest['dense_checkpoint']}`."},
+    ]
+
+    prune = stages.get("prune", {}).get("result", {})
+    blocks.append({"kind": "h2", "text": "Pruning"})
+    if prune.get("method") in (None, "none"):
+        blocks.append({"kind": "p", "text": "No layers removed (`--method none`): the dense model was exported."})
+    else:
+        removed = prune.get("removed_layers", [])
+        before, after = prune.get("params_before", 0), prune.get("params_after", 0)
+        blocks.append(
+            {
+                "kind": "p",
+                "text": (
+                    f"Method `{prune['method']}` removed {len(removed)} of {prune.get('original_num_layers')} layers "
+                    f"(original indices {removed}); parameters {before / 1e6:.1f}M -> {after / 1e6:.1f}M "
+                    f"({100 * (1 - after / before):.1f} % fewer). Pruning took {prune.get('seconds', 0):.0f} s"
+                    + (" (resumed from a checkpoint)." if prune.get("resumed") else ".")
+                ),
+            }
+        )
+        record_path = out_dir / "pruned" / "slimllm_pruning.json"
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        details = record.get("details", {})
+        if details.get("gate_trajectory"):
+            images["gates.png"] = gate_trajectory_png(details["gate_trajectory"], details.get("selection_order", []))
+            blocks.append({"kind": "img", "src": "gates.png", "alt": "TRSP gate trajectory"})
+            deltas = details.get("delta_before_stage2", {})
+            if deltas:
+                after = details.get("delta_after_stage2", {})
+                rows = [[layer, f"{deltas[layer]:.3f}", f"{after.get(layer, float('nan')):.3f}"] for layer in deltas]
+                blocks.append({"kind": "p", "text": "Relative ||y - x|| of the selected layers around stage 2:"})
+                blocks.append(_table(["layer", "before stage 2", "after stage 2"], rows))
+
+    evaluation = stages.get("evaluate", {}).get("result", {})
+    if evaluation:
+        blocks.append({"kind": "h2", "text": "Perplexity"})
+        blocks.append(
+            {
+                "kind": "p",
+                "text": (
+                    f"`{evaluation['data']}`, {evaluation['windows']} windows x {evaluation['seq_len']} tokens "
+                    f"({evaluation['tokens_scored']} tokens scored), the same windows for every row."
+                ),
+            }
+        )
+        blocks.append(_table(["model", "perplexity"], [[k, f"{v:.3f}"] for k, v in evaluation["perplexity"].items()]))
+
+    onnx = stages.get("export_onnx", {}).get("result")
+    gguf = stages.get("export_gguf", {}).get("result")
+    if onnx or gguf:
+        blocks.append({"kind": "h2", "text": "Parity of the exports"})
+    if onnx:
+        blocks.append(
+            {"kind": "p", "text": f"ONNX `{onnx['variant']}` against PyTorch, validated on {onnx['provider']}:"}
+        )
+        blocks.append(
+            _table(
+                ["check", "passed", "figure", "bound"],
+                [[c["name"], c["passed"], _figure(c), _bound(c)] for c in onnx["checks"]],
+            )
+        )
+        blocks += [{"kind": "p", "text": note} for note in onnx.get("notes", [])]
+    if gguf:
+        blocks.append({"kind": "p", "text": "GGUF files in llama.cpp against PyTorch:"})
+        rows = []
+        for name, info in gguf["files"].items():
+            rows.append(
+                [
+                    name,
+                    f"{info['bytes'] / 2**20:.1f} MiB",
+                    f"{info['ppl']:.3f}",
+                    f"{info['ppl_ratio']:.4f}",
+                    f"{100 * info['argmax_agreement']:.1f} %",
+                    info["passed"],
+                ]
+            )
+        blocks.append(_table(["file", "size", "PPL", "PPL / PyTorch", "argmax agreement", "passed"], rows))
+        token_checks = [
+            c for checks in gguf["checks"].values() for c in checks if c["name"].startswith("token ids identical")
+        ]
+        if token_checks:
+            blocks.append({"kind": "p", "text": f"Tokenizer: {token_checks[0]['name']} for every file."})
+        for label, text in gguf.get("greedy", {}).items():
+            blocks.append({"kind": "code", "text": f"[{label}] {text}"})
+
+    latency_dir = out_dir / "latency"
+    if (latency_dir / "latency.json").is_file():
+        payload = json.loads((latency_dir / "latency.json").read_text())
+        blocks.append({"kind": "h2", "text": "Latency"})
+        markdown = latency_markdown(payload).split("\n", 2)[2]  # drop the title
+        blocks.append({"kind": "markdown", "text": markdown})
+        if (latency_dir / "latency.png").is_file():
+            images["latency.png"] = (latency_dir / "latency.png").read_bytes()
+            blocks.append({"kind": "img", "src": "latency.png", "alt": "latency chart"})
+
+    blocks.append({"kind": "h2", "text": "Stages"})
+    blocks.append(
+        _table(
+            ["stage", "status", "seconds", "finished"],
+            [[n, s.get("status"), s.get("seconds", ""), s.get("finished") or ""] for n, s in stages.items()],
+        )
+    )
+    blocks.append({"kind": "h2", "text": "Reproduce"})
+    blocks.append({"kind": "code", "text": manifest.get("command", "")})
+    versions = next((s.get("versions") for s in stages.values() if s.get("versions")), {})
+    if versions:
+        blocks.append({"kind": "p", "text": "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "."})
+    return blocks, images
+
+
+def _figure(check: dict[str, Any]) -> str:
+    if check.get("value") is None:
+        return str(check.get("metric"))
+    return f"{check['metric']} {check['value']:.4g}"
+
+
+def _bound(check: dict[str, Any]) -> str:
+    return "" if check.get("bound") is None else f"{check['bound']:.3g}"
+
+
+def _markdown(blocks: list[dict[str, Any]]) -> str:
+    lines: list[str] = []
+    for block in blocks:
+        kind = block["kind"]
+        if kind == "h1":
+            lines += [f"# {block['text']}", ""]
+        elif kind == "h2":
+            lines += [f"## {block['text']}", ""]
+        elif kind == "p":
+            lines += [block["text"], ""]
+        elif kind == "table":
+            lines.append("| " + " | ".join(block["header"]) + " |")
+            lines.append("|" + "---|" * len(block["header"]))
+            lines += ["| " + " | ".join(row) + " |" for row in block["rows"]]
+            lines.append("")
+        elif kind == "img":
+            lines += [f"![{block['alt']}]({block['src']})", ""]
+        elif kind == "code":
+            lines += ["```", block["text"], "```", ""]
+        elif kind == "markdown":
+            lines += [block["text"], ""]
+    return "\n".join(lines)
+
+
+def _html(blocks: list[dict[str, Any]], images: dict[str, bytes]) -> str:
+    import base64
+    import html
+
+    def inline(text: str) -> str:
+        escaped = html.escape(text)
+        parts = escaped.split("`")
+        return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+    def table(header: list[str], rows: list[list[str]]) -> str:
+        head = "".join(f"<th>{inline(h)}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in row) + "</tr>" for row in rows)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    out = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>slimllm report</title><style>"
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}"
+        "th{background:#f2f2f2}code,pre{background:#f6f6f6}pre{padding:8px;white-space:pre-wrap}img{max-width:100%}"
+        "</style></head><body>"
+    ]
+    for block in blocks:
+        kind = block["kind"]
+        if kind == "h1":
+            out.append(f"<h1>{inline(block['text'])}</h1>")
+        elif kind == "h2":
+            out.append(f"<h2>{inline(block['text'])}</h2>")
+        elif kind == "p":
+            out.append(f"<p>{inline(block['text'])}</p>")
+        elif kind == "table":
+            out.append(table(block["header"], block["rows"]))
+        elif kind == "img":
+            data = base64.b64encode(images[block["src"]]).decode()
+            out.append(f"<img alt='{html.escape(block['alt'])}' src='data:image/png;base64,{data}'>")
+        elif kind == "code":
+            out.append(f"<pre>{html.escape(block['text'])}</pre>")
+        elif kind == "markdown":
+            out.append(_markdown_fragment_html(block["text"], inline, table))
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def _markdown_fragment_html(text: str, inline, table) -> str:
+    """The small Markdown subset our own latency report uses: paragraphs, bold lines, lists and tables."""
+    html_parts: list[str] = []
+    rows: list[list[str]] = []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= set("-:") for c in cells):
+                rows.append(cells)
+            continue
+        if rows:
+            html_parts.append(table(rows[0], rows[1:]))
+            rows = []
+        if line.startswith("- "):
+            html_parts.append(f"<li>{inline(line[2:])}</li>")
+        elif line.strip():
+            html_parts.append(f"<p>{inline(line.replace('**', ''))}</p>")
+    return "\n".join(html_parts)
+
+
+def write_compile_report(out_dir: Path) -> list[Path]:
+    """report.md (+ its images) and report.html (images embedded) from a compile run's manifest and artifacts."""
+    out_dir = Path(out_dir)
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    blocks, images = _compile_blocks(out_dir, manifest)
+    written = []
+    for name, data in images.items():
+        if name == "latency.png":
+            continue  # the Markdown links the profiler's own chart
+        atomic_write_bytes(out_dir / name, data)
+        written.append(out_dir / name)
+    markdown_blocks = [
+        {**b, "src": "latency/latency.png"} if b.get("kind") == "img" and b["src"] == "latency.png" else b
+        for b in blocks
+    ]
+    atomic_write_text(out_dir / "report.md", _markdown(markdown_blocks))
+    atomic_write_text(out_dir / "report.html", _html(blocks, images))
+    return [*written, out_dir / "report.md", out_dir / "report.html"]

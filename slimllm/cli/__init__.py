@@ -6,6 +6,7 @@ $ slimllm eval --model smollm2-135m --data ../shared/data/wikitext2/wiki.test.ra
 from __future__ import annotations
 
 from slimllm.cli import (  # noqa: F401  (each module registers its command)
+    compile_command,
     eval_command,
     export_command,
     inspect_command,

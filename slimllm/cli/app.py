@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -95,10 +96,18 @@ def run_command(debug: bool, action: Callable[[], T]) -> T:
             traceback.print_exc()
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_FAILURE) from None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        if debug:
+            traceback.print_exc()
+        where = f" while writing {exc.filename}" if exc.filename else ""
+        typer.echo(f"error: no space left on the device{where}; free some disk space or choose another --out", err=True)
+        raise typer.Exit(EXIT_FAILURE) from None
     except KeyboardInterrupt:
         typer.echo(
-            "interrupted: finished artifacts were kept and unfinished ones removed; "
-            "`slimllm prune ... --resume` continues TRSP from its last checkpoint",
+            "interrupted: finished artifacts were kept and unfinished ones removed; rerun the same command with "
+            "--resume to continue (TRSP continues from its last round checkpoint)",
             err=True,
         )
         raise typer.Exit(130) from None
@@ -118,15 +127,21 @@ class ProgressBar:
     def __init__(self, description: str) -> None:
         self.description = description
         self.bar = None
+        self.stage: str | None = None
 
     def __call__(self, done: int, total: int, **postfix: Any) -> None:
         from tqdm.auto import tqdm
 
         if self.bar is None:
             self.bar = tqdm(total=total, desc=self.description, file=sys.stderr, leave=False)
-        self.bar.n = done
         if "stage" in postfix:
-            self.bar.set_description(f"{self.description} {postfix.pop('stage')}", refresh=False)
+            stage = postfix.pop("stage")
+            if stage != self.stage:  # a new stage starts its own count and clears the last stage's figures
+                self.stage = stage
+                self.bar.reset(total=total)
+                self.bar.set_postfix({}, refresh=False)
+            self.bar.set_description(f"{self.description} {stage}", refresh=False)
+        self.bar.n = done
         if postfix:
             self.bar.set_postfix(
                 {k: f"{v:.4f}" if isinstance(v, float) else v for k, v in postfix.items()}, refresh=False

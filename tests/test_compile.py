@@ -1,0 +1,249 @@
+"""`slimllm compile` end to end on a tiny model: every stage, reuse, reruns, refusal, failures, interrupt and resume."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import EVAL_FILE, REPO_ROOT
+from test_cli import _assert_user_error, run_cli
+
+import slimllm
+from slimllm.pipeline import MANIFEST_FILE, Stage
+
+TINY_RECIPE = """
+[compile]
+eval_seq_len = 64
+eval_windows = 2
+
+[prune]
+calib_blocks = 8
+block_len = 64
+batch_size = 2
+
+[trsp]
+steps_per_round = 2
+stage2_steps = 4
+
+[gguf]
+outtypes = ["q8_0"]
+tokenizer_lines = 20
+"""
+
+TINY_PROFILE = """
+[profile]
+name = "tiny"
+threads = 2
+prompt_lengths = [16]
+generate_tokens = 8
+repeats = 1
+warmup = 1
+
+[[backend]]
+kind = "torch"
+
+[[backend]]
+kind = "onnxruntime"
+
+[[backend]]
+kind = "llama.cpp"
+gguf_types = ["q8_0"]
+"""
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    path = tmp_path / "recipe.toml"
+    path.write_text(TINY_RECIPE)
+    return path
+
+
+@pytest.fixture
+def tiny_profile(tmp_path):
+    path = tmp_path / "tiny-profile.toml"
+    path.write_text(TINY_PROFILE)
+    return path
+
+
+def _compile_args(model, out, recipe, text_file, *extra):
+    return [
+        "compile", str(model), "--remove", "2", "--calib", str(text_file), "--recipe", str(recipe),
+        "--eval-data", str(EVAL_FILE), "--out", str(out), *extra,
+    ]
+
+
+def test_compile_all_end_to_end_then_reuse(tiny_model_dir, tmp_path, recipe, tiny_profile, text_file):
+    out = tmp_path / "run"
+    result = slimllm.compile(
+        str(tiny_model_dir("llama")), out=out, target="all", remove=2, calib=str(text_file),
+        eval_data=str(EVAL_FILE), profile=str(tiny_profile), recipe=recipe,
+    )
+    assert result.ran_stages == [s.value for s in Stage] and not result.reused_stages
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    for stage in Stage:
+        entry = manifest["stages"][stage.value]
+        assert entry["status"] == "done" and entry["seconds"] >= 0 and entry["versions"]["torch"]
+    assert manifest["stages"]["prune"]["inputs"]["dense_sha256"] == manifest["stages"]["evaluate"]["inputs"][
+        "dense_sha256"
+    ]
+    perplexity = json.loads((out / "evaluation.json").read_text())["perplexity"]
+    assert {"dense (PyTorch)", "pruned (PyTorch)", "pruned (GGUF Q8_0, llama.cpp)"} <= set(perplexity)
+    onnx_row = next(k for k in perplexity if k.startswith("pruned (ONNX"))
+    assert perplexity[onnx_row] == pytest.approx(perplexity["pruned (PyTorch)"], rel=1e-4)
+    report = (out / "report.md").read_text()
+    for fragment in ("removed 2 of 6 layers", "gates.png", "Parity of the exports", "latency/latency.png",
+                     "tg8 tok/s", "slimllm compile"):
+        assert fragment in report
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2  # the gate trajectory and the latency chart
+    assert (out / "gguf" / "pruned-Q8_0.gguf").is_file() and (out / "onnx" / "model.onnx").is_file()
+
+    started = time.perf_counter()
+    again = run_cli(*_compile_args(tiny_model_dir("llama"), out, recipe, text_file, "--profile", str(tiny_profile)))
+    assert again.exit_code == 0, again.output
+    assert time.perf_counter() - started < 60
+    assert "reused finished stages: prune, export_onnx, export_gguf, evaluate, profile, report" in again.output
+
+
+def test_changed_setting_reruns_that_stage_and_later_ones(tiny_model_dir, tmp_path, recipe, text_file):
+    out = tmp_path / "run"
+    first = slimllm.compile(
+        str(tiny_model_dir("qwen2")), out=out, remove=2, calib=str(text_file), eval_data=str(EVAL_FILE),
+        profile=None, recipe=recipe,
+    )
+    assert "profile" not in first.ran_stages
+    second = slimllm.compile(
+        str(tiny_model_dir("qwen2")), out=out, remove=2, calib=str(text_file), eval_data=str(EVAL_FILE),
+        profile=None, recipe=recipe, overrides={"gguf": {"outtypes": ["q4_0"]}},
+    )
+    assert second.reused_stages == ["prune", "export_onnx"]
+    assert second.ran_stages == ["export_gguf", "evaluate", "report"]
+    assert (out / "gguf" / "pruned-Q4_0.gguf").is_file() and not (out / "gguf" / "pruned-Q8_0.gguf").exists()
+
+
+def test_method_none_exports_the_dense_model(tiny_model_dir, tmp_path, recipe):
+    out = tmp_path / "dense"
+    result = run_cli(
+        "compile", str(tiny_model_dir("mistral")), "--method", "none", "--target", "gguf", "--recipe", str(recipe),
+        "--profile", "none", "--out", str(out), "--json",
+    )
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.stdout)["manifest"]
+    assert manifest["stages"]["prune"]["result"]["method"] == "none"
+    assert "export_onnx" not in manifest["stages"]
+    assert (out / "gguf" / f"{tiny_model_dir('mistral').name}-Q8_0.gguf").is_file()
+    assert not (out / "pruned").exists()
+
+
+def test_foreign_out_is_refused_without_force(tiny_model_dir, tmp_path, recipe, text_file):
+    out = tmp_path / "run"
+    args = _compile_args(tiny_model_dir("llama"), out, recipe, text_file, "--target", "onnx", "--profile", "none")
+    assert run_cli(*args).exit_code == 0
+    other = _compile_args(tiny_model_dir("qwen3"), out, recipe, text_file, "--target", "onnx", "--profile", "none")
+    _assert_user_error(run_cli(*other), "holds a compile run of another model")
+    assert json.loads((out / MANIFEST_FILE).read_text())["model"] == str(tiny_model_dir("llama"))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    not_a_run = _compile_args(tiny_model_dir("llama"), tmp_path / "notes", recipe, text_file, "--profile", "none")
+    _assert_user_error(run_cli(*not_a_run), "already exists and is not empty")
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+    forced = run_cli(*other, "--force")
+    assert forced.exit_code == 0, forced.output
+    assert json.loads((out / MANIFEST_FILE).read_text())["model"] == str(tiny_model_dir("qwen3"))
+
+
+def test_parity_failure_fails_the_command_naming_stage_and_figure(
+    tiny_model_dir, tmp_path, recipe, text_file, monkeypatch
+):
+    import onnx
+
+    import exporters.onnx as onnx_exporter
+
+    real_export = onnx_exporter._export_with_optimum
+
+    def export_then_damage(checkpoint, out, settings, provider):
+        real_export(checkpoint, out, settings, provider)
+        model = onnx.load(str(out / "model.onnx"))
+        node = next(n for n in model.graph.node if n.name.endswith("mlp/down_proj/MatMul"))
+        weight = next(i for i in model.graph.initializer if i.name == node.input[1])
+        values = onnx.numpy_helper.to_array(weight).copy() * 3.0
+        weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+        onnx.save(model, str(out / "model.onnx"))
+
+    monkeypatch.setattr(onnx_exporter, "_export_with_optimum", export_then_damage)
+    out = tmp_path / "run"
+    result = run_cli(*_compile_args(tiny_model_dir("llama"), out, recipe, text_file, "--profile", "none"))
+    assert result.exit_code == 1, result.output
+    assert "stage export_onnx failed" in result.stderr and "max_abs_logits" in result.stderr
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["stages"]["prune"]["status"] == "done"
+    assert manifest["stages"]["export_onnx"]["status"] == "failed"
+    assert "max_abs_logits" in manifest["stages"]["export_onnx"]["error"]
+    assert not (out / "onnx").exists() and (out / "onnx.failed" / "validation.json").is_file()
+    assert not (out / "report.md").exists()
+
+
+def test_disk_full_is_said_plainly(tiny_model_dir, tmp_path, recipe, text_file, monkeypatch):
+    import slimllm.pipeline as pipeline
+
+    def no_space(ctx):
+        raise OSError(errno.ENOSPC, "No space left on device", str(ctx.out_dir / "evaluation.json"))
+
+    monkeypatch.setitem(pipeline._STAGE_BODIES, Stage.EVALUATE, no_space)
+    out = tmp_path / "run"
+    args = _compile_args(tiny_model_dir("llama"), out, recipe, text_file, "--target", "onnx", "--profile", "none")
+    result = run_cli(*args)
+    assert result.exit_code == 1
+    assert "error: no space left on the device while writing" in result.stderr and "Traceback" not in result.output
+    assert json.loads((out / MANIFEST_FILE).read_text())["stages"]["evaluate"]["status"] == "failed"
+
+
+def test_interrupt_then_resume(tiny_model_dir, tmp_path, text_file):
+    """Ctrl-C in TRSP leaves a manifest saying what finished; --resume continues from the round checkpoint."""
+    recipe = tmp_path / "slow.toml"
+    recipe.write_text(TINY_RECIPE.replace("steps_per_round = 2", "steps_per_round = 12"))
+    out = tmp_path / "run"
+    args = _compile_args(tiny_model_dir("llama"), out, recipe, text_file, "--target", "gguf", "--profile", "none")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "slimllm", *args], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )
+    checkpoint = out / "pruned.partial" / "trsp" / "stage1.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert checkpoint.is_file(), "TRSP wrote no round checkpoint"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr and "--resume" in stderr
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["stages"]["prune"]["status"] == "interrupted"
+    assert not (out / "pruned").exists()
+
+    resumed = run_cli(*args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["stages"]["prune"]["result"]["resumed"] is True
+    assert all(entry["status"] == "done" for entry in manifest["stages"].values())
+    record = json.loads((out / "pruned" / "slimllm_pruning.json").read_text())
+    assert record["details"]["resumed_from"].startswith("stage 1 round")
+
+
+def test_compile_user_errors(tiny_model_dir, tmp_path, recipe):
+    base = ["compile", str(tiny_model_dir("llama")), "--out", str(tmp_path / "o")]
+    _assert_user_error(run_cli(*base, "--target", "tflite"), "unknown --target 'tflite'")
+    _assert_user_error(run_cli(*base, "--method", "magic", "--remove", "1"), "unknown --method 'magic'")
+    _assert_user_error(run_cli(*base), "pass --remove K or --ratio R")
+    _assert_user_error(run_cli(*base, "--method", "none", "--remove", "2"), "--method none compiles the dense model")
+    _assert_user_error(run_cli(*base, "--remove", "6", "--calib", "self"), "cannot remove 6 layers")
+    _assert_user_error(run_cli(*base, "--remove", "1", "--profile", "nope"), "unknown profile 'nope'")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[gguf]\nouttype = ['f16']\n[compile]\nprofil = 'x'\n")
+    _assert_user_error(run_cli(*base, "--remove", "1", "--recipe", str(bad)), "gguf.outtype, compile.profil")
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
