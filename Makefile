@@ -24,7 +24,7 @@ DATA_DIR ?= ../shared/data/wikitext2
 EVAL_DATA := $(if $(wildcard $(DATA_DIR)/wiki.test.raw),$(DATA_DIR)/wiki.test.raw,wikitext2)
 DEMO_OUT ?= runs/demo
 
-.PHONY: install install-gpu test demo lint bench-quality clean
+.PHONY: install install-gpu test demo lint bench-quality bench-speed clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -49,16 +49,18 @@ test: install
 	$(BIN)/python -m pytest
 
 demo: install
-	$(BIN)/slimllm prune smollm2-135m --method shortgpt --remove 8 --calib self --out $(DEMO_OUT)/pruned --force
-	$(BIN)/slimllm eval smollm2-135m --data $(EVAL_DATA) --seq-len 1024 --max-windows 8 --out $(DEMO_OUT)/dense-eval.json
-	$(BIN)/slimllm eval $(DEMO_OUT)/pruned --data $(EVAL_DATA) --seq-len 1024 --max-windows 8 --out $(DEMO_OUT)/pruned-eval.json
-	@echo "demo finished: pruned checkpoint in $(DEMO_OUT)/pruned, perplexities in $(DEMO_OUT)/*-eval.json"
+	$(BIN)/slimllm compile smollm2-135m --recipe examples/recipes/smollm2-135m-demo.toml \
+		--eval-data $(EVAL_DATA) --out $(DEMO_OUT)
 
 lint: install
 	$(BIN)/ruff check slimllm exporters tests bench examples
 
 bench-quality: install
 	$(BIN)/python bench/quality.py
+
+bench-speed: install
+	$(BIN)/python bench/onnx_speed.py
+	$(BIN)/python bench/gguf_speed.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -58,8 +58,10 @@ class GgufTolerance:
     """Share of evaluation positions where llama.cpp's argmax equals PyTorch's (F32 only)."""
 
 
-# F32 differs from PyTorch only in summation order. F16/BF16 round every weight; Q8_0 costs well under 1 %; the
-# 4-bit and smaller types cost more on small models (100M parameters), where every weight matters more.
+# F32 differs from PyTorch only in summation order. F16/BF16 round every weight; Q8_0 costs about 1 %; 4-bit and
+# smaller types cost much more on 100M-parameter models than on 7B ones. Measured on the pruned SmolLM2-135M
+# (8 x 512 tokens of WikiText-2): F32 1.0000, F16 1.0001, Q8_0 1.011, Q4_K_M 1.032 (its 576-wide rows fall back to
+# Q5_0), Q4_0 1.42 (bit-identical to llama.cpp's own Q4_0 of the same F32 file).
 TOLERANCES: dict[GgufType, GgufTolerance] = {
     GgufType.F32: GgufTolerance(1.005, max_abs_logits=0.02, min_argmax_agreement=0.995),
     GgufType.F16: GgufTolerance(1.01),
@@ -68,10 +70,10 @@ TOLERANCES: dict[GgufType, GgufTolerance] = {
     GgufType.Q6_K: GgufTolerance(1.05),
     GgufType.Q5_K_M: GgufTolerance(1.10),
     GgufType.Q5_K_S: GgufTolerance(1.10),
-    GgufType.Q4_0: GgufTolerance(1.35),
+    GgufType.Q4_0: GgufTolerance(1.60),
     GgufType.Q4_K_M: GgufTolerance(1.25),
-    GgufType.Q4_K_S: GgufTolerance(1.30),
-    GgufType.Q3_K_M: GgufTolerance(1.60),
+    GgufType.Q4_K_S: GgufTolerance(1.35),
+    GgufType.Q3_K_M: GgufTolerance(1.80),
     GgufType.Q2_K: GgufTolerance(3.00),
 }
 
@@ -133,7 +135,12 @@ class GgufExportResult:
 
 
 def gguf_file_name(checkpoint: CheckpointInfo, outtype: GgufType) -> str:
-    base = re.sub(r"[^A-Za-z0-9._-]+", "-", checkpoint.path.name).strip("-") or "model"
+    """`<checkpoint name>-<TYPE>.gguf`; a cached dequantized model is named after what it was made from."""
+    name = checkpoint.path.name
+    source = checkpoint.path / "slimllm_source.json"
+    if source.is_file():
+        name = json.loads(source.read_text()).get("embedded") or name
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
     return f"{base}-{outtype.label}.gguf"
 
 

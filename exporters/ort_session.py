@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from exporters.parity import position_ids_from_mask
-from slimllm.errors import MissingDependencyError, UserInputError
+from slimllm.errors import ExportError, MissingDependencyError, UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,11 @@ class OrtCausalLM:
         providers = [ORT_PROVIDER_NAMES[self.provider]]
         if self.provider is Provider.CUDA:
             providers.append("CPUExecutionProvider")  # nodes the CUDA EP lacks run on the CPU, as usual
-        self.session = ort.InferenceSession(str(self.model_path), sess_options=options, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(self.model_path), sess_options=options, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own pybind exception types
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ExportError(f"onnxruntime cannot load {self.model_path}: {first_line}") from exc
         self.active_providers = self.session.get_providers()
         self.fallback = self.active_providers[0] != ORT_PROVIDER_NAMES[self.provider]
         if self.fallback:

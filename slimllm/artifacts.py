@@ -188,6 +188,8 @@ def atomic_directory(target: Path, force: bool = False, keep_failed: bool = Fals
             _raise_if_disk_full(exc, target)
         raise
     replace_directory(tmp, target)
+    if keep_failed:  # an earlier failed attempt's debris would now sit beside a good artifact
+        shutil.rmtree(target.with_name(target.name + ".failed"), ignore_errors=True)
 
 
 def replace_directory(source: Path, target: Path) -> None:

@@ -132,7 +132,7 @@ def prepare_artifacts(
                 variant = onnx_variant(spec)
                 if variant in model.onnx:
                     continue
-                quant = spec.dtype if spec.dtype in ("int8", "int4") else "none"
+                quant = spec.dtype if spec.dtype in ("int8", "int8-dynamic", "int4") else "none"
                 dtype = spec.dtype if spec.dtype in ("fp32", "fp16") else "fp32"
                 target = work_dir / name / f"onnx-{variant}"
                 if not (target / "validation.json").is_file():
@@ -399,8 +399,8 @@ def _payload(profile, models, shapes, samples, runtime, notes, partial, seconds)
             name: {**model.to_dict(), "shape": shapes[name].to_dict()} for name, model in models.items()
         },
         "ideal_flops_note": (
-            "ideal = FLOPs(dense) / FLOPs(pruned): projections, attention over the context and the LM head "
-            "(every prompt position for backends that compute all prompt logits, the last one otherwise)"
+            "FLOPs(dense) / FLOPs(pruned), counting the projections, attention over the context and the LM head "
+            "(for every prompt position on backends that compute all prompt logits, for the last one elsewhere)"
         ),
         "summary": summary,
         "samples": samples,

@@ -55,7 +55,7 @@ def test_pruned_checkpoint_exports_with_its_layer_count(tiny_model_dir, tmp_path
     assert OrtCausalLM(result.model_file).num_layers == 4
 
 
-@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize("quant", ["int8", "int8-dynamic", "int4"])
 def test_quantized_export_covers_the_tied_lm_head(tiny_model_dir, tmp_path, quant):
     out = tmp_path / quant
     result = export_onnx(tiny_model_dir("llama", True), out, OnnxExportSettings(quant=quant))
@@ -64,11 +64,21 @@ def test_quantized_export_covers_the_tied_lm_head(tiny_model_dir, tmp_path, quan
     assert any("tied LM head" in note for note in result.notes)
     graph = onnx.load(str(out / "model.onnx"))
     ops = {node.op_type for node in graph.graph.node}
-    assert ("MatMulNBits" if quant == "int4" else "MatMulInteger") in ops
+    assert ("MatMulInteger" if quant == "int8-dynamic" else "MatMulNBits") in ops
     lm_head = [n for n in graph.graph.node if "lm_head" in n.name]
     assert lm_head and all(n.op_type != "MatMul" for n in lm_head), "the LM head stayed in float"
-    fp32_size = (tiny_model_dir("llama", True) / "model.safetensors").stat().st_size
-    assert (out / "model.onnx").stat().st_size < 0.6 * fp32_size
+    bits = {
+        next((a.i for a in n.attribute if a.name == "bits"), None)
+        for n in graph.graph.node
+        if n.op_type == "MatMulNBits"
+    }
+    assert bits == {"int8": {8}, "int8-dynamic": set(), "int4": {4, 8}}[quant]
+    if quant == "int4":
+        assert "GatherBlockQuantized" in ops and next(
+            a.i for n in lm_head for a in n.attribute if a.name == "bits"
+        ) == 8, "the LM head should be quantized at 8 bits"
+        fp32_size = (tiny_model_dir("llama", True) / "model.safetensors").stat().st_size
+        assert (out / "model.onnx").stat().st_size < 0.6 * fp32_size
 
 
 def test_materialize_transposed_weights_is_exact(tiny_model_dir, tmp_path):
@@ -141,7 +151,7 @@ def test_export_cli_json(tiny_model_dir, tmp_path):
         (["--target", "tflite"], "--target must be onnx or gguf"),
         (["--target", "onnx", "--dtype", "fp16"], "--dtype fp16 needs a CUDA device"),
         (["--target", "onnx", "--engine", "genai", "--quant", "int8"], "genai engine builds fp32, fp16 or int4"),
-        (["--target", "onnx", "--quant", "int3"], "unknown --quant 'int3'; use one of none, int8, int4"),
+        (["--target", "onnx", "--quant", "int3"], "unknown --quant 'int3'; use one of none, int8, int8-dynamic, int4"),
         (["--target", "onnx", "--block-size", "48"], "--block-size must be"),
         (["--target", "onnx", "--outtype", "q8_0"], "--outtype is a GGUF option"),
         (["--target", "gguf", "--quant", "int4"], "are ONNX options"),

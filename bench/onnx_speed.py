@@ -1,0 +1,37 @@
+"""ONNX speed benchmark: TTFT and decode tokens/s of PyTorch eager, our ONNX fp32 and int4, and the genai engine
+fp32 and int4, for the dense and the 8-layer-pruned SmolLM2-135M, in one run.
+
+    python bench/onnx_speed.py                       # -> bench/results/onnx-speed-smollm2-135m.{json,md,png}
+"""
+
+from __future__ import annotations
+
+from speed_common import arguments, run
+
+from slimllm.profiles import BackendSpec, TargetProfile
+
+
+def main() -> None:
+    args = arguments(__doc__.splitlines()[0]).parse_args()
+    profile = TargetProfile(
+        name="onnx-speed",
+        description="PyTorch eager vs optimum ONNX (fp32, int4) vs onnxruntime-genai (fp32, int4) on the CPU",
+        device_class="x86-64 CPU",
+        threads=args.threads,
+        prompt_lengths=[128, 512],
+        generate_tokens=128,
+        repeats=args.repeats,
+        warmup=1,
+        backends=[
+            BackendSpec(kind="torch", dtype="fp32"),
+            BackendSpec(kind="onnxruntime", dtype="fp32"),
+            BackendSpec(kind="onnxruntime", dtype="int4"),
+            BackendSpec(kind="genai", dtype="fp32"),
+            BackendSpec(kind="genai", dtype="int4"),
+        ],
+    )
+    run(f"onnx-speed-{args.model}", profile, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Shared setup of the speed benchmarks: the dense SmolLM2-135M, an 8-layer-pruned copy, and a profiler run.
+
+The pruned copy is made with ShortGPT on WikiText-2 validation text (12 s): latency depends on how many layers
+are left, not on which. Results go to bench/results/<name>.{json,md,png} with the command that made them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from slimllm.artifacts import atomic_write_json  # noqa: E402
+from slimllm.models import checkpoint_directory  # noqa: E402
+from slimllm.profiler import ModelArtifacts, run_profile  # noqa: E402
+from slimllm.profiles import TargetProfile  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+WORK_DIR = REPO_ROOT / "runs" / "bench"
+DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "wikitext2"
+
+
+def arguments(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--pruned", type=Path, default=None, help="Pruned checkpoint (default: ShortGPT, k=8).")
+    parser.add_argument("--remove", type=int, default=8)
+    parser.add_argument("--calib", default=str(DATA_DIR / "wiki.valid.tokens"))
+    parser.add_argument("--eval-data", default=str(DATA_DIR / "wiki.test.raw"))
+    parser.add_argument("--threads", type=int, default=0, help="0: every core.")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--work-dir", type=Path, default=WORK_DIR)
+    return parser
+
+
+def pruned_checkpoint(args) -> Path:
+    if args.pruned is not None:
+        return args.pruned
+    from slimllm.pruning.stage import PruneSettings, run_prune
+
+    target = args.work_dir / f"pruned-shortgpt-k{args.remove}"
+    if not (target / "config.json").is_file():
+        run_prune(
+            args.model,
+            PruneSettings(method="shortgpt", remove=args.remove, calib=args.calib, calib_blocks=16, block_len=512),
+            target,
+            force=True,
+        )
+    return target
+
+
+def run(name: str, profile: TargetProfile, args) -> None:
+    dense = checkpoint_directory(args.model)
+    pruned = pruned_checkpoint(args)
+    out = args.work_dir / name
+    result = run_profile(
+        ModelArtifacts(dense), ModelArtifacts(pruned), profile, out, eval_data=args.eval_data, force=True
+    )
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    payload = dict(result.payload)
+    payload["command"] = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
+    atomic_write_json(RESULTS_DIR / f"{name}.json", payload)
+    markdown = (out / "latency.md").read_text()
+    (RESULTS_DIR / f"{name}.md").write_text(markdown.replace("\n\n", f"\n\nCommand: `{payload['command']}`\n\n", 1))
+    shutil.copy2(out / "latency.png", RESULTS_DIR / f"{name}.png")
+    print(markdown)
+    print(f"wrote {RESULTS_DIR / name}.json, .md and .png")

@@ -1,0 +1,59 @@
+"""The real SmolLM2-135M, dense and with 8 of 30 layers removed, through the real exporters and runtimes."""
+
+import json
+
+import pytest
+from conftest import EVAL_FILE
+
+from exporters.gguf import GgufExportSettings, export_gguf
+from exporters.onnx import OnnxExportSettings, export_onnx
+
+pytestmark = pytest.mark.integration
+
+# ShortGPT's choice on WikiText-2 (see bench/results/quality-smollm2-135m-k8.md); fixed here to skip calibration.
+REMOVED = [3, 12, 13, 14, 15, 17, 25, 26]
+
+
+@pytest.fixture(scope="module")
+def smollm2_pruned(smollm2_dir, tmp_path_factory):
+    from slimllm.models import load_model
+    from slimllm.pruning.surgery import remove_layers, save_pruned_checkpoint
+
+    loaded = load_model(str(smollm2_dir), device="cpu")
+    pruned, report = remove_layers(loaded.model, REMOVED, inplace=True)
+    record = {
+        "method": "shortgpt",
+        "original_num_layers": 30,
+        "removed_layers": REMOVED,
+        "kept_layers": report.kept_layers,
+    }
+    return save_pruned_checkpoint(pruned, loaded.tokenizer, tmp_path_factory.mktemp("smollm2") / "pruned", record)
+
+
+@pytest.mark.parametrize("which", ["dense", "pruned"])
+def test_onnx_fp32_matches_pytorch(smollm2_dir, smollm2_pruned, tmp_path, which):
+    source = smollm2_dir if which == "dense" else smollm2_pruned
+    result = export_onnx(source, tmp_path / "onnx", OnnxExportSettings())
+    checks = {c["name"]: c for c in result.validation["checks"]}
+    assert result.validation["passed"], [c for c in checks.values() if not c["passed"]]
+    prefill = [c for name, c in checks.items() if name.startswith("prefill")]
+    assert len(prefill) == 5 and all(c["value"] <= c["bound"] < 1e-3 for c in prefill)
+    assert all(c["details"]["argmax_agreement"] == 1.0 for c in prefill)
+    assert checks["greedy 32 tokens (onnxruntime)"]["metric"] == "identical tokens"
+    assert checks["ORTModelForCausalLM load + generate"]["passed"]
+
+
+def test_gguf_f32_and_q8_0_in_llama_cpp(smollm2_pruned, tmp_path):
+    settings = GgufExportSettings(
+        outtypes=["f32", "q8_0"], eval_data=str(EVAL_FILE), eval_seq_len=512, eval_windows=4, tokenizer_lines=200
+    )
+    result = export_gguf(smollm2_pruned, tmp_path / "gguf", settings)
+    assert result.validation["passed"]
+    files = {info["type"]: info for info in result.files.values()}
+    assert files["F32"]["argmax_agreement"] >= 0.995 and abs(files["F32"]["ppl_ratio"] - 1) <= 0.005
+    assert abs(files["Q8_0"]["ppl_ratio"] - 1) <= 0.02
+    for report in result.validation["files"].values():
+        tokens = next(c for c in report["checks"] if c["name"].startswith("token ids identical"))
+        assert tokens["passed"] and tokens["details"]["samples"] >= 200 + 9
+    record = json.loads((tmp_path / "gguf" / "slimllm_export.json").read_text())
+    assert record["pruning"]["removed_layers"] == REMOVED and record["architecture"] == "llama"
