@@ -472,7 +472,7 @@ def _quantize(model_path: Path, settings: OnnxExportSettings, provider: Provider
     else:
         # 4-bit layers and embedding, 8-bit LM head: the head is the most quantization-sensitive matrix (llama.cpp
         # keeps it at Q8_0/Q6_K for the same reason); at 4 bits it alone costs SmolLM2-135M ~15 % perplexity.
-        model = _weight_only(model, 4, settings.block_size, head, ("MatMul", "Gather"))
+        model = _weight_only(model, 4, settings.block_size, head, ("MatMul", "Gather"), accuracy)
         if head:
             model = _weight_only(model, 8, settings.block_size, [], ("MatMul",), accuracy)
         _save_onnx(model, model_path)
