@@ -205,13 +205,16 @@ def test_disk_full_is_said_plainly(tiny_model_dir, tmp_path, recipe, text_file, 
 def test_interrupt_then_resume(tiny_model_dir, tmp_path, text_file):
     """Ctrl-C in TRSP leaves a manifest saying what finished; --resume continues from the round checkpoint."""
     recipe = tmp_path / "slow.toml"
-    recipe.write_text(TINY_RECIPE.replace("steps_per_round = 2", "steps_per_round = 12"))
+    # Long rounds, so that the interrupt lands inside round 2, after round 1's checkpoint.
+    recipe.write_text(TINY_RECIPE.replace("steps_per_round = 2", "steps_per_round = 150"))
     out = tmp_path / "run"
     args = _compile_args(tiny_model_dir("llama"), out, recipe, text_file, "--target", "gguf", "--profile", "none")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "slimllm", *args], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
+        # A shell that runs the suite in the background starts it with SIGINT ignored; give the child Ctrl-C back.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     checkpoint = out / "pruned.partial" / "trsp" / "stage1.pt"
     deadline = time.monotonic() + 300
