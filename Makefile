@@ -10,7 +10,6 @@ LLAMA_CPP := llama-cpp-python==$(LLAMA_CPP_VERSION)
 # CPU's feature flags so that a cache shared between different machines never hands out a wheel built for another CPU.
 WHEELHOUSE ?= $(HOME)/.cache/slimllm/wheels
 CPU_KEY := $(shell (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m) | cksum | cut -d' ' -f1)
-LLAMA_WHEELS := $(WHEELHOUSE)/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(CPU_KEY)
 # On x86, llama.cpp is built without AMX: on the virtualized Xeons we test on, AMX tile instructions crash llama.cpp's
 # quantized matmuls (Q8_0, Q4_*), while the AVX-512 kernels run fine. Override LLAMA_CMAKE_ARGS to build with AMX.
 ifeq ($(shell uname -m),x86_64)
@@ -19,6 +18,9 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLA
 else
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON
 endif
+# The cache key covers the build flags too, so a CUDA build (LLAMA_CMAKE_ARGS=-DGGML_CUDA=on) is kept apart.
+BUILD_KEY := $(shell echo '$(LLAMA_CMAKE_ARGS)' | cksum | cut -d' ' -f1)
+LLAMA_WHEELS := $(WHEELHOUSE)/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(CPU_KEY)-$(BUILD_KEY)
 STAMP := $(VENV)/.slimllm-installed
 DATA_DIR ?= ../shared/data/wikitext2
 EVAL_DATA := $(if $(wildcard $(DATA_DIR)/wiki.test.raw),$(DATA_DIR)/wiki.test.raw,wikitext2)

@@ -303,14 +303,14 @@ def _validate_before_work(dense_dir: Path, prune_settings, compile_settings: Com
         check_backends_available(load_profile(compile_settings.profile))
 
 
-class _MethodChoice(str, Enum):
-    TRSP = "trsp"
-    SHORTGPT = "shortgpt"
-    ANGULAR = "angular"
-    SLEB = "sleb"
-    LAST = "last"
-    RANDOM = "random"
-    NONE = NO_PRUNING
+def _method_choices() -> type[Enum]:
+    """The pruning methods plus `none` (compile the dense model), as one closed set for `--method`."""
+    from slimllm.pruning.methods import PruneMethod
+
+    return Enum("MethodChoice", {m.name: m.value for m in PruneMethod} | {"NONE": NO_PRUNING}, type=str)
+
+
+_MethodChoice = _method_choices()
 
 
 def _prune_settings(sections, method: _MethodChoice, remove, ratio, calib):
