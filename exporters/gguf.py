@@ -18,7 +18,6 @@ import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +40,10 @@ from exporters.parity import (
     tokenizer_samples,
     tokens_check,
 )
-from slimllm.artifacts import atomic_directory, atomic_write_json, library_versions
+from exporters.records import EXPORT_RECORD_FILE, VALIDATION_FILE
+from slimllm.artifacts import atomic_directory, atomic_write_json, library_versions, plain
 from slimllm.errors import UserInputError, parse_choice
-
-EXPORT_RECORD_FILE = "slimllm_export.json"
-VALIDATION_FILE = "validation.json"
+from slimllm.evaluate import causal_lm_loss_sum
 
 
 @dataclass(frozen=True)
@@ -186,7 +184,7 @@ def export_gguf(
             tmp / EXPORT_RECORD_FILE,
             {
                 "format": "gguf",
-                "settings": {**asdict(settings), "outtypes": [t.value for t in settings.outtypes]},
+                "settings": plain(settings),
                 "source_checkpoint": str(checkpoint.path),
                 "source_sha256": checkpoint.sha256,
                 "architecture": checkpoint.architecture.gguf_arch,
@@ -227,7 +225,7 @@ def validate_gguf_files(
     reference = TorchReference.load(checkpoint_dir)
     tokenizer = reference.tokenizer
     windows, source = eval_windows(tokenizer, settings.eval_data, settings.eval_seq_len, settings.eval_windows)
-    reference_stats = _reference_window_stats(reference, windows)
+    reference_ppl, reference_argmax, _ = _window_stats(reference.logits_fn(), windows)
     samples = tokenizer_samples(tokenizer) + [
         (f"eval line {i}", text, True) for i, text in enumerate(_tokenizer_texts(settings))
     ]
@@ -269,9 +267,9 @@ def validate_gguf_files(
                         {"per_prompt": [c.value for c in deltas], "mean_abs": worst.details.get("mean_abs")},
                     )
                 )
-            ppl, agreement = _llama_window_stats(model, windows, reference_stats["argmax"])
+            ppl, _, agreement = _window_stats(model.logits_fn(), windows, reference_argmax)
             check = perplexity_check(
-                f"perplexity ({outtype.label})", reference_stats["ppl"], ppl, tolerance.max_ppl_ratio
+                f"perplexity ({outtype.label})", reference_ppl, ppl, tolerance.max_ppl_ratio
             )
             check.details.update({"data": source, "windows": int(windows.shape[0]), "tokens": int(windows.numel())})
             report.add(check)
@@ -298,7 +296,7 @@ def validate_gguf_files(
             "type": outtype.label,
             "bytes": path.stat().st_size,
             "ppl": check.details["candidate_ppl"],
-            "reference_ppl": reference_stats["ppl"],
+            "reference_ppl": reference_ppl,
             "ppl_ratio": check.value,
             "argmax_agreement": agreement,
             "passed": report.passed,
@@ -324,33 +322,19 @@ def _tokenizer_check(model: LlamaCppModel, tokenizer, samples: list[tuple[str, s
 
 
 @torch.no_grad()
-def _reference_window_stats(reference: TorchReference, windows: torch.Tensor) -> dict[str, Any]:
-    logits_fn = reference.logits_fn()
-    nll, count, argmax = 0.0, 0, []
-    for row in windows:
-        logits = logits_fn(row[None]).float()[0, :-1]
-        targets = row[1:]
-        nll += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
-        count += targets.numel()
-        argmax.append(logits.argmax(-1).numpy())
-    return {"ppl": math.exp(nll / count), "argmax": argmax}
-
-
-def _llama_window_stats(model: LlamaCppModel, windows: torch.Tensor, reference_argmax: list[np.ndarray]):
-    nll, count, agree = 0.0, 0, 0
-    for row, expected in zip(windows, reference_argmax, strict=True):
-        logits = torch.from_numpy(model.logits(row.tolist()))[:-1]
-        targets = row[1:]
-        nll += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
-        count += targets.numel()
-        agree += int((logits.argmax(-1).numpy() == expected).sum())
-    return math.exp(nll / count), agree / count
-
-
-def read_export_record(gguf_dir: Path) -> dict | None:
-    path = Path(gguf_dir) / EXPORT_RECORD_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _plain(values: dict) -> dict:
-    return {k: (v.value if isinstance(v, Enum) else v) for k, v in values.items()}
+def _window_stats(
+    logits_fn, windows: torch.Tensor, reference_argmax: list[np.ndarray] | None = None
+) -> tuple[float, list[np.ndarray], float | None]:
+    """Perplexity over the windows, every window's argmax, and the share of positions where it equals
+    `reference_argmax` (None without one). One window at a time, so no logits are kept across windows."""
+    nll, count, agree, argmax = 0.0, 0, 0, []
+    for index in range(windows.shape[0]):
+        window = windows[index : index + 1]
+        logits = logits_fn(window).float()
+        loss, tokens = causal_lm_loss_sum(logits, window)
+        nll, count = nll + loss, count + tokens
+        predicted = logits[0, :-1].argmax(-1).cpu().numpy()
+        argmax.append(predicted)
+        if reference_argmax is not None:
+            agree += int((predicted == reference_argmax[index]).sum())
+    return math.exp(nll / count), argmax, (agree / count if reference_argmax is not None else None)

@@ -6,11 +6,11 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from exporters.records import read_export_record
 from slimllm.errors import UserInputError
 
 _LONG_ARRAY = 16
@@ -69,7 +69,6 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
         return rows
 
     directory = model_path.parent
-    record_file = directory / "slimllm_export.json"
     return {
         "kind": "onnx",
         "path": str(model_path),
@@ -78,7 +77,7 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
         "inputs": describe(model.graph.input),
         "outputs": describe(model.graph.output),
         "op_types": dict(ops.most_common()),
-        "export_record": json.loads(record_file.read_text()) if record_file.is_file() else None,
+        "export_record": read_export_record(directory),
     }
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import shutil
@@ -49,13 +48,12 @@ from exporters.parity import (
     perplexity_check,
     tokens_check,
 )
-from slimllm.artifacts import atomic_directory, atomic_write_json, library_versions
+from exporters.records import EXPORT_RECORD_FILE, VALIDATION_FILE
+from slimllm.artifacts import atomic_directory, atomic_write_json, library_versions, plain
 from slimllm.errors import ExportError, MissingDependencyError, UserInputError, parse_choice
 
 log = logging.getLogger(__name__)
 
-EXPORT_RECORD_FILE = "slimllm_export.json"
-VALIDATION_FILE = "validation.json"
 MODEL_FILE = "model.onnx"
 
 
@@ -233,7 +231,7 @@ def export_onnx(
             {
                 "format": "onnx",
                 "variant": settings.variant,
-                "settings": _plain(asdict(settings)),
+                "settings": plain(settings),
                 "source_checkpoint": str(checkpoint.path),
                 "source_sha256": checkpoint.sha256,
                 "pruning": checkpoint.pruning_summary,
@@ -258,24 +256,26 @@ def export_onnx(
     )
 
 
-def _plain(values: dict) -> dict:
-    return {k: (v.value if isinstance(v, Enum) else v) for k, v in values.items()}
+@contextlib.contextmanager
+def _quiet_loggers(*names: str, level: int = logging.ERROR):
+    """Raise these loggers (the root logger for "") to `level` for the block, then restore them."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        for logger, previous in zip(loggers, levels, strict=True):
+            logger.setLevel(previous)
 
 
 @contextlib.contextmanager
 def _quiet_export():
     """optimum and torch.onnx print tracer warnings for every traced branch; they are noise for our users."""
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_loggers("optimum", "torch.onnx", "transformers"):
         warnings.simplefilter("ignore")
-        loggers = [logging.getLogger(name) for name in ("optimum", "torch.onnx", "transformers")]
-        levels = [logger.level for logger in loggers]
-        for logger in loggers:
-            logger.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for logger, level in zip(loggers, levels, strict=True):
-                logger.setLevel(level)
+        yield
 
 
 def _export_with_optimum(checkpoint: CheckpointInfo, out: Path, settings: OnnxExportSettings, provider: Provider):
@@ -441,21 +441,19 @@ def _quantize(model_path: Path, settings: OnnxExportSettings, provider: Provider
 
         staged = model_path.with_name("model.fp32.onnx")
         _save_onnx(model, staged)
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.WARNING)  # quantize_dynamic logs every tensor it skips through the root logger
+        # quantize_dynamic logs every tensor it skips through the root logger.
         try:
-            quantize_dynamic(
-                str(staged),
-                str(model_path),
-                weight_type=QuantType.QInt8,
-                per_channel=True,
-                # Only weight MatMuls: quantizing the attention score MatMuls (two activations) costs accuracy.
-                extra_options={"MatMulConstBOnly": True},
-                use_external_data_format=model.ByteSize() > 1_800_000_000,
-            )
+            with _quiet_loggers("", level=logging.WARNING):
+                quantize_dynamic(
+                    str(staged),
+                    str(model_path),
+                    weight_type=QuantType.QInt8,
+                    per_channel=True,
+                    # Only weight MatMuls: quantizing the attention score MatMuls (two activations) costs accuracy.
+                    extra_options={"MatMulConstBOnly": True},
+                    use_external_data_format=model.ByteSize() > 1_800_000_000,
+                )
         finally:
-            root.setLevel(level)
             for path in model_path.parent.glob("model.fp32.onnx*"):
                 path.unlink()
         notes.append(
@@ -631,8 +629,3 @@ def _optimum_runtime_check(
         return CheckResult("ORTModelForCausalLM load + generate", False, f"failed: {exc}", None, None)
     actual = output[0, len(prompt_ids) :].tolist()
     return tokens_check("ORTModelForCausalLM load + generate", expected, actual)
-
-
-def read_export_record(onnx_dir: Path) -> dict | None:
-    path = Path(onnx_dir) / EXPORT_RECORD_FILE
-    return json.loads(path.read_text()) if path.is_file() else None

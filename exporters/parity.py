@@ -165,16 +165,6 @@ def compare_logits(
     )
 
 
-def argmax_agreement_check(
-    name: str, reference: np.ndarray | torch.Tensor, candidate: np.ndarray | torch.Tensor, minimum: float
-) -> CheckResult:
-    """Share of positions where both logits arrays pick the same token (for types whose |Δ| is not meaningful)."""
-    ref = _as_numpy(reference).reshape(-1, _as_numpy(reference).shape[-1])
-    cand = _as_numpy(candidate).reshape(-1, _as_numpy(candidate).shape[-1])
-    agreement = float((ref.argmax(-1) == cand.argmax(-1)).mean())
-    return CheckResult(name, agreement >= minimum, "argmax_agreement", agreement, minimum, {"positions": len(ref)})
-
-
 def tokens_check(name: str, expected: Sequence[int], actual: Sequence[int], **details: Any) -> CheckResult:
     """Two token sequences must be identical; the first difference is recorded."""
     expected, actual = [int(t) for t in expected], [int(t) for t in actual]

@@ -9,16 +9,15 @@ so the same bounds apply; `--reference` may point at another checkpoint to compa
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from exporters.parity import ParityReport
+from exporters.records import read_export_record
 from slimllm.errors import UserInputError
 
 
 def _record(directory: Path) -> dict:
-    path = directory / "slimllm_export.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_export_record(directory) or {}
 
 
 def _reference_dir(record: dict, reference: Path | None) -> Path:
@@ -62,11 +61,12 @@ def _validate_gguf(path: Path, reference: Path | None, eval_data: str | None) ->
     from exporters.checkpoint import inspect_checkpoint
     from exporters.gguf import GgufExportSettings, validate_gguf_files
     from exporters.gguf_writer import GgufType, llama_file_type
+    from slimllm.models import gguf_field_value
 
     record = _record(path.parent)
     reader = GGUFReader(str(path))
-    field = reader.fields.get("general.file_type")
-    file_type = int(field.parts[field.data[0]][0]) if field is not None else None
+    file_type = gguf_field_value(reader, "general.file_type")
+    file_type = int(file_type) if file_type is not None else None
     outtype = next((t for t in GgufType if llama_file_type(t) == file_type), None)
     if outtype is None:
         raise UserInputError(f"{path.name} has file type {file_type}, which slimllm has no bound for")

@@ -142,6 +142,24 @@ def atomic_write_json(target: Path, payload: Any) -> None:
     atomic_write_text(target, json.dumps(payload, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
+def plain(value: Any) -> Any:
+    """A JSON-ready copy: enums become their values, paths strings, dataclasses and tuples dicts and lists."""
+    import dataclasses
+    from enum import Enum
+
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {k: plain(v) for k, v in dataclasses.asdict(value).items()}
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)

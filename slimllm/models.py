@@ -146,7 +146,8 @@ def embedded_gguf_path(name: str) -> Path:
     )
 
 
-def _gguf_scalar(reader, key: str):
+def gguf_field_value(reader, key: str):
+    """The scalar value of a GGUF metadata key (None when the file lacks it)."""
     field_ = reader.fields.get(key)
     return None if field_ is None else field_.parts[field_.data[0]][0]
 
@@ -161,7 +162,7 @@ def gguf_add_special_tokens(gguf_path: Path) -> dict[str, bool]:
         ("tokenizer.ggml.add_bos_token", "add_bos_token"),
         ("tokenizer.ggml.add_eos_token", "add_eos_token"),
     ):
-        value = _gguf_scalar(reader, key)
+        value = gguf_field_value(reader, key)
         if value is not None:
             flags[name] = bool(value)
     return flags
@@ -180,7 +181,7 @@ def gguf_special_token_ids(gguf_path: Path) -> dict[str, int]:
     from gguf import GGUFReader
 
     reader = GGUFReader(str(gguf_path))
-    ids = {name: _gguf_scalar(reader, key) for name, key in GGUF_SPECIAL_TOKEN_KEYS.items()}
+    ids = {name: gguf_field_value(reader, key) for name, key in GGUF_SPECIAL_TOKEN_KEYS.items()}
     return {name: int(value) for name, value in ids.items() if value is not None}
 
 

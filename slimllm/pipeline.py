@@ -22,7 +22,6 @@ leaves the manifest saying which stages finished; `resume=True` also continues T
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shlex
@@ -39,6 +38,7 @@ from slimllm.artifacts import (
     check_output_directory,
     library_versions,
     machine_info,
+    plain,
     sha256_text,
     sha256_tree,
 )
@@ -112,22 +112,8 @@ class CompileResult:
         }
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, Path):
-        return str(value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {k: _plain(v) for k, v in dataclasses.asdict(value).items()}
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _digest(payload: Any) -> str:
-    return sha256_text(json.dumps(_plain(payload), sort_keys=True))
+    return sha256_text(json.dumps(plain(payload), sort_keys=True))
 
 
 def _source_hash(source: str) -> str:
@@ -257,7 +243,7 @@ def compile(  # noqa: A001 - the product's verb; `slimllm.compile(...)` mirrors 
         "model": model,
         "dense_checkpoint": str(dense_dir),
         "command": command or _python_call(model, out_dir, compile_settings, method_value.value, recipe),
-        "settings": _plain(
+        "settings": plain(
             {
                 "compile": compile_settings,
                 "prune": prune_settings,
@@ -445,7 +431,7 @@ def _run_stage(stage: Stage, ctx: _Context, manifest: Manifest) -> bool:
         stage,
         status="running",
         key=key,
-        inputs=_plain(inputs),
+        inputs=plain(inputs),
         started=started_at,
         finished=None,
         versions=library_versions(),
@@ -472,7 +458,7 @@ def _run_stage(stage: Stage, ctx: _Context, manifest: Manifest) -> bool:
         stage,
         status="done",
         outputs=outputs,
-        result=_plain(result),
+        result=plain(result),
         finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
         seconds=round(time.perf_counter() - started, 3),
         device=ctx.device,
@@ -561,6 +547,7 @@ def _check_summaries(checks: list[dict]) -> list[dict]:
 def _evaluate(ctx: _Context) -> tuple[dict, dict]:
     """Perplexity of dense and pruned in PyTorch, of the ONNX export in onnxruntime; GGUF figures from its checks."""
     from exporters.parity import TorchReference, eval_windows, perplexity
+    from exporters.records import read_export_record
 
     pruned_dir = Path(ctx.outputs[Stage.PRUNE.value]["path"])
     pruned = TorchReference.load(pruned_dir)
@@ -582,8 +569,7 @@ def _evaluate(ctx: _Context) -> tuple[dict, dict]:
         )
     gguf_output = ctx.outputs.get(Stage.EXPORT_GGUF.value)
     if gguf_output:
-        record = json.loads((Path(gguf_output["path"]) / "slimllm_export.json").read_text())
-        for info in record["files"].values():
+        for info in read_export_record(Path(gguf_output["path"]))["files"].values():
             rows[f"pruned (GGUF {info['type']}, llama.cpp)"] = info["ppl"]
     result = {
         "data": source,
@@ -637,10 +623,3 @@ _STAGE_BODIES: dict[Stage, Callable[[_Context], tuple[dict, dict]]] = {
     Stage.PROFILE: _profile,
     Stage.REPORT: _report,
 }
-
-
-def read_manifest(out_dir: Path) -> dict[str, Any]:
-    path = Path(out_dir) / MANIFEST_FILE
-    if not path.is_file():
-        raise UserInputError(f"{out_dir} has no {MANIFEST_FILE}; it is not a compile run")
-    return json.loads(path.read_text())

@@ -15,7 +15,6 @@ parity checks, into `<out>/artifacts/`.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import statistics
 import time
@@ -124,6 +123,7 @@ def prepare_artifacts(
     """Export (and validate) the ONNX and GGUF artifacts the profile needs and `models` lacks. Returns notes."""
     from exporters.gguf import GgufExportSettings, export_gguf
     from exporters.onnx import OnnxExportSettings, export_onnx
+    from exporters.records import read_export_record
 
     notes: list[str] = []
     for name, model in models.items():
@@ -135,7 +135,7 @@ def prepare_artifacts(
                 quant = spec.dtype if spec.dtype in ("int8", "int8-dynamic", "int4") else "none"
                 dtype = spec.dtype if spec.dtype in ("fp32", "fp16") else "fp32"
                 target = work_dir / name / f"onnx-{variant}"
-                if not (target / "validation.json").is_file():
+                if read_export_record(target) is None:  # else validated by an earlier run into the same directory
                     if progress:
                         progress(0, 1, stage=f"export {name} {variant}")
                     export_onnx(
@@ -158,21 +158,18 @@ def prepare_artifacts(
                 if not missing:
                     continue
                 target = work_dir / name / f"gguf-{'-'.join(t.lower() for t in missing)}"
-                record_file = target / "slimllm_export.json"
-                if record_file.is_file():  # validated by an earlier run into the same directory
-                    files = json.loads(record_file.read_text())["files"]
-                else:
+                if read_export_record(target) is None:  # else validated by an earlier run into the same directory
                     if progress:
                         progress(0, 1, stage=f"export {name} GGUF {','.join(missing)}")
-                    files = export_gguf(
+                    export_gguf(
                         model.checkpoint,
                         target,
                         GgufExportSettings(outtypes=missing, eval_data=eval_data, eval_windows=2, tokenizer_lines=50),
                         force=True,
-                    ).files
-                for file_name, info in files.items():
+                    )
+                    notes.append(f"exported {name} to GGUF ({', '.join(m.upper() for m in missing)}) for profiling")
+                for file_name, info in read_export_record(target)["files"].items():
                     model.gguf[info["type"]] = target / file_name
-                notes.append(f"exported {name} to GGUF ({', '.join(m.upper() for m in missing)}) for profiling")
     return notes
 
 

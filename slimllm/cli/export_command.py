@@ -60,6 +60,7 @@ def export_command(
     """Export a checkpoint to ONNX or GGUF; the command fails if the export does not match PyTorch."""
 
     def action() -> None:
+        from exporters.parity import CheckResult
         from slimllm.models import checkpoint_directory
 
         if target not in ("onnx", "gguf"):
@@ -108,14 +109,7 @@ def export_command(
                 )
             for label, text in result.greedy_samples.items():
                 lines.append(f"  greedy [{label}]: {text[:120]!r}")
-        lines += [f"  check {c['name']}: {_describe(c)}" for c in checks]
+        lines += [f"  check {CheckResult(**c).describe()}" for c in checks]
         emit(result.to_dict(), as_json, lines)
 
     run_command(debug, action)
-
-
-def _describe(check: dict) -> str:
-    if check["value"] is None:
-        return check["metric"]
-    bound = f" (bound {check['bound']:.3g})" if check.get("bound") is not None else ""
-    return f"{check['metric']} {check['value']:.4g}{bound}"

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from slimllm.architectures import decoder_layers
-from slimllm.artifacts import check_output_directory
+from slimllm.artifacts import check_output_directory, plain
 from slimllm.data import CalibrationData, load_calibration
 from slimllm.device import dtype_name
 from slimllm.errors import UserInputError
@@ -125,7 +125,7 @@ def prune_in_memory(
         selection = Selection(
             sorted(order),
             scores={str(i): v for i, v in enumerate(info.gate_trajectory[0])} if info.gate_trajectory else {},
-            details={"trsp_settings": _plain(asdict(trsp)), **info.to_dict()},
+            details={"trsp_settings": plain(trsp), **info.to_dict()},
         )
         seconds = time.perf_counter() - started
         pruned, report = remove_layers(model, selection.removed_layers, inplace=True)
@@ -143,10 +143,6 @@ def prune_in_memory(
     seconds = time.perf_counter() - started
     pruned, report = remove_layers(loaded.model, selection.removed_layers, inplace=inplace)
     return pruned, report, selection, seconds
-
-
-def _plain(values: dict) -> dict:
-    return {k: (v.value if hasattr(v, "value") else v) for k, v in values.items()}
 
 
 def work_directory(out_dir: Path) -> Path:
@@ -223,7 +219,7 @@ def run_prune(
         "kept_layers": report.kept_layers,
         "removed_layers": report.removed_layers,
         "method": settings.method.value,
-        "settings": _plain(asdict(settings)),
+        "settings": plain(settings),
         "calibration": result.calibration,
         "seed": settings.seed,
         "scores": selection.scores,

@@ -1,0 +1,22 @@
+"""The two files every validated export directory holds, and how to read them back.
+
+    >>> record = read_export_record(Path("out/gguf"))      # settings, source hash, files, timings, versions
+    >>> record["files"]
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+EXPORT_RECORD_FILE = "slimllm_export.json"
+"""What was exported from what: settings, source checkpoint and hash, files, timings, library versions."""
+VALIDATION_FILE = "validation.json"
+"""Every parity figure with its bound, the backend actually used and the versions."""
+
+
+def read_export_record(directory: Path) -> dict[str, Any] | None:
+    """The export record of a directory, or None where there is none (not an export, or not a finished one)."""
+    path = Path(directory) / EXPORT_RECORD_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
