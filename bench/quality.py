@@ -33,7 +33,7 @@ from slimllm.models import LoadedModel, load_model  # noqa: E402
 from slimllm.pruning.methods import PruneMethod  # noqa: E402
 from slimllm.pruning.stage import PruneSettings, count_parameters, prune_in_memory  # noqa: E402
 from slimllm.pruning.surgery import remove_layers  # noqa: E402
-from slimllm.pruning.training import fine_tune  # noqa: E402
+from slimllm.pruning.training import fine_tune, frozen_teacher  # noqa: E402
 from slimllm.pruning.trsp import Stage2Mode, TrainScope, TrspSettings  # noqa: E402
 from slimllm.recipes import build_settings, load_recipe  # noqa: E402
 
@@ -115,29 +115,56 @@ def _heal_steps(tokens: int, settings: PruneSettings) -> int:
     return max(1, round(tokens / (settings.batch_size * settings.block_len)))
 
 
-def _fine_tune_with_trsp_budget(model, tokens: int, settings: PruneSettings, calibration):
-    """Plain LM fine-tuning on the training blocks for `tokens` tokens, at the heal LR. Returns (log, lr)."""
+def _fine_tune_with_trsp_budget(model, tokens: int, settings: PruneSettings, calibration, teacher=None):
+    """LM fine-tuning on the training blocks for `tokens` tokens, at the heal LR. Returns (log, lr).
+
+    With a `teacher`, the loss adds the trsp recipe's distillation term (the same one TRSP's stage 2 uses).
+    """
     calibration = _OPTIONS.get("train_calibration", calibration)
     lr = _OPTIONS.get("heal_lr") or _trsp_settings().stage2_lr
-    log = fine_tune(model, calibration.blocks, _heal_steps(tokens, settings), lr, settings.batch_size, settings.seed)
+    log = fine_tune(
+        model,
+        calibration.blocks,
+        _heal_steps(tokens, settings),
+        lr,
+        settings.batch_size,
+        settings.seed,
+        teacher=teacher,
+        distill=_heal_distill() if teacher is not None else 0.0,
+    )
     model.eval()
     return log, lr
 
 
-def shortgpt_heal_row(loaded: LoadedModel, settings: PruneSettings, calibration) -> Row:
-    """ShortGPT's removal, then plain LM fine-tuning with the same number of tokens as the trsp row."""
-    tokens = _trsp_training_tokens(loaded, settings, calibration)
-    method_settings = PruneSettings(**{**settings.__dict__, "method": PruneMethod.SHORTGPT})
-    pruned, report, _, selection_seconds = prune_in_memory(loaded, method_settings, calibration)
-    log, lr = _fine_tune_with_trsp_budget(pruned, tokens, settings, calibration)
-    return Row(
-        "shortgpt+heal",
-        pruned,
-        report.removed_layers,
-        selection_seconds + log.seconds,
-        training_tokens=log.tokens,
-        notes=f"{log.steps} AdamW steps at lr {lr} (same tokens as trsp)",
-    )
+def _heal_distill() -> float:
+    """The distillation weight of the shortgpt+heal-kd row: the trsp recipe's, or 1 when the recipe has none."""
+    return _trsp_settings().distill or 1.0
+
+
+def heal_row(distill: bool) -> RowBuilder:
+    """ShortGPT's removal, then fine-tuning with the same number of tokens as the trsp row.
+
+    Plain LM fine-tuning (`shortgpt+heal`), or with the distillation term TRSP's stage 2 uses (`shortgpt+heal-kd`),
+    which separates what distillation buys from what regularizing before removal buys.
+    """
+
+    def build(loaded: LoadedModel, settings: PruneSettings, calibration) -> Row:
+        tokens = _trsp_training_tokens(loaded, settings, calibration)
+        method_settings = PruneSettings(**{**settings.__dict__, "method": PruneMethod.SHORTGPT})
+        pruned, report, _, selection_seconds = prune_in_memory(loaded, method_settings, calibration)
+        teacher = frozen_teacher(loaded.model) if distill else None
+        log, lr = _fine_tune_with_trsp_budget(pruned, tokens, settings, calibration, teacher=teacher)
+        loss = f"CE + {_heal_distill()} x KL to dense" if distill else "CE"
+        return Row(
+            "shortgpt+heal-kd" if distill else "shortgpt+heal",
+            pruned,
+            report.removed_layers,
+            selection_seconds + log.seconds,
+            training_tokens=log.tokens,
+            notes=f"{log.steps} AdamW steps at lr {lr} on {loss} (same tokens as trsp)",
+        )
+
+    return build
 
 
 def dense_ft_row(loaded: LoadedModel, settings: PruneSettings, calibration) -> Row:
@@ -175,13 +202,14 @@ def trsp_no_stage2_row(loaded: LoadedModel, settings: PruneSettings, calibration
     return trsp_row("trsp-no-stage2", stage2=Stage2Mode.NONE)(loaded, settings, calibration)
 
 
-TRAINING_ROWS = ("trsp", "trsp-no-stage2", "shortgpt+heal", "dense+ft")
+TRAINING_ROWS = ("trsp", "trsp-no-stage2", "shortgpt+heal", "shortgpt+heal-kd", "dense+ft")
 
 # The rows this benchmark knows, in report order.
 ROW_BUILDERS: dict[str, RowBuilder] = {
     "trsp": trsp_row("trsp"),
     "trsp-no-stage2": trsp_no_stage2_row,
-    "shortgpt+heal": shortgpt_heal_row,
+    "shortgpt+heal": heal_row(distill=False),
+    "shortgpt+heal-kd": heal_row(distill=True),
     "dense+ft": dense_ft_row,
     "shortgpt": baseline_row(PruneMethod.SHORTGPT),
     "angular": baseline_row(PruneMethod.ANGULAR),
@@ -226,6 +254,12 @@ def write_markdown(path: Path, payload: dict) -> None:
         "|---|---:|---:|---:|---|---:|---:|---:|",
     ]
     footnotes = [f"- {row['name']}: {row['notes']}" for row in payload["rows"] if row.get("notes")]
+    first = payload["rows"][1] if len(payload["rows"]) > 1 else None
+    if first is not None and "peak_rss_gib_after_row" in first:
+        footnotes.append(
+            f"- {first['name']} ran first: {first['seconds']:.0f} s wall, process peak RSS "
+            f"{first['peak_rss_gib_after_row']:.1f} GiB at its end (the dense model and the data included)"
+        )
     for row in payload["rows"]:
         kl = "" if row["name"] == "dense" else f"{row['kl_to_dense']:.4f}"
         agree = "" if row["name"] == "dense" else f"{100 * row['top1_agreement']:.1f} %"
@@ -328,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in rows_wanted:
         print(f"[quality] {name} ...", file=sys.stderr, flush=True)
         row = ROW_BUILDERS[name](loaded, settings, calibration)
+        # The process peak so far: for the first row, its own peak (plus the loaded dense model and the data).
+        row.extra["peak_rss_gib_after_row"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         print(
             f"[quality] {name}: removed {row.removed_layers} in {row.seconds:.1f} s",
             file=sys.stderr,

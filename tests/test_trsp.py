@@ -12,6 +12,7 @@ from slimllm.architectures import decoder_layers
 from slimllm.errors import UserInputError
 from slimllm.pruning.gates import GateMode, attach_gates, detach_gates
 from slimllm.pruning.surgery import PRUNING_RECORD_FILE, remove_layers
+from slimllm.pruning.training import distillation_kl, fine_tune, frozen_teacher
 from slimllm.pruning.trsp import Stage2Mode, TrspSettings, run_trsp
 from slimllm.recipes import build_settings, load_recipe
 
@@ -115,14 +116,63 @@ def test_fade_leaves_the_selected_layers_removable():
     assert type(decoder_layers(model)[0]).__name__ == "Qwen2DecoderLayer"  # gates detached
 
 
+def test_distillation_kl_is_the_kl_of_next_token_distributions():
+    student = torch.randn(2, 5, 11, generator=torch.Generator().manual_seed(0))
+    teacher = torch.randn(2, 5, 11, generator=torch.Generator().manual_seed(1))
+    p_teacher = teacher.softmax(-1)
+    expected = (p_teacher * (p_teacher.log() - student.log_softmax(-1))).sum(-1).mean()
+    assert float(distillation_kl(student, teacher)) == pytest.approx(float(expected), rel=1e-5)
+    assert float(distillation_kl(teacher, teacher)) == pytest.approx(0.0, abs=1e-6)
+
+
+def _kl_to(teacher, model, ids) -> float:
+    with torch.no_grad():
+        return float(distillation_kl(model(ids).logits, teacher(ids).logits))
+
+
+def test_distilling_stage2_keeps_the_pruned_model_closer_to_the_unpruned_one():
+    blocks = torch.randint(3, 49152, (8, 32), generator=torch.Generator().manual_seed(4))
+    dense = build_tiny_model("llama", num_layers=5)
+    kls = {}
+    for distill in (0.0, 5.0):
+        model = build_tiny_model("llama", num_layers=5)
+        settings = TrspSettings(
+            stage2=Stage2Mode.FADE, steps_per_round=1, stage2_steps=12, stage2_lr=3e-3, distill=distill
+        )
+        order, info = run_trsp(model, blocks, 2, range(4), settings, batch_size=2)
+        assert len(info.stage2_kl) == (12 if distill else 0)
+        pruned, _ = remove_layers(model, order, inplace=True)
+        kls[distill] = _kl_to(dense, pruned, blocks[:4])
+    assert kls[5.0] < 0.7 * kls[0.0]
+
+
+def test_healing_by_distillation_stays_closer_to_the_teacher():
+    blocks = torch.randint(3, 49152, (8, 32), generator=torch.Generator().manual_seed(5))
+    dense = build_tiny_model("qwen2", num_layers=5)
+    kls = {}
+    for distill in (0.0, 5.0):
+        pruned, _ = remove_layers(build_tiny_model("qwen2", num_layers=5), [1, 2], inplace=True)
+        teacher = frozen_teacher(dense) if distill else None
+        log = fine_tune(pruned, blocks, steps=12, lr=3e-3, batch_size=2, teacher=teacher, distill=distill)
+        assert log.steps == 12
+        kls[distill] = _kl_to(dense, pruned, blocks[:4])
+    assert kls[5.0] < 0.7 * kls[0.0]
+    assert not any(p.requires_grad for p in frozen_teacher(dense).parameters())
+
+
 class _Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("stop_at", [5, 9])  # inside stage 1 (round 3 of 3) and inside stage 2
-def test_resume_equals_an_uninterrupted_run(tmp_path, stop_at):
+@pytest.mark.parametrize(
+    "stop_at, distill",
+    [(5, 0.0), (9, 0.0), (9, 1.0)],  # inside stage 1 (round 3 of 3), inside stage 2, inside a distilling stage 2
+)
+def test_resume_equals_an_uninterrupted_run(tmp_path, stop_at, distill):
     blocks = torch.randint(3, 49152, (10, 32), generator=torch.Generator().manual_seed(2))
-    settings = TrspSettings(stage2=Stage2Mode.FADE, steps_per_round=2, stage2_steps=6, train_scope="full")
+    settings = TrspSettings(
+        stage2=Stage2Mode.FADE, steps_per_round=2, stage2_steps=6, train_scope="full", distill=distill
+    )
 
     reference_model = build_tiny_model("llama", num_layers=6)
     reference_order, reference_info = run_trsp(reference_model, blocks, 3, range(5), settings, batch_size=2)
@@ -168,7 +218,7 @@ def test_cli_trsp_with_recipe(tiny_model_dir, text_file, tmp_path):
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(
         "[prune]\nremove = 2\ncalib_blocks = 6\nblock_len = 32\n\n"
-        "[trsp]\nsteps_per_round = 2\nstage2_steps = 4\nlambda1 = 0.05\n"
+        "[trsp]\nsteps_per_round = 2\nstage2_steps = 4\nlambda1 = 0.05\ndistill = 2.0\n"
     )
     out = tmp_path / "pruned"
     result = run_cli(
@@ -182,6 +232,8 @@ def test_cli_trsp_with_recipe(tiny_model_dir, text_file, tmp_path):
         str(recipe),
         "--lambda1",
         "0.01",
+        "--distill",
+        "0.5",
         "--out",
         str(out),
         "--json",
@@ -191,6 +243,7 @@ def test_cli_trsp_with_recipe(tiny_model_dir, text_file, tmp_path):
     assert record["method"] == "trsp" and len(record["removed_layers"]) == 2
     details = record["details"]
     assert details["trsp_settings"]["lambda1"] == 0.01 and details["trsp_settings"]["steps_per_round"] == 2
+    assert details["trsp_settings"]["distill"] == 0.5 and len(details["stage2_kl"]) == 4
     assert len(details["gate_trajectory"]) == 2 and len(details["gate_trajectory"][0]) == 6
     assert sorted(details["selection_order"]) == record["removed_layers"]
     assert set(details["delta_before_stage2"]) == {str(i) for i in record["removed_layers"]}

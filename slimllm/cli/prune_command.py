@@ -83,6 +83,10 @@ def prune_command(
     fade_fraction: Annotated[
         float | None, typer.Option("--fade-fraction", help="TRSP fade: share of stage 2 spent fading (0.5).")
     ] = None,
+    distill: Annotated[
+        float | None,
+        typer.Option("--distill", help="TRSP stage-2 weight of KL to the unpruned model's predictions (0: CE only)."),
+    ] = None,
     gradient_checkpointing: Annotated[
         bool | None,
         typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward."),
@@ -142,6 +146,7 @@ def prune_command(
                 stage2_steps=stage2_steps,
                 stage2_lr=stage2_lr,
                 fade_fraction=fade_fraction,
+                distill=distill,
                 gradient_checkpointing=gradient_checkpointing,
             ),
         )

@@ -9,6 +9,7 @@ an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -34,8 +35,43 @@ def batch_schedule(n_blocks: int, batch_size: int, steps: int, seed: int) -> lis
 
 def causal_lm_loss(model, input_ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over every position (fp32 loss even under autocast)."""
-    logits = model(input_ids=input_ids, use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+    return training_losses(model, input_ids)[0]
+
+
+def training_losses(
+    model, input_ids: torch.Tensor, teacher: torch.nn.Module | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(cross-entropy, KL(teacher || model)) per predicted token; the KL is None without a teacher.
+
+    The teacher runs without gradient; both losses are computed in fp32 even under autocast.
+    """
+    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+    if teacher is None:
+        return ce, None
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
+    return ce, distillation_kl(logits, teacher_logits)
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student) between next-token distributions, in nats."""
+    vocab = student_logits.shape[-1]
+    return F.kl_div(
+        F.log_softmax(student_logits.reshape(-1, vocab), dim=-1),
+        F.log_softmax(teacher_logits.reshape(-1, vocab), dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    )
+
+
+def frozen_teacher(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy of `model` in eval mode: the unpruned model whose predictions training distils."""
+    teacher = copy.deepcopy(model)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
 
 
 def finite_loss(loss: torch.Tensor, where: str) -> float:
@@ -72,8 +108,13 @@ def fine_tune(
     seed: int = 0,
     params: Iterable[torch.nn.Parameter] | None = None,
     progress: Progress | None = None,
+    teacher: torch.nn.Module | None = None,
+    distill: float = 0.0,
 ) -> TrainingLog:
-    """Plain causal-LM fine-tuning with AdamW (the healing baseline and dense+ft)."""
+    """Causal-LM fine-tuning with AdamW (the healing baseline and dense+ft).
+
+    With a `teacher` and `distill` > 0 the loss is CE + distill * KL(teacher || model) (healing by distillation).
+    """
     device = next(model.parameters()).device
     trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
@@ -87,14 +128,15 @@ def fine_tune(
         for step, indices in enumerate(batch_schedule(blocks.shape[0], batch_size, steps, seed)):
             batch = blocks[indices].to(device)
             with autocast(device):
-                loss = causal_lm_loss(model, batch)
+                ce, kl = training_losses(model, batch, teacher if distill > 0 else None)
+            loss = ce if kl is None else ce + distill * kl
             loss.backward()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             log.steps += 1
             log.tokens += batch.numel()
-            log.losses.append(finite_loss(loss, f"training step {step}"))
+            log.losses.append(finite_loss(ce, f"training step {step}"))
             if progress:
                 progress(step + 1, steps, loss=log.losses[-1])
     finally:

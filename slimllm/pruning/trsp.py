@@ -35,6 +35,8 @@ from slimllm.pruning.training import (
     causal_lm_loss,
     default_warmup,
     finite_loss,
+    frozen_teacher,
+    training_losses,
     warmup_constant,
 )
 
@@ -101,6 +103,10 @@ class TrspSettings:
     """Stage 2 learning rate of the weights (AdamW, linear warm-up then constant)."""
     fade_fraction: float = 0.5
     """Fade mode: fraction of stage 2 over which the gates go from 1 to 0; the rest trains without the layers."""
+    distill: float = 0.0
+    """Stage 2 weight of KL(unpruned || model) on next-token distributions, added to the CE. The teacher is a frozen
+    copy of the model as stage 2 starts, every layer on (one more forward per step and a second copy of the
+    weights); 0 trains on CE alone."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (saves memory on large models; slower)."""
 
@@ -110,7 +116,7 @@ class TrspSettings:
         self.stage2 = Stage2Mode(self.stage2)
         self.reg_norm = RegNorm(self.reg_norm)
         self.gate_optimizer = GateOptimizer(self.gate_optimizer)
-        for name in ("lambda1", "lambda2", "gate_lr", "weight_lr", "stage2_lr"):
+        for name in ("lambda1", "lambda2", "gate_lr", "weight_lr", "stage2_lr", "distill"):
             if getattr(self, name) < 0:
                 raise UserInputError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.steps_per_round < 1:
@@ -134,6 +140,8 @@ class TrspInfo:
     """Every layer's gate at the end of every stage-1 round, before that round's switch-off (off layers read 0)."""
     stage1_losses: list[float] = field(default_factory=list)
     stage2_losses: list[float] = field(default_factory=list)
+    stage2_kl: list[float] = field(default_factory=list)
+    """KL(unpruned || model) per stage-2 step when distilling."""
     delta_before_stage2: dict[str, float] = field(default_factory=dict)
     """Mean relative ||y_i - x_i|| of each selected layer before knowledge transfer."""
     delta_after_stage2: dict[str, float] = field(default_factory=dict)
@@ -345,6 +353,8 @@ def _stage2(model, gates, blocks, schedule, order, settings, checkpoints, resume
     steps = settings.stage2_steps
     gates.reset()  # selected layers back on, kept layers' gates back to 1 (delta/output gates do not fold exactly)
     probe = blocks[: min(2, blocks.shape[0])].to(device)
+    # The teacher is the model as stage 2 starts, every layer on; taken before a checkpoint is loaded over it.
+    teacher = frozen_teacher(model) if settings.distill > 0 else None
     state = checkpoints.load("stage2") if resume else None
     if state is None:
         info.delta_before_stage2 = _mean_relative_delta(gates, order, model, probe, settings.reg_norm)
@@ -378,6 +388,7 @@ def _stage2(model, gates, blocks, schedule, order, settings, checkpoints, resume
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         info.stage2_losses = state["losses"]
+        info.stage2_kl = state.get("kl", [])
         info.training_tokens = state["tokens"]
         info.resumed_from = f"stage 2 step {start_step}"
         log.info("resuming TRSP stage 2 at step %d", start_step)
@@ -398,11 +409,14 @@ def _stage2(model, gates, blocks, schedule, order, settings, checkpoints, resume
                 gates.layers[i].delta_norm = settings.reg_norm
         batch = blocks[schedule[offset + step]].to(device)
         with autocast(device):
-            ce = causal_lm_loss(model, batch)
+            ce, kl = training_losses(model, batch, teacher)
         loss = ce
+        if kl is not None:
+            loss = loss + settings.distill * kl
+            info.stage2_kl.append(finite_loss(kl, "stage-2 distillation"))
         if active and settings.lambda2 > 0:
             reg = torch.stack([gates.layers[i].last_delta.mean() for i in active]).sum()
-            loss = ce + settings.lambda2 * reg
+            loss = loss + settings.lambda2 * reg
         loss.backward()
         optimizer.step()
         scheduler.step()
@@ -421,6 +435,7 @@ def _stage2(model, gates, blocks, schedule, order, settings, checkpoints, resume
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "losses": info.stage2_losses,
+                    "kl": info.stage2_kl,
                     "tokens": info.training_tokens,
                     "delta_before": info.delta_before_stage2,
                 },
