@@ -115,10 +115,12 @@ def _heal_steps(tokens: int, settings: PruneSettings) -> int:
     return max(1, round(tokens / (settings.batch_size * settings.block_len)))
 
 
-def _fine_tune_with_trsp_budget(model, tokens: int, settings: PruneSettings, calibration, teacher=None):
+def _fine_tune_with_trsp_budget(
+    model, tokens: int, settings: PruneSettings, calibration, teacher=None, distill: float = 0.0
+):
     """LM fine-tuning on the training blocks for `tokens` tokens, at the heal LR. Returns (log, lr).
 
-    With a `teacher`, the loss adds the trsp recipe's distillation term (the same one TRSP's stage 2 uses).
+    With a `teacher` and `distill` > 0, the loss adds distill * KL(teacher || model).
     """
     calibration = _OPTIONS.get("train_calibration", calibration)
     lr = _OPTIONS.get("heal_lr") or _trsp_settings().stage2_lr
@@ -130,7 +132,7 @@ def _fine_tune_with_trsp_budget(model, tokens: int, settings: PruneSettings, cal
         settings.batch_size,
         settings.seed,
         teacher=teacher,
-        distill=_heal_distill() if teacher is not None else 0.0,
+        distill=distill,
     )
     model.eval()
     return log, lr
@@ -152,9 +154,10 @@ def heal_row(distill: bool) -> RowBuilder:
         tokens = _trsp_training_tokens(loaded, settings, calibration)
         method_settings = PruneSettings(**{**settings.__dict__, "method": PruneMethod.SHORTGPT})
         pruned, report, _, selection_seconds = prune_in_memory(loaded, method_settings, calibration)
+        weight = _heal_distill() if distill else 0.0
         teacher = frozen_teacher(loaded.model) if distill else None
-        log, lr = _fine_tune_with_trsp_budget(pruned, tokens, settings, calibration, teacher=teacher)
-        loss = f"CE + {_heal_distill()} x KL to dense" if distill else "CE"
+        log, lr = _fine_tune_with_trsp_budget(pruned, tokens, settings, calibration, teacher=teacher, distill=weight)
+        loss = f"CE + {weight} x KL to dense" if distill else "CE"
         return Row(
             "shortgpt+heal-kd" if distill else "shortgpt+heal",
             pruned,
