@@ -13,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from exporters.validate import validate_artifact
 from slimllm.errors import SlimllmError
+from slimllm.exporters.validate import validate_artifact
 
 
 def main() -> int:

@@ -24,10 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from exporters.checkpoint import CheckpointInfo, inspect_checkpoint
-from exporters.gguf_writer import GgufType, quantize_with_llama_cpp, write_gguf
-from exporters.llama_cpp_runner import LlamaCppModel, import_llama_cpp
-from exporters.parity import (
+from slimllm.artifacts import atomic_directory, atomic_write_json, library_versions, plain
+from slimllm.errors import UserInputError, parse_choice
+from slimllm.evaluate import causal_lm_loss_sum
+from slimllm.exporters.checkpoint import CheckpointInfo, inspect_checkpoint
+from slimllm.exporters.gguf_writer import GgufType, quantize_with_llama_cpp, write_gguf
+from slimllm.exporters.llama_cpp_runner import LlamaCppModel, import_llama_cpp
+from slimllm.exporters.parity import (
     FALLBACK_EVAL_TEXT,
     PARITY_PROMPTS,
     CheckResult,
@@ -40,10 +43,7 @@ from exporters.parity import (
     tokenizer_samples,
     tokens_check,
 )
-from exporters.records import EXPORT_RECORD_FILE, VALIDATION_FILE
-from slimllm.artifacts import atomic_directory, atomic_write_json, library_versions, plain
-from slimllm.errors import UserInputError, parse_choice
-from slimllm.evaluate import causal_lm_loss_sum
+from slimllm.exporters.records import EXPORT_RECORD_FILE, VALIDATION_FILE
 
 
 @dataclass(frozen=True)
@@ -52,27 +52,29 @@ class GgufTolerance:
     """Perplexity in llama.cpp over PyTorch's must lie within [1/r, r]."""
     max_abs_logits: float | None = None
     """Bound on |Δlogits| on the parity prompts (F32 only: other types are judged on perplexity)."""
-    min_argmax_agreement: float | None = None
-    """Share of evaluation positions where llama.cpp's argmax equals PyTorch's (F32 only)."""
+    min_argmax_agreement: float = 0.0
+    """Share of evaluation positions where llama.cpp's argmax equals PyTorch's."""
 
 
 # F32 differs from PyTorch only in summation order. F16/BF16 round every weight; Q8_0 costs about 1 %; 4-bit and
 # smaller types cost much more on 100M-parameter models than on 7B ones. Measured on the pruned SmolLM2-135M
-# (8 x 512 tokens of WikiText-2): F32 1.0000, F16 1.0001, Q8_0 1.011, Q4_K_M 1.032 (its 576-wide rows fall back to
-# Q5_0), Q4_0 1.42 (bit-identical to llama.cpp's own Q4_0 of the same F32 file).
+# (8 x 512 tokens of WikiText-2), perplexity ratio and argmax agreement with PyTorch: F32 1.0000 / 100 %,
+# F16 1.0001 / 99.8 %, Q8_0 1.011 / 93.5 %, Q4_K_M 1.032 / 81.1 % (its 576-wide rows fall back to Q5_0),
+# Q4_0 1.42 / 57.7 % (bit-identical to llama.cpp's own Q4_0 of the same F32 file). Perplexity alone cannot see a
+# wrong attention pattern on a model with weak predictions, so every type is also held to an argmax bound.
 TOLERANCES: dict[GgufType, GgufTolerance] = {
     GgufType.F32: GgufTolerance(1.005, max_abs_logits=0.02, min_argmax_agreement=0.995),
-    GgufType.F16: GgufTolerance(1.01),
-    GgufType.BF16: GgufTolerance(1.03),
-    GgufType.Q8_0: GgufTolerance(1.02),
-    GgufType.Q6_K: GgufTolerance(1.05),
-    GgufType.Q5_K_M: GgufTolerance(1.10),
-    GgufType.Q5_K_S: GgufTolerance(1.10),
-    GgufType.Q4_0: GgufTolerance(1.60),
-    GgufType.Q4_K_M: GgufTolerance(1.25),
-    GgufType.Q4_K_S: GgufTolerance(1.35),
-    GgufType.Q3_K_M: GgufTolerance(1.80),
-    GgufType.Q2_K: GgufTolerance(3.00),
+    GgufType.F16: GgufTolerance(1.01, min_argmax_agreement=0.97),
+    GgufType.BF16: GgufTolerance(1.03, min_argmax_agreement=0.90),
+    GgufType.Q8_0: GgufTolerance(1.02, min_argmax_agreement=0.85),
+    GgufType.Q6_K: GgufTolerance(1.05, min_argmax_agreement=0.80),
+    GgufType.Q5_K_M: GgufTolerance(1.10, min_argmax_agreement=0.70),
+    GgufType.Q5_K_S: GgufTolerance(1.10, min_argmax_agreement=0.70),
+    GgufType.Q4_0: GgufTolerance(1.60, min_argmax_agreement=0.40),
+    GgufType.Q4_K_M: GgufTolerance(1.25, min_argmax_agreement=0.60),
+    GgufType.Q4_K_S: GgufTolerance(1.35, min_argmax_agreement=0.55),
+    GgufType.Q3_K_M: GgufTolerance(1.80, min_argmax_agreement=0.40),
+    GgufType.Q2_K: GgufTolerance(3.00, min_argmax_agreement=0.20),
 }
 
 
@@ -94,6 +96,8 @@ class GgufExportSettings:
     """Greedy tokens generated in llama.cpp and shown next to PyTorch's."""
     threads: int | None = None
     """llama.cpp threads for validation and quantization (None: llama.cpp's default)."""
+    allow_full_attention: bool = False
+    """Export a sliding-window model that llama.cpp's graph for its architecture runs with full attention."""
 
     def __post_init__(self) -> None:
         if isinstance(self.outtypes, (str, GgufType)):
@@ -142,16 +146,41 @@ def gguf_file_name(checkpoint: CheckpointInfo, outtype: GgufType) -> str:
     return f"{base}-{outtype.label}.gguf"
 
 
+def check_gguf_supports(config, settings: GgufExportSettings) -> int | None:
+    """Refuse a model llama.cpp would run differently: a sliding attention window its graph does not apply.
+
+    Returns the window that is exported as full attention (`--allow-full-attention`), else None.
+    """
+    from slimllm.architectures import architecture_for, sliding_window
+
+    window = sliding_window(config)
+    architecture = architecture_for(config)
+    if window is None or architecture.gguf_sliding_window:
+        return None
+    if not settings.allow_full_attention:
+        raise UserInputError(
+            f"this {architecture.name} model attends through a sliding window of {window} tokens, which llama.cpp's "
+            f"{architecture.gguf_arch} graph does not apply (past {window} tokens the GGUF would compute something "
+            "else); pass --allow-full-attention to export it with full attention anyway"
+        )
+    return window
+
+
+def check_gguf_dependencies(settings: GgufExportSettings) -> None:
+    """Fail before any work when llama.cpp is missing: every file is validated in it, and K-quants are made by it."""
+    import_llama_cpp()
+
+
 def export_gguf(
     checkpoint_dir: Path, out_dir: Path, settings: GgufExportSettings | None = None, force: bool = False
 ) -> GgufExportResult:
     """Write every requested type, validate each in llama.cpp, then move the directory into place."""
     settings = settings or GgufExportSettings()
     checkpoint = inspect_checkpoint(checkpoint_dir)
-    if any(not t.written_by_gguf_py for t in settings.outtypes):
-        import_llama_cpp()  # fail before writing anything if the K-quant tool is missing
+    check_gguf_dependencies(settings)
+    full_attention_window = check_gguf_supports(checkpoint.config, settings)
     seconds: dict[str, float] = {}
-    with atomic_directory(Path(out_dir), force=force, keep_failed=True) as tmp:
+    with atomic_directory(Path(out_dir), force=force, keep_failed=True, protected=[checkpoint.path]) as tmp:
         paths: dict[GgufType, Path] = {}
         started = time.perf_counter()
         for outtype in [t for t in settings.outtypes if t.written_by_gguf_py]:
@@ -172,10 +201,11 @@ def export_gguf(
         seconds["write"] = time.perf_counter() - started
 
         started = time.perf_counter()
-        reports, files, samples = validate_gguf_files(paths, checkpoint.path, settings)
+        reports, files, samples = validate_gguf_files(paths, checkpoint.path, settings, full_attention_window)
         seconds["validate"] = time.perf_counter() - started
         validation = {
             "passed": all(r.passed for r in reports.values()),
+            "attention": _attention_record(full_attention_window),
             "files": {name: report.to_dict() for name, report in reports.items()},
             "versions": library_versions(),
         }
@@ -206,6 +236,18 @@ def export_gguf(
     return GgufExportResult(Path(out_dir), files, validation, seconds, samples)
 
 
+def _attention_record(full_attention_window: int | None) -> dict[str, Any]:
+    if full_attention_window is None:
+        return {"exported_as": "as configured"}
+    return {
+        "exported_as": "full attention (--allow-full-attention)",
+        "sliding_window": full_attention_window,
+        "note": f"the checkpoint attends through a window of {full_attention_window} tokens; the GGUF attends to the "
+        "whole context, so the two agree up to that length; the checks hold it to the full-attention model, and "
+        "'beyond the sliding window' records how far it departs from the checkpoint past the window",
+    }
+
+
 def _tokenizer_texts(settings: GgufExportSettings) -> list[str]:
     """Lines whose token ids must match: the first non-blank lines of the evaluation text."""
     if settings.tokenizer_lines == 0:
@@ -219,11 +261,24 @@ def _tokenizer_texts(settings: GgufExportSettings) -> list[str]:
 
 
 def validate_gguf_files(
-    paths: dict[GgufType, Path], checkpoint_dir: Path, settings: GgufExportSettings
+    paths: dict[GgufType, Path],
+    checkpoint_dir: Path,
+    settings: GgufExportSettings,
+    full_attention_window: int | None = None,
 ) -> tuple[dict[str, ParityReport], dict[str, dict[str, Any]], dict[str, str]]:
-    """Check every file in llama.cpp; returns per-file reports, file summaries and the greedy samples shown."""
-    reference = TorchReference.load(checkpoint_dir)
+    """Check every file in llama.cpp; returns per-file reports, file summaries and the greedy samples shown.
+
+    With `full_attention_window` (a sliding-window model exported with full attention) the checks hold the files to
+    the full-attention model, and one more check measures them past the window against the checkpoint itself.
+    """
+    reference = TorchReference.load(checkpoint_dir, full_attention=full_attention_window is not None)
     tokenizer = reference.tokenizer
+    beyond = None
+    if full_attention_window is not None:
+        windowed = TorchReference.load(checkpoint_dir)
+        long_windows, _ = eval_windows(tokenizer, settings.eval_data, 2 * full_attention_window, 1)
+        beyond = (long_windows, _window_stats(windowed.logits_fn(), long_windows)[1])
+        del windowed
     windows, source = eval_windows(tokenizer, settings.eval_data, settings.eval_seq_len, settings.eval_windows)
     reference_ppl, reference_argmax, _ = _window_stats(reference.logits_fn(), windows)
     samples = tokenizer_samples(tokenizer) + [
@@ -237,6 +292,8 @@ def validate_gguf_files(
     files: dict[str, dict[str, Any]] = {}
     greedy_texts: dict[str, str] = {"pytorch": tokenizer.decode(expected_greedy)}
     n_ctx = max(settings.eval_seq_len, max(len(ids) for ids in prompt_ids) + settings.generate_tokens + 8)
+    if beyond is not None:
+        n_ctx = max(n_ctx, int(beyond[0].shape[1]))
     for outtype, path in paths.items():
         tolerance = TOLERANCES[outtype]
         model = LlamaCppModel(path, n_ctx=n_ctx, threads=settings.threads)
@@ -275,12 +332,25 @@ def validate_gguf_files(
             report.add(check)
             agreement_check = CheckResult(
                 "argmax agreement on evaluation windows",
-                tolerance.min_argmax_agreement is None or agreement >= tolerance.min_argmax_agreement,
-                "argmax_agreement" if tolerance.min_argmax_agreement else "argmax_agreement (informational)",
+                agreement >= tolerance.min_argmax_agreement,
+                "argmax_agreement",
                 agreement,
                 tolerance.min_argmax_agreement,
             )
             report.add(agreement_check)
+            if beyond is not None:
+                _, _, beyond_agreement = _window_stats(model.logits_fn(), beyond[0], beyond[1])
+                report.add(
+                    CheckResult(
+                        f"argmax agreement with the sliding-window checkpoint at {beyond[0].shape[1]} tokens "
+                        "(beyond the sliding window, informational)",
+                        True,
+                        "argmax_agreement (informational)",
+                        beyond_agreement,
+                        None,
+                        {"sliding_window": full_attention_window, "context": int(beyond[0].shape[1])},
+                    )
+                )
             actual_greedy = model.greedy(prompt_ids[0], settings.generate_tokens)
             greedy = tokens_check(
                 f"greedy {settings.generate_tokens} tokens (informational)", expected_greedy, actual_greedy

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from exporters.checkpoint import CheckpointInfo
-from exporters.gguf_vocab import read_vocab
 from slimllm.errors import ExportError
+from slimllm.exporters.checkpoint import CheckpointInfo
+from slimllm.exporters.gguf_vocab import read_vocab
 
 
 class GgufType(str, Enum):
@@ -275,7 +275,7 @@ def quantize_with_llama_cpp(source: Path, target: Path, outtype: GgufType, threa
     import ctypes
     import os
 
-    from exporters.llama_cpp_runner import _quiet_native_stderr, import_llama_cpp
+    from slimllm.exporters.llama_cpp_runner import _quiet_native_stderr, import_llama_cpp
 
     llama_cpp = import_llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()

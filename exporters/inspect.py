@@ -10,8 +10,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from exporters.records import read_export_record
 from slimllm.errors import UserInputError
+from slimllm.exporters.records import read_export_record
 
 _LONG_ARRAY = 16
 
@@ -82,7 +82,7 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
 
 
 def inspect_checkpoint_dir(path: Path) -> dict[str, Any]:
-    from exporters.checkpoint import inspect_checkpoint
+    from slimllm.exporters.checkpoint import inspect_checkpoint
 
     info = inspect_checkpoint(path, hash_files=False)
     config = info.config

@@ -255,10 +255,23 @@ class TorchReference:
         self.device = device
 
     @classmethod
-    def load(cls, checkpoint_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> TorchReference:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    def load(
+        cls,
+        checkpoint_dir: Path,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        full_attention: bool = False,
+    ) -> TorchReference:
+        """`full_attention` turns a sliding attention window off (the model an export without one computes)."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(str(checkpoint_dir), dtype=dtype).to(device).eval()
+        from slimllm.architectures import without_sliding_window
+
+        config = AutoConfig.from_pretrained(str(checkpoint_dir))
+        if full_attention:
+            config = without_sliding_window(config)
+        model = AutoModelForCausalLM.from_pretrained(str(checkpoint_dir), config=config, dtype=dtype)
+        model = model.to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir))
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
             tokenizer.pad_token = tokenizer.eos_token

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from exporters.parity import ParityReport
-from exporters.records import read_export_record
 from slimllm.errors import UserInputError
+from slimllm.exporters.parity import ParityReport
+from slimllm.exporters.records import read_export_record
 
 
 def _record(directory: Path) -> dict:
@@ -41,8 +41,8 @@ def validate_artifact(artifact: Path, reference: Path | None = None, eval_data: 
 
 
 def _validate_onnx(directory: Path, reference: Path | None, eval_data: str | None) -> ParityReport:
-    from exporters.checkpoint import inspect_checkpoint
-    from exporters.onnx import OnnxExportSettings, validate_onnx
+    from slimllm.exporters.checkpoint import inspect_checkpoint
+    from slimllm.exporters.onnx import OnnxExportSettings, validate_onnx
 
     record = _record(directory)
     values = dict(record.get("settings") or {})
@@ -58,9 +58,9 @@ def _validate_onnx(directory: Path, reference: Path | None, eval_data: str | Non
 def _validate_gguf(path: Path, reference: Path | None, eval_data: str | None) -> ParityReport:
     from gguf import GGUFReader
 
-    from exporters.checkpoint import inspect_checkpoint
-    from exporters.gguf import GgufExportSettings, validate_gguf_files
-    from exporters.gguf_writer import GgufType, llama_file_type
+    from slimllm.exporters.checkpoint import inspect_checkpoint
+    from slimllm.exporters.gguf import GgufExportSettings, validate_gguf_files
+    from slimllm.exporters.gguf_writer import GgufType, llama_file_type
     from slimllm.models import gguf_field_value
 
     record = _record(path.parent)

@@ -4,7 +4,8 @@
     >>> loaded = slimllm.load_model("smollm2-135m")
 
 The stages are plain functions: `load_model`, `run_prune`, `evaluate_model`, `run_profile`, and `compile` chains
-them. The exporters live in the `exporters` package (`exporters.onnx.export_onnx`, `exporters.gguf.export_gguf`).
+them. The exporters live in `slimllm.exporters` (`slimllm.exporters.onnx.export_onnx`,
+`slimllm.exporters.gguf.export_gguf`); their sources sit in the repository's top-level `exporters/` folder.
 Attributes are imported lazily so that `import slimllm` stays cheap for the CLI.
 """
 

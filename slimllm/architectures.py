@@ -49,6 +49,8 @@ class Architecture:
     """`general.architecture` value in GGUF files (llama.cpp's LLM_ARCH name)."""
     gguf_permute_qk: bool
     """llama.cpp expects Q/K rows permuted for its interleaved rope layout (true for the llama arch only)."""
+    gguf_sliding_window: bool = False
+    """llama.cpp's graph for `gguf_arch` honours a sliding attention window (written to the GGUF when set)."""
     layers_path: str = "model.layers"
     embed_tokens_path: str = "model.embed_tokens"
     final_norm_path: str = "model.norm"
@@ -118,6 +120,39 @@ def architecture_for(config) -> Architecture:
             f"{', '.join(supported_model_types())} models (Llama, Mistral, SmolLM, Qwen2, Qwen3)"
         )
     return arch
+
+
+def sliding_window(config) -> int | None:
+    """The attention window of a config's sliding-window layers, or None where every layer sees the whole context.
+
+    Mistral applies `sliding_window` whenever it is set; Qwen2/Qwen3 only with `use_sliding_window` (and then on the
+    layers `layer_types` marks). A window at least as long as the model's context changes nothing.
+    """
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        if "sliding_attention" not in layer_types:
+            return None
+    elif hasattr(config, "use_sliding_window") and not config.use_sliding_window:
+        return None
+    if window >= getattr(config, "max_position_embeddings", window + 1):
+        return None
+    return int(window)
+
+
+def without_sliding_window(config):
+    """A copy of `config` whose every layer attends to the whole context."""
+    import copy
+
+    config = copy.deepcopy(config)
+    config.sliding_window = None
+    if hasattr(config, "use_sliding_window"):
+        config.use_sliding_window = False
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = ["full_attention"] * len(config.layer_types)
+    return config
 
 
 def get_submodule(model: nn.Module, path: str) -> nn.Module:

@@ -18,7 +18,7 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -170,34 +170,89 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
 
 
-def check_output_directory(target: Path, force: bool) -> None:
-    """A non-empty existing output directory is only replaced with `force`."""
+OUTPUT_MARKER = ".slimllm-output"
+"""An empty file slimllm puts in every directory it creates as an output, so that `--force` knows it may replace it."""
+
+_RECORD_MARKERS = (
+    OUTPUT_MARKER,
+    "manifest.json",  # a compile run
+    "slimllm_pruning.json",  # a pruned checkpoint
+    "slimllm_export.json",  # a validated ONNX or GGUF export
+    "validation.json",  # a failed export kept for inspection
+    "latency.json",  # a latency profile
+)
+
+
+def is_slimllm_output(directory: Path) -> bool:
+    """True where `directory` carries one of the records slimllm writes into its outputs."""
+    directory = Path(directory)
+    return directory.is_dir() and any((directory / name).is_file() for name in _RECORD_MARKERS)
+
+
+def mark_output(directory: Path) -> None:
+    """Leave the marker that lets a later `--force` replace this directory."""
+    (Path(directory) / OUTPUT_MARKER).touch()
+
+
+def refuse_unsafe_replacement(target: Path, protected: Sequence[Path | str] = ()) -> None:
+    """`--force` never replaces the current directory, the home or root directory, an input, or a parent of those."""
+    resolved = Path(target).expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise UserInputError(f"--out {target} is the current directory or one of its parents; choose another --out")
+    if resolved in (Path.home().resolve(), Path(resolved.anchor)):
+        raise UserInputError(f"--out {target} is the home or root directory; choose another --out")
+    for path in protected:
+        source = Path(path).expanduser().resolve()
+        if resolved == source or resolved in source.parents:
+            raise UserInputError(
+                f"--out {target} would replace the input {path} (or a directory holding it); choose another --out"
+            )
+
+
+def check_output_directory(target: Path, force: bool, protected: Sequence[Path | str] = ()) -> None:
+    """A non-empty existing output directory is only replaced with `force`, and only if slimllm wrote it.
+
+    `protected` are the command's inputs: neither they nor a directory holding them are ever replaced.
+    """
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise UserInputError(f"output path {target} exists and is not a directory; choose another --out")
-    if target.is_dir() and any(target.iterdir()) and not force:
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    if not force:
         raise UserInputError(
             f"output directory {target} already exists and is not empty; pass --force to replace it "
             "or choose another --out"
         )
+    refuse_unsafe_replacement(target, protected)
+    if not is_slimllm_output(target):
+        raise UserInputError(
+            f"--force only replaces outputs slimllm wrote, and {target} is not one (no slimllm record inside); "
+            "choose another --out or empty it yourself"
+        )
 
 
 @contextlib.contextmanager
-def atomic_directory(target: Path, force: bool = False, keep_failed: bool = False) -> Iterator[Path]:
+def atomic_directory(
+    target: Path, force: bool = False, keep_failed: bool = False, protected: Sequence[Path | str] = ()
+) -> Iterator[Path]:
     """Yield a temporary directory beside `target`; rename it to `target` when the block succeeds.
 
     On failure the temporary directory is removed, or kept as `<target>.failed` with `keep_failed`, so that no
-    directory under the final name ever holds a half-written or unvalidated artifact.
+    directory under the final name ever holds a half-written or unvalidated artifact. The finished directory
+    carries the slimllm output marker.
     """
     target = Path(target)
-    check_output_directory(target, force)
+    check_output_directory(target, force, protected)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    mark_output(tmp)
+    failed = target.with_name(target.name + ".failed")
     try:
         yield tmp
     except BaseException as exc:
-        if keep_failed:
-            failed = target.with_name(target.name + ".failed")
+        if keep_failed and _replaceable(failed):
             shutil.rmtree(failed, ignore_errors=True)
             os.replace(tmp, failed)
         else:
@@ -206,8 +261,13 @@ def atomic_directory(target: Path, force: bool = False, keep_failed: bool = Fals
             _raise_if_disk_full(exc, target)
         raise
     replace_directory(tmp, target)
-    if keep_failed:  # an earlier failed attempt's debris would now sit beside a good artifact
-        shutil.rmtree(target.with_name(target.name + ".failed"), ignore_errors=True)
+    if keep_failed and failed.exists() and _replaceable(failed):
+        shutil.rmtree(failed, ignore_errors=True)  # an earlier failed attempt's debris would sit beside a good one
+
+
+def _replaceable(path: Path) -> bool:
+    """Absent, or a directory slimllm wrote."""
+    return not path.exists() or is_slimllm_output(path)
 
 
 def replace_directory(source: Path, target: Path) -> None:

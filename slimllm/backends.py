@@ -95,7 +95,7 @@ class OrtRunner:
     lm_head_positions = "all"  # optimum's graph returns logits for every position
 
     def __init__(self, spec: BackendSpec, onnx_dir: Path, threads: int) -> None:
-        from exporters.ort_session import OrtCausalLM
+        from slimllm.exporters.ort_session import OrtCausalLM
 
         self.session = OrtCausalLM(Path(onnx_dir) / "model.onnx", provider=spec.device, threads=threads)
         self.provider_used = self.session.provider_used
@@ -108,13 +108,8 @@ class OrtRunner:
         return time.perf_counter() - started
 
     def generate(self, tokens: int) -> float:
-        token = np.array([[1]], dtype=np.int64)
-        past = self.session.empty_past(1)
         started = time.perf_counter()
-        for step in range(tokens):
-            mask = np.ones((1, step + 1), dtype=np.int64)
-            logits, past = self.session.forward(token, mask, past)
-            token = np.array([[int(logits[0, -1].argmax())]], dtype=np.int64)
+        self.session.decode_bound(1, tokens)  # the KV cache stays on the EP's device between steps
         return time.perf_counter() - started
 
     def gpu_memory_bytes(self) -> int | None:
@@ -168,7 +163,7 @@ class LlamaCppRunner:
     lm_head_positions = "last"
 
     def __init__(self, spec: BackendSpec, gguf_path: Path, threads: int, max_context: int) -> None:
-        from exporters.llama_cpp_runner import LlamaCppModel, import_llama_cpp
+        from slimllm.exporters.llama_cpp_runner import LlamaCppModel, import_llama_cpp
 
         llama_cpp = import_llama_cpp()
         if spec.gpu_layers != 0 and not llama_cpp.llama_supports_gpu_offload():

@@ -278,7 +278,7 @@ def calibration_blocks(token_ids: torch.Tensor, n_blocks: int, block_len: int, s
     return blocks[chosen].clone()
 
 
-def _model_fingerprint(model) -> str:
+def model_fingerprint(model) -> str:
     """A cheap content fingerprint: the config plus the first values of every parameter."""
     parts = [model.config.to_json_string(use_diff=False)]
     with torch.no_grad():
@@ -291,7 +291,7 @@ def _model_fingerprint(model) -> str:
 @torch.no_grad()
 def generate_self_text(model, tokenizer, settings: SelfTextSettings) -> list[str]:
     """Sample documents from the model itself, from varied short openings; cached on disk per model and settings."""
-    key = sha256_text(_model_fingerprint(model) + json.dumps(settings.__dict__, sort_keys=True))[:24]
+    key = sha256_text(model_fingerprint(model) + json.dumps(settings.__dict__, sort_keys=True))[:24]
     cache_file = cache_dir() / "self-text" / f"{key}.json"
     if cache_file.is_file():
         return json.loads(cache_file.read_text())["documents"]

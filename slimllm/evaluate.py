@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from slimllm.data import DataPurpose, load_corpus, tokenize_corpus
-from slimllm.device import autocast
+from slimllm.device import model_autocast
 from slimllm.errors import UserInputError
 
 
@@ -81,7 +81,7 @@ def torch_logits_fn(model) -> LogitsFn:
     device = next(model.parameters()).device
 
     def logits(input_ids: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), autocast(device):
+        with torch.no_grad(), model_autocast(model):
             return model(input_ids=input_ids.to(device), use_cache=False).logits
 
     return logits

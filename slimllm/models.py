@@ -23,7 +23,7 @@ import torch
 
 from slimllm.architectures import Architecture, architecture_for
 from slimllm.artifacts import atomic_directory, cache_dir
-from slimllm.device import resolve_device, resolve_dtype
+from slimllm.device import inference_precision, resolve_device, set_compute_dtype, training_precision
 from slimllm.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ class LoadedModel:
     source: ModelSource
     device: torch.device
     dtype: torch.dtype
+    """The dtype the model computes in (its weights' dtype, or the autocast dtype over fp32 master weights)."""
     notes: list[str] = field(default_factory=list)
     """Adjustments made while loading (e.g. the BOS fix), reported to the user."""
 
@@ -352,8 +353,13 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    for_training: bool = False,
 ) -> LoadedModel:
-    """Load a model and its tokenizer from any supported source, in eval mode on the chosen device."""
+    """Load a model and its tokenizer from any supported source, in eval mode on the chosen device.
+
+    For inference the weights are held in `dtype`. With `for_training` they are held in fp32 (master weights) and
+    `dtype` is the compute dtype under autocast (auto: bf16 on CUDA, fp32 on CPU).
+    """
     source = resolve_model_source(spec)
     notes: list[str] = []
     if source.kind is SourceKind.EMBEDDED:
@@ -367,11 +373,12 @@ def load_model(
     config = _load_config(load_source, trust_remote_code)
     architecture = architecture_for(config)  # fail on unsupported architectures before reading any weights
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    model, tokenizer, load_notes = _load_weights_and_tokenizer(load_source, torch_dtype, trust_remote_code)
+    precision = (training_precision if for_training else inference_precision)(dtype, torch_device)
+    model, tokenizer, load_notes = _load_weights_and_tokenizer(load_source, precision.weights, trust_remote_code)
+    set_compute_dtype(model, precision.compute)
     notes.extend(load_notes)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(torch_device)
     model.eval()
-    return LoadedModel(model, tokenizer, architecture, source, torch_device, torch_dtype, notes)
+    return LoadedModel(model, tokenizer, architecture, source, torch_device, precision.compute, notes)

@@ -34,11 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from slimllm.artifacts import (
+    OUTPUT_MARKER,
     atomic_write_json,
     check_output_directory,
     library_versions,
     machine_info,
+    mark_output,
     plain,
+    refuse_unsafe_replacement,
     sha256_text,
     sha256_tree,
 )
@@ -82,7 +85,7 @@ class CompileSettings:
     eval_windows: int = 8
     """Evaluation windows (the same windows for PyTorch, ONNX and every GGUF type)."""
     profile: str | None = "cpu-x86"
-    """Target profile for the latency stage (a name from profiles/ or a path); None skips profiling."""
+    """Target profile for the latency stage (a built-in name or a path); None skips profiling."""
 
     def __post_init__(self) -> None:
         self.target = parse_choice(Target, self.target, "--target")
@@ -159,29 +162,84 @@ class _Context:
     """Paths and hashes of finished stages' outputs, by stage name."""
 
 
-def _refuse_foreign_output(out_dir: Path, model_spec: str, force: bool) -> None:
-    """An output directory holding another model's run (or anything that is not a run) needs --force."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
+_COMPILE_OUTPUTS = (
+    "pruned",
+    "pruned.partial",
+    "onnx",
+    "onnx.failed",
+    "gguf",
+    "gguf.failed",
+    "evaluation.json",
+    "latency",
+    "report.md",
+    "report.html",
+    "gates.png",
+    MANIFEST_FILE,
+    OUTPUT_MARKER,
+)
+"""Everything a compile run writes into its directory; `--force` removes these and nothing else."""
+
+
+def _read_manifest(out_dir: Path) -> dict[str, Any] | None:
+    path = out_dir / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "stages" in data else None
+
+
+def _prepare_output(out_dir: Path, model_spec: str, force: bool, protected: list[Path]) -> None:
+    """Check `out_dir` before any work. An earlier run of the same model is continued; another model's run, or a
+    slimllm output of another kind, is replaced only with --force; anything slimllm did not write is never touched."""
+    if out_dir.exists() and not out_dir.is_dir():
         raise UserInputError(f"--out {out_dir} exists and is not a directory; choose another --out")
-    manifest = out_dir / MANIFEST_FILE
-    if manifest.is_file():
-        previous = json.loads(manifest.read_text()).get("model")
-        if previous == model_spec or force:
-            return
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    previous = _read_manifest(out_dir)
+    if previous is not None and previous.get("model") == model_spec and not force:
+        return
+    if previous is not None and not force:
         raise UserInputError(
-            f"--out {out_dir} holds a compile run of another model ({previous}); pass --force to replace it "
-            "or choose another --out"
+            f"--out {out_dir} holds a compile run of another model ({previous.get('model')}); pass --force to "
+            "replace it or choose another --out"
         )
-    if any(out_dir.iterdir()) and not force:
-        check_output_directory(out_dir, force=False)
+    check_output_directory(out_dir, force=force, protected=protected)  # not ours, or no --force: one clear line
+    refuse_unsafe_replacement(out_dir, protected)
+
+
+def _clear_compile_outputs(out_dir: Path) -> None:
+    """Remove what an earlier compile wrote into `out_dir` (and its leftovers), keeping anything else."""
+    if not out_dir.is_dir():
+        return
+    for entry in out_dir.iterdir():
+        ours = entry.name in _COMPILE_OUTPUTS or any(
+            entry.name.startswith(f".{name}.tmp-") or entry.name.startswith(f".{name}.old-")
+            for name in _COMPILE_OUTPUTS
+        )
+        if not ours:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _local_paths(*specs: str | Path | None) -> list[Path]:
+    """The given model specs that name local files or directories (inputs that --force must never replace)."""
+    paths = []
+    for spec in specs:
+        if spec is not None and Path(str(spec)).expanduser().exists():
+            paths.append(Path(str(spec)).expanduser())
+    return paths
 
 
 def compile(  # noqa: A001 - the product's verb; `slimllm.compile(...)` mirrors `slimllm compile`
     model: str = "smollm2-135m",
     out: Path | str = "runs/compile",
-    target: Target | str = Target.ALL,
+    target: Target | str | None = None,
     method: str | None = None,
     remove: int | None = None,
     ratio: float | None = None,
@@ -198,65 +256,62 @@ def compile(  # noqa: A001 - the product's verb; `slimllm.compile(...)` mirrors 
 ) -> CompileResult:
     """Run the whole pipeline into `out`. Settings: class defaults < `recipe` < `overrides` < explicit arguments.
 
-    `method` is a pruning method or `none` (export the dense model); `profile` is a profile name or path, None to
-    skip the latency stage, or "default" (the recipe's, else cpu-x86); `overrides` maps a recipe section
-    (`compile`, `prune`, `trsp`, `onnx`, `gguf`) to setting values.
+    `target` is onnx, gguf or all (None: the recipe's, else all); `method` is a pruning method or `none` (export
+    the dense model); `profile` is a profile name or path, None to skip the latency stage, or "default" (the
+    recipe's, else cpu-x86); `overrides` maps a recipe section (`compile`, `prune`, `trsp`, `onnx`, `gguf`) to
+    setting values given as flags (None means "not given").
     """
     from slimllm.models import checkpoint_directory
-    from slimllm.recipes import build_settings, load_recipe
+    from slimllm.recipes import load_recipe
 
     started = time.perf_counter()
     out_dir = Path(out)
-    sections = load_recipe(Path(recipe)) if recipe is not None else {}
-    for section, values in (overrides or {}).items():
-        sections[section] = {**sections.get(section, {}), **{k: v for k, v in values.items() if v is not None}}
-    compile_flags = {"target": target, "eval_data": eval_data}
+    recipe_sections = load_recipe(Path(recipe)) if recipe is not None else {}
+    flag_sections = {
+        section: {k: v for k, v in values.items() if v is not None} for section, values in (overrides or {}).items()
+    }
+    compile_flags = {**flag_sections.get("compile", {}), "target": target, "eval_data": eval_data}
     if profile != "default":  # "default": the recipe's profile, else cpu-x86; None or "none": no latency stage
         compile_flags["profile"] = profile if profile is not None else "none"
-    compile_settings = build_settings(CompileSettings, sections.get("compile"), compile_flags)
-    chosen_method = method or sections.get("prune", {}).get("method") or "trsp"  # argument > recipe > TRSP
-    method_value = parse_choice(_MethodChoice, str(chosen_method), "--method")
-    prune_settings, trsp_settings = _prune_settings(sections, method_value, remove, ratio, calib)
-    onnx_settings, gguf_settings = _export_settings(sections, compile_settings)
-    _refuse_foreign_output(out_dir, model, force)
+    settings = _resolve_settings(recipe_sections, flag_sections, compile_flags, method, remove, ratio, calib)
+    compile_settings, method_value = settings["compile"], settings["method"]
+    protected = _local_paths(model)
+    _prepare_output(out_dir, model, force, protected)
     dense_dir = checkpoint_directory(model)
-    _validate_before_work(dense_dir, prune_settings, compile_settings)
-    if force and out_dir.exists():
-        shutil.rmtree(out_dir)
+    protected.append(dense_dir)
+    _validate_before_work(dense_dir, settings)
+    if force:
+        refuse_unsafe_replacement(out_dir, protected)
+        _clear_compile_outputs(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    mark_output(out_dir)
     context = _Context(
         out_dir=out_dir,
         model_spec=model,
         dense_dir=dense_dir,
         dense_sha=sha256_tree(dense_dir),
         compile=compile_settings,
-        prune=prune_settings,
-        trsp=trsp_settings,
-        onnx=onnx_settings,
-        gguf=gguf_settings,
+        prune=settings["prune"],
+        trsp=settings["trsp"],
+        onnx=settings["onnx"],
+        gguf=settings["gguf"],
         resume=resume,
         device=device,
         progress=progress,
     )
+    stages = _stages_for(compile_settings)
     header = {
         "format_version": MANIFEST_FORMAT,
         "model": model,
         "dense_checkpoint": str(dense_dir),
         "command": command or _python_call(model, out_dir, compile_settings, method_value.value, recipe),
-        "settings": plain(
-            {
-                "compile": compile_settings,
-                "prune": prune_settings,
-                "trsp": trsp_settings,
-                "onnx": onnx_settings,
-                "gguf": gguf_settings,
-            }
-        ),
+        "settings": plain({name: settings[name] for name in ("compile", "prune", "trsp", "onnx", "gguf")}),
+        "run_stages": [stage.value for stage in stages],
+        "finished": False,
         "machine": machine_info(),
     }
     manifest = Manifest(out_dir, header)
     manifest.save()
-    stages = _stages_for(compile_settings)
     reused: list[str] = []
     ran: list[str] = []
     for stage in stages:
@@ -269,8 +324,34 @@ def compile(  # noqa: A001 - the product's verb; `slimllm.compile(...)` mirrors 
     return CompileResult(out_dir, out_dir / "report.md", manifest.data, reused, ran, time.perf_counter() - started)
 
 
-def _validate_before_work(dense_dir: Path, prune_settings, compile_settings: CompileSettings) -> None:
-    """Settings errors that would otherwise surface minutes into the run: k and protection, the profile."""
+def _resolve_settings(recipe_sections, flag_sections, compile_flags, method, remove, ratio, calib) -> dict[str, Any]:
+    """Every stage's settings: class defaults < recipe < flags actually given (None is "not given")."""
+    from slimllm.recipes import build_settings
+
+    compile_settings = build_settings(CompileSettings, recipe_sections.get("compile"), compile_flags)
+    merged = {
+        section: {**recipe_sections.get(section, {}), **flag_sections.get(section, {})}
+        for section in set(recipe_sections) | set(flag_sections)
+    }
+    chosen_method = method or merged.get("prune", {}).get("method") or "trsp"  # argument > recipe > TRSP
+    method_value = parse_choice(_MethodChoice, str(chosen_method), "--method")
+    prune_settings, trsp_settings = _prune_settings(merged, method_value, remove, ratio, calib)
+    # The exports' own evaluation settings: compile's (from its recipe section or flags) unless the [onnx]/[gguf]
+    # section sets them; a compile flag that was actually given wins over both.
+    given = {key: compile_flags.get(key) for key in ("eval_data", "eval_seq_len", "eval_windows")}
+    onnx_settings, gguf_settings = _export_settings(recipe_sections, flag_sections, compile_settings, given)
+    return {
+        "compile": compile_settings,
+        "method": method_value,
+        "prune": prune_settings,
+        "trsp": trsp_settings,
+        "onnx": onnx_settings,
+        "gguf": gguf_settings,
+    }
+
+
+def _validate_before_work(dense_dir: Path, settings: dict[str, Any]) -> None:
+    """Errors that would otherwise surface minutes into the run: k and protection, every backend a stage needs."""
     from transformers import AutoConfig
 
     from slimllm.architectures import architecture_for
@@ -278,10 +359,20 @@ def _validate_before_work(dense_dir: Path, prune_settings, compile_settings: Com
 
     config = AutoConfig.from_pretrained(str(dense_dir))
     architecture_for(config)
+    prune_settings, compile_settings = settings["prune"], settings["compile"]
     if prune_settings is not None:
         layers = int(config.num_hidden_layers)
         k = layers_to_remove(layers, prune_settings.remove, prune_settings.ratio)
         check_removable(layers, k, candidate_layers(layers, prune_settings.protect_first, prune_settings.protect_last))
+    if compile_settings.target in (Target.ONNX, Target.ALL):
+        from slimllm.exporters.onnx import check_onnx_dependencies
+
+        check_onnx_dependencies(settings["onnx"])
+    if compile_settings.target in (Target.GGUF, Target.ALL):
+        from slimllm.exporters.gguf import check_gguf_dependencies, check_gguf_supports
+
+        check_gguf_dependencies(settings["gguf"])
+        check_gguf_supports(config, settings["gguf"])
     if compile_settings.profile is not None:
         from slimllm.profiler import check_backends_available
         from slimllm.profiles import load_profile
@@ -320,9 +411,9 @@ def _prune_settings(sections, method: _MethodChoice, remove, ratio, calib):
     return prune_settings, trsp_settings
 
 
-def _export_settings(sections, compile_settings: CompileSettings):
-    from exporters.gguf import GgufExportSettings
-    from exporters.onnx import OnnxExportSettings
+def _export_settings(recipe_sections, flag_sections, compile_settings: CompileSettings, given: dict[str, Any]):
+    from slimllm.exporters.gguf import GgufExportSettings
+    from slimllm.exporters.onnx import OnnxExportSettings
     from slimllm.recipes import build_settings
 
     evaluation = {
@@ -330,10 +421,18 @@ def _export_settings(sections, compile_settings: CompileSettings):
         "eval_seq_len": compile_settings.eval_seq_len,
         "eval_windows": compile_settings.eval_windows,
     }
-    onnx = build_settings(OnnxExportSettings, sections.get("onnx"), evaluation)
-    gguf_values = {"outtypes": ["f16", "q8_0", "q4_k_m"], **sections.get("gguf", {})}
-    gguf = build_settings(GgufExportSettings, gguf_values, evaluation)
+
+    def build(cls, section: str, defaults: dict[str, Any]):
+        values = {**defaults, **evaluation, **recipe_sections.get(section, {})}
+        return build_settings(cls, values, {**given, **flag_sections.get(section, {})})
+
+    onnx = build(OnnxExportSettings, "onnx", {})
+    gguf = build(GgufExportSettings, "gguf", {"outtypes": list(COMPILE_GGUF_TYPES)})
     return onnx, gguf
+
+
+COMPILE_GGUF_TYPES = ("f16", "q8_0", "q4_k_m")
+"""The GGUF types `compile` writes unless told otherwise (`export --target gguf` writes F16 alone)."""
 
 
 def _stages_for(settings: CompileSettings) -> list[Stage]:
@@ -507,7 +606,7 @@ def _prune(ctx: _Context) -> tuple[dict, dict]:
 
 
 def _export_onnx(ctx: _Context) -> tuple[dict, dict]:
-    from exporters.onnx import export_onnx
+    from slimllm.exporters.onnx import export_onnx
 
     target = ctx.out_dir / "onnx"
     result = export_onnx(Path(ctx.outputs[Stage.PRUNE.value]["path"]), target, ctx.onnx, force=True)
@@ -521,7 +620,7 @@ def _export_onnx(ctx: _Context) -> tuple[dict, dict]:
 
 
 def _export_gguf(ctx: _Context) -> tuple[dict, dict]:
-    from exporters.gguf import export_gguf
+    from slimllm.exporters.gguf import export_gguf
 
     target = ctx.out_dir / "gguf"
     result = export_gguf(Path(ctx.outputs[Stage.PRUNE.value]["path"]), target, ctx.gguf, force=True)
@@ -546,8 +645,8 @@ def _check_summaries(checks: list[dict]) -> list[dict]:
 
 def _evaluate(ctx: _Context) -> tuple[dict, dict]:
     """Perplexity of dense and pruned in PyTorch, of the ONNX export in onnxruntime; GGUF figures from its checks."""
-    from exporters.parity import TorchReference, eval_windows, perplexity
-    from exporters.records import read_export_record
+    from slimllm.exporters.parity import TorchReference, eval_windows, perplexity
+    from slimllm.exporters.records import read_export_record
 
     pruned_dir = Path(ctx.outputs[Stage.PRUNE.value]["path"])
     pruned = TorchReference.load(pruned_dir)
@@ -561,7 +660,7 @@ def _evaluate(ctx: _Context) -> tuple[dict, dict]:
     rows["pruned (PyTorch)"] = perplexity(pruned.logits_fn(), windows)
     onnx_output = ctx.outputs.get(Stage.EXPORT_ONNX.value)
     if onnx_output:
-        from exporters.ort_session import OrtCausalLM
+        from slimllm.exporters.ort_session import OrtCausalLM
 
         runner = OrtCausalLM(Path(onnx_output["path"]) / "model.onnx", ctx.onnx.provider)
         rows[f"pruned (ONNX {onnx_output['variant']}, {runner.provider_used})"] = perplexity(
@@ -599,9 +698,8 @@ def _profile(ctx: _Context) -> tuple[dict, dict]:
     if ctx.prune is None:  # compiling the dense model: the same artifacts on both sides
         dense = pruned
     target = ctx.out_dir / "latency"
-    # Exports the profiler makes for the pruned side belong to an earlier pruned model; the dense ones stay valid.
-    shutil.rmtree(target / "artifacts" / "pruned", ignore_errors=True)
-    result = run_profile(dense, pruned, profile, target, ctx.compile.eval_data, ctx.progress, force=True)
+    # Exports the profiler made in an earlier run are reused only where their source and settings still match.
+    result = run_profile(dense, pruned, profile, target, ctx.compile.eval_data, ctx.progress)
     summary = {
         label: {"speedups": entry["speedups"], "backend": entry["backend"]} for label, entry in result.summary.items()
     }

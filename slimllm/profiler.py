@@ -15,6 +15,8 @@ parity checks, into `<out>/artifacts/`.
 
 from __future__ import annotations
 
+import json
+import logging
 import multiprocessing
 import statistics
 import time
@@ -23,13 +25,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slimllm.artifacts import library_versions, machine_info
+from slimllm.artifacts import (
+    check_output_directory,
+    library_versions,
+    machine_info,
+    mark_output,
+    plain,
+    sha256_tree,
+)
 from slimllm.errors import SlimllmError, UserInputError
 from slimllm.flops import ModelShape, ideal_speedup
 from slimllm.profiles import BackendKind, BackendSpec, TargetProfile
 
 Progress = Callable[..., None]
 PROMPT_SEED = 1234
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -104,7 +114,7 @@ def check_backends_available(profile: TargetProfile) -> None:
                 "extra (`pip install 'slimllm[genai]'`)"
             )
         if spec.kind in (BackendKind.ONNXRUNTIME, BackendKind.GENAI) and spec.device == "cuda":
-            from exporters.ort_session import resolve_provider
+            from slimllm.exporters.ort_session import resolve_provider
 
             resolve_provider("cuda")
         if spec.kind is BackendKind.TORCH:
@@ -113,20 +123,36 @@ def check_backends_available(profile: TargetProfile) -> None:
             resolve_device(spec.device)
 
 
+def _reusable_export(target: Path, source_sha256: str, settings: Any) -> dict[str, Any] | None:
+    """The export record in `target` if it was made from this very checkpoint with these settings, else None."""
+    from slimllm.exporters.records import read_export_record
+
+    record = read_export_record(target)
+    if record is None or record.get("source_sha256") != source_sha256:
+        return None
+    return record if record.get("settings") == json.loads(json.dumps(plain(settings))) else None
+
+
 def prepare_artifacts(
     profile: TargetProfile,
     models: dict[str, ModelArtifacts],
     work_dir: Path,
     eval_data: str | None = None,
     progress: Progress | None = None,
+    rebuild: bool = False,
 ) -> list[str]:
-    """Export (and validate) the ONNX and GGUF artifacts the profile needs and `models` lacks. Returns notes."""
-    from exporters.gguf import GgufExportSettings, export_gguf
-    from exporters.onnx import OnnxExportSettings, export_onnx
-    from exporters.records import read_export_record
+    """Export (and validate) the ONNX and GGUF artifacts the profile needs and `models` lacks. Returns notes.
+
+    An export left in `work_dir` by an earlier profile is reused only if it was made from the same checkpoint
+    (content hash) with the same settings, and never with `rebuild`.
+    """
+    from slimllm.exporters.gguf import GgufExportSettings, export_gguf
+    from slimllm.exporters.onnx import OnnxExportSettings, export_onnx
+    from slimllm.exporters.records import read_export_record
 
     notes: list[str] = []
     for name, model in models.items():
+        source_sha256 = sha256_tree(model.checkpoint)
         for spec in profile.backends:
             if spec.kind in (BackendKind.ONNXRUNTIME, BackendKind.GENAI):
                 variant = onnx_variant(spec)
@@ -135,22 +161,18 @@ def prepare_artifacts(
                 quant = spec.dtype if spec.dtype in ("int8", "int8-dynamic", "int4") else "none"
                 dtype = spec.dtype if spec.dtype in ("fp32", "fp16") else "fp32"
                 target = work_dir / name / f"onnx-{variant}"
-                if read_export_record(target) is None:  # else validated by an earlier run into the same directory
+                settings = OnnxExportSettings(
+                    engine="genai" if spec.kind is BackendKind.GENAI else "optimum",
+                    dtype=dtype,
+                    quant=quant,
+                    provider=spec.device,
+                    eval_data=eval_data,
+                    eval_windows=2,
+                )
+                if rebuild or _reusable_export(target, source_sha256, settings) is None:
                     if progress:
                         progress(0, 1, stage=f"export {name} {variant}")
-                    export_onnx(
-                        model.checkpoint,
-                        target,
-                        OnnxExportSettings(
-                            engine="genai" if spec.kind is BackendKind.GENAI else "optimum",
-                            dtype=dtype,
-                            quant=quant,
-                            provider=spec.device,
-                            eval_data=eval_data,
-                            eval_windows=2,
-                        ),
-                        force=True,
-                    )
+                    export_onnx(model.checkpoint, target, settings, force=True)
                     notes.append(f"exported {name} to ONNX ({variant}) for profiling")
                 model.onnx[variant] = target
             elif spec.kind is BackendKind.LLAMA_CPP:
@@ -158,15 +180,11 @@ def prepare_artifacts(
                 if not missing:
                     continue
                 target = work_dir / name / f"gguf-{'-'.join(t.lower() for t in missing)}"
-                if read_export_record(target) is None:  # else validated by an earlier run into the same directory
+                settings = GgufExportSettings(outtypes=missing, eval_data=eval_data, eval_windows=2, tokenizer_lines=50)
+                if rebuild or _reusable_export(target, source_sha256, settings) is None:
                     if progress:
                         progress(0, 1, stage=f"export {name} GGUF {','.join(missing)}")
-                    export_gguf(
-                        model.checkpoint,
-                        target,
-                        GgufExportSettings(outtypes=missing, eval_data=eval_data, eval_windows=2, tokenizer_lines=50),
-                        force=True,
-                    )
+                    export_gguf(model.checkpoint, target, settings, force=True)
                     notes.append(f"exported {name} to GGUF ({', '.join(m.upper() for m in missing)}) for profiling")
                 for file_name, info in read_export_record(target)["files"].items():
                     model.gguf[info["type"]] = target / file_name
@@ -278,14 +296,15 @@ def run_profile(
     """
     from transformers import AutoConfig
 
-    from slimllm.artifacts import check_output_directory
-
     out_dir = Path(out_dir)
-    check_output_directory(out_dir, force=True if force else _only_artifacts(out_dir))
+    if not _only_artifacts(out_dir):  # an earlier profile's directory is ours to update; anything else needs --force
+        check_output_directory(out_dir, force, protected=[dense.checkpoint, pruned.checkpoint])
     check_backends_available(profile)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mark_output(out_dir)
     started = time.perf_counter()
     models = {"dense": dense, "pruned": pruned}
-    notes = prepare_artifacts(profile, models, out_dir / "artifacts", eval_data, progress)
+    notes = prepare_artifacts(profile, models, out_dir / "artifacts", eval_data, progress, rebuild=force)
     shapes = {name: ModelShape.from_config(AutoConfig.from_pretrained(str(m.checkpoint))) for name, m in models.items()}
     if shapes["dense"].vocab != shapes["pruned"].vocab or shapes["dense"].hidden != shapes["pruned"].hidden:
         raise UserInputError("--dense and --pruned are not the same model family (hidden size or vocabulary differ)")
@@ -299,6 +318,7 @@ def run_profile(
     total = len(rows) * (profile.warmup + profile.repeats) * 2
     done = 0
     partial = False
+    failed: dict[str, str] = {}
     try:
         for row in rows:
             workers: dict[str, _Worker] = {}
@@ -328,6 +348,10 @@ def run_profile(
                     "runtime": workers["dense"].info,
                     "memory": memory,
                 }
+            except SlimllmError as exc:  # one backend failing must not hide the others; the report names it
+                failed[row.label] = str(exc)
+                partial = True
+                log.warning("backend %s failed: %s", row.label, exc)
             finally:
                 for worker in workers.values():
                     worker.kill()
@@ -339,8 +363,19 @@ def run_profile(
         from slimllm.report import write_latency_report
 
         payload = _payload(profile, models, shapes, samples, runtime, notes, partial, time.perf_counter() - started)
+        payload["failed_backends"] = failed
         write_latency_report(out_dir, payload)
+    if failed:
+        raise ProfileIncompleteError(
+            f"profile {profile.name!r} is incomplete: "
+            + "; ".join(f"backend {label} failed ({reason})" for label, reason in failed.items())
+            + f"; {out_dir}/latency.md is marked partial and reports the backends that ran"
+        )
     return ProfileResult(out_dir, payload["summary"], samples, partial, notes, payload)
+
+
+class ProfileIncompleteError(SlimllmError):
+    """At least one backend of the profile failed; the report was written, marked partial."""
 
 
 def _only_artifacts(out_dir: Path) -> bool:

@@ -1,6 +1,6 @@
-"""Hardware target profiles: what to measure on a device class, read from `profiles/*.toml`.
+"""Hardware target profiles: what to measure on a device class, read from the built-in `slimllm/target_profiles/*.toml`.
 
-    >>> profile = load_profile("cpu-x86")            # a name from profiles/, or a path to a TOML file
+    >>> profile = load_profile("cpu-x86")            # a built-in name, or a path to a TOML file
     >>> [b.kind for b in profile.backends]
     ['torch', 'onnxruntime', 'llama.cpp']
 
@@ -24,7 +24,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+PROFILES_DIR = Path(__file__).resolve().parent / "target_profiles"
+"""The built-in profiles, shipped inside the package (so a plain wheel install has them)."""
 
 
 class BackendKind(str, Enum):
@@ -36,6 +37,16 @@ class BackendKind(str, Enum):
     """onnxruntime-genai's runtime on a model-builder export."""
     LLAMA_CPP = "llama.cpp"
     """llama.cpp through llama-cpp-python, one run per GGUF type."""
+
+
+_BACKEND_CHOICES: dict[BackendKind, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    BackendKind.TORCH: (("cpu", "cuda"), ("fp32", "fp16", "bf16")),
+    BackendKind.ONNXRUNTIME: (("cpu", "cuda"), ("fp32", "fp16", "int8", "int8-dynamic", "int4")),
+    BackendKind.GENAI: (("cpu", "cuda"), ("fp32", "fp16", "int4")),
+    BackendKind.LLAMA_CPP: (("cpu", "cuda", "metal"), ()),  # the precision is each row's GGUF type
+}
+"""The devices and precisions each backend really runs; a profile naming anything else is refused, so that no
+row is measured in one precision under another's label."""
 
 
 @dataclass
@@ -57,6 +68,16 @@ class BackendSpec:
 
     def __post_init__(self) -> None:
         self.kind = parse_choice(BackendKind, self.kind, "backend kind")
+        devices, dtypes = _BACKEND_CHOICES[self.kind]
+        device_type = str(self.device).split(":", 1)[0]
+        if device_type not in devices:
+            raise UserInputError(
+                f"backend {self.kind.value}: device {self.device!r} is not one it runs on; use {', '.join(devices)}"
+            )
+        if dtypes and str(self.dtype) not in dtypes:
+            raise UserInputError(
+                f"backend {self.kind.value}: dtype {self.dtype!r} is not one it measures; use {', '.join(dtypes)}"
+            )
 
     @property
     def label(self) -> str:
@@ -117,7 +138,7 @@ def _unknown_keys(values: dict[str, Any], cls: type, where: str) -> list[str]:
 
 
 def load_profile(name_or_path: str | Path) -> TargetProfile:
-    """A profile by name (a file in profiles/) or by path."""
+    """A profile by name (a file in slimllm/target_profiles/) or by path."""
     path = Path(name_or_path).expanduser()
     if not path.is_file():
         candidate = PROFILES_DIR / f"{name_or_path}.toml"
@@ -149,3 +170,5 @@ def load_profile(name_or_path: str | Path) -> TargetProfile:
         return TargetProfile(**profile_values, backends=[BackendSpec(**b) for b in backends])
     except TypeError as exc:
         raise UserInputError(f"profile {path} is invalid ({exc})") from exc
+    except UserInputError as exc:
+        raise UserInputError(f"profile {path}: {exc}") from exc

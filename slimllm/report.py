@@ -27,7 +27,15 @@ def latency_markdown(payload: dict[str, Any]) -> str:
     lengths = [str(n) for n in profile["prompt_lengths"]]
     tg = f"tg{profile['generate_tokens']}"
     lines = [f"# Latency: pruned vs dense ({profile['name']})", ""]
-    if payload["partial"]:
+    failed = payload.get("failed_backends") or {}
+    if failed:
+        lines += [
+            "**PARTIAL REPORT: "
+            + "; ".join(f"backend {label} failed ({reason})" for label, reason in failed.items())
+            + ". Only the backends below finished.**",
+            "",
+        ]
+    elif payload["partial"]:
         lines += ["**PARTIAL REPORT: the run was interrupted; only the backends below finished.**", ""]
     lines += [
         f"Dense: `{payload['models']['dense']['checkpoint']}` ({dense_shape['layers']} layers); "
@@ -174,7 +182,9 @@ def _table(header: list[str], rows: list[list[Any]]) -> dict[str, Any]:
 
 def _compile_blocks(out_dir: Path, manifest: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, bytes]]:
     """The report as a list of blocks (heading, text, table, image, code), rendered to Markdown and HTML."""
-    stages = manifest.get("stages", {})
+    run_stages = manifest.get("run_stages") or list(manifest.get("stages", {}))
+    # Only this run's stages: an earlier run's exports or latency in the same directory are not this run's results.
+    stages = {name: manifest["stages"][name] for name in run_stages if name in manifest.get("stages", {})}
     images: dict[str, bytes] = {}
     blocks: list[dict[str, Any]] = [
         {"kind": "h1", "text": f"slimllm compile report: {manifest['model']}"},
@@ -265,7 +275,7 @@ def _compile_blocks(out_dir: Path, manifest: dict[str, Any]) -> tuple[list[dict[
             blocks.append({"kind": "code", "text": f"[{label}] {text}"})
 
     latency_dir = out_dir / "latency"
-    if (latency_dir / "latency.json").is_file():
+    if "profile" in stages and (latency_dir / "latency.json").is_file():
         payload = json.loads((latency_dir / "latency.json").read_text())
         blocks.append({"kind": "h2", "text": "Latency"})
         markdown = latency_markdown(payload).split("\n", 2)[2]  # drop the title
@@ -278,7 +288,7 @@ def _compile_blocks(out_dir: Path, manifest: dict[str, Any]) -> tuple[list[dict[
     blocks.append(
         _table(
             ["stage", "status", "seconds", "finished"],
-            [[n, s.get("status"), s.get("seconds", ""), s.get("finished") or ""] for n, s in stages.items()],
+            [_stage_row(name, entry) for name, entry in stages.items()],
         )
     )
     blocks.append({"kind": "h2", "text": "Reproduce"})
@@ -287,6 +297,15 @@ def _compile_blocks(out_dir: Path, manifest: dict[str, Any]) -> tuple[list[dict[
     if versions:
         blocks.append({"kind": "p", "text": "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "."})
     return blocks, images
+
+
+def _stage_row(name: str, entry: dict[str, Any]) -> list[Any]:
+    if name == "report":  # this very file: it is being written, so it is done once anyone reads it
+        return [name, "done", "", "(this report)"]
+    status = entry.get("status")
+    if entry.get("reused_at") and status == "done" and entry.get("finished", "") < entry["reused_at"]:
+        status = "reused"
+    return [name, status, entry.get("seconds", ""), entry.get("finished") or ""]
 
 
 def _figure(check: dict[str, Any]) -> str:

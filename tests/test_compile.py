@@ -161,7 +161,7 @@ def test_parity_failure_fails_the_command_naming_stage_and_figure(
 ):
     import onnx
 
-    import exporters.onnx as onnx_exporter
+    import slimllm.exporters.onnx as onnx_exporter
 
     real_export = onnx_exporter._export_with_optimum
 

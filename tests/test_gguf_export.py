@@ -9,13 +9,13 @@ from conftest import CALIB_FILE, EVAL_FILE, TINY_ARCHITECTURES
 from gguf import GGUFReader
 from test_cli import _assert_user_error, run_cli
 
-import exporters.gguf as gguf_exporter
-from exporters.checkpoint import inspect_checkpoint
-from exporters.gguf import VALIDATION_FILE, GgufExportSettings, export_gguf, validate_gguf_files
-from exporters.gguf_vocab import BPE_PRE_TOKENIZERS, identify_bpe_pre_tokenizer
-from exporters.gguf_writer import GgufType, permute_for_llama_rope, write_gguf
-from exporters.llama_cpp_runner import LlamaCppModel
+import slimllm.exporters.gguf as gguf_exporter
 from slimllm.errors import ExportError
+from slimllm.exporters.checkpoint import inspect_checkpoint
+from slimllm.exporters.gguf import VALIDATION_FILE, GgufExportSettings, export_gguf, validate_gguf_files
+from slimllm.exporters.gguf_vocab import BPE_PRE_TOKENIZERS, identify_bpe_pre_tokenizer
+from slimllm.exporters.gguf_writer import GgufType, permute_for_llama_rope, write_gguf
+from slimllm.exporters.llama_cpp_runner import LlamaCppModel
 
 FAST = {"eval_seq_len": 128, "eval_windows": 2, "tokenizer_lines": 50, "eval_data": str(EVAL_FILE)}
 

@@ -5,8 +5,8 @@ import json
 import pytest
 from conftest import EVAL_FILE
 
-from exporters.gguf import GgufExportSettings, export_gguf
-from exporters.onnx import OnnxExportSettings, export_onnx
+from slimllm.exporters.gguf import GgufExportSettings, export_gguf
+from slimllm.exporters.onnx import OnnxExportSettings, export_onnx
 
 pytestmark = pytest.mark.integration
 

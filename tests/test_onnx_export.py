@@ -9,16 +9,16 @@ import torch
 from conftest import TINY_ARCHITECTURES
 from test_cli import _assert_user_error, run_cli
 
-import exporters.onnx as onnx_exporter
-from exporters.onnx import (
+import slimllm.exporters.onnx as onnx_exporter
+from slimllm.errors import UserInputError
+from slimllm.exporters.onnx import (
     EXPORT_RECORD_FILE,
     VALIDATION_FILE,
     OnnxExportSettings,
     export_onnx,
     materialize_transposed_weights,
 )
-from exporters.ort_session import OrtCausalLM, resolve_provider
-from slimllm.errors import UserInputError
+from slimllm.exporters.ort_session import OrtCausalLM, resolve_provider
 
 
 def _check(validation: dict, prefix: str) -> dict:

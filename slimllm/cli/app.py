@@ -9,7 +9,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
@@ -81,36 +81,64 @@ def _configure_logging(debug: bool) -> None:
         transformers.utils.logging.set_verbosity_error()
 
 
-def run_command(debug: bool, action: Callable[[], T]) -> T:
-    """Run a command body; user errors become one line on stderr and exit code 2 (tracebacks with --debug)."""
+_INTERRUPTED = "interrupted: finished artifacts were kept and unfinished ones removed"
+_OUT_OF_MEMORY = (
+    "out of memory{where}: lower --batch-size or --block-len (or --calib-blocks), add --gradient-checkpointing "
+    "when training, or use a device with more memory (--device cpu holds the model in system RAM)"
+)
+
+
+def run_command(debug: bool, action: Callable[[], T], resume_hint: str | None = None) -> T:
+    """Run a command body: every expected failure becomes one line on stderr and an exit code, never a traceback
+    (unless --debug). User errors exit 2, failed checks and runtime failures 1, Ctrl-C 130.
+
+    `resume_hint` is what an interrupted run of this command should do next (only commands that can resume).
+    """
     _configure_logging(debug)
     try:
         return action()
     except (UserInputError, MissingDependencyError) as exc:
-        if debug:
-            traceback.print_exc()
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(EXIT_USER_ERROR) from None
+        _fail(debug, str(exc), EXIT_USER_ERROR)
     except SlimllmError as exc:
-        if debug:
-            traceback.print_exc()
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(EXIT_FAILURE) from None
+        _fail(debug, str(exc), EXIT_FAILURE)
+    except PermissionError as exc:
+        where = f" to {exc.filename}" if exc.filename else ""
+        _fail(debug, f"permission denied writing{where}; choose an --out you can write to", EXIT_USER_ERROR)
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        if debug:
-            traceback.print_exc()
         where = f" while writing {exc.filename}" if exc.filename else ""
-        typer.echo(f"error: no space left on the device{where}; free some disk space or choose another --out", err=True)
-        raise typer.Exit(EXIT_FAILURE) from None
+        _fail(debug, f"no space left on the device{where}; free some disk space or choose another --out", EXIT_FAILURE)
+    except MemoryError:
+        _fail(debug, _OUT_OF_MEMORY.format(where=" (system RAM)"), EXIT_FAILURE)
+    except RuntimeError as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        _fail(debug, _OUT_OF_MEMORY.format(where=_memory_where(exc)), EXIT_FAILURE)
     except KeyboardInterrupt:
-        typer.echo(
-            "interrupted: finished artifacts were kept and unfinished ones removed; rerun the same command with "
-            "--resume to continue (TRSP continues from its last round checkpoint)",
-            err=True,
-        )
+        typer.echo(f"{_INTERRUPTED}; {resume_hint or 'rerun the command to start again'}", err=True)
         raise typer.Exit(130) from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _fail(debug: bool, message: str, code: int) -> NoReturn:
+    if debug:
+        traceback.print_exc()
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code) from None
+
+
+def _is_out_of_memory(exc: RuntimeError) -> bool:
+    import torch
+
+    if isinstance(exc, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)):
+        return True
+    text = str(exc)
+    return "out of memory" in text.lower() or "can't allocate memory" in text
+
+
+def _memory_where(exc: RuntimeError) -> str:
+    return " on the GPU" if "CUDA" in str(exc) or "cuda" in type(exc).__name__.lower() else " (system RAM)"
 
 
 def emit(payload: dict[str, Any], as_json: bool, lines: list[str]) -> None:

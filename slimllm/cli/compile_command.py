@@ -29,7 +29,9 @@ from slimllm.errors import UserInputError
 def compile_command(
     model: ModelArg = None,
     model_option: ModelOpt = None,
-    target: Annotated[str, typer.Option("--target", "-t", help="onnx, gguf or all.")] = "all",
+    target: Annotated[
+        str | None, typer.Option("--target", "-t", help="onnx, gguf or all (default: the recipe's, else all).")
+    ] = None,
     method: Annotated[
         str | None,
         typer.Option("--method", help="trsp (default), shortgpt, angular, sleb, last, random or none (no pruning)."),
@@ -55,7 +57,7 @@ def compile_command(
     ] = None,
     profile: Annotated[
         str | None,
-        typer.Option("--profile", "-p", help="Latency profile: a name from profiles/, a TOML path, or none."),
+        typer.Option("--profile", "-p", help="Latency profile: built-in name (cpu-x86, cuda...), TOML path or none."),
     ] = None,
     recipe: Annotated[
         Path | None,
@@ -116,7 +118,7 @@ def compile_command(
             )
         finally:
             bar.close()
-        stages = result.manifest["stages"]
+        stages = {name: result.manifest["stages"][name] for name in result.manifest["run_stages"]}
         lines = []
         prune = stages["prune"].get("result", {})
         if prune.get("removed_layers") is not None:
@@ -132,4 +134,8 @@ def compile_command(
         lines.append(f"done in {result.seconds:.0f} s; report: {result.report_path}")
         emit(result.to_dict(), as_json, lines)
 
-    run_command(debug, action)
+    run_command(
+        debug,
+        action,
+        resume_hint="rerun the same command with --resume to continue (TRSP continues from its last round checkpoint)",
+    )

@@ -53,14 +53,23 @@ def export_command(
     threads: Annotated[
         int | None, typer.Option("--threads", help="llama.cpp threads (GGUF).", show_default=False)
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output directory.")] = False,
+    allow_full_attention: Annotated[
+        bool,
+        typer.Option(
+            "--allow-full-attention",
+            help="GGUF: export a sliding-window model that llama.cpp runs with full attention (recorded).",
+        ),
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an output directory that slimllm wrote earlier.")
+    ] = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Export a checkpoint to ONNX or GGUF; the command fails if the export does not match PyTorch."""
 
     def action() -> None:
-        from exporters.parity import CheckResult
+        from slimllm.exporters.parity import CheckResult
         from slimllm.models import checkpoint_directory
 
         if target not in ("onnx", "gguf"):
@@ -74,9 +83,11 @@ def export_command(
             if value is not None
         }
         if target == "onnx":
-            if outtype:
-                raise UserInputError("--outtype is a GGUF option; for ONNX use --dtype and --quant")
-            from exporters.onnx import OnnxExportSettings, export_onnx
+            if outtype or allow_full_attention:
+                raise UserInputError(
+                    "--outtype and --allow-full-attention are GGUF options; for ONNX use --dtype and --quant"
+                )
+            from slimllm.exporters.onnx import OnnxExportSettings, export_onnx
 
             settings = OnnxExportSettings(
                 engine=engine,
@@ -94,10 +105,14 @@ def export_command(
         else:
             if quant != "none" or dtype != "fp32" or engine != "optimum":
                 raise UserInputError("--engine, --dtype and --quant are ONNX options; for GGUF use --outtype")
-            from exporters.gguf import GgufExportSettings, export_gguf
+            from slimllm.exporters.gguf import GgufExportSettings, export_gguf
 
             settings = GgufExportSettings(
-                outtypes=_split_types(outtype) or ["f16"], eval_data=eval_data, threads=threads, **evaluation
+                outtypes=_split_types(outtype) or ["f16"],
+                eval_data=eval_data,
+                threads=threads,
+                allow_full_attention=allow_full_attention,
+                **evaluation,
             )
             result = export_gguf(source, out, settings, force=force)
             checks = [c for report in result.validation["files"].values() for c in report["checks"]]

@@ -18,7 +18,7 @@ def inspect_command(artifact: ArtifactArg, as_json: JsonOpt = False, debug: Debu
     """Print an artifact's metadata and a tensor or graph summary."""
 
     def action() -> None:
-        from exporters.inspect import inspect_artifact
+        from slimllm.exporters.inspect import inspect_artifact
 
         summary = inspect_artifact(artifact)
         lines = [f"{summary['kind']}: {summary['path']} ({summary['bytes'] / 2**20:.1f} MiB)"]
@@ -72,7 +72,7 @@ def validate_command(
     """Re-run the parity checks of an ONNX export or a GGUF file against a checkpoint; exit 1 on a mismatch."""
 
     def action() -> None:
-        from exporters.validate import validate_artifact
+        from slimllm.exporters.validate import validate_artifact
 
         report = validate_artifact(artifact, reference, eval_data)
         lines = [f"{'passed' if report.passed else 'FAILED'}: {report.artifact}"]

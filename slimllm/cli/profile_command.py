@@ -17,9 +17,9 @@ def profile_command(
         str | None, typer.Option("--dense", help="Dense model (directory, .gguf or smollm2-135m).")
     ] = None,
     pruned: Annotated[str | None, typer.Option("--pruned", help="Pruned checkpoint directory.")] = None,
-    profile: Annotated[str, typer.Option("--profile", "-p", help="Profile name from profiles/ or a TOML path.")] = (
-        "cpu-x86"
-    ),
+    profile: Annotated[
+        str, typer.Option("--profile", "-p", help="Built-in profile (cpu-x86, cuda...) or a TOML path.")
+    ] = "cpu-x86",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory.", show_default=False)] = None,
     eval_data: Annotated[
         str | None,

@@ -178,4 +178,8 @@ def prune_command(
             ],
         )
 
-    run_command(debug, action)
+    run_command(
+        debug,
+        action,
+        resume_hint="rerun the same command with --resume to continue (TRSP continues from its last round checkpoint)",
+    )

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from slimllm.device import autocast
+from slimllm.device import model_autocast
 from slimllm.errors import UserInputError
 from slimllm.evaluate import causal_lm_loss_sum
 from slimllm.pruning.layer_io import layers_skipped, run_from_layer, trace_decoder
@@ -54,7 +54,7 @@ def block_influence(model, blocks: torch.Tensor, batch_size: int, progress: Prog
     tokens = 0
     total = math.ceil(blocks.shape[0] / batch_size)
     for step, batch in enumerate(_minibatches(blocks, batch_size, device)):
-        with autocast(device):
+        with model_autocast(model):
             trace = trace_decoder(model, batch)
         num_layers = len(trace.layer_inputs)
         sums = torch.stack(
@@ -80,7 +80,7 @@ def angular_distances(
     last_token_states: list[torch.Tensor] = []
     total = math.ceil(blocks.shape[0] / batch_size)
     for step, batch in enumerate(_minibatches(blocks, batch_size, device)):
-        with autocast(device):
+        with model_autocast(model):
             trace = trace_decoder(model, batch)
         num_layers = len(trace.layer_inputs)
         last_token_states.append(torch.stack([trace.stream(i)[:, -1].float() for i in range(num_layers + 1)], 1).cpu())
@@ -119,7 +119,7 @@ def sleb_greedy(
         with layers_skipped(model, removed) as kept:
             position = {original: j for j, original in enumerate(kept)}
             for batch in _minibatches(blocks, batch_size, device):
-                with autocast(device):
+                with model_autocast(model):
                     trace = trace_decoder(model, batch, keep_kwargs=True)
                     for candidate in alive:
                         start = position[candidate]

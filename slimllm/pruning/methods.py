@@ -23,6 +23,11 @@ class PruneMethod(str, Enum):
     def needs_calibration(self) -> bool:
         return self not in (PruneMethod.LAST, PruneMethod.RANDOM)
 
+    @property
+    def trains_weights(self) -> bool:
+        """The method updates weights, so the model is held in fp32 master weights (autocast on CUDA)."""
+        return self is PruneMethod.TRSP
+
 
 BASELINE_METHODS: tuple[PruneMethod, ...] = tuple(m for m in PruneMethod if m is not PruneMethod.TRSP)
 """The methods `slimllm.pruning.baselines.select_layers` implements."""

@@ -173,7 +173,11 @@ def run_prune(
     elif not work_dir.is_dir():
         raise UserInputError(f"nothing to resume: {work_dir} does not exist; run without --resume")
     owns_model = not isinstance(model, LoadedModel)
-    loaded = load_model(model, device=device, dtype=dtype) if owns_model else model
+    loaded = (
+        load_model(model, device=device, dtype=dtype, for_training=settings.method.trains_weights)
+        if owns_model
+        else model
+    )
     resolve_k(loaded, settings)  # validate k and protection before calibrating
     calibration = None
     if settings.method.needs_calibration:

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from slimllm.device import autocast
+from slimllm.device import model_autocast
+from slimllm.errors import SlimllmError, UserInputError
 
 Progress = Callable[..., None]
 
@@ -74,12 +75,29 @@ def frozen_teacher(model: torch.nn.Module) -> torch.nn.Module:
     return teacher
 
 
+class TrainingDivergedError(SlimllmError):
+    """A loss became NaN or infinite; training stopped before the weights were corrupted."""
+
+
 def finite_loss(loss: torch.Tensor, where: str) -> float:
     """The loss as a float; a NaN or infinite loss stops training instead of corrupting the weights."""
     value = float(loss.detach())
     if not math.isfinite(value):
-        raise FloatingPointError(f"{where} loss became {value}")
+        raise TrainingDivergedError(
+            f"the {where} loss became {value}; lower the learning rates (--gate-lr, --weight-lr, --stage2-lr) or, "
+            "on a GPU, compute in fp32 (--dtype fp32)"
+        )
     return value
+
+
+def require_master_weights(model: torch.nn.Module, where: str) -> None:
+    """Training updates fp32 weights only: in bf16/fp16 small updates round away and the model stops learning."""
+    low = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters() if p.dtype != torch.float32})
+    if low:
+        raise UserInputError(
+            f"{where} trains weights, which must be held in fp32 (found {', '.join(low)}); load the model with "
+            "load_model(..., for_training=True), which computes in bf16 under autocast on CUDA"
+        )
 
 
 def warmup_constant(step: int, warmup_steps: int) -> float:
@@ -115,6 +133,7 @@ def fine_tune(
 
     With a `teacher` and `distill` > 0 the loss is CE + distill * KL(teacher || model) (healing by distillation).
     """
+    require_master_weights(model, "fine-tuning")
     device = next(model.parameters()).device
     trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
@@ -127,7 +146,7 @@ def fine_tune(
     try:
         for step, indices in enumerate(batch_schedule(blocks.shape[0], batch_size, steps, seed)):
             batch = blocks[indices].to(device)
-            with autocast(device):
+            with model_autocast(model):
                 ce, kl = training_losses(model, batch, teacher if distill > 0 else None)
             loss = ce if kl is None else ce + distill * kl
             loss.backward()

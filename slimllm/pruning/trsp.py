@@ -16,6 +16,7 @@ from the last checkpoint and gives the same result as an uninterrupted run with 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -26,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from slimllm.artifacts import atomic_write_bytes
-from slimllm.device import autocast
+from slimllm.artifacts import atomic_write_bytes, plain, sha256_bytes, sha256_text
+from slimllm.device import model_autocast
 from slimllm.errors import UserInputError
 from slimllm.pruning.gates import GateMode, GateSet, attach_gates, detach_gates
 from slimllm.pruning.training import (
@@ -36,6 +37,7 @@ from slimllm.pruning.training import (
     default_warmup,
     finite_loss,
     frozen_teacher,
+    require_master_weights,
     training_losses,
     warmup_constant,
 )
@@ -159,6 +161,8 @@ class _Checkpoints:
 
     def __init__(self, work_dir: Path | None) -> None:
         self.work_dir = Path(work_dir) if work_dir is not None else None
+        self.fingerprint = ""
+        """Hash of the run's model, data and settings; saved in every checkpoint and checked on resume."""
 
     def path(self, stage: str) -> Path | None:
         return self.work_dir / f"{stage}.pt" if self.work_dir is not None else None
@@ -170,14 +174,39 @@ class _Checkpoints:
         import io
 
         buffer = io.BytesIO()
-        torch.save(state, buffer)
+        torch.save({**state, "fingerprint": self.fingerprint}, buffer)
         atomic_write_bytes(path, buffer.getvalue())
 
-    def load(self, stage: str) -> dict | None:
+    def load(self, stage: str, fingerprint: str) -> dict | None:
+        """The stage's checkpoint, if any; one made by a run with other settings, data or model is refused."""
         path = self.path(stage)
         if path is None or not path.is_file():
             return None
-        return torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("fingerprint") != fingerprint:
+            raise UserInputError(
+                f"the TRSP checkpoint in {self.work_dir} was made with other settings, calibration data or model "
+                "(k, protection, seed, batch size, TRSP settings and data are hashed); rerun with the same ones, "
+                "or without --resume to start over"
+            )
+        return state
+
+
+def run_fingerprint(model, blocks: torch.Tensor, k: int, candidates: Sequence[int], settings, batch_size: int,
+                    seed: int) -> str:
+    """What a resumed run must share with the run that wrote the checkpoint: model, data and every setting."""
+    from slimllm.data import model_fingerprint
+
+    payload = {
+        "model": model_fingerprint(model),
+        "blocks": sha256_bytes(blocks.cpu().numpy().tobytes()) + str(tuple(blocks.shape)),
+        "k": k,
+        "candidates": list(candidates),
+        "settings": plain(settings),
+        "batch_size": batch_size,
+        "seed": seed,
+    }
+    return sha256_text(json.dumps(payload, sort_keys=True))
 
 
 def _mean_relative_delta(gates: GateSet, layers: Sequence[int], model, batch: torch.Tensor, norm: RegNorm):
@@ -186,7 +215,7 @@ def _mean_relative_delta(gates: GateSet, layers: Sequence[int], model, batch: to
         gates.layers[i].record_delta = True
         gates.layers[i].delta_norm = norm
     try:
-        with torch.no_grad(), autocast(batch.device):
+        with torch.no_grad(), model_autocast(model):
             model(input_ids=batch, use_cache=False)
         return {str(i): float(gates.layers[i].last_delta.mean()) for i in layers}
     finally:
@@ -214,6 +243,7 @@ def run_trsp(
     candidates = list(candidates)
     if k >= len(candidates):
         raise UserInputError(f"cannot select {k} layers from {len(candidates)} candidates")
+    require_master_weights(model, "TRSP")
     device = next(model.parameters()).device
     checkpoints = _Checkpoints(work_dir)
     info = TrspInfo()
@@ -221,6 +251,8 @@ def run_trsp(
     schedule = batch_schedule(blocks.shape[0], batch_size, total_steps, seed)
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fingerprint = run_fingerprint(model, blocks, k, candidates, settings, batch_size, seed)
+    checkpoints.fingerprint = fingerprint
     gates = attach_gates(model, settings.gate_mode)
     was_training = model.training
     model.train()
@@ -262,7 +294,7 @@ def _stage1(model, gates, blocks, schedule, k, candidates, settings, checkpoints
 
     order: list[int] = []
     start_round = 0
-    state = checkpoints.load("stage1") if resume else None
+    state = checkpoints.load("stage1", checkpoints.fingerprint) if resume else None
     if state is not None:
         order = list(state["order"])
         start_round = state["round"]
@@ -271,7 +303,7 @@ def _stage1(model, gates, blocks, schedule, k, candidates, settings, checkpoints
             gates.switch_off(i)
         optimizer.load_state_dict(state["optimizer"])
         if state.get("model") is not None:
-            model.load_state_dict(state["model"], strict=False)
+            model.load_state_dict(state["model"], strict=True)
         info.gate_trajectory = state["trajectory"]
         info.stage1_losses = state["losses"]
         info.training_tokens = state["tokens"]
@@ -284,7 +316,7 @@ def _stage1(model, gates, blocks, schedule, k, candidates, settings, checkpoints
         for step in range(settings.steps_per_round):
             global_step = round_index * settings.steps_per_round + step
             batch = blocks[schedule[global_step]].to(device)
-            with autocast(device):
+            with model_autocast(model):
                 ce = causal_lm_loss(model, batch)
             penalty = torch.stack([gates.layers[i].gate.abs() for i in alive]).sum()
             loss = ce + settings.lambda1 * penalty
@@ -355,7 +387,7 @@ def _stage2(model, gates, blocks, schedule, order, settings, checkpoints, resume
     probe = blocks[: min(2, blocks.shape[0])].to(device)
     # The teacher is the model as stage 2 starts, every layer on; taken before a checkpoint is loaded over it.
     teacher = frozen_teacher(model) if settings.distill > 0 else None
-    state = checkpoints.load("stage2") if resume else None
+    state = checkpoints.load("stage2", checkpoints.fingerprint) if resume else None
     if state is None:
         info.delta_before_stage2 = _mean_relative_delta(gates, order, model, probe, settings.reg_norm)
 
@@ -384,7 +416,7 @@ def _stage2(model, gates, blocks, schedule, order, settings, checkpoints, resume
     if state is not None:
         start_step = state["step"]
         info.delta_before_stage2 = state["delta_before"]
-        model.load_state_dict(state["model"], strict=False)
+        model.load_state_dict(state["model"], strict=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         info.stage2_losses = state["losses"]
@@ -408,7 +440,7 @@ def _stage2(model, gates, blocks, schedule, order, settings, checkpoints, resume
                 gates.layers[i].record_delta = i in active
                 gates.layers[i].delta_norm = settings.reg_norm
         batch = blocks[schedule[offset + step]].to(device)
-        with autocast(device):
+        with model_autocast(model):
             ce, kl = training_losses(model, batch, teacher)
         loss = ce
         if kl is not None:

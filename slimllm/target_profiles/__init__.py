@@ -1,0 +1,1 @@
+"""The built-in target profiles (`--profile NAME`): one TOML file each, shipped as package data."""
