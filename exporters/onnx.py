@@ -634,6 +634,22 @@ def _genai_greedy(onnx_dir: Path, prompt_ids: list[int], new_tokens: int) -> lis
     return [int(t) for t in generator.get_sequence(0)[len(prompt_ids) :]]
 
 
+def load_ort_causal_lm(onnx_dir: Path, provider: str = "CPUExecutionProvider"):
+    """optimum's `ORTModelForCausalLM` for an export directory, with its KV-cache head size corrected.
+
+    optimum-onnx sizes the empty KV cache from hidden_size / num_attention_heads for most architectures, which
+    is wrong for configs with an explicit, different `head_dim` (Qwen3-0.6B and -4B): generation then fails on the
+    first step (huggingface/optimum#2379). Loading through here sets the head size the graph actually has.
+    """
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    model = ORTModelForCausalLM.from_pretrained(str(onnx_dir), provider=provider)
+    head_dim = getattr(model.config, "head_dim", None)
+    if head_dim and getattr(model, "embed_size_per_head", head_dim) != head_dim:
+        model.embed_size_per_head = int(head_dim)
+    return model
+
+
 def _optimum_runtime_check(
     onnx_dir: Path, prompt_ids: list[int], expected: list[int], provider: str, pad_id: int
 ) -> CheckResult:
@@ -641,12 +657,12 @@ def _optimum_runtime_check(
     import torch
 
     try:
-        from optimum.onnxruntime import ORTModelForCausalLM
+        import optimum.onnxruntime  # noqa: F401
     except ImportError as exc:  # pragma: no cover - a core dependency
         raise MissingDependencyError("optimum-onnx is not installed; run `pip install optimum-onnx`") from exc
     try:
         with _quiet_export():
-            model = ORTModelForCausalLM.from_pretrained(str(onnx_dir), provider=provider)
+            model = load_ort_causal_lm(onnx_dir, provider)
             input_ids = torch.tensor([prompt_ids])
             output = model.generate(
                 input_ids=input_ids,

@@ -19,13 +19,13 @@ CALIB_FILE = DATA_DIR / "wiki.valid.tokens"
 EVAL_FILE = DATA_DIR / "wiki.test.raw"
 
 
-def _tiny_config(arch_name: str, tied: bool, num_layers: int = 6):
+def _tiny_config(arch_name: str, tied: bool, num_layers: int = 6, hidden: int = 64, sliding_window: int | None = None):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -39,9 +39,17 @@ def _tiny_config(arch_name: str, tied: bool, num_layers: int = 6):
     )
     factories = {
         "llama": lambda: LlamaConfig(**common),
-        "mistral": lambda: MistralConfig(**common, sliding_window=None),
-        "qwen2": lambda: Qwen2Config(**common, use_sliding_window=False),
-        "qwen3": lambda: Qwen3Config(**common, head_dim=16, use_sliding_window=False),
+        "mistral": lambda: MistralConfig(**common, sliding_window=sliding_window),
+        "qwen2": lambda: Qwen2Config(
+            **common, use_sliding_window=sliding_window is not None, sliding_window=sliding_window or 4096
+        ),
+        # Qwen3-0.6B/4B style: head_dim (here 2x) differs from hidden_size / num_attention_heads.
+        "qwen3": lambda: Qwen3Config(
+            **common,
+            head_dim=2 * hidden // 4,
+            use_sliding_window=sliding_window is not None,
+            sliding_window=sliding_window or 4096,
+        ),
     }
     return factories[arch_name]()
 
@@ -50,11 +58,18 @@ TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 """One tiny fixture per registry entry; `test_registry_has_tiny_fixtures` keeps the two in step."""
 
 
-def build_tiny_model(arch_name: str, tied: bool = True, num_layers: int = 6, seed: int = 0):
+def build_tiny_model(
+    arch_name: str,
+    tied: bool = True,
+    num_layers: int = 6,
+    seed: int = 0,
+    hidden: int = 64,
+    sliding_window: int | None = None,
+):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_tiny_config(arch_name, tied, num_layers))
+    model = AutoModelForCausalLM.from_config(_tiny_config(arch_name, tied, num_layers, hidden, sliding_window))
     # Random init at std 0.02 makes every layer nearly an identity; larger weights give layers real work to do.
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -83,11 +98,21 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
     """Factory: saves (once) a tiny random model of an architecture with SmolLM2's tokenizer; returns its dir."""
     cache: dict[tuple, Path] = {}
 
-    def make(arch_name: str = "llama", tied: bool = True, num_layers: int = 6) -> Path:
-        key = (arch_name, tied, num_layers)
+    def make(
+        arch_name: str = "llama",
+        tied: bool = True,
+        num_layers: int = 6,
+        hidden: int = 64,
+        sliding_window: int | None = None,
+    ) -> Path:
+        """`hidden=256` gives rows that split into K-quant super-blocks; `sliding_window` a windowed attention."""
+        key = (arch_name, tied, num_layers, hidden, sliding_window)
         if key not in cache:
-            path = tmp_path_factory.mktemp(f"tiny-{arch_name}-{'tied' if tied else 'untied'}-{num_layers}")
-            build_tiny_model(arch_name, tied, num_layers).save_pretrained(path)
+            name = f"tiny-{arch_name}-{'tied' if tied else 'untied'}-{num_layers}-h{hidden}-w{sliding_window}"
+            path = tmp_path_factory.mktemp(name)
+            build_tiny_model(arch_name, tied, num_layers, hidden=hidden, sliding_window=sliding_window).save_pretrained(
+                path
+            )
             smollm2_tokenizer.save_pretrained(path)
             cache[key] = path
         return cache[key]

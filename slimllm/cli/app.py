@@ -101,10 +101,10 @@ def run_command(debug: bool, action: Callable[[], T], resume_hint: str | None = 
         _fail(debug, str(exc), EXIT_USER_ERROR)
     except SlimllmError as exc:
         _fail(debug, str(exc), EXIT_FAILURE)
-    except PermissionError as exc:
-        where = f" to {exc.filename}" if exc.filename else ""
-        _fail(debug, f"permission denied writing{where}; choose an --out you can write to", EXIT_USER_ERROR)
     except OSError as exc:
+        if isinstance(exc, PermissionError) or exc.errno == errno.EROFS:
+            where = f" to {exc.filename}" if exc.filename else ""
+            _fail(debug, f"permission denied writing{where}; choose an --out you can write to", EXIT_USER_ERROR)
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         where = f" while writing {exc.filename}" if exc.filename else ""

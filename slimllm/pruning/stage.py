@@ -168,8 +168,9 @@ def run_prune(
     """
     started = time.perf_counter()
     work_dir = work_directory(Path(out_dir))
+    inputs = [Path(str(model))] if isinstance(model, (str, Path)) and Path(str(model)).exists() else []
     if not resume:
-        check_output_directory(Path(out_dir), force)  # fail before any expensive work
+        check_output_directory(Path(out_dir), force, protected=inputs)  # fail before any expensive work
     elif not work_dir.is_dir():
         raise UserInputError(f"nothing to resume: {work_dir} does not exist; run without --resume")
     owns_model = not isinstance(model, LoadedModel)
@@ -235,6 +236,8 @@ def run_prune(
         "dtype": dtype_name(loaded.dtype),
         "notes": result.notes,
     }
-    save_pruned_checkpoint(pruned, loaded.tokenizer, Path(out_dir), record, force=force or resume)
+    save_pruned_checkpoint(
+        pruned, loaded.tokenizer, Path(out_dir), record, force=force or resume, protected=[*inputs, loaded.source.path]
+    )
     shutil.rmtree(work_dir, ignore_errors=True)
     return result

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,10 +87,19 @@ def remove_layers(
     return model, SurgeryReport(num_layers, kept, removed, notes)
 
 
-def save_pruned_checkpoint(model: nn.Module, tokenizer, out_dir: Path, record: dict, force: bool = False) -> Path:
-    """Save model (safetensors), tokenizer, generation config and `slimllm_pruning.json`, atomically."""
+def save_pruned_checkpoint(
+    model: nn.Module,
+    tokenizer,
+    out_dir: Path,
+    record: dict,
+    force: bool = False,
+    protected: Sequence[Path | str | None] = (),
+) -> Path:
+    """Save model (safetensors), tokenizer, generation config and `slimllm_pruning.json`, atomically.
+
+    `protected` are inputs (the source model) that `force` must never replace."""
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir, force=force) as tmp:
+    with atomic_directory(out_dir, force=force, protected=[p for p in protected if p is not None]) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
