@@ -26,7 +26,7 @@ DATA_DIR ?= ../shared/data/wikitext2
 EVAL_DATA := $(if $(wildcard $(DATA_DIR)/wiki.test.raw),$(DATA_DIR)/wiki.test.raw,wikitext2)
 DEMO_OUT ?= runs/demo
 
-.PHONY: install install-gpu test demo lint bench-quality bench-speed clean
+.PHONY: install install-gpu gpu-check test demo lint bench-quality bench-speed clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ install: $(STAMP)
 install-gpu: $(STAMP)
 	$(BIN)/python -m pip uninstall --yes onnxruntime
 	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps "onnxruntime-gpu>=1.20"
+
+# On a machine with one NVIDIA GPU: the GPU build, the GPU-marked tests, bf16 TRSP, CUDA-EP parity and the cuda
+# profile, in about 8 minutes, ending with one summary table.
+gpu-check: install-gpu
+	$(BIN)/python bench/gpu_check.py
 
 test: install
 	$(BIN)/ruff check slimllm exporters tests bench examples

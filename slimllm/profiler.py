@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from slimllm.artifacts import (
+    OUTPUT_MARKER,
     check_output_directory,
     library_versions,
     machine_info,
@@ -383,7 +384,7 @@ def _only_artifacts(out_dir: Path) -> bool:
     if not out_dir.is_dir():
         return True
     names = {p.name for p in out_dir.iterdir()}
-    return names <= {"artifacts", "latency.json", "latency.md", "latency.png"}
+    return names <= {"artifacts", "latency.json", "latency.md", "latency.png", OUTPUT_MARKER}
 
 
 def _payload(profile, models, shapes, samples, runtime, notes, partial, seconds) -> dict[str, Any]:

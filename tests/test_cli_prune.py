@@ -97,9 +97,15 @@ def test_prune_refuses_non_empty_out_without_force(tiny_model_dir, tmp_path):
     args = ["prune", str(tiny_model_dir("llama")), "--method", "last", "--remove", "1", "--out", str(out)]
     _assert_user_error(run_cli(*args), "already exists and is not empty; pass --force")
     assert (out / "keep.txt").read_text() == "precious"
-    result = run_cli(*args, "--force")
+    # --force replaces only what slimllm wrote: a folder of someone else's files is refused even then.
+    _assert_user_error(run_cli(*args, "--force"), "--force only replaces outputs slimllm wrote")
+    assert (out / "keep.txt").read_text() == "precious"
+    ours = tmp_path / "ours"
+    first = ["prune", str(tiny_model_dir("llama")), "--method", "last", "--remove", "1", "--out", str(ours)]
+    assert run_cli(*first).exit_code == 0
+    result = run_cli(*first[:-4], "--method", "random", "--remove", "2", "--out", str(ours), "--force")
     assert result.exit_code == 0, result.output
-    assert not (out / "keep.txt").exists() and (out / PRUNING_RECORD_FILE).is_file()
+    assert json.loads((ours / PRUNING_RECORD_FILE).read_text())["method"] == "random"
 
 
 def test_prune_refuses_calibrating_on_test_split(tiny_model_dir, tmp_path):

@@ -250,3 +250,31 @@ def test_compile_user_errors(tiny_model_dir, tmp_path, recipe):
     bad.write_text("[gguf]\nouttype = ['f16']\n[compile]\nprofil = 'x'\n")
     _assert_user_error(run_cli(*base, "--remove", "1", "--recipe", str(bad)), "gguf.outtype, compile.profil")
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_recipe_target_and_export_settings_are_used_and_reports_show_only_this_run(tiny_model_dir, tmp_path):
+    """[compile] target and [onnx] eval settings from a recipe are used unless a flag is given; a rerun with another
+    --target reports exactly its own stages, with no leftover ONNX section and no stage still 'running'."""
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(
+        TINY_RECIPE.replace("[compile]\n", '[compile]\ntarget = "onnx"\n') + "\n[onnx]\neval_seq_len = 48\n"
+    )
+    out = tmp_path / "run"
+    base = ["compile", str(tiny_model_dir("llama")), "--method", "last", "--remove", "1", "--recipe", str(recipe),
+            "--profile", "none", "--out", str(out)]
+    first = run_cli(*base)
+    assert first.exit_code == 0, first.output
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert "export_onnx" in manifest["run_stages"] and "export_gguf" not in manifest["run_stages"]
+    assert manifest["settings"]["onnx"]["eval_seq_len"] == 48  # the [onnx] value, not compile's 64
+    assert "Parity of the exports" in (out / "report.md").read_text()
+
+    second = run_cli(*base, "--target", "gguf", "--eval-seq-len", "40")
+    assert second.exit_code == 0, second.output
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["run_stages"] == ["prune", "export_gguf", "evaluate", "report"]
+    assert manifest["settings"]["gguf"]["eval_seq_len"] == 40  # a flag that was given wins over every recipe value
+    report = (out / "report.md").read_text()
+    assert "ONNX `" not in report and "GGUF files in llama.cpp" in report
+    assert "running" not in report.split("## Stages", 1)[1]
+    assert "export_onnx" not in report.split("## Stages", 1)[1]

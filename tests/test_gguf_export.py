@@ -10,7 +10,7 @@ from gguf import GGUFReader
 from test_cli import _assert_user_error, run_cli
 
 import slimllm.exporters.gguf as gguf_exporter
-from slimllm.errors import ExportError
+from slimllm.errors import ExportError, UserInputError
 from slimllm.exporters.checkpoint import inspect_checkpoint
 from slimllm.exporters.gguf import VALIDATION_FILE, GgufExportSettings, export_gguf, validate_gguf_files
 from slimllm.exporters.gguf_vocab import BPE_PRE_TOKENIZERS, identify_bpe_pre_tokenizer
@@ -51,7 +51,8 @@ def test_f32_export_matches_pytorch_in_llama_cpp(tiny_model_dir, tmp_path, arch_
 
 
 def test_all_types_in_one_call(tiny_model_dir, tmp_path):
-    source = tiny_model_dir("llama", True)
+    # 256-wide rows split into K-quant super-blocks, so Q4_K_M is a real K-quant, not llama.cpp's Q5_0 fallback.
+    source = tiny_model_dir("llama", True, hidden=256)
     types = ["f16", "bf16", "q8_0", "q4_0", "q4_k_m"]
     result = export_gguf(source, tmp_path / "gguf", GgufExportSettings(outtypes=types, **FAST))
     assert sorted(info["type"] for info in result.files.values()) == sorted(t.upper() for t in types)
@@ -65,10 +66,15 @@ def test_all_types_in_one_call(tiny_model_dir, tmp_path):
     assert tensor_types["Q4_0"]["token_embd.weight"] == "Q8_0"  # tied: it is also the output projection
     assert tensor_types["F16"]["blk.0.attn_norm.weight"] == "F32"  # 1-D tensors stay F32
     assert tensor_types["BF16"]["blk.0.attn_k.weight"] == "BF16"
-    assert "Q4_K" in set(tensor_types["Q4_K_M"].values()) or "Q5_0" in set(tensor_types["Q4_K_M"].values())
-    for info in result.files.values():
-        bound = gguf_exporter.TOLERANCES[GgufType(info["type"].lower())].max_ppl_ratio
-        assert info["passed"] and info["ppl_ratio"] <= bound
+    assert tensor_types["Q4_K_M"]["blk.0.attn_q.weight"] == "Q4_K"
+    assert "Q5_0" not in set(tensor_types["Q4_K_M"].values())
+    for name, info in result.files.items():
+        tolerance = gguf_exporter.TOLERANCES[GgufType(info["type"].lower())]
+        assert info["passed"] and info["ppl_ratio"] <= tolerance.max_ppl_ratio
+        # Every type is held to an argmax bound, not only F32: perplexity alone misses a wrong attention pattern.
+        agreement = _checks(result.validation, name)["argmax agreement on evaluation windows"]
+        assert agreement["bound"] == tolerance.min_argmax_agreement > 0 and agreement["passed"]
+        assert agreement["value"] >= tolerance.min_argmax_agreement
     sizes = {info["type"]: info["bytes"] for info in result.files.values()}
     assert sizes["Q4_0"] < sizes["Q8_0"] < sizes["F16"]
 
@@ -342,3 +348,22 @@ def test_gguf_py_quantizers_match_llama_cpp(tiny_model_dir, tmp_path, outtype):
         assert np.array_equal(np.asarray(tensor.data), np.asarray(mine.data)), tensor.name
         compared += 1
     assert compared >= 6 * 9  # every layer's matrices and norms
+
+
+def test_sliding_window_model_exports_only_with_full_attention_allowed(tiny_model_dir, tmp_path):
+    """Mistral with a 32-token window: llama.cpp's llama graph has none, so the export is refused unless
+    --allow-full-attention, which is recorded, and measured past the window against the real model."""
+    source = tiny_model_dir("mistral", sliding_window=32)
+    with pytest.raises(UserInputError, match="sliding window of 32 tokens"):
+        export_gguf(source, tmp_path / "refused", GgufExportSettings(outtypes=["f32"], **FAST))
+    assert not (tmp_path / "refused").exists()
+    settings = GgufExportSettings(outtypes=["f32"], allow_full_attention=True, **FAST)
+    result = export_gguf(source, tmp_path / "gguf", settings)
+    validation = json.loads((tmp_path / "gguf" / "validation.json").read_text())
+    attention = validation["attention"]
+    assert attention["sliding_window"] == 32 and "full attention" in attention["exported_as"]
+    (name,) = result.files
+    beyond = next(c for c in validation["files"][name]["checks"] if "beyond the sliding window" in c["name"])
+    assert beyond["details"]["context"] == 64
+    # The F32 file matches the full-attention model exactly, and so departs from the windowed one past 32 tokens.
+    assert result.files[name]["argmax_agreement"] >= 0.995 and beyond["value"] < 0.99

@@ -153,7 +153,7 @@ def test_export_cli_json(tiny_model_dir, tmp_path):
         (["--target", "onnx", "--engine", "genai", "--quant", "int8"], "genai engine builds fp32, fp16 or int4"),
         (["--target", "onnx", "--quant", "int3"], "unknown --quant 'int3'; use one of none, int8, int8-dynamic, int4"),
         (["--target", "onnx", "--block-size", "48"], "--block-size must be"),
-        (["--target", "onnx", "--outtype", "q8_0"], "--outtype is a GGUF option"),
+        (["--target", "onnx", "--outtype", "q8_0"], "are GGUF options"),
         (["--target", "gguf", "--quant", "int4"], "are ONNX options"),
     ],
 )
@@ -184,3 +184,18 @@ def test_fp16_export_on_cuda(tiny_model_dir, tmp_path):
     result = export_onnx(tiny_model_dir("llama", True), tmp_path / "fp16", OnnxExportSettings(dtype="fp16"))
     assert result.provider == "CUDAExecutionProvider" and result.validation["passed"]
 
+
+
+def test_bound_decoding_keeps_the_cache_on_the_device_and_decodes_like_the_numpy_path(tiny_model_dir, tmp_path):
+    """IOBinding decode (what the latency profile times) produces the same tokens as feeding numpy arrays."""
+    out = tmp_path / "onnx"
+    export_onnx(tiny_model_dir("llama"), out, OnnxExportSettings(eval_seq_len=32, eval_windows=1))
+    session = OrtCausalLM(out / "model.onnx", "cpu")
+    expected, token, past = [], 1, None
+    mask = np.ones((1, 0), dtype=np.int64)
+    for _ in range(6):
+        mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
+        logits, past = session.forward(np.array([[token]], dtype=np.int64), mask, past)
+        token = int(logits[0, -1].argmax())
+        expected.append(token)
+    assert session.decode_bound(1, 6) == expected

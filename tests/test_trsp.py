@@ -74,7 +74,7 @@ def test_gates_stay_fp32_under_cuda_autocast():
 
     model = build_tiny_model("llama", num_layers=3).cuda()
     gates = attach_gates(model)
-    with autocast(torch.device("cuda")):
+    with autocast(torch.device("cuda"), torch.bfloat16):
         loss = model(IDS.cuda(), labels=IDS.cuda()).loss
     loss.backward()
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in gates.parameters())
@@ -107,13 +107,24 @@ def test_stage2_regularizer_shrinks_the_selected_layers():
 
 
 def test_fade_leaves_the_selected_layers_removable():
+    """After the fade the kept layers do the selected layers' work: removing them costs less than it did before."""
+    from slimllm.pruning.surgery import remove_layers
+
     model = build_tiny_model("qwen2", num_layers=5)
+    untouched = build_tiny_model("qwen2", num_layers=5)
     blocks = torch.randint(3, 49152, (8, 32), generator=torch.Generator().manual_seed(1))
-    settings = TrspSettings(stage2=Stage2Mode.FADE, steps_per_round=2, stage2_steps=8)
+    settings = TrspSettings(stage2=Stage2Mode.FADE, steps_per_round=2, stage2_steps=8, stage2_lr=1e-3)
     order, info = run_trsp(model, blocks, 2, range(4), settings, batch_size=2)
     assert info.training_tokens == (2 * 2 + 8) * 2 * 32
     assert len(info.stage2_losses) == 8
     assert type(decoder_layers(model)[0]).__name__ == "Qwen2DecoderLayer"  # gates detached
+
+    def loss_without_selected(network) -> float:
+        pruned, _ = remove_layers(network, order)
+        with torch.no_grad():
+            return float(pruned(blocks, labels=blocks).loss)
+
+    assert loss_without_selected(model) < loss_without_selected(untouched) - 0.05
 
 
 def test_distillation_kl_is_the_kl_of_next_token_distributions():
@@ -165,13 +176,14 @@ class _Interrupt(Exception):
 
 
 @pytest.mark.parametrize(
-    "stop_at, distill",
-    [(5, 0.0), (9, 0.0), (9, 1.0)],  # inside stage 1 (round 3 of 3), inside stage 2, inside a distilling stage 2
+    "stop_at, distill, scope",
+    # inside stage 1 (round 3 of 3), inside stage 2, inside a distilling stage 2; both stage-1 training scopes
+    [(5, 0.0, "full"), (9, 0.0, "full"), (9, 1.0, "full"), (5, 0.0, "gates"), (9, 0.0, "gates")],
 )
-def test_resume_equals_an_uninterrupted_run(tmp_path, stop_at, distill):
+def test_resume_equals_an_uninterrupted_run(tmp_path, stop_at, distill, scope):
     blocks = torch.randint(3, 49152, (10, 32), generator=torch.Generator().manual_seed(2))
     settings = TrspSettings(
-        stage2=Stage2Mode.FADE, steps_per_round=2, stage2_steps=6, train_scope="full", distill=distill
+        stage2=Stage2Mode.FADE, steps_per_round=2, stage2_steps=6, train_scope=scope, distill=distill
     )
 
     reference_model = build_tiny_model("llama", num_layers=6)
@@ -262,3 +274,86 @@ def test_cli_recipe_typo_is_exit_2(tiny_model_dir, tmp_path):
 def test_cli_resume_without_state_is_exit_2(tiny_model_dir, tmp_path):
     result = run_cli("prune", str(tiny_model_dir("llama")), "--remove", "1", "--resume", "--out", str(tmp_path / "o"))
     _assert_user_error(result, "nothing to resume")
+
+
+@pytest.mark.parametrize("change", ["k", "lambda1", "seed", "data"])
+def test_resume_with_other_settings_or_data_is_refused(tmp_path, change):
+    """A checkpoint holds the hash of the run that wrote it; resuming another run is one clear error."""
+    blocks = torch.randint(3, 49152, (10, 32), generator=torch.Generator().manual_seed(2))
+    settings = TrspSettings(stage2=Stage2Mode.FADE, steps_per_round=2, stage2_steps=6)
+
+    def stop(done, total, **_):
+        if done == 3:
+            raise _Interrupt
+
+    work = tmp_path / "work"
+    with pytest.raises(_Interrupt):
+        run_trsp(build_tiny_model("llama"), blocks, 3, range(5), settings, batch_size=2, work_dir=work, progress=stop)
+    k, seed = 3, 0
+    if change == "k":
+        k = 2
+    elif change == "lambda1":
+        settings = TrspSettings(stage2=Stage2Mode.FADE, steps_per_round=2, stage2_steps=6, lambda1=0.5)
+    elif change == "seed":
+        seed = 1
+    else:
+        blocks = blocks.flip(0)
+    with pytest.raises(UserInputError, match="other settings, calibration data or model"):
+        run_trsp(build_tiny_model("llama"), blocks, k, range(5), settings, batch_size=2, seed=seed, work_dir=work,
+                 resume=True)
+
+
+def test_training_keeps_fp32_master_weights_and_computes_in_the_requested_dtype(tiny_model_dir):
+    """--dtype bf16 for TRSP: weights stay fp32 (updates do not round away), the forward runs under bf16 autocast."""
+    from slimllm.device import autocast_dtype, model_autocast
+    from slimllm.models import load_model
+
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu", dtype="bf16", for_training=True)
+    model = loaded.model
+    assert loaded.dtype == torch.bfloat16 and autocast_dtype(model) == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with torch.no_grad(), model_autocast(model):
+        assert model(IDS).logits.dtype == torch.bfloat16
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    blocks = torch.randint(3, 49152, (4, 32), generator=torch.Generator().manual_seed(5))
+    settings = TrspSettings(stage2=Stage2Mode.FADE, steps_per_round=1, stage2_steps=4, stage2_lr=1e-4)
+    run_trsp(model, blocks, 1, range(5), settings, batch_size=2)
+    changed = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
+    assert changed and all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_inference_in_fp32_runs_without_autocast(tiny_model_dir):
+    from slimllm.device import autocast_dtype, model_autocast
+    from slimllm.models import load_model
+
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu", dtype="fp32")
+    assert autocast_dtype(loaded.model) is None
+    with torch.no_grad(), model_autocast(loaded.model):
+        assert loaded.model(IDS).logits.dtype == torch.float32
+
+
+def test_training_refuses_half_precision_weights():
+    model = build_tiny_model("llama", num_layers=3).to(torch.bfloat16)
+    blocks = torch.randint(3, 49152, (4, 32), generator=torch.Generator().manual_seed(5))
+    with pytest.raises(UserInputError, match="must be held in fp32"):
+        run_trsp(model, blocks, 1, range(2), TrspSettings(), batch_size=2)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_training_changes_fp32_weights_and_eval_fp32_uses_no_autocast(tiny_model_dir):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU: bf16 autocast over fp32 master weights is the CUDA training path")
+    from slimllm.device import model_autocast
+    from slimllm.models import load_model
+
+    loaded = load_model(str(tiny_model_dir("llama")), device="cuda", for_training=True)
+    model = loaded.model
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    blocks = torch.randint(3, 49152, (4, 32), generator=torch.Generator().manual_seed(5))
+    info = run_trsp(model, blocks, 1, range(5), TrspSettings(steps_per_round=2, stage2_steps=8), batch_size=2)[1]
+    assert info.stage2_losses[-1] < info.stage2_losses[0]
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    evaluated = load_model(str(tiny_model_dir("llama")), device="cuda", dtype="fp32")
+    with torch.no_grad(), model_autocast(evaluated.model):
+        assert evaluated.model(IDS.cuda()).logits.dtype == torch.float32
