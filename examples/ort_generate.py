@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import sys
 
-from optimum.onnxruntime import ORTModelForCausalLM
 from transformers import AutoTokenizer
+
+from slimllm.exporters.onnx import load_ort_causal_lm
 
 
 def main() -> None:
     onnx_dir = sys.argv[1] if len(sys.argv) > 1 else "runs/demo/onnx"
     prompt = sys.argv[2] if len(sys.argv) > 2 else "The tallest mountain in Europe is"
     tokenizer = AutoTokenizer.from_pretrained(onnx_dir)
-    model = ORTModelForCausalLM.from_pretrained(onnx_dir, provider="CPUExecutionProvider")
+    # optimum's ORTModelForCausalLM, with the KV-cache head size fixed for configs with an explicit head_dim.
+    model = load_ort_causal_lm(onnx_dir, provider="CPUExecutionProvider")
     inputs = tokenizer(prompt, return_tensors="pt")
     output = model.generate(**inputs, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     print(tokenizer.decode(output[0], skip_special_tokens=True))

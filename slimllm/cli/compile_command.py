@@ -79,7 +79,7 @@ def compile_command(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue a killed run (TRSP from its last round checkpoint).")
     ] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an output directory holding another run.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace another run slimllm wrote in --out.")] = False,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
     debug: DebugOpt = False,

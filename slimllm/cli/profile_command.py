@@ -25,7 +25,7 @@ def profile_command(
         str | None,
         typer.Option("--eval-data", help="Text for the parity checks of the exports made for profiling."),
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output directory.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace output slimllm wrote earlier.")] = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:

@@ -94,7 +94,7 @@ def prune_command(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue an interrupted TRSP run from its last round checkpoint.")
     ] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output directory.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace output slimllm wrote earlier.")] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
