@@ -27,16 +27,17 @@ T = TypeVar("T")
 
 
 def recipe_sections() -> dict[str, type]:
+    """Section name -> settings class: compile's, the prune stage's, each registered method's own, the exporters'."""
     from slimllm.exporters.gguf import GgufExportSettings
     from slimllm.exporters.onnx import OnnxExportSettings
     from slimllm.pipeline import CompileSettings
+    from slimllm.pruning.registry import method_settings_sections
     from slimllm.pruning.stage import PruneSettings
-    from slimllm.pruning.trsp import TrspSettings
 
     return {
         "compile": CompileSettings,
         "prune": PruneSettings,
-        "trsp": TrspSettings,
+        **method_settings_sections(),
         "onnx": OnnxExportSettings,
         "gguf": GgufExportSettings,
     }

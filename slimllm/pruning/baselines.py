@@ -1,6 +1,6 @@
 """Baseline layer-selection methods: ShortGPT, angular block, SLEB, last-k and random.
 
-    >>> selection = select_layers(model, PruneMethod.SHORTGPT, k=8, blocks=calib_blocks, candidates=range(30))
+    >>> selection = select_layers(model, "shortgpt", k=8, blocks=calib_blocks, candidates=range(30))
     >>> selection.removed_layers
     [3, 12, 13, 14, 15, 17, 25, 26]
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,20 +20,11 @@ from slimllm.device import model_autocast
 from slimllm.errors import UserInputError
 from slimllm.evaluate import causal_lm_loss_sum
 from slimllm.pruning.layer_io import layers_skipped, run_from_layer, trace_decoder
-from slimllm.pruning.methods import PruneMethod
+from slimllm.pruning.registry import PruningMethod, Selection, SelectionRequest, get_method, register
 
 Progress = Callable[[int, int], None]
 
-
-@dataclass
-class Selection:
-    """Layers a method chose to remove, with the per-layer scores behind the choice."""
-
-    removed_layers: list[int]
-    """Original indices, sorted."""
-    scores: dict[str, float] = field(default_factory=dict)
-    """Per-layer (or per-start) score, keyed by the original index as a string (JSON-friendly)."""
-    details: dict = field(default_factory=dict)
+__all__ = ["Selection", "select_layers", "block_influence", "angular_distances", "sleb_greedy"]
 
 
 def _minibatches(blocks: torch.Tensor, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
@@ -138,7 +128,7 @@ def sleb_greedy(
 
 def select_layers(
     model,
-    method: PruneMethod,
+    method,
     k: int,
     blocks: torch.Tensor | None,
     candidates: Sequence[int],
@@ -146,22 +136,36 @@ def select_layers(
     seed: int = 0,
     progress: Progress | None = None,
 ) -> Selection:
-    """Choose k of the candidate layers with a baseline method. `blocks` may be None for last/random."""
-    candidates = list(candidates)
-    if method is PruneMethod.LAST:
-        return Selection(sorted(candidates[-k:]), details={"rule": "last k candidate layers"})
-    if method is PruneMethod.RANDOM:
-        generator = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(candidates), generator=generator).tolist()
-        return Selection(sorted(candidates[i] for i in order[:k]), details={"seed": seed})
-    assert blocks is not None, "score-based methods need calibration blocks"
-    if method is PruneMethod.SHORTGPT:
-        influence = block_influence(model, blocks, batch_size, progress)
-        ranked = sorted(candidates, key=lambda i: (influence[i], i))
-        return Selection(sorted(ranked[:k]), scores={str(i): influence[i] for i in range(len(influence))})
-    if method is PruneMethod.ANGULAR:
-        distances = angular_distances(model, blocks, k, batch_size, progress)
-        candidate_set = set(candidates)
+    """Choose k of the candidate layers with a registered method that trains nothing (`method`: name or enum)."""
+    spec = get_method(method)
+    if spec.trains_weights:
+        raise ValueError(f"{spec.name} trains weights; run it through slimllm.pruning.stage.prune_in_memory")
+    if spec.needs_calibration and blocks is None:
+        raise ValueError(f"{spec.name} needs calibration blocks")
+    request = SelectionRequest(model, blocks, k, list(candidates), batch_size, seed, progress=progress)
+    return spec.select(request)
+
+
+@register
+class ShortGPT(PruningMethod):
+    name = "shortgpt"
+    description = "ShortGPT Block Influence: remove the k layers whose output is most similar to their input."
+
+    def select(self, request: SelectionRequest) -> Selection:
+        influence = block_influence(request.model, request.blocks, request.batch_size, request.progress)
+        ranked = sorted(request.candidates, key=lambda i: (influence[i], i))
+        return Selection(sorted(ranked[: request.k]), scores={str(i): influence[i] for i in range(len(influence))})
+
+
+@register
+class Angular(PruningMethod):
+    name = "angular"
+    description = "Gromov et al.: the contiguous block of k layers with the smallest angular distance across it."
+
+    def select(self, request: SelectionRequest) -> Selection:
+        k = request.k
+        distances = angular_distances(request.model, request.blocks, k, request.batch_size, request.progress)
+        candidate_set = set(request.candidates)
         starts = [s for s in range(len(distances)) if all(i in candidate_set for i in range(s, s + k))]
         if not starts:
             raise UserInputError(
@@ -174,7 +178,38 @@ def select_layers(
             scores={str(s): distances[s] for s in range(len(distances))},
             details={"start": best},
         )
-    if method is PruneMethod.SLEB:
-        order, history = sleb_greedy(model, blocks, k, candidates, batch_size, progress)
+
+
+@register
+class Sleb(PruningMethod):
+    name = "sleb"
+    description = "SLEB-style greedy: repeatedly remove the layer whose removal hurts the calibration loss least."
+
+    def select(self, request: SelectionRequest) -> Selection:
+        order, history = sleb_greedy(
+            request.model, request.blocks, request.k, list(request.candidates), request.batch_size, request.progress
+        )
         return Selection(sorted(order), details={"removal_order": order, "step_losses": history})
-    raise ValueError(f"{method} is not a baseline method")
+
+
+@register
+class Last(PruningMethod):
+    name = "last"
+    description = "The last k candidate layers (the final layer is protected by default)."
+    needs_calibration = False
+
+    def select(self, request: SelectionRequest) -> Selection:
+        return Selection(sorted(list(request.candidates)[-request.k :]), details={"rule": "last k candidate layers"})
+
+
+@register
+class Random(PruningMethod):
+    name = "random"
+    description = "k candidate layers drawn with the seed."
+    needs_calibration = False
+
+    def select(self, request: SelectionRequest) -> Selection:
+        candidates = list(request.candidates)
+        generator = torch.Generator().manual_seed(request.seed)
+        order = torch.randperm(len(candidates), generator=generator).tolist()
+        return Selection(sorted(candidates[i] for i in order[: request.k]), details={"seed": request.seed})

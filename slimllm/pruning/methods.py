@@ -1,33 +1,33 @@
-"""The closed set of pruning methods."""
+"""`PruneMethod`: the registered pruning methods as an enum, for settings fields and `--method` choices.
+
+The members are made from the registry (`slimllm.pruning.registry`), so registering a method adds its member; each
+member answers `needs_calibration`, `trains_weights` and `spec` (the registered method object).
+"""
 
 from __future__ import annotations
 
 from enum import Enum
 
+from slimllm.pruning.registry import PruningMethod, all_methods, get_method
 
-class PruneMethod(str, Enum):
-    TRSP = "trsp"
-    """Two-stage regularization-based structured pruning: learned gates select, knowledge transfer, removal."""
-    SHORTGPT = "shortgpt"
-    """ShortGPT Block Influence: remove the k layers whose output is most similar to their input."""
-    ANGULAR = "angular"
-    """Gromov et al.: remove the contiguous block of k layers with the smallest angular distance across it."""
-    SLEB = "sleb"
-    """SLEB-style greedy: repeatedly remove the layer whose removal hurts the calibration loss least."""
-    LAST = "last"
-    """The last k candidate layers (the final layer is protected by default)."""
-    RANDOM = "random"
-    """k candidate layers drawn with the seed."""
+
+class _RegisteredMethod(str, Enum):
+    @property
+    def spec(self) -> PruningMethod:
+        return get_method(self.value)
 
     @property
     def needs_calibration(self) -> bool:
-        return self not in (PruneMethod.LAST, PruneMethod.RANDOM)
+        return self.spec.needs_calibration
 
     @property
     def trains_weights(self) -> bool:
         """The method updates weights, so the model is held in fp32 master weights (autocast on CUDA)."""
-        return self is PruneMethod.TRSP
+        return self.spec.trains_weights
 
 
-BASELINE_METHODS: tuple[PruneMethod, ...] = tuple(m for m in PruneMethod if m is not PruneMethod.TRSP)
-"""The methods `slimllm.pruning.baselines.select_layers` implements."""
+PruneMethod = _RegisteredMethod("PruneMethod", {name.upper(): name for name in all_methods()})
+"""Every registered method: TRSP, SHORTGPT, ANGULAR, SLEB, LAST, RANDOM and any method registered after them."""
+
+BASELINE_METHODS: tuple[PruneMethod, ...] = tuple(m for m in PruneMethod if not m.trains_weights)
+"""The registered methods that select without training (the baselines)."""

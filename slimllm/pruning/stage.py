@@ -21,11 +21,11 @@ from slimllm.data import CalibrationData, load_calibration
 from slimllm.device import dtype_name
 from slimllm.errors import UserInputError
 from slimllm.models import LoadedModel, load_model
-from slimllm.pruning.baselines import Selection, select_layers
 from slimllm.pruning.candidates import candidate_layers, check_removable, layers_to_remove
 from slimllm.pruning.methods import PruneMethod
+from slimllm.pruning.registry import Selection, SelectionRequest, get_method
 from slimllm.pruning.surgery import SurgeryReport, remove_layers, save_pruned_checkpoint
-from slimllm.pruning.trsp import TrspSettings, run_trsp
+from slimllm.pruning.trsp import TrspSettings
 
 Progress = Callable[..., None]
 """Called with (done, total) and, from TRSP, keyword details (stage, loss)."""
@@ -106,42 +106,34 @@ def prune_in_memory(
     trsp: TrspSettings | None = None,
     work_dir: Path | None = None,
     resume: bool = False,
+    method_settings=None,
 ) -> tuple[torch.nn.Module, SurgeryReport, Selection, float]:
     """Select and remove layers; returns the pruned model, the surgery report, the selection and its seconds.
 
-    The loaded model is left intact unless `inplace` (which saves a copy of the weights). TRSP trains weights, so
-    without `inplace` it works on a copy.
+    The loaded model is left intact unless `inplace` (which saves a copy of the weights); a method that trains
+    works on a copy otherwise. `method_settings` are the method's own settings (`trsp` is the same for TRSP).
     """
     k, candidates = resolve_k(loaded, settings)
+    spec = get_method(settings.method)
     started = time.perf_counter()
-    blocks = calibration.blocks if calibration is not None else None
-    if settings.method is PruneMethod.TRSP:
-        assert blocks is not None, "TRSP needs calibration blocks"
-        model = loaded.model if inplace else copy.deepcopy(loaded.model)
-        trsp = trsp or TrspSettings()
-        order, info = run_trsp(
-            model, blocks, k, candidates, trsp, settings.batch_size, settings.seed, work_dir, resume, progress
-        )
-        selection = Selection(
-            sorted(order),
-            scores={str(i): v for i, v in enumerate(info.gate_trajectory[0])} if info.gate_trajectory else {},
-            details={"trsp_settings": plain(trsp), **info.to_dict()},
-        )
-        seconds = time.perf_counter() - started
-        pruned, report = remove_layers(model, selection.removed_layers, inplace=True)
-        return pruned, report, selection, seconds
-    selection = select_layers(
-        loaded.model,
-        settings.method,
+    model = loaded.model if inplace or not spec.trains_weights else copy.deepcopy(loaded.model)
+    request = SelectionRequest(
+        model,
+        calibration.blocks if calibration is not None else None,
         k,
-        blocks,
         candidates,
-        batch_size=settings.batch_size,
-        seed=settings.seed,
+        settings.batch_size,
+        settings.seed,
+        settings=method_settings if method_settings is not None else trsp if spec.name == "trsp" else None,
+        work_dir=work_dir,
+        resume=resume,
         progress=progress,
     )
+    if spec.needs_calibration and request.blocks is None:
+        raise ValueError(f"{spec.name} needs calibration blocks")
+    selection = spec.select(request)
     seconds = time.perf_counter() - started
-    pruned, report = remove_layers(loaded.model, selection.removed_layers, inplace=inplace)
+    pruned, report = remove_layers(model, selection.removed_layers, inplace=inplace or spec.trains_weights)
     return pruned, report, selection, seconds
 
 

@@ -31,6 +31,7 @@ from slimllm.artifacts import atomic_write_bytes, plain, sha256_bytes, sha256_te
 from slimllm.device import model_autocast
 from slimllm.errors import UserInputError
 from slimllm.pruning.gates import GateMode, GateSet, attach_gates, detach_gates
+from slimllm.pruning.registry import PruningMethod, Selection, SelectionRequest, register
 from slimllm.pruning.training import (
     batch_schedule,
     causal_lm_loss,
@@ -475,3 +476,37 @@ def _stage2(model, gates, blocks, schedule, order, settings, checkpoints, resume
     gates.reset()
     info.delta_after_stage2 = _mean_relative_delta(gates, order, model, probe, settings.reg_norm)
     info.stage2_seconds += time.perf_counter() - started
+
+
+@register
+class Trsp(PruningMethod):
+    name = "trsp"
+    description = (
+        "Two-stage regularization-based structured pruning: learned gates select, knowledge transfer, removal."
+    )
+    trains_weights = True
+    settings_class = TrspSettings
+
+    def select(self, request: SelectionRequest) -> Selection:
+        """Runs both stages on `request.model` in place; the selected layers are removed by the caller."""
+        if request.blocks is None:
+            raise ValueError("TRSP needs calibration blocks")
+        settings = request.settings or TrspSettings()
+        order, info = run_trsp(
+            request.model,
+            request.blocks,
+            request.k,
+            request.candidates,
+            settings,
+            request.batch_size,
+            request.seed,
+            request.work_dir,
+            request.resume,
+            request.progress,
+        )
+        return Selection(
+            sorted(order),
+            scores={str(i): v for i, v in enumerate(info.gate_trajectory[0])} if info.gate_trajectory else {},
+            details={"trsp_settings": plain(settings), **info.to_dict()},
+        )
+

@@ -1,0 +1,116 @@
+"""The pruning-method registry: every layer-selection method is one class registered by name.
+
+    >>> from slimllm.pruning.registry import get_method
+    >>> spec = get_method("shortgpt")
+    >>> selection = spec.select(SelectionRequest(model, blocks, k=8, candidates=range(29)))
+
+A method declares its name, a one-line description, whether it reads calibration text, whether it trains weights,
+and the settings class of its own hyperparameters (None where it has none). The CLI's `--method` choices, the
+recipe sections (`[trsp]`, ...), the `compile` pipeline and the quality benchmark's rows all come from here, so a
+new method is one module that registers itself, plus its tests; its module is named in `BUILTIN_METHOD_MODULES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import import_module
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from slimllm.errors import UserInputError
+
+Progress = Callable[..., None]
+
+BUILTIN_METHOD_MODULES = ("slimllm.pruning.trsp", "slimllm.pruning.baselines")
+"""Modules that register the methods shipped with slimllm, in the order the CLI lists them."""
+
+
+@dataclass
+class Selection:
+    """Layers a method chose to remove, with the per-layer scores behind the choice."""
+
+    removed_layers: list[int]
+    """Original indices, sorted."""
+    scores: dict[str, float] = field(default_factory=dict)
+    """Per-layer (or per-start) score, keyed by the original index as a string (JSON-friendly)."""
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class SelectionRequest:
+    """Everything a method is given: the model (trained in place by methods that train), data and constraints."""
+
+    model: torch.nn.Module
+    blocks: torch.Tensor | None
+    """Calibration blocks [n, block_len]; None for methods that need none."""
+    k: int
+    candidates: Sequence[int]
+    batch_size: int = 2
+    seed: int = 0
+    settings: Any = None
+    """The method's own settings (an instance of its `settings_class`), or None for its defaults."""
+    work_dir: Path | None = None
+    """Where a method that trains may checkpoint, for `resume`."""
+    resume: bool = False
+    progress: Progress | None = None
+
+
+class PruningMethod:
+    """Base of every registered method. Subclasses set the class attributes and implement `select`."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    needs_calibration: ClassVar[bool] = True
+    trains_weights: ClassVar[bool] = False
+    """The method updates weights: the model is held in fp32 master weights and works on a copy."""
+    settings_class: ClassVar[type | None] = None
+    """Dataclass of the method's own hyperparameters; its recipe section is `[<name>]`."""
+
+    def default_settings(self) -> Any:
+        return self.settings_class() if self.settings_class is not None else None
+
+    def select(self, request: SelectionRequest) -> Selection:
+        raise NotImplementedError
+
+
+_METHODS: dict[str, PruningMethod] = {}
+
+
+def register(cls: type[PruningMethod]) -> type[PruningMethod]:
+    """Class decorator: register a method under its `name` (a second registration of a name is an error)."""
+    if cls.name in _METHODS and type(_METHODS[cls.name]) is not cls:
+        raise ValueError(f"pruning method {cls.name!r} is registered twice")
+    _METHODS[cls.name] = cls()
+    return cls
+
+
+def _load_builtin_methods() -> None:
+    for module in BUILTIN_METHOD_MODULES:
+        import_module(module)
+
+
+def all_methods() -> dict[str, PruningMethod]:
+    """Every registered method by name, the built-in ones first."""
+    _load_builtin_methods()
+    return dict(_METHODS)
+
+
+def method_names() -> list[str]:
+    return list(all_methods())
+
+
+def get_method(name: str | Any) -> PruningMethod:
+    """The registered method called `name` (an enum member's value works too); a user error for anything else."""
+    value = getattr(name, "value", name)
+    methods = all_methods()
+    if value not in methods:
+        raise UserInputError(f"unknown --method {value!r}; use one of {', '.join(methods)}")
+    return methods[value]
+
+
+def method_settings_sections() -> dict[str, type]:
+    """Recipe section name -> settings class, for every method that has its own settings."""
+    return {name: m.settings_class for name, m in all_methods().items() if m.settings_class is not None}
