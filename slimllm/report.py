@@ -8,7 +8,6 @@ Charts use matplotlib's headless Agg backend, so they render on servers without 
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,72 +18,66 @@ def _fmt(stats: dict[str, float], digits: int = 1) -> str:
     return f"{stats['median']:.{digits}f} ({stats['min']:.{digits}f}–{stats['max']:.{digits}f})"
 
 
-def latency_markdown(payload: dict[str, Any]) -> str:
+def latency_blocks(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """The latency report as blocks (text, tables, a list), rendered to Markdown or HTML alike."""
     profile = payload["profile"]
     machine = payload["machine"]
     dense_shape = payload["models"]["dense"]["shape"]
     pruned_shape = payload["models"]["pruned"]["shape"]
     lengths = [str(n) for n in profile["prompt_lengths"]]
     tg = f"tg{profile['generate_tokens']}"
-    lines = [f"# Latency: pruned vs dense ({profile['name']})", ""]
+    blocks: list[dict[str, Any]] = []
     failed = payload.get("failed_backends") or {}
     if failed:
-        lines += [
-            "**PARTIAL REPORT: "
-            + "; ".join(f"backend {label} failed ({reason})" for label, reason in failed.items())
-            + ". Only the backends below finished.**",
-            "",
-        ]
+        reasons = "; ".join(f"backend {label} failed ({reason})" for label, reason in failed.items())
+        blocks.append({"kind": "strong", "text": f"PARTIAL REPORT: {reasons}. Only the backends below finished."})
     elif payload["partial"]:
-        lines += ["**PARTIAL REPORT: the run was interrupted; only the backends below finished.**", ""]
-    lines += [
+        blocks.append({"kind": "strong", "text": "PARTIAL REPORT: the run was interrupted; only the backends below "
+                       "finished."})
+    blocks.append({"kind": "p", "text": (
         f"Dense: `{payload['models']['dense']['checkpoint']}` ({dense_shape['layers']} layers); "
-        f"pruned: `{payload['models']['pruned']['checkpoint']}` ({pruned_shape['layers']} layers).",
-        f"Device class: {profile['device_class']}. Machine: {machine.get('cpu')} ({machine.get('cpu_count')} cores), "
-        f"{machine.get('gpu', 'no GPU')}. Threads: {payload['threads']}.",
+        f"pruned: `{payload['models']['pruned']['checkpoint']}` ({pruned_shape['layers']} layers). "
+        f"Device class: {profile['device_class']}. Machine: {machine.get('cpu')} ({machine.get('cpu_count')} "
+        f"cores), {machine.get('gpu', 'no GPU')}. Threads: {payload['threads']}. "
         f"Repeats: {profile['repeats']} after {profile['warmup']} warm-up, dense and pruned alternating; "
-        "figures are medians with (min–max).",
-        "",
-        "| backend | model | TTFT ms (pp" + lengths[0] + ") | "
-        + " | ".join(f"pp{n} tok/s" for n in lengths)
-        + f" | {tg} tok/s | peak RSS MiB |",
-        "|---|---|---:|" + "---:|" * len(lengths) + "---:|---:|",
-    ]
+        "figures are medians with (min–max)."
+    )})
+    rows = []
     for label, entry in payload["summary"].items():
         for name in ("dense", "pruned"):
             stats = entry["models"][name]
             gpu = f" (GPU {stats['gpu_mib']:.0f})" if stats.get("gpu_mib") else ""
-            lines.append(
-                f"| {label} | {name} | {_fmt(stats['ttft_ms'])} | "
-                + " | ".join(_fmt(stats["prefill_tokens_per_s"][n], 0) for n in lengths)
-                + f" | {_fmt(stats['decode_tokens_per_s'])} | {stats['peak_rss_mib']:.0f}{gpu} |"
-            )
-    lines += [
-        "",
-        "Speedup of the pruned model (measured / ideal from FLOPs; efficiency = measured ÷ ideal):",
-        "",
-        "| backend | TTFT | " + " | ".join(f"pp{n}" for n in lengths) + f" | {tg} |",
-        "|---|---:|" + "---:|" * len(lengths) + "---:|",
-    ]
+            rows.append([label, name, _fmt(stats["ttft_ms"])]
+                        + [_fmt(stats["prefill_tokens_per_s"][n], 0) for n in lengths]
+                        + [_fmt(stats["decode_tokens_per_s"]), f"{stats['peak_rss_mib']:.0f}{gpu}"])
+    header = ["backend", "model", f"TTFT ms (pp{lengths[0]})", *[f"pp{n} tok/s" for n in lengths], f"{tg} tok/s",
+              "peak RSS MiB"]
+    blocks.append(_table(header, rows))
+    blocks.append({"kind": "p", "text": "Speedup of the pruned model (measured / ideal from FLOPs; efficiency = "
+                   "measured ÷ ideal):"})
+    speed_rows = []
     for label, entry in payload["summary"].items():
         speedups = entry["speedups"]
-        cells = []
-        for key in [f"pp{n}" for n in lengths] + [tg]:
-            s = speedups[key]
-            cells.append(f"{s['measured']:.3f} / {s['ideal']:.3f} ({100 * s['efficiency']:.0f} %)")
-        lines.append(f"| {label} | {speedups['ttft']['measured']:.3f} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
+        cells = [f"{speedups[key]['measured']:.3f} / {speedups[key]['ideal']:.3f} "
+                 f"({100 * speedups[key]['efficiency']:.0f} %)" for key in [f"pp{n}" for n in lengths] + [tg]]
+        speed_rows.append([label, f"{speedups['ttft']['measured']:.3f}", *cells])
+    blocks.append(_table(["backend", "TTFT", *[f"pp{n}" for n in lengths], tg], speed_rows))
+    blocks.append({"kind": "p", "text": (
         f"Ideal speedup: {payload['ideal_flops_note']}. Measured speedups can exceed it: per-layer costs that FLOPs "
         "do not count (norms, rotary embeddings, softmax, KV-cache writes, one kernel dispatch per op) leave with "
         "the removed layers, while the LM head, which the ideal counts in full, runs as one large and efficient "
-        "matmul.",
-        "",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in payload["versions"].items()) + ".",
-    ]
+        "matmul."
+    )})
+    blocks.append({"kind": "p", "text": "Versions: " + ", ".join(f"{k} {v}" for k, v in payload["versions"].items())
+                   + "."})
     if payload.get("notes"):
-        lines += ["", "Notes:", *[f"- {note}" for note in payload["notes"]]]
-    return "\n".join(lines) + "\n"
+        blocks += [{"kind": "p", "text": "Notes:"}, {"kind": "ul", "items": list(payload["notes"])}]
+    return blocks
+
+
+def latency_markdown(payload: dict[str, Any]) -> str:
+    title = {"kind": "h1", "text": f"Latency: pruned vs dense ({payload['profile']['name']})"}
+    return _markdown([title, *latency_blocks(payload)])
 
 
 def latency_chart_png(payload: dict[str, Any]) -> bytes:
@@ -185,86 +178,87 @@ def _compile_blocks(out_dir: Path, manifest: dict[str, Any]) -> tuple[list[dict[
     run_stages = manifest.get("run_stages") or list(manifest.get("stages", {}))
     # Only this run's stages: an earlier run's exports or latency in the same directory are not this run's results.
     stages = {name: manifest["stages"][name] for name in run_stages if name in manifest.get("stages", {})}
+    results = {name: entry.get("result") or {} for name, entry in stages.items()}
     images: dict[str, bytes] = {}
     blocks: list[dict[str, Any]] = [
         {"kind": "h1", "text": f"slimllm compile report: {manifest['model']}"},
         {"kind": "p", "text": f"Output directory `{out_dir}`; dense checkpoint `{manifest['dense_checkpoint']}`."},
     ]
+    blocks += _pruning_blocks(results.get("prune", {}), images)
+    blocks += _perplexity_blocks(results.get("evaluate", {}))
+    blocks += _export_blocks(results.get("export_onnx"), results.get("export_gguf"))
+    latency = results.get("profile", {}).get("latency")
+    if latency:
+        blocks.append({"kind": "h2", "text": "Latency"})
+        blocks += latency_blocks(latency)
+        if latency["summary"]:
+            images["latency.png"] = latency_chart_png(latency)
+            blocks.append({"kind": "img", "src": "latency.png", "alt": "latency chart"})
+    blocks.append({"kind": "h2", "text": "Stages"})
+    blocks.append(_table(["stage", "status", "seconds", "finished"], [_stage_row(n, e) for n, e in stages.items()]))
+    blocks.append({"kind": "h2", "text": "Reproduce"})
+    blocks.append({"kind": "code", "text": manifest.get("command", "")})
+    versions = next((s.get("versions") for s in stages.values() if s.get("versions")), {})
+    if versions:
+        blocks.append({"kind": "p", "text": "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "."})
+    return blocks, images
 
-    prune = stages.get("prune", {}).get("result", {})
-    blocks.append({"kind": "h2", "text": "Pruning"})
+
+def _pruning_blocks(prune: dict[str, Any], images: dict[str, bytes]) -> list[dict[str, Any]]:
+    blocks: list[dict[str, Any]] = [{"kind": "h2", "text": "Pruning"}]
     if prune.get("method") in (None, "none"):
-        blocks.append({"kind": "p", "text": "No layers removed (`--method none`): the dense model was exported."})
-    else:
-        removed = prune.get("removed_layers", [])
-        before, after = prune.get("params_before", 0), prune.get("params_after", 0)
-        blocks.append(
-            {
-                "kind": "p",
-                "text": (
-                    f"Method `{prune['method']}` removed {len(removed)} of {prune.get('original_num_layers')} layers "
-                    f"(original indices {removed}); parameters {before / 1e6:.1f}M -> {after / 1e6:.1f}M "
-                    f"({100 * (1 - after / before):.1f} % fewer). Pruning took {prune.get('seconds', 0):.0f} s"
-                    + (" (resumed from a checkpoint)." if prune.get("resumed") else ".")
-                ),
-            }
-        )
-        record_path = out_dir / "pruned" / "slimllm_pruning.json"
-        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-        details = record.get("details", {})
-        if details.get("gate_trajectory"):
-            images["gates.png"] = gate_trajectory_png(details["gate_trajectory"], details.get("selection_order", []))
-            blocks.append({"kind": "img", "src": "gates.png", "alt": "TRSP gate trajectory"})
-            deltas = details.get("delta_before_stage2", {})
-            if deltas:
-                after = details.get("delta_after_stage2", {})
-                rows = [[layer, f"{deltas[layer]:.3f}", f"{after.get(layer, float('nan')):.3f}"] for layer in deltas]
-                blocks.append({"kind": "p", "text": "Relative ||y - x|| of the selected layers around stage 2:"})
-                blocks.append(_table(["layer", "before stage 2", "after stage 2"], rows))
+        return blocks + [{"kind": "p", "text": "No layers removed (`--method none`): the dense model was exported."}]
+    removed = prune.get("removed_layers", [])
+    before, after = prune.get("params_before", 0), prune.get("params_after", 0)
+    blocks.append({"kind": "p", "text": (
+        f"Method `{prune['method']}` removed {len(removed)} of {prune.get('original_num_layers')} layers "
+        f"(original indices {removed}); parameters {before / 1e6:.1f}M -> {after / 1e6:.1f}M "
+        f"({100 * (1 - after / before):.1f} % fewer). Pruning took {prune.get('seconds', 0):.0f} s"
+        + (" (resumed from a checkpoint)." if prune.get("resumed") else ".")
+    )})
+    details = prune.get("details", {})
+    if details.get("gate_trajectory"):
+        images["gates.png"] = gate_trajectory_png(details["gate_trajectory"], details.get("selection_order", []))
+        blocks.append({"kind": "img", "src": "gates.png", "alt": "TRSP gate trajectory"})
+    deltas = details.get("delta_before_stage2", {})
+    if deltas:
+        after_stage2 = details.get("delta_after_stage2", {})
+        rows = [[layer, f"{deltas[layer]:.3f}", f"{after_stage2.get(layer, float('nan')):.3f}"] for layer in deltas]
+        blocks.append({"kind": "p", "text": "Relative ||y - x|| of the selected layers around stage 2:"})
+        blocks.append(_table(["layer", "before stage 2", "after stage 2"], rows))
+    return blocks
 
-    evaluation = stages.get("evaluate", {}).get("result", {})
-    if evaluation:
-        blocks.append({"kind": "h2", "text": "Perplexity"})
-        blocks.append(
-            {
-                "kind": "p",
-                "text": (
-                    f"`{evaluation['data']}`, {evaluation['windows']} windows x {evaluation['seq_len']} tokens "
-                    f"({evaluation['tokens_scored']} tokens scored), the same windows for every row."
-                ),
-            }
-        )
-        blocks.append(_table(["model", "perplexity"], [[k, f"{v:.3f}"] for k, v in evaluation["perplexity"].items()]))
 
-    onnx = stages.get("export_onnx", {}).get("result")
-    gguf = stages.get("export_gguf", {}).get("result")
-    if onnx or gguf:
-        blocks.append({"kind": "h2", "text": "Parity of the exports"})
+def _perplexity_blocks(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
+    if not evaluation:
+        return []
+    return [
+        {"kind": "h2", "text": "Perplexity"},
+        {"kind": "p", "text": (
+            f"`{evaluation['data']}`, {evaluation['windows']} windows x {evaluation['seq_len']} tokens "
+            f"({evaluation['tokens_scored']} tokens scored), the same windows for every row."
+        )},
+        _table(["model", "perplexity"], [[k, f"{v:.3f}"] for k, v in evaluation["perplexity"].items()]),
+    ]
+
+
+def _export_blocks(onnx: dict[str, Any] | None, gguf: dict[str, Any] | None) -> list[dict[str, Any]]:
+    if not onnx and not gguf:
+        return []
+    blocks: list[dict[str, Any]] = [{"kind": "h2", "text": "Parity of the exports"}]
     if onnx:
-        blocks.append(
-            {"kind": "p", "text": f"ONNX `{onnx['variant']}` against PyTorch, validated on {onnx['provider']}:"}
-        )
-        blocks.append(
-            _table(
-                ["check", "passed", "figure", "bound"],
-                [[c["name"], c["passed"], _figure(c), _bound(c)] for c in onnx["checks"]],
-            )
-        )
+        blocks.append({"kind": "p", "text": f"ONNX `{onnx['variant']}` against PyTorch, validated on "
+                       f"{onnx['provider']}:"})
+        rows = [[c["name"], c["passed"], _figure(c), _bound(c)] for c in onnx["checks"]]
+        blocks.append(_table(["check", "passed", "figure", "bound"], rows))
         blocks += [{"kind": "p", "text": note} for note in onnx.get("notes", [])]
     if gguf:
         blocks.append({"kind": "p", "text": "GGUF files in llama.cpp against PyTorch:"})
-        rows = []
-        for name, info in gguf["files"].items():
-            rows.append(
-                [
-                    name,
-                    f"{info['bytes'] / 2**20:.1f} MiB",
-                    f"{info['ppl']:.3f}",
-                    f"{info['ppl_ratio']:.4f}",
-                    f"{100 * info['argmax_agreement']:.1f} %",
-                    info["passed"],
-                ]
-            )
+        rows = [
+            [name, f"{info['bytes'] / 2**20:.1f} MiB", f"{info['ppl']:.3f}", f"{info['ppl_ratio']:.4f}",
+             f"{100 * info['argmax_agreement']:.1f} %", info["passed"]]
+            for name, info in gguf["files"].items()
+        ]
         blocks.append(_table(["file", "size", "PPL", "PPL / PyTorch", "argmax agreement", "passed"], rows))
         token_checks = [
             c for checks in gguf["checks"].values() for c in checks if c["name"].startswith("token ids identical")
@@ -273,30 +267,7 @@ def _compile_blocks(out_dir: Path, manifest: dict[str, Any]) -> tuple[list[dict[
             blocks.append({"kind": "p", "text": f"Tokenizer: {token_checks[0]['name']} for every file."})
         for label, text in gguf.get("greedy", {}).items():
             blocks.append({"kind": "code", "text": f"[{label}] {text}"})
-
-    latency_dir = out_dir / "latency"
-    if "profile" in stages and (latency_dir / "latency.json").is_file():
-        payload = json.loads((latency_dir / "latency.json").read_text())
-        blocks.append({"kind": "h2", "text": "Latency"})
-        markdown = latency_markdown(payload).split("\n", 2)[2]  # drop the title
-        blocks.append({"kind": "markdown", "text": markdown})
-        if (latency_dir / "latency.png").is_file():
-            images["latency.png"] = (latency_dir / "latency.png").read_bytes()
-            blocks.append({"kind": "img", "src": "latency.png", "alt": "latency chart"})
-
-    blocks.append({"kind": "h2", "text": "Stages"})
-    blocks.append(
-        _table(
-            ["stage", "status", "seconds", "finished"],
-            [_stage_row(name, entry) for name, entry in stages.items()],
-        )
-    )
-    blocks.append({"kind": "h2", "text": "Reproduce"})
-    blocks.append({"kind": "code", "text": manifest.get("command", "")})
-    versions = next((s.get("versions") for s in stages.values() if s.get("versions")), {})
-    if versions:
-        blocks.append({"kind": "p", "text": "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "."})
-    return blocks, images
+    return blocks
 
 
 def _stage_row(name: str, entry: dict[str, Any]) -> list[Any]:
@@ -335,10 +306,12 @@ def _markdown(blocks: list[dict[str, Any]]) -> str:
             lines.append("")
         elif kind == "img":
             lines += [f"![{block['alt']}]({block['src']})", ""]
+        elif kind == "strong":
+            lines += [f"**{block['text']}**", ""]
+        elif kind == "ul":
+            lines += [*[f"- {item}" for item in block["items"]], ""]
         elif kind == "code":
             lines += ["```", block["text"], "```", ""]
-        elif kind == "markdown":
-            lines += [block["text"], ""]
     return "\n".join(lines)
 
 
@@ -376,49 +349,24 @@ def _html(blocks: list[dict[str, Any]], images: dict[str, bytes]) -> str:
         elif kind == "img":
             data = base64.b64encode(images[block["src"]]).decode()
             out.append(f"<img alt='{html.escape(block['alt'])}' src='data:image/png;base64,{data}'>")
+        elif kind == "strong":
+            out.append(f"<p><strong>{inline(block['text'])}</strong></p>")
+        elif kind == "ul":
+            out.append("<ul>" + "".join(f"<li>{inline(item)}</li>" for item in block["items"]) + "</ul>")
         elif kind == "code":
             out.append(f"<pre>{html.escape(block['text'])}</pre>")
-        elif kind == "markdown":
-            out.append(_markdown_fragment_html(block["text"], inline, table))
     out.append("</body></html>")
     return "\n".join(out)
 
 
-def _markdown_fragment_html(text: str, inline, table) -> str:
-    """The small Markdown subset our own latency report uses: paragraphs, bold lines, lists and tables."""
-    html_parts: list[str] = []
-    rows: list[list[str]] = []
-    for line in text.splitlines() + [""]:
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if not all(set(c) <= set("-:") for c in cells):
-                rows.append(cells)
-            continue
-        if rows:
-            html_parts.append(table(rows[0], rows[1:]))
-            rows = []
-        if line.startswith("- "):
-            html_parts.append(f"<li>{inline(line[2:])}</li>")
-        elif line.strip():
-            html_parts.append(f"<p>{inline(line.replace('**', ''))}</p>")
-    return "\n".join(html_parts)
-
-
-def write_compile_report(out_dir: Path) -> list[Path]:
-    """report.md (+ its images) and report.html (images embedded) from a compile run's manifest and artifacts."""
+def write_compile_report(out_dir: Path, manifest: dict[str, Any]) -> list[Path]:
+    """report.md (+ its images) and report.html (images embedded) from a compile run's manifest records."""
     out_dir = Path(out_dir)
-    manifest = json.loads((out_dir / "manifest.json").read_text())
     blocks, images = _compile_blocks(out_dir, manifest)
     written = []
     for name, data in images.items():
-        if name == "latency.png":
-            continue  # the Markdown links the profiler's own chart
         atomic_write_bytes(out_dir / name, data)
         written.append(out_dir / name)
-    markdown_blocks = [
-        {**b, "src": "latency/latency.png"} if b.get("kind") == "img" and b["src"] == "latency.png" else b
-        for b in blocks
-    ]
-    atomic_write_text(out_dir / "report.md", _markdown(markdown_blocks))
+    atomic_write_text(out_dir / "report.md", _markdown(blocks))
     atomic_write_text(out_dir / "report.html", _html(blocks, images))
     return [*written, out_dir / "report.md", out_dir / "report.html"]

@@ -13,7 +13,8 @@ from conftest import EVAL_FILE, REPO_ROOT
 from test_cli import _assert_user_error, run_cli
 
 import slimllm
-from slimllm.pipeline import MANIFEST_FILE, Stage
+from slimllm.compile_stages import compile_stages
+from slimllm.pipeline import MANIFEST_FILE
 
 TINY_RECIPE = """
 [compile]
@@ -82,20 +83,22 @@ def test_compile_all_end_to_end_then_reuse(tiny_model_dir, tmp_path, recipe, tin
         str(tiny_model_dir("llama")), out=out, target="all", remove=2, calib=str(text_file),
         eval_data=str(EVAL_FILE), profile=str(tiny_profile), recipe=recipe,
     )
-    assert result.ran_stages == [s.value for s in Stage] and not result.reused_stages
+    stages = [spec.name for spec in compile_stages()]
+    assert stages == ["prune", "export_onnx", "export_gguf", "evaluate", "profile", "report"]
+    assert result.ran_stages == stages and not result.reused_stages
     manifest = json.loads((out / MANIFEST_FILE).read_text())
-    for stage in Stage:
-        entry = manifest["stages"][stage.value]
+    for stage in stages:
+        entry = manifest["stages"][stage]
         assert entry["status"] == "done" and entry["seconds"] >= 0 and entry["versions"]["torch"]
-    assert manifest["stages"]["prune"]["inputs"]["dense_sha256"] == manifest["stages"]["evaluate"]["inputs"][
-        "dense_sha256"
-    ]
+    inputs = {name: manifest["stages"][name]["inputs"] for name in ("prune", "evaluate")}
+    assert inputs["prune"]["settings"]["dense_sha256"] == inputs["evaluate"]["settings"]["dense_sha256"]
+    assert inputs["evaluate"]["reads"]["prune"] == manifest["stages"]["prune"]["outputs"]["sha256"]
     perplexity = json.loads((out / "evaluation.json").read_text())["perplexity"]
     assert {"dense (PyTorch)", "pruned (PyTorch)", "pruned (GGUF Q8_0, llama.cpp)"} <= set(perplexity)
     onnx_row = next(k for k in perplexity if k.startswith("pruned (ONNX"))
     assert perplexity[onnx_row] == pytest.approx(perplexity["pruned (PyTorch)"], rel=1e-4)
     report = (out / "report.md").read_text()
-    for fragment in ("removed 2 of 6 layers", "gates.png", "Parity of the exports", "latency/latency.png",
+    for fragment in ("removed 2 of 6 layers", "gates.png", "Parity of the exports", "](latency.png)",
                      "tg8 tok/s", "slimllm compile"):
         assert fragment in report
     html = (out / "report.html").read_text()
@@ -188,12 +191,15 @@ def test_parity_failure_fails_the_command_naming_stage_and_figure(
 
 
 def test_disk_full_is_said_plainly(tiny_model_dir, tmp_path, recipe, text_file, monkeypatch):
-    import slimllm.pipeline as pipeline
+    import dataclasses
+
+    from slimllm.compile_stages import _STAGES, compile_stages
 
     def no_space(ctx):
         raise OSError(errno.ENOSPC, "No space left on device", str(ctx.out_dir / "evaluation.json"))
 
-    monkeypatch.setitem(pipeline._STAGE_BODIES, Stage.EVALUATE, no_space)
+    compile_stages()
+    monkeypatch.setitem(_STAGES, "evaluate", dataclasses.replace(_STAGES["evaluate"], run=no_space))
     out = tmp_path / "run"
     args = _compile_args(tiny_model_dir("llama"), out, recipe, text_file, "--target", "onnx", "--profile", "none")
     result = run_cli(*args)

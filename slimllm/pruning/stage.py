@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -103,15 +104,15 @@ def prune_in_memory(
     calibration: CalibrationData | None = None,
     progress: Progress | None = None,
     inplace: bool = False,
-    trsp: TrspSettings | None = None,
+    method_settings: Any = None,
     work_dir: Path | None = None,
     resume: bool = False,
-    method_settings=None,
+    trsp: TrspSettings | None = None,
 ) -> tuple[torch.nn.Module, SurgeryReport, Selection, float]:
     """Select and remove layers; returns the pruned model, the surgery report, the selection and its seconds.
 
     The loaded model is left intact unless `inplace` (which saves a copy of the weights); a method that trains
-    works on a copy otherwise. `method_settings` are the method's own settings (`trsp` is the same for TRSP).
+    works on a copy otherwise. `method_settings` are the method's own settings (`trsp=` is kept as its old name).
     """
     k, candidates = resolve_k(loaded, settings)
     spec = get_method(settings.method)
@@ -124,7 +125,7 @@ def prune_in_memory(
         candidates,
         settings.batch_size,
         settings.seed,
-        settings=method_settings if method_settings is not None else trsp if spec.name == "trsp" else None,
+        settings=method_settings if method_settings is not None else trsp,
         work_dir=work_dir,
         resume=resume,
         progress=progress,
@@ -151,8 +152,9 @@ def run_prune(
     device: str = "auto",
     dtype: str = "auto",
     progress: Progress | None = None,
-    trsp: TrspSettings | None = None,
+    method_settings: Any = None,
     resume: bool = False,
+    trsp: TrspSettings | None = None,
 ) -> PruneResult:
     """The whole stage: load, calibrate, select, remove and save to `out_dir` (atomically).
 
@@ -189,8 +191,8 @@ def run_prune(
         calibration,
         progress,
         inplace=owns_model,
-        trsp=trsp,
-        work_dir=work_dir / "trsp",
+        method_settings=method_settings if method_settings is not None else trsp,
+        work_dir=work_dir / settings.method.value,
         resume=resume,
     )
     params_after = count_parameters(pruned)

@@ -1,0 +1,91 @@
+"""Settings classes: building them from defaults, recipe values and flags, with every value type-checked.
+
+    >>> build_settings(TrspSettings, {"lambda1": 0.1}, {"stage2_steps": 32}, section="[trsp]")
+
+Each stage and method has one dataclass of settings; a field's annotation is its type, its default the default, and
+the string literal under it its one-line description (`field_help`). Recipes and the command line both go through
+`build_settings`, so a value of the wrong type is one clear error wherever it comes from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from enum import Enum
+from pathlib import Path
+from typing import Any, TypeVar
+
+from slimllm.errors import UserInputError
+
+T = TypeVar("T")
+
+
+def build_settings(
+    cls: type[T], recipe_values: dict[str, Any] | None, flags: dict[str, Any], section: str | None = None
+) -> T:
+    """Instantiate a settings class: its defaults, overridden by the recipe, overridden by flags that were given.
+
+    Every value is checked against the field's annotation first; `section` (e.g. "[trsp]") names it in errors."""
+    values = dict(recipe_values or {})
+    values.update({key: value for key, value in flags.items() if value is not None})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserInputError(f"unknown {cls.__name__} keys: {', '.join(unknown)}")
+    hints = typing.get_type_hints(cls)
+    wrong = [
+        f"{key} must be {_describe(hints[key])}, got {value!r}"
+        for key, value in values.items()
+        if key in hints and not _accepts(hints[key], value)
+    ]
+    if wrong:
+        raise UserInputError(f"invalid {section or cls.__name__} settings: {'; '.join(wrong)}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise UserInputError(f"invalid {cls.__name__}: {exc}") from exc
+
+
+def _accepts(hint: Any, value: Any) -> bool:
+    """Whether a recipe or flag value fits a settings field's annotation (enums also take their string values)."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(arg, value) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin in (list, tuple):
+        (item,) = typing.get_args(hint)[:1] or (Any,)
+        if isinstance(value, (list, tuple)):
+            return all(_accepts(item, v) for v in value)
+        return isinstance(item, type) and issubclass(item, Enum) and _accepts(item, value)  # one value for a list
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        return isinstance(value, (hint, str))
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is Path:
+        return isinstance(value, (str, Path))
+    return True
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return "none"
+    if origin in (list, tuple):
+        return f"a list of {_describe((typing.get_args(hint) or (Any,))[0])}"
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        return "one of " + ", ".join(str(m.value) for m in hint)
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path"}.get(
+        hint, str(hint)
+    )
