@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import re
 import resource
 import sys
@@ -26,11 +27,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from slimllm.artifacts import atomic_write_json, atomic_write_text, library_versions, machine_info  # noqa: E402
+from slimllm.artifacts import (  # noqa: E402
+    atomic_write_json,
+    atomic_write_text,
+    library_versions,
+    machine_info,
+    plain,
+    sha256_text,
+)
 from slimllm.data import DataPurpose, load_calibration, load_corpus, tokenize_corpus  # noqa: E402
 from slimllm.evaluate import compare_with_reference, split_windows, torch_logits_fn  # noqa: E402
 from slimllm.models import LoadedModel, load_model  # noqa: E402
-from slimllm.pruning.methods import PruneMethod  # noqa: E402
+from slimllm.pruning.methods import BASELINE_METHODS, PruneMethod  # noqa: E402
 from slimllm.pruning.stage import PruneSettings, count_parameters, prune_in_memory  # noqa: E402
 from slimllm.pruning.surgery import remove_layers  # noqa: E402
 from slimllm.pruning.training import fine_tune, frozen_teacher  # noqa: E402
@@ -40,8 +48,6 @@ from slimllm.recipes import build_settings, load_recipe  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "examples" / "recipes" / "smollm2-135m-cpu.toml"
-_OPTIONS: dict = {}
-"""Command-line options some row builders read (set by `main`)."""
 
 
 @dataclass
@@ -57,106 +63,139 @@ class Row:
     extra: dict = dataclasses.field(default_factory=dict)
 
 
-RowBuilder = Callable[[LoadedModel, PruneSettings, object], Row]
+@dataclass(frozen=True)
+class BenchSettings:
+    """Everything a row may depend on, given explicitly (no row reads a global)."""
+
+    prune: PruneSettings
+    """Shared selection settings: k, protection, calibration blocks, batch size, seed."""
+    trsp: TrspSettings
+    """TRSP as the recipe configures it."""
+    sleb_blocks: int | None = None
+    """SLEB scores on the first N calibration blocks."""
+    heal_lr: float | None = None
+    """LR of the healing and dense+ft rows (None: the recipe's stage2_lr)."""
 
 
-def baseline_row(method: PruneMethod, max_blocks: Callable[[], int | None] = lambda: None) -> RowBuilder:
-    def build(loaded: LoadedModel, settings: PruneSettings, calibration) -> Row:
-        method_settings = PruneSettings(**{**settings.__dict__, "method": method})
-        limit = max_blocks()
-        notes = ""
+@dataclass
+class TrspRun:
+    model: torch.nn.Module
+    removed_layers: list[int]
+    selection_details: dict
+    seconds: float
+
+
+class Bench:
+    """The shared inputs of every row, and a cache of shared work keyed by its settings' hash.
+
+    A TRSP run used by several rows (the `trsp` row, the ablation and the healing budget) runs once per distinct
+    settings, whichever row asks first, so a row's result never depends on which rows ran before it.
+    """
+
+    def __init__(self, loaded: LoadedModel, settings: BenchSettings, calibration, train_calibration) -> None:
+        self.loaded = loaded
+        self.settings = settings
+        self.calibration = calibration
+        self.train_calibration = train_calibration
+        self._trsp_runs: dict[str, TrspRun] = {}
+
+    def trsp_run(self, trsp: TrspSettings) -> TrspRun:
+        key = sha256_text(json.dumps(plain({"prune": self.settings.prune, "trsp": trsp}), sort_keys=True))
+        if key not in self._trsp_runs:
+            prune = dataclasses.replace(self.settings.prune, method=PruneMethod.TRSP)
+            pruned, report, selection, seconds = prune_in_memory(
+                self.loaded, prune, self.train_calibration or self.calibration, method_settings=trsp
+            )
+            self._trsp_runs[key] = TrspRun(pruned, report.removed_layers, selection.details, seconds)
+        return self._trsp_runs[key]
+
+    @property
+    def heal_lr(self) -> float:
+        return self.settings.heal_lr or self.settings.trsp.stage2_lr
+
+    def fine_tune(self, model, tokens: int, teacher=None, distill: float = 0.0):
+        """LM fine-tuning on the training blocks for `tokens` tokens, at the heal LR; with a teacher and distill > 0
+        the loss adds distill x KL(teacher || model)."""
+        prune = self.settings.prune
+        steps = max(1, round(tokens / (prune.batch_size * prune.block_len)))
+        blocks = (self.train_calibration or self.calibration).blocks
+        log = fine_tune(model, blocks, steps, self.heal_lr, prune.batch_size, prune.seed, teacher=teacher,
+                        distill=distill)
+        model.eval()
+        return log
+
+
+RowBuilder = Callable[[Bench], Row]
+
+
+def baseline_row(method: PruneMethod) -> RowBuilder:
+    def build(bench: Bench) -> Row:
+        prune = dataclasses.replace(bench.settings.prune, method=method)
+        calibration, notes = bench.calibration, ""
+        limit = bench.settings.sleb_blocks if method is PruneMethod.SLEB else None
         if limit is not None and calibration.blocks.shape[0] > limit:
             calibration = dataclasses.replace(calibration, blocks=calibration.blocks[:limit])
             notes = f"first {limit} calibration blocks (cost: one suffix forward per candidate per step)"
-        pruned, report, selection, seconds = prune_in_memory(loaded, method_settings, calibration)
+        pruned, report, selection, seconds = prune_in_memory(bench.loaded, prune, calibration)
         return Row(method.value, pruned, report.removed_layers, seconds, notes=notes)
 
     return build
 
 
-def _trsp_settings(**overrides) -> TrspSettings:
-    recipe = load_recipe(_OPTIONS["trsp_recipe"]).get("trsp", {}) if _OPTIONS.get("trsp_recipe") else {}
-    return build_settings(TrspSettings, recipe, overrides)
-
-
-def trsp_row(name: str, **overrides) -> RowBuilder:
-    def build(loaded: LoadedModel, settings: PruneSettings, calibration) -> Row:
-        calibration = _OPTIONS.get("train_calibration", calibration)
-        trsp = _trsp_settings(**overrides)
-        method_settings = PruneSettings(**{**settings.__dict__, "method": PruneMethod.TRSP})
-        pruned, report, selection, seconds = prune_in_memory(loaded, method_settings, calibration, trsp=trsp)
-        _OPTIONS.setdefault("trsp_runs", {})[name] = {"selection": selection, "settings": trsp}
-        details = selection.details
-        notes = (
-            f"selection order {details['selection_order']}; stage 2 {trsp.stage2.value}; "
-            f"relative |y-x| before/after stage 2: "
-            + ", ".join(
-                f"{k}: {details['delta_before_stage2'][k]:.3f}->{details['delta_after_stage2'][k]:.3f}"
-                for k in details.get("delta_before_stage2", {})
-            )
-        )
-        row = Row(name, pruned, report.removed_layers, seconds, training_tokens=details["training_tokens"], notes=notes)
-        row.extra = {"trsp": details}
-        return row
-
-    return build
-
-
-def _trsp_training_tokens(loaded: LoadedModel, settings: PruneSettings, calibration) -> int:
-    """Tokens the `trsp` row trained on (runs it first if needed): the budget the healing rows get."""
-    runs = _OPTIONS.get("trsp_runs", {})
-    if "trsp" not in runs:
-        ROW_BUILDERS["trsp"](loaded, settings, calibration)
-        runs = _OPTIONS["trsp_runs"]
-    return runs["trsp"]["selection"].details["training_tokens"]
-
-
-def _heal_steps(tokens: int, settings: PruneSettings) -> int:
-    return max(1, round(tokens / (settings.batch_size * settings.block_len)))
-
-
-def _fine_tune_with_trsp_budget(
-    model, tokens: int, settings: PruneSettings, calibration, teacher=None, distill: float = 0.0
-):
-    """LM fine-tuning on the training blocks for `tokens` tokens, at the heal LR. Returns (log, lr).
-
-    With a `teacher` and `distill` > 0, the loss adds distill * KL(teacher || model).
-    """
-    calibration = _OPTIONS.get("train_calibration", calibration)
-    lr = _OPTIONS.get("heal_lr") or _trsp_settings().stage2_lr
-    log = fine_tune(
-        model,
-        calibration.blocks,
-        _heal_steps(tokens, settings),
-        lr,
-        settings.batch_size,
-        settings.seed,
-        teacher=teacher,
-        distill=distill,
+def trsp_row(bench: Bench) -> Row:
+    trsp = bench.settings.trsp
+    run = bench.trsp_run(trsp)
+    details = run.selection_details
+    transfer = ", ".join(
+        f"{k}: {details['delta_before_stage2'][k]:.3f}->{details['delta_after_stage2'][k]:.3f}"
+        for k in details.get("delta_before_stage2", {})
     )
-    model.eval()
-    return log, lr
+    notes = (
+        f"selection order {details['selection_order']}; stage 2 {trsp.stage2.value}; "
+        f"relative |y-x| before/after stage 2: {transfer}"
+    )
+    row = Row("trsp", run.model, run.removed_layers, run.seconds, training_tokens=details["training_tokens"],
+              notes=notes)
+    row.extra = {"trsp": details}
+    return row
 
 
-def _heal_distill() -> float:
-    """The distillation weight of the shortgpt+heal-kd row: the trsp recipe's, or 1 when the recipe has none."""
-    return _trsp_settings().distill or 1.0
+def trsp_no_stage2_row(bench: Bench) -> Row:
+    """TRSP's stage-1 selection removed without knowledge transfer (the ablation)."""
+    trsp = bench.settings.trsp
+    prune = bench.settings.prune
+    if trsp.train_scope is TrainScope.GATES:
+        # Gate-only stage 1 leaves the weights untouched: the ablation is the dense model minus the same layers.
+        details = bench.trsp_run(trsp).selection_details
+        pruned, report = remove_layers(bench.loaded.model, sorted(details["selection_order"]))
+        return Row(
+            "trsp-no-stage2",
+            pruned,
+            report.removed_layers,
+            details["stage1_seconds"],
+            training_tokens=len(details["stage1_losses"]) * prune.batch_size * prune.block_len,
+            notes="the trsp row's stage-1 selection, removed without stage 2",
+        )
+    run = bench.trsp_run(dataclasses.replace(trsp, stage2=Stage2Mode.NONE))
+    return Row("trsp-no-stage2", run.model, run.removed_layers, run.seconds,
+               training_tokens=run.selection_details["training_tokens"])
 
 
 def heal_row(distill: bool) -> RowBuilder:
     """ShortGPT's removal, then fine-tuning with the same number of tokens as the trsp row.
 
-    Plain LM fine-tuning (`shortgpt+heal`), or with the distillation term TRSP's stage 2 uses (`shortgpt+heal-kd`),
-    which separates what distillation buys from what regularizing before removal buys.
+    Plain LM fine-tuning (`shortgpt+heal`), or with the distillation term TRSP's stage 2 uses (`shortgpt+heal-kd`,
+    weight: the recipe's, or 1 when it has none), which separates what distillation buys from what regularizing
+    before removal buys.
     """
 
-    def build(loaded: LoadedModel, settings: PruneSettings, calibration) -> Row:
-        tokens = _trsp_training_tokens(loaded, settings, calibration)
-        method_settings = PruneSettings(**{**settings.__dict__, "method": PruneMethod.SHORTGPT})
-        pruned, report, _, selection_seconds = prune_in_memory(loaded, method_settings, calibration)
-        weight = _heal_distill() if distill else 0.0
-        teacher = frozen_teacher(loaded.model) if distill else None
-        log, lr = _fine_tune_with_trsp_budget(pruned, tokens, settings, calibration, teacher=teacher, distill=weight)
+    def build(bench: Bench) -> Row:
+        tokens = bench.trsp_run(bench.settings.trsp).selection_details["training_tokens"]
+        prune = dataclasses.replace(bench.settings.prune, method=PruneMethod.SHORTGPT)
+        pruned, report, _, selection_seconds = prune_in_memory(bench.loaded, prune, bench.calibration)
+        weight = (bench.settings.trsp.distill or 1.0) if distill else 0.0
+        teacher = frozen_teacher(bench.loaded.model) if distill else None
+        log = bench.fine_tune(pruned, tokens, teacher=teacher, distill=weight)
         loss = f"CE + {weight} x KL to dense" if distill else "CE"
         return Row(
             "shortgpt+heal-kd" if distill else "shortgpt+heal",
@@ -164,61 +203,32 @@ def heal_row(distill: bool) -> RowBuilder:
             report.removed_layers,
             selection_seconds + log.seconds,
             training_tokens=log.tokens,
-            notes=f"{log.steps} AdamW steps at lr {lr} on {loss} (same tokens as trsp)",
+            notes=f"{log.steps} AdamW steps at lr {bench.heal_lr} on {loss} (same tokens as trsp)",
         )
 
     return build
 
 
-def dense_ft_row(loaded: LoadedModel, settings: PruneSettings, calibration) -> Row:
+def dense_ft_row(bench: Bench) -> Row:
     """The dense model fine-tuned with the same tokens: how much of a gain is only domain adaptation."""
-    tokens = _trsp_training_tokens(loaded, settings, calibration)
-    model = copy.deepcopy(loaded.model)
-    log, lr = _fine_tune_with_trsp_budget(model, tokens, settings, calibration)
-    return Row(
-        "dense+ft",
-        model,
-        [],
-        log.seconds,
-        training_tokens=log.tokens,
-        notes=f"{log.steps} AdamW steps at lr {lr} (same tokens as trsp)",
-    )
-
-
-def trsp_no_stage2_row(loaded: LoadedModel, settings: PruneSettings, calibration) -> Row:
-    """TRSP's stage-1 selection removed without knowledge transfer (the ablation)."""
-    runs = _OPTIONS.get("trsp_runs", {})
-    base = _trsp_settings()
-    if "trsp" in runs and base.train_scope is TrainScope.GATES:
-        # Gate-only stage 1 leaves the weights untouched: the ablation is the dense model minus the same layers.
-        selection = runs["trsp"]["selection"]
-        pruned, report = remove_layers(loaded.model, selection.removed_layers)
-        stage1 = selection.details["stage1_seconds"]
-        return Row(
-            "trsp-no-stage2",
-            pruned,
-            report.removed_layers,
-            stage1,
-            training_tokens=len(selection.details["stage1_losses"]) * settings.batch_size * settings.block_len,
-            notes="the trsp row's stage-1 selection, removed without stage 2",
-        )
-    return trsp_row("trsp-no-stage2", stage2=Stage2Mode.NONE)(loaded, settings, calibration)
+    tokens = bench.trsp_run(bench.settings.trsp).selection_details["training_tokens"]
+    model = copy.deepcopy(bench.loaded.model)
+    log = bench.fine_tune(model, tokens)
+    return Row("dense+ft", model, [], log.seconds, training_tokens=log.tokens,
+               notes=f"{log.steps} AdamW steps at lr {bench.heal_lr} (same tokens as trsp)")
 
 
 TRAINING_ROWS = ("trsp", "trsp-no-stage2", "shortgpt+heal", "shortgpt+heal-kd", "dense+ft")
 
-# The rows this benchmark knows, in report order.
+# The rows this benchmark knows, in report order: the TRSP rows, the healing rows, then one row per registered
+# method that selects without training.
 ROW_BUILDERS: dict[str, RowBuilder] = {
-    "trsp": trsp_row("trsp"),
+    "trsp": trsp_row,
     "trsp-no-stage2": trsp_no_stage2_row,
     "shortgpt+heal": heal_row(distill=False),
     "shortgpt+heal-kd": heal_row(distill=True),
     "dense+ft": dense_ft_row,
-    "shortgpt": baseline_row(PruneMethod.SHORTGPT),
-    "angular": baseline_row(PruneMethod.ANGULAR),
-    "sleb": baseline_row(PruneMethod.SLEB, max_blocks=lambda: _OPTIONS.get("sleb_blocks")),
-    "last": baseline_row(PruneMethod.LAST),
-    "random": baseline_row(PruneMethod.RANDOM),
+    **{method.value: baseline_row(method) for method in BASELINE_METHODS},
 }
 
 
@@ -327,17 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
 
-    _OPTIONS["sleb_blocks"] = args.sleb_blocks
-    _OPTIONS["trsp_recipe"] = args.trsp_recipe
-    _OPTIONS["heal_lr"] = args.heal_lr
     rows_wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows_wanted if r not in ROW_BUILDERS]
     if unknown:
         parser.error(f"unknown rows {unknown}; known: {', '.join(ROW_BUILDERS)}")
 
     started = time.perf_counter()
-    loaded = load_model(args.model, device=args.device)
-    settings = PruneSettings(
+    loaded = load_model(args.model, device=args.device, for_training=True)
+    prune = PruneSettings(
         remove=args.remove,
         protect_first=args.protect_first,
         protect_last=args.protect_last,
@@ -347,24 +354,28 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
     )
-    calibration = load_calibration(
-        args.calib, loaded.model, loaded.tokenizer, args.calib_blocks, args.block_len, args.seed
-    )
-    if any(name in TRAINING_ROWS for name in rows_wanted):
-        _OPTIONS["train_calibration"] = load_calibration(
-            args.calib, loaded.model, loaded.tokenizer, args.train_blocks, args.block_len, args.seed
-        )
-    rows: list[Row] = []
-    recipe_prune = load_recipe(args.trsp_recipe).get("prune", {}) if args.trsp_recipe else {}
-    if recipe_prune:
+    recipe = load_recipe(args.trsp_recipe) if args.trsp_recipe else {}
+    if recipe.get("prune"):
         print(
             f"[quality] note: the [prune] table of {args.trsp_recipe} is not used here; the command line sets "
             "the shared calibration",
             file=sys.stderr,
         )
+    settings = BenchSettings(prune, build_settings(TrspSettings, recipe.get("trsp"), {}, "[trsp]"), args.sleb_blocks,
+                             args.heal_lr)
+    calibration = load_calibration(
+        args.calib, loaded.model, loaded.tokenizer, args.calib_blocks, args.block_len, args.seed
+    )
+    train_calibration = None
+    if any(name in TRAINING_ROWS for name in rows_wanted):
+        train_calibration = load_calibration(
+            args.calib, loaded.model, loaded.tokenizer, args.train_blocks, args.block_len, args.seed
+        )
+    bench = Bench(loaded, settings, calibration, train_calibration)
+    rows: list[Row] = []
     for name in rows_wanted:
         print(f"[quality] {name} ...", file=sys.stderr, flush=True)
-        row = ROW_BUILDERS[name](loaded, settings, calibration)
+        row = ROW_BUILDERS[name](bench)
         # The process peak so far: for the first row, its own peak (plus the loaded dense model and the data).
         row.extra["peak_rss_gib_after_row"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         print(
@@ -405,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
         },
         "calibration": calibration.describe(),
-        "training_calibration": _OPTIONS["train_calibration"].describe() if "train_calibration" in _OPTIONS else None,
+        "training_calibration": train_calibration.describe() if train_calibration is not None else None,
         "eval": {
             "data": args.eval_data,
             "data_sha256": corpus.sha256,

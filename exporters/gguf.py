@@ -105,6 +105,13 @@ class GgufExportSettings:
     def __post_init__(self) -> None:
         if isinstance(self.outtypes, (str, GgufType)):
             self.outtypes = [self.outtypes]
+        # `--outtype f16,q8_0 --outtype q4_k_m` and `outtypes = ["f16,q8_0"]` both mean three types.
+        self.outtypes = [
+            part.strip() if isinstance(value, str) else value
+            for value in self.outtypes
+            for part in (value.split(",") if isinstance(value, str) else [value])
+            if not isinstance(part, str) or part.strip()
+        ]
         self.outtypes = list(
             dict.fromkeys(
                 parse_choice(GgufType, t.value if isinstance(t, GgufType) else str(t).lower(), "--outtype")
@@ -263,17 +270,26 @@ def _tokenizer_texts(settings: GgufExportSettings) -> list[str]:
     return list(corpus.documents[: settings.tokenizer_lines])
 
 
-def validate_gguf_files(
-    paths: dict[GgufType, Path],
-    checkpoint_dir: Path,
-    settings: GgufExportSettings,
-    full_attention_window: int | None = None,
-) -> tuple[dict[str, ParityReport], dict[str, dict[str, Any]], dict[str, str]]:
-    """Check every file in llama.cpp; returns per-file reports, file summaries and the greedy samples shown.
+@dataclass
+class _Reference:
+    """Everything the checks compare against, computed once from PyTorch for all files."""
 
-    With `full_attention_window` (a sliding-window model exported with full attention) the checks hold the files to
-    the full-attention model, and one more check measures them past the window against the checkpoint itself.
-    """
+    tokenizer: Any
+    windows: torch.Tensor
+    source: str
+    ppl: float
+    argmax: Any
+    margin_threshold: float
+    samples: list[tuple[str, str, bool]]
+    prompt_ids: list[list[int]]
+    prompt_logits: list[np.ndarray]
+    greedy: list[int]
+    beyond: tuple[torch.Tensor, Any] | None
+    """Windows of twice the sliding window and the windowed checkpoint's argmax on them (full-attention exports)."""
+    full_attention_window: int | None
+
+
+def _reference(checkpoint_dir: Path, settings: GgufExportSettings, full_attention_window: int | None) -> _Reference:
     reference = TorchReference.load(checkpoint_dir, full_attention=full_attention_window is not None)
     tokenizer = reference.tokenizer
     beyond = None
@@ -285,103 +301,125 @@ def validate_gguf_files(
         beyond = (long_windows, beyond_reference)
         del windowed
     windows, source = eval_windows(tokenizer, settings.eval_data, settings.eval_seq_len, settings.eval_windows)
-    reference_ppl, reference_argmax, _ = _window_stats(reference.logits_fn(), windows)
-    margin_threshold = reference_argmax.mark_confident()
+    ppl, argmax, _ = _window_stats(reference.logits_fn(), windows)
+    threshold = argmax.mark_confident()
     samples = tokenizer_samples(tokenizer) + [
         (f"eval line {i}", text, True) for i, text in enumerate(_tokenizer_texts(settings))
     ]
     prompt_ids = [hf_token_ids(tokenizer, p, True) for p in PARITY_PROMPTS]
     prompt_logits = [reference.forward(np.array([ids]))[0][0] for ids in prompt_ids]
-    expected_greedy = reference.greedy(prompt_ids[0], settings.generate_tokens)
+    greedy = reference.greedy(prompt_ids[0], settings.generate_tokens)
+    return _Reference(tokenizer, windows, source, ppl, argmax, threshold, samples, prompt_ids, prompt_logits, greedy,
+                      beyond, full_attention_window)
 
+
+def validate_gguf_files(
+    paths: dict[GgufType, Path],
+    checkpoint_dir: Path,
+    settings: GgufExportSettings,
+    full_attention_window: int | None = None,
+) -> tuple[dict[str, ParityReport], dict[str, dict[str, Any]], dict[str, str]]:
+    """Check every file in llama.cpp; returns per-file reports, file summaries and the greedy samples shown.
+
+    With `full_attention_window` (a sliding-window model exported with full attention) the checks hold the files to
+    the full-attention model, and one more check measures them past the window against the checkpoint itself.
+    """
+    ref = _reference(checkpoint_dir, settings, full_attention_window)
     reports: dict[str, ParityReport] = {}
     files: dict[str, dict[str, Any]] = {}
-    greedy_texts: dict[str, str] = {"pytorch": tokenizer.decode(expected_greedy)}
-    n_ctx = max(settings.eval_seq_len, max(len(ids) for ids in prompt_ids) + settings.generate_tokens + 8)
-    if beyond is not None:
-        n_ctx = max(n_ctx, int(beyond[0].shape[1]))
+    greedy_texts: dict[str, str] = {"pytorch": ref.tokenizer.decode(ref.greedy)}
+    n_ctx = max(settings.eval_seq_len, max(len(ids) for ids in ref.prompt_ids) + settings.generate_tokens + 8)
+    if ref.beyond is not None:
+        n_ctx = max(n_ctx, int(ref.beyond[0].shape[1]))
     for outtype, path in paths.items():
-        tolerance = TOLERANCES[outtype]
         model = LlamaCppModel(path, n_ctx=n_ctx, threads=settings.threads)
-        report = ParityReport(
-            artifact=str(path),
-            context={
-                "type": outtype.label,
-                "backend": "llama.cpp (llama-cpp-python), CPU, F32 KV cache",
-                "tolerance": asdict(tolerance),
-                "eval_data": source,
-            },
-        )
         try:
-            report.add(_tokenizer_check(model, tokenizer, samples))
-            if tolerance.max_abs_logits is not None:
-                deltas = [
-                    compare_logits(f"logits prompt {i}", expected, model.logits(ids), tolerance.max_abs_logits)
-                    for i, (ids, expected) in enumerate(zip(prompt_ids, prompt_logits, strict=True))
-                ]
-                worst = max(deltas, key=lambda c: c.value if c.value is not None else math.inf)
-                report.add(
-                    CheckResult(
-                        f"logits on {len(deltas)} prompts",
-                        all(c.passed for c in deltas),
-                        "max_abs_logits",
-                        worst.value,
-                        tolerance.max_abs_logits,
-                        {"per_prompt": [c.value for c in deltas], "mean_abs": worst.details.get("mean_abs")},
-                    )
-                )
-            ppl, _, agreement = _window_stats(model.logits_fn(), windows, reference_argmax)
-            check = perplexity_check(
-                f"perplexity ({outtype.label})", reference_ppl, ppl, tolerance.max_ppl_ratio
-            )
-            check.details.update({"data": source, "windows": int(windows.shape[0]), "tokens": int(windows.numel())})
-            report.add(check)
-            agreement_check = CheckResult(
-                "argmax agreement on evaluation windows",
-                agreement >= tolerance.min_argmax_agreement,
-                "argmax_agreement",
-                agreement,
-                tolerance.min_argmax_agreement,
-                {
-                    "over": f"the {CONFIDENT_SHARE:.0%} of positions where PyTorch's top logit leads most",
-                    "min_margin": margin_threshold,
-                },
-            )
-            report.add(agreement_check)
-            if beyond is not None:
-                _, _, beyond_agreement = _window_stats(model.logits_fn(), beyond[0], beyond[1])
-                report.add(
-                    CheckResult(
-                        f"argmax agreement with the sliding-window checkpoint at {beyond[0].shape[1]} tokens "
-                        "(beyond the sliding window, informational)",
-                        True,
-                        "argmax_agreement (informational)",
-                        beyond_agreement,
-                        None,
-                        {"sliding_window": full_attention_window, "context": int(beyond[0].shape[1])},
-                    )
-                )
-            actual_greedy = model.greedy(prompt_ids[0], settings.generate_tokens)
-            greedy = tokens_check(
-                f"greedy {settings.generate_tokens} tokens (informational)", expected_greedy, actual_greedy
-            )
-            greedy.metric = f"informational: {greedy.metric}"
-            greedy.passed = True
-            report.add(greedy)
-            greedy_texts[outtype.label] = tokenizer.decode(actual_greedy)
+            reports[path.name], agreement, check, greedy = _check_file(model, outtype, path, ref, settings)
+            greedy_texts[outtype.label] = ref.tokenizer.decode(greedy)
         finally:
             model.close()
-        reports[path.name] = report
         files[path.name] = {
             "type": outtype.label,
             "bytes": path.stat().st_size,
             "ppl": check.details["candidate_ppl"],
-            "reference_ppl": reference_ppl,
+            "reference_ppl": ref.ppl,
             "ppl_ratio": check.value,
             "argmax_agreement": agreement,
-            "passed": report.passed,
+            "passed": reports[path.name].passed,
         }
     return reports, files, greedy_texts
+
+
+def _check_file(model: LlamaCppModel, outtype: GgufType, path: Path, ref: _Reference, settings: GgufExportSettings):
+    """Every check of one file. Returns the report, the argmax agreement, the perplexity check and greedy tokens."""
+    tolerance = TOLERANCES[outtype]
+    report = ParityReport(
+        artifact=str(path),
+        context={
+            "type": outtype.label,
+            "backend": "llama.cpp (llama-cpp-python), CPU, F32 KV cache",
+            "tolerance": asdict(tolerance),
+            "eval_data": ref.source,
+        },
+    )
+    report.add(_tokenizer_check(model, ref.tokenizer, ref.samples))
+    if tolerance.max_abs_logits is not None:
+        report.add(_logits_check(model, ref, tolerance.max_abs_logits))
+    ppl, _, agreement = _window_stats(model.logits_fn(), ref.windows, ref.argmax)
+    check = perplexity_check(f"perplexity ({outtype.label})", ref.ppl, ppl, tolerance.max_ppl_ratio)
+    check.details.update({"data": ref.source, "windows": int(ref.windows.shape[0]), "tokens": int(ref.windows.numel())})
+    report.add(check)
+    report.add(
+        CheckResult(
+            "argmax agreement on evaluation windows",
+            agreement >= tolerance.min_argmax_agreement,
+            "argmax_agreement",
+            agreement,
+            tolerance.min_argmax_agreement,
+            {
+                "over": f"the {CONFIDENT_SHARE:.0%} of positions where PyTorch's top logit leads most",
+                "min_margin": ref.margin_threshold,
+            },
+        )
+    )
+    if ref.beyond is not None:
+        report.add(_beyond_window_check(model, ref))
+    actual_greedy = model.greedy(ref.prompt_ids[0], settings.generate_tokens)
+    greedy = tokens_check(f"greedy {settings.generate_tokens} tokens (informational)", ref.greedy, actual_greedy)
+    greedy.metric = f"informational: {greedy.metric}"
+    greedy.passed = True
+    report.add(greedy)
+    return report, agreement, check, actual_greedy
+
+
+def _logits_check(model: LlamaCppModel, ref: _Reference, bound: float) -> CheckResult:
+    deltas = [
+        compare_logits(f"logits prompt {i}", expected, model.logits(ids), bound)
+        for i, (ids, expected) in enumerate(zip(ref.prompt_ids, ref.prompt_logits, strict=True))
+    ]
+    worst = max(deltas, key=lambda c: c.value if c.value is not None else math.inf)
+    return CheckResult(
+        f"logits on {len(deltas)} prompts",
+        all(c.passed for c in deltas),
+        "max_abs_logits",
+        worst.value,
+        bound,
+        {"per_prompt": [c.value for c in deltas], "mean_abs": worst.details.get("mean_abs")},
+    )
+
+
+def _beyond_window_check(model: LlamaCppModel, ref: _Reference) -> CheckResult:
+    windows, argmax = ref.beyond
+    _, _, agreement = _window_stats(model.logits_fn(), windows, argmax)
+    return CheckResult(
+        f"argmax agreement with the sliding-window checkpoint at {windows.shape[1]} tokens "
+        "(beyond the sliding window, informational)",
+        True,
+        "argmax_agreement (informational)",
+        agreement,
+        None,
+        {"sliding_window": ref.full_attention_window, "context": int(windows.shape[1])},
+    )
 
 
 def _tokenizer_check(model: LlamaCppModel, tokenizer, samples: list[tuple[str, str, bool]]) -> CheckResult:

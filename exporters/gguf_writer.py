@@ -163,6 +163,32 @@ def _tensor_type(gguf, name: str, array: np.ndarray, outtype: GgufType, tied: bo
     return wanted if array.shape[-1] % block == 0 else q.F16  # rows that do not split into blocks stay F16
 
 
+def _add_hyperparameters(writer, checkpoint: CheckpointInfo, outtype: GgufType, head_dim: int, n_kv_heads: int,
+                         rope) -> None:
+    """The model's shape, rope, norm and file-type keys, and slimllm's pruning record."""
+    import gguf
+
+    config = checkpoint.config
+    writer.add_name(checkpoint.path.name)
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(int(config.hidden_size))
+    writer.add_block_count(int(config.num_hidden_layers))
+    writer.add_feed_forward_length(int(config.intermediate_size))
+    writer.add_head_count(int(config.num_attention_heads))
+    writer.add_head_count_kv(n_kv_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(getattr(config, "rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(int(config.vocab_size))
+    writer.add_file_type(llama_file_type(outtype))
+    if rope.scaling_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope.factor)
+    _add_pruning_metadata(writer, checkpoint)
+
+
 def write_gguf(
     checkpoint: CheckpointInfo,
     path: Path,
@@ -195,24 +221,7 @@ def write_gguf(
 
     logging.getLogger("gguf").setLevel(logging.WARNING)  # gguf-py logs every file it writes at INFO
     writer = gguf.GGUFWriter(str(path), arch.gguf_arch, use_temp_file=True)
-    writer.add_name(checkpoint.path.name)
-    writer.add_context_length(int(config.max_position_embeddings))
-    writer.add_embedding_length(int(config.hidden_size))
-    writer.add_block_count(n_layers)
-    writer.add_feed_forward_length(int(config.intermediate_size))
-    writer.add_head_count(n_heads)
-    writer.add_head_count_kv(n_kv_heads)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(getattr(config, "rope_theta", 10000.0)))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_vocab_size(n_vocab)
-    writer.add_file_type(llama_file_type(outtype))
-    if rope.scaling_type == "linear":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(rope.factor)
-    _add_pruning_metadata(writer, checkpoint)
+    _add_hyperparameters(writer, checkpoint, outtype, head_dim, n_kv_heads, rope)
     vocab = read_vocab(checkpoint.path, n_vocab)
     vocab.add_to(writer)
 

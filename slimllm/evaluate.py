@@ -35,6 +35,12 @@ class EvalSettings:
     batch_size: int = 1
     """Windows per forward pass."""
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UserInputError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.seq_len < 2 or (self.max_windows is not None and self.max_windows < 1):
+            raise UserInputError("--seq-len must be at least 2 and --max-windows at least 1")
+
 
 @dataclass
 class PerplexityResult:

@@ -309,53 +309,19 @@ def run_profile(
     shapes = {name: ModelShape.from_config(AutoConfig.from_pretrained(str(m.checkpoint))) for name, m in models.items()}
     if shapes["dense"].vocab != shapes["pruned"].vocab or shapes["dense"].hidden != shapes["pruned"].hidden:
         raise UserInputError("--dense and --pruned are not the same model family (hidden size or vocabulary differ)")
-    rows = measurements(profile)
-    prompts = _prompts(profile.prompt_lengths, shapes["dense"].vocab)
-    max_context = max(max(profile.prompt_lengths), profile.generate_tokens) + 16
-    threads = profile.resolved_threads
-    context = multiprocessing.get_context("spawn")
+    run = _Measuring(profile, models, _prompts(profile.prompt_lengths, shapes["dense"].vocab), progress)
     samples: dict[str, Any] = {}
     runtime: dict[str, Any] = {}
-    total = len(rows) * (profile.warmup + profile.repeats) * 2
-    done = 0
     partial = False
     failed: dict[str, str] = {}
     try:
-        for row in rows:
-            workers: dict[str, _Worker] = {}
+        for row in measurements(profile):
             try:
-                for name in ("dense", "pruned"):
-                    workers[name] = _Worker(context, row.spec, row.artifact(models[name]), threads, max_context)
-                row_samples = {name: {"prefill_s": {}, "generate_s": []} for name in workers}
-                for repeat in range(profile.warmup + profile.repeats):
-                    order = ["dense", "pruned"] if repeat % 2 == 0 else ["pruned", "dense"]
-                    for name in order:
-                        result = workers[name].measure(prompts, profile.generate_tokens)
-                        done += 1
-                        if progress:
-                            progress(done, total, stage=row.label)
-                        if repeat < profile.warmup:
-                            continue
-                        for length, seconds in result["prefill_s"].items():
-                            row_samples[name]["prefill_s"].setdefault(length, []).append(seconds)
-                        row_samples[name]["generate_s"].append(result["generate_s"])
-                memory = {name: worker.stop() for name, worker in workers.items()}
-                samples[row.label] = row_samples
-                runtime[row.label] = {
-                    "backend": row.spec.kind.value,
-                    "spec": {k: v for k, v in row.spec.__dict__.items() if k != "kind"},
-                    "gguf_type": row.gguf_type,
-                    "artifacts": {name: str(row.artifact(models[name])) for name in models},
-                    "runtime": workers["dense"].info,
-                    "memory": memory,
-                }
+                samples[row.label], runtime[row.label] = run.measure(row)
             except SlimllmError as exc:  # one backend failing must not hide the others; the report names it
                 failed[row.label] = str(exc)
                 partial = True
                 log.warning("backend %s failed: %s", row.label, exc)
-            finally:
-                for worker in workers.values():
-                    worker.kill()
     except KeyboardInterrupt:
         partial = True
         notes.append("interrupted: only the backends that finished are reported")
@@ -373,6 +339,49 @@ def run_profile(
             + f"; {out_dir}/latency.md is marked partial and reports the backends that ran"
         )
     return ProfileResult(out_dir, payload["summary"], samples, partial, notes, payload)
+
+
+class _Measuring:
+    """Measures one backend row at a time: dense and pruned in two workers, alternating inside every repeat."""
+
+    def __init__(self, profile: TargetProfile, models: dict[str, ModelArtifacts], prompts, progress) -> None:
+        self.profile, self.models, self.prompts, self.progress = profile, models, prompts, progress
+        self.max_context = max(max(profile.prompt_lengths), profile.generate_tokens) + 16
+        self.context = multiprocessing.get_context("spawn")
+        self.total = len(measurements(profile)) * (profile.warmup + profile.repeats) * 2
+        self.done = 0
+
+    def measure(self, row: Measurement) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(samples, runtime record) of one row; the workers are always stopped."""
+        profile, threads = self.profile, self.profile.resolved_threads
+        workers: dict[str, _Worker] = {}
+        try:
+            for name in ("dense", "pruned"):
+                artifact = row.artifact(self.models[name])
+                workers[name] = _Worker(self.context, row.spec, artifact, threads, self.max_context)
+            row_samples = {name: {"prefill_s": {}, "generate_s": []} for name in workers}
+            for repeat in range(profile.warmup + profile.repeats):
+                for name in ["dense", "pruned"] if repeat % 2 == 0 else ["pruned", "dense"]:
+                    result = workers[name].measure(self.prompts, profile.generate_tokens)
+                    self.done += 1
+                    if self.progress:
+                        self.progress(self.done, self.total, stage=row.label)
+                    if repeat >= profile.warmup:
+                        for length, seconds in result["prefill_s"].items():
+                            row_samples[name]["prefill_s"].setdefault(length, []).append(seconds)
+                        row_samples[name]["generate_s"].append(result["generate_s"])
+            memory = {name: worker.stop() for name, worker in workers.items()}
+            return row_samples, {
+                "backend": row.spec.kind.value,
+                "spec": {k: v for k, v in row.spec.__dict__.items() if k != "kind"},
+                "gguf_type": row.gguf_type,
+                "artifacts": {name: str(row.artifact(self.models[name])) for name in self.models},
+                "runtime": workers["dense"].info,
+                "memory": memory,
+            }
+        finally:
+            for worker in workers.values():
+                worker.kill()
 
 
 class ProfileIncompleteError(SlimllmError):

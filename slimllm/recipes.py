@@ -24,6 +24,7 @@ else:  # pragma: no cover
 def recipe_sections() -> dict[str, type]:
     """Section name -> settings class: compile's, the prune stage's, each registered method's own, the exporters'."""
     from slimllm.compile_settings import CompileSettings
+    from slimllm.evaluate import EvalSettings
     from slimllm.exporters.gguf import GgufExportSettings
     from slimllm.exporters.onnx import OnnxExportSettings
     from slimllm.pruning.registry import method_settings_sections
@@ -35,6 +36,7 @@ def recipe_sections() -> dict[str, type]:
         **method_settings_sections(),
         "onnx": OnnxExportSettings,
         "gguf": GgufExportSettings,
+        "eval": EvalSettings,
     }
 
 

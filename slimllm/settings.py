@@ -22,11 +22,16 @@ T = TypeVar("T")
 
 
 def build_settings(
-    cls: type[T], recipe_values: dict[str, Any] | None, flags: dict[str, Any], section: str | None = None
+    cls: type[T],
+    recipe_values: dict[str, Any] | None,
+    flags: dict[str, Any],
+    section: str | None = None,
+    flag_names: dict[str, str] | None = None,
 ) -> T:
     """Instantiate a settings class: its defaults, overridden by the recipe, overridden by flags that were given.
 
-    Every value is checked against the field's annotation first; `section` (e.g. "[trsp]") names it in errors."""
+    Every value is checked against the field's annotation first; `section` (e.g. "[trsp]") names it in errors and
+    `flag_names` maps a field to the flag that sets it (default `--field-name`)."""
     values = dict(recipe_values or {})
     values.update({key: value for key, value in flags.items() if value is not None})
     known = {f.name for f in dataclasses.fields(cls)}
@@ -34,17 +39,32 @@ def build_settings(
     if unknown:
         raise UserInputError(f"unknown {cls.__name__} keys: {', '.join(unknown)}")
     hints = typing.get_type_hints(cls)
-    wrong = [
-        f"{key} must be {_describe(hints[key])}, got {value!r}"
-        for key, value in values.items()
-        if key in hints and not _accepts(hints[key], value)
-    ]
+    wrong = [(key, value) for key, value in values.items() if key in hints and not _accepts(hints[key], value)]
+    for key, value in wrong:
+        choices = _enum_of(hints[key])
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if choices is not None and all(isinstance(item, str) for item in items):  # a misspelt choice
+            bad = next(part for item in items for part in item.split(",") if not _accepts(choices, part.strip()))
+            flag = (flag_names or {}).get(key, "--" + key.replace("_", "-"))
+            raise UserInputError(f"unknown {flag} {bad!r}; use one of {', '.join(str(m.value) for m in choices)}")
     if wrong:
-        raise UserInputError(f"invalid {section or cls.__name__} settings: {'; '.join(wrong)}")
+        problems = "; ".join(f"{key} must be {_describe(hints[key])}, got {value!r}" for key, value in wrong)
+        raise UserInputError(f"invalid {section or cls.__name__} settings: {problems}")
     try:
         return cls(**values)
     except (TypeError, ValueError) as exc:
         raise UserInputError(f"invalid {cls.__name__}: {exc}") from exc
+
+
+def _enum_of(hint: Any) -> type[Enum] | None:
+    """The Enum a field takes (through Optional and list), or None."""
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        return hint
+    for arg in typing.get_args(hint):
+        found = _enum_of(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def _accepts(hint: Any, value: Any) -> bool:
@@ -62,7 +82,11 @@ def _accepts(hint: Any, value: Any) -> bool:
             return all(_accepts(item, v) for v in value)
         return isinstance(item, type) and issubclass(item, Enum) and _accepts(item, value)  # one value for a list
     if isinstance(hint, type) and issubclass(hint, Enum):
-        return isinstance(value, (hint, str))
+        values = {str(member.value) for member in hint}
+        if isinstance(value, hint):
+            return True
+        parts = [part.strip() for part in value.split(",")] if isinstance(value, str) else [None]
+        return all(part is not None and (part in values or part.lower() in values) for part in parts)
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
@@ -89,3 +113,36 @@ def _describe(hint: Any) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path"}.get(
         hint, str(hint)
     )
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's description: the string literal written under it in the class body, whitespace-normalised."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, following in zip(body, body[1:], strict=False):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def field_default(cls: type, name: str) -> Any:
+    """The default of a settings field (its factory's value for mutable defaults)."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None

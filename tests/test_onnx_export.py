@@ -153,8 +153,8 @@ def test_export_cli_json(tiny_model_dir, tmp_path):
         (["--target", "onnx", "--engine", "genai", "--quant", "int8"], "genai engine builds fp32, fp16 or int4"),
         (["--target", "onnx", "--quant", "int3"], "unknown --quant 'int3'; use one of none, int8, int8-dynamic, int4"),
         (["--target", "onnx", "--block-size", "48"], "--block-size must be"),
-        (["--target", "onnx", "--outtype", "q8_0"], "are GGUF options"),
-        (["--target", "gguf", "--quant", "int4"], "are ONNX options"),
+        (["--target", "onnx", "--outtype", "q8_0"], "--outtype is a GGUF option"),
+        (["--target", "gguf", "--quant", "int4"], "--quant is an ONNX option"),
     ],
 )
 def test_export_user_errors(tiny_model_dir, tmp_path, args, fragment):

@@ -222,7 +222,7 @@ def test_flags_override_recipe(tmp_path):
     recipe.write_text('[trsp]\nlambda1 = 0.1\nstage2 = "regularize"\n')
     settings = build_settings(TrspSettings, load_recipe(recipe)["trsp"], {"lambda1": 0.2, "lambda2": None})
     assert settings.lambda1 == 0.2 and settings.stage2 is Stage2Mode.REGULARIZE and settings.lambda2 == 1e-3
-    with pytest.raises(UserInputError, match="invalid TrspSettings"):
+    with pytest.raises(UserInputError, match="unknown --stage2 .melt.; use one of"):
         build_settings(TrspSettings, {"stage2": "melt"}, {})
 
 

@@ -1,11 +1,15 @@
-"""`slimllm compile`: the whole pipeline, from a Hugging Face model to validated ONNX/GGUF and a report."""
+"""`slimllm compile`: the whole pipeline, from a Hugging Face model to validated ONNX/GGUF and a report.
+
+Its flags are generated from `CompileSettings`, the prune stage's choice of method and k, and the export settings a
+compile user changes most; every other setting of every stage is a recipe key.
+"""
 
 from __future__ import annotations
 
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -21,121 +25,117 @@ from slimllm.cli.app import (
     pick_model,
     run_command,
 )
-from slimllm.cli.export_command import _split_types
+from slimllm.cli.options import fixed_option, settings_command, settings_flags
+from slimllm.compile_settings import COMPILE_GGUF_TYPES, CompileSettings
 from slimllm.errors import UserInputError
+from slimllm.exporters.gguf import GgufExportSettings
+from slimllm.exporters.onnx import OnnxExportSettings
+from slimllm.pruning.stage import PruneSettings
+
+RESUME_HINT = "rerun the same command with --resume to continue (TRSP continues from its last round checkpoint)"
+
+FLAGS = [
+    *settings_flags(CompileSettings, "compile", short={"target": "-t", "profile": "-p"}),
+    *settings_flags(
+        PruneSettings,
+        "prune",
+        include=["method", "remove", "ratio", "calib"],
+        short={"remove": "-k"},
+        extra_help={"method": "`none` skips pruning and compiles the dense model."},
+    ),
+    *settings_flags(OnnxExportSettings, "onnx", include=["quant", "engine"],
+                    rename={"quant": "--onnx-quant", "engine": "--onnx-engine"}),
+    *settings_flags(GgufExportSettings, "gguf", include=["outtypes", "allow_full_attention"],
+                    rename={"outtypes": "--outtype"}, defaults={"outtypes": ",".join(COMPILE_GGUF_TYPES)}),
+]
+
+FIXED = [
+    fixed_option("model", ModelArg),
+    fixed_option("model_option", ModelOpt),
+    fixed_option("out", Annotated[Path | None, typer.Option("--out", "-o", help="Output directory.")]),
+    fixed_option(
+        "recipe",
+        Annotated[Path | None, typer.Option(
+            "--recipe", help="TOML recipe: [compile], [prune], method, [onnx], [gguf] tables; flags override it."
+        )],
+    ),
+    fixed_option(
+        "resume",
+        Annotated[bool, typer.Option("--resume", help="Continue a killed run (TRSP from its last checkpoint).")],
+        False,
+    ),
+    fixed_option(
+        "force", Annotated[bool, typer.Option("--force", help="Replace another run slimllm wrote in --out.")], False
+    ),
+    fixed_option("device", DeviceOpt, "auto"),
+    fixed_option("as_json", JsonOpt, False),
+    fixed_option("debug", DebugOpt, False),
+]
 
 
-@app.command("compile")
-def compile_command(
-    model: ModelArg = None,
-    model_option: ModelOpt = None,
-    target: Annotated[
-        str | None, typer.Option("--target", "-t", help="onnx, gguf or all (default: the recipe's, else all).")
-    ] = None,
-    method: Annotated[
-        str | None,
-        typer.Option("--method", help="trsp (default), shortgpt, angular, sleb, last, random or none (no pruning)."),
-    ] = None,
-    remove: Annotated[
-        int | None, typer.Option("--remove", "-k", help="Number of layers to remove.", show_default=False)
-    ] = None,
-    ratio: Annotated[
-        float | None, typer.Option("--ratio", help="Fraction of layers to remove (0-1).", show_default=False)
-    ] = None,
-    calib: Annotated[
-        str | None, typer.Option("--calib", help="Calibration text: self (offline default), wikitext2, c4 or a file.")
-    ] = None,
-    eval_data: Annotated[
-        str | None,
-        typer.Option("--eval-data", help="Evaluation text (default: a built-in paragraph).", show_default=False),
-    ] = None,
-    eval_seq_len: Annotated[
-        int | None, typer.Option("--eval-seq-len", help="Tokens per evaluation window (512).", show_default=False)
-    ] = None,
-    eval_windows: Annotated[
-        int | None, typer.Option("--eval-windows", help="Evaluation windows (8).", show_default=False)
-    ] = None,
-    profile: Annotated[
-        str | None,
-        typer.Option("--profile", "-p", help="Latency profile: built-in name (cpu-x86, cuda...), TOML path or none."),
-    ] = None,
-    recipe: Annotated[
-        Path | None,
-        typer.Option(
-            "--recipe", help="TOML recipe: [compile], [prune], [trsp], [onnx], [gguf] tables; flags override it."
-        ),
-    ] = None,
-    onnx_quant: Annotated[
-        str | None, typer.Option("--onnx-quant", help="ONNX quantization: none, int8 or int4.", show_default=False)
-    ] = None,
-    onnx_engine: Annotated[
-        str | None, typer.Option("--onnx-engine", help="ONNX engine: optimum or genai.", show_default=False)
-    ] = None,
-    outtype: Annotated[
-        list[str] | None,
-        typer.Option("--outtype", help="GGUF type(s) (default f16,q8_0,q4_k_m).", show_default=False),
-    ] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory.", show_default=False)] = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue a killed run (TRSP from its last round checkpoint).")
-    ] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace another run slimllm wrote in --out.")] = False,
-    device: DeviceOpt = "auto",
-    as_json: JsonOpt = False,
-    debug: DebugOpt = False,
-) -> None:
-    """Prune, export, check parity, evaluate and profile; writes DIR/report.md, report.html and manifest.json."""
-
+def _compile(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
     def action() -> None:
         from slimllm.pipeline import compile as compile_pipeline
 
-        if out is None:
+        if fixed["out"] is None:
             raise UserInputError("--out is required: the directory of the compile run")
+        compile_flags = dict(given.get("compile", {}))
+        prune_flags = given.get("prune", {})
         overrides = {
-            "compile": {"eval_seq_len": eval_seq_len, "eval_windows": eval_windows},
-            "onnx": {"quant": onnx_quant, "engine": onnx_engine},
-            "gguf": {"outtypes": _split_types(outtype) or None},
+            "compile": {k: compile_flags.pop(k) for k in ("eval_seq_len", "eval_windows") if k in compile_flags},
+            "onnx": given.get("onnx", {}),
+            "gguf": given.get("gguf", {}),
         }
         bar = ProgressBar("compile")
         try:
             result = compile_pipeline(
-                pick_model(model, model_option),
-                out=out,
-                target=target,
-                method=method,
-                remove=remove,
-                ratio=ratio,
-                calib=calib,
-                eval_data=eval_data,
-                profile=profile if profile is not None else "default",
-                recipe=recipe,
+                pick_model(fixed["model"], fixed["model_option"]),
+                out=fixed["out"],
+                target=compile_flags.get("target"),
+                method=prune_flags.get("method"),
+                remove=prune_flags.get("remove"),
+                ratio=prune_flags.get("ratio"),
+                calib=prune_flags.get("calib"),
+                eval_data=compile_flags.get("eval_data"),
+                profile=compile_flags.get("profile", "default"),
+                recipe=fixed["recipe"],
                 overrides=overrides,
-                resume=resume,
-                force=force,
-                device=device,
+                resume=fixed["resume"],
+                force=fixed["force"],
+                device=fixed["device"],
                 progress=bar,
                 command=shlex.join(["slimllm", *sys.argv[1:]]) if sys.argv[1:2] == ["compile"] else None,
             )
         finally:
             bar.close()
-        stages = {name: result.manifest["stages"][name] for name in result.manifest["run_stages"]}
-        lines = []
-        prune = stages["prune"].get("result", {})
-        if prune.get("removed_layers") is not None:
-            removed, total = prune["removed_layers"], prune["original_num_layers"]
-            lines.append(f"removed layers {removed} of {total} ({prune['method']})")
-        for name, value in stages.get("evaluate", {}).get("result", {}).get("perplexity", {}).items():
-            lines.append(f"  PPL {name}: {value:.3f}")
-        for label, entry in stages.get("profile", {}).get("result", {}).get("summary", {}).items():
-            decode = next(v for k, v in entry["speedups"].items() if k.startswith("tg"))
-            lines.append(f"  {label}: decode x{decode['measured']:.3f} (ideal x{decode['ideal']:.3f})")
-        if result.reused_stages:
-            lines.append(f"reused finished stages: {', '.join(result.reused_stages)}")
-        lines.append(f"done in {result.seconds:.0f} s; report: {result.report_path}")
-        emit(result.to_dict(), as_json, lines)
+        emit(result.to_dict(), fixed["as_json"], _summary(result))
 
-    run_command(
-        debug,
-        action,
-        resume_hint="rerun the same command with --resume to continue (TRSP continues from its last round checkpoint)",
-    )
+    run_command(fixed["debug"], action, resume_hint=RESUME_HINT)
+
+
+def _summary(result) -> list[str]:
+    stages = {name: result.manifest["stages"][name] for name in result.manifest["run_stages"]}
+    lines = []
+    prune = stages["prune"].get("result", {})
+    if prune.get("removed_layers") is not None:
+        removed, total = prune["removed_layers"], prune["original_num_layers"]
+        lines.append(f"removed layers {removed} of {total} ({prune['method']})")
+    for name, value in stages.get("evaluate", {}).get("result", {}).get("perplexity", {}).items():
+        lines.append(f"  PPL {name}: {value:.3f}")
+    for label, entry in stages.get("profile", {}).get("result", {}).get("summary", {}).items():
+        decode = next(v for k, v in entry["speedups"].items() if k.startswith("tg"))
+        lines.append(f"  {label}: decode x{decode['measured']:.3f} (ideal x{decode['ideal']:.3f})")
+    if result.reused_stages:
+        lines.append(f"reused finished stages: {', '.join(result.reused_stages)}")
+    lines.append(f"done in {result.seconds:.0f} s; report: {result.report_path}")
+    return lines
+
+
+compile_command = settings_command(
+    app,
+    "compile",
+    FIXED,
+    FLAGS,
+    _compile,
+    "Prune, export, check parity, evaluate and profile; writes DIR/report.md, report.html and manifest.json.",
+)

@@ -1,130 +1,132 @@
-"""`slimllm export`: lower a checkpoint to ONNX or GGUF and validate it against PyTorch."""
+"""`slimllm export`: ONNX or GGUF, validated against PyTorch.
+
+Its flags are generated from `OnnxExportSettings` and `GgufExportSettings`; a flag both share (`--eval-data`, ...)
+sets it for either target, a flag of only one is refused with the other target.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from slimllm.cli.app import DebugOpt, JsonOpt, ModelArg, ModelOpt, app, emit, pick_model, run_command
+from slimllm.cli.options import fixed_option, flag_names, settings_command, settings_flags
 from slimllm.errors import UserInputError
+from slimllm.exporters.gguf import GgufExportSettings
+from slimllm.exporters.onnx import OnnxExportSettings
 
 
-def _split_types(values: list[str] | None) -> list[str]:
-    """`--outtype f16,q8_0 --outtype q4_k_m` -> ['f16', 'q8_0', 'q4_k_m']."""
-    return [part.strip() for value in values or [] for part in value.split(",") if part.strip()]
+def _shared_defaults() -> dict[str, str]:
+    """Shown defaults of the flags both targets take, where the two classes' defaults differ."""
+    from slimllm.settings import field_default
+
+    shown = {}
+    for field in ("eval_seq_len", "eval_windows", "generate_tokens"):
+        onnx, gguf = field_default(OnnxExportSettings, field), field_default(GgufExportSettings, field)
+        if onnx != gguf:
+            shown[field] = f"{onnx} (ONNX), {gguf} (GGUF)"
+    return shown
 
 
-@app.command("export")
-def export_command(
-    checkpoint: ModelArg = None,
-    model_option: ModelOpt = None,
-    target: Annotated[str | None, typer.Option("--target", "-t", help="onnx or gguf.", show_default=False)] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory.", show_default=False)] = None,
-    engine: Annotated[str, typer.Option("--engine", help="ONNX engine: optimum or genai.")] = "optimum",
-    dtype: Annotated[str, typer.Option("--dtype", help="ONNX precision: fp32 or fp16 (CUDA only).")] = "fp32",
-    quant: Annotated[str, typer.Option("--quant", help="ONNX quantization: none, int8 or int4.")] = "none",
-    block_size: Annotated[int, typer.Option("--block-size", help="ONNX int4 block size.")] = 32,
-    opset: Annotated[
-        int | None, typer.Option("--opset", help="ONNX opset (default: the exporter's).", show_default=False)
-    ] = None,
-    provider: Annotated[
-        str, typer.Option("--provider", help="onnxruntime EP for validation: auto, cpu or cuda.")
-    ] = "auto",
-    outtype: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--outtype",
-            help="GGUF type(s): f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k, ... Repeat or comma-separate.",
-            show_default=False,
-        ),
-    ] = None,
-    eval_data: Annotated[
-        str | None,
-        typer.Option("--eval-data", help="Text for the perplexity checks (default: a built-in paragraph)."),
-    ] = None,
-    eval_seq_len: Annotated[
-        int | None, typer.Option("--eval-seq-len", help="Tokens per perplexity window.", show_default=False)
-    ] = None,
-    eval_windows: Annotated[
-        int | None, typer.Option("--eval-windows", help="Perplexity windows scored.", show_default=False)
-    ] = None,
-    threads: Annotated[
-        int | None, typer.Option("--threads", help="llama.cpp threads (GGUF).", show_default=False)
-    ] = None,
-    allow_full_attention: Annotated[
-        bool,
-        typer.Option(
-            "--allow-full-attention",
-            help="GGUF: export a sliding-window model that llama.cpp runs with full attention (recorded).",
-        ),
-    ] = False,
-    force: Annotated[
-        bool, typer.Option("--force", help="Replace an output directory that slimllm wrote earlier.")
-    ] = False,
-    as_json: JsonOpt = False,
-    debug: DebugOpt = False,
-) -> None:
-    """Export a checkpoint to ONNX or GGUF; the command fails if the export does not match PyTorch."""
+ONNX_FLAGS = settings_flags(OnnxExportSettings, "onnx", rename={"quant": "--quant"}, defaults=_shared_defaults())
+GGUF_FLAGS = [
+    flag
+    for flag in settings_flags(GgufExportSettings, "gguf", rename={"outtypes": "--outtype"})
+    if flag.flag not in {f.flag for f in ONNX_FLAGS}
+]
+SHARED = {flag.field for flag in ONNX_FLAGS} & {flag.field for flag in settings_flags(GgufExportSettings, "gguf")}
+"""Fields both targets have: given once, they go to whichever target is exported."""
 
+FIXED = [
+    fixed_option("checkpoint", ModelArg),
+    fixed_option("model_option", ModelOpt),
+    fixed_option("target", Annotated[str | None, typer.Option("--target", "-t", help="onnx or gguf.")]),
+    fixed_option("out", Annotated[Path | None, typer.Option("--out", "-o", help="Output directory.")]),
+    fixed_option(
+        "recipe",
+        Annotated[Path | None, typer.Option("--recipe", help="TOML recipe: [onnx], [gguf] tables.")],
+    ),
+    fixed_option(
+        "force", Annotated[bool, typer.Option("--force", help="Replace an export slimllm wrote earlier.")], False
+    ),
+    fixed_option("as_json", JsonOpt, False),
+    fixed_option("debug", DebugOpt, False),
+]
+
+
+def export_settings(target: str, recipe: Path | None, given: dict[str, dict[str, Any]]):
+    """The settings of one export: class defaults < recipe section < flags given for that target."""
+    from slimllm.recipes import load_recipe
+    from slimllm.settings import build_settings
+
+    other = "gguf" if target == "onnx" else "onnx"
+    own = dict(given.get(target, {}))
+    for field, value in given.get(other, {}).items():
+        if field not in SHARED:
+            names = flag_names(ONNX_FLAGS + GGUF_FLAGS, other)
+            raise UserInputError(
+                f"{names.get(field, field)} is a{'n ONNX' if other == 'onnx' else ' GGUF'} option; "
+                f"it does nothing for --target {target}"
+            )
+        own.setdefault(field, value)
+    sections = load_recipe(recipe) if recipe is not None else {}
+    cls = OnnxExportSettings if target == "onnx" else GgufExportSettings
+    return build_settings(cls, sections.get(target), own, f"[{target}]", flag_names(ONNX_FLAGS + GGUF_FLAGS, target))
+
+
+def _export(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
     def action() -> None:
-        from slimllm.exporters.parity import CheckResult
         from slimllm.models import checkpoint_directory
 
+        target = fixed["target"]
         if target not in ("onnx", "gguf"):
             raise UserInputError(f"--target must be onnx or gguf, got {target!r}")
-        if out is None:
+        if fixed["out"] is None:
             raise UserInputError("--out is required: the directory to write the export to")
-        source = checkpoint_directory(pick_model(checkpoint, model_option))
-        evaluation = {
-            key: value
-            for key, value in (("eval_seq_len", eval_seq_len), ("eval_windows", eval_windows))
-            if value is not None
-        }
-        if target == "onnx":
-            if outtype or allow_full_attention:
-                raise UserInputError(
-                    "--outtype and --allow-full-attention are GGUF options; for ONNX use --dtype and --quant"
-                )
-            from slimllm.exporters.onnx import OnnxExportSettings, export_onnx
+        settings = export_settings(target, fixed["recipe"], given)
+        source = checkpoint_directory(pick_model(fixed["checkpoint"], fixed["model_option"]))
+        payload, lines = (_onnx if target == "onnx" else _gguf)(source, fixed, settings)
+        emit(payload, fixed["as_json"], lines)
 
-            settings = OnnxExportSettings(
-                engine=engine,
-                dtype=dtype,
-                quant=quant,
-                block_size=block_size,
-                opset=opset,
-                provider=provider,
-                eval_data=eval_data,
-                **evaluation,
-            )
-            result = export_onnx(source, out, settings, force=force)
-            checks = result.validation["checks"]
-            lines = [f"exported {result.variant} to {result.out_dir} (validated on {result.provider})"]
-        else:
-            if quant != "none" or dtype != "fp32" or engine != "optimum":
-                raise UserInputError("--engine, --dtype and --quant are ONNX options; for GGUF use --outtype")
-            from slimllm.exporters.gguf import GgufExportSettings, export_gguf
+    run_command(fixed["debug"], action)
 
-            settings = GgufExportSettings(
-                outtypes=_split_types(outtype) or ["f16"],
-                eval_data=eval_data,
-                threads=threads,
-                allow_full_attention=allow_full_attention,
-                **evaluation,
-            )
-            result = export_gguf(source, out, settings, force=force)
-            checks = [c for report in result.validation["files"].values() for c in report["checks"]]
-            lines = [f"exported {len(result.files)} GGUF file(s) to {result.out_dir}"]
-            for name, info in result.files.items():
-                lines.append(
-                    f"  {name}: {info['bytes'] / 2**20:.1f} MiB, PPL {info['ppl']:.3f} "
-                    f"(PyTorch {info['reference_ppl']:.3f}, ratio {info['ppl_ratio']:.4f})"
-                )
-            for label, text in result.greedy_samples.items():
-                lines.append(f"  greedy [{label}]: {text[:120]!r}")
-        lines += [f"  check {CheckResult(**c).describe()}" for c in checks]
-        emit(result.to_dict(), as_json, lines)
 
-    run_command(debug, action)
+def _onnx(source: Path, fixed: dict[str, Any], settings) -> tuple[dict, list[str]]:
+    from slimllm.exporters.onnx import export_onnx
+
+    result = export_onnx(source, fixed["out"], settings, force=fixed["force"])
+    lines = [f"exported {result.variant} to {result.out_dir} (validated on {result.provider})"]
+    return result.to_dict(), lines + _check_lines(result.validation["checks"])
+
+
+def _gguf(source: Path, fixed: dict[str, Any], settings) -> tuple[dict, list[str]]:
+    from slimllm.exporters.gguf import export_gguf
+
+    result = export_gguf(source, fixed["out"], settings, force=fixed["force"])
+    lines = [f"exported {len(result.files)} GGUF file(s) to {result.out_dir}"]
+    for name, info in result.files.items():
+        lines.append(
+            f"  {name}: {info['bytes'] / 2**20:.1f} MiB, PPL {info['ppl']:.3f} "
+            f"(PyTorch {info['reference_ppl']:.3f}, ratio {info['ppl_ratio']:.4f})"
+        )
+    lines += [f"  greedy [{label}]: {text[:120]!r}" for label, text in result.greedy_samples.items()]
+    checks = [c for report in result.validation["files"].values() for c in report["checks"]]
+    return result.to_dict(), lines + _check_lines(checks)
+
+
+def _check_lines(checks: list[dict]) -> list[str]:
+    from slimllm.exporters.parity import CheckResult
+
+    return [f"  check {CheckResult(**c).describe()}" for c in checks]
+
+
+export_command = settings_command(
+    app,
+    "export",
+    FIXED,
+    ONNX_FLAGS + GGUF_FLAGS,
+    _export,
+    "Export a checkpoint to ONNX or GGUF; the command fails if the export does not match PyTorch.",
+)

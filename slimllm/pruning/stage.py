@@ -24,7 +24,7 @@ from slimllm.errors import UserInputError
 from slimllm.models import LoadedModel, load_model
 from slimllm.pruning.candidates import candidate_layers, check_removable, layers_to_remove
 from slimllm.pruning.methods import PruneMethod
-from slimllm.pruning.registry import Selection, SelectionRequest, get_method
+from slimllm.pruning.registry import Selection, SelectionRequest, get_method, method_settings_sections
 from slimllm.pruning.surgery import SurgeryReport, remove_layers, save_pruned_checkpoint
 from slimllm.pruning.trsp import TrspSettings
 
@@ -138,6 +138,38 @@ def prune_in_memory(
     return pruned, report, selection, seconds
 
 
+def resolve_prune_settings(
+    recipe: dict[str, dict[str, Any]] | Path | str | None = None,
+    given: dict[str, dict[str, Any]] | None = None,
+    flag_names: dict[str, str] | None = None,
+) -> tuple[PruneSettings, Any]:
+    """`PruneSettings` and the chosen method's own settings from class defaults < recipe < values given.
+
+    `recipe` is a recipe file or its loaded sections; `given` maps a section (`prune`, or a method's name such as
+    `trsp`) to the values given for it (flags, or a Python caller's overrides). Values given for another method's
+    section than the chosen one are an error rather than silently ignored.
+    """
+    from slimllm.recipes import load_recipe
+    from slimllm.settings import build_settings
+
+    sections = load_recipe(Path(recipe)) if isinstance(recipe, (str, Path)) else dict(recipe or {})
+    given = {name: values for name, values in (given or {}).items() if values}
+    settings = build_settings(PruneSettings, sections.get("prune"), given.get("prune", {}), "[prune]", flag_names)
+    spec = get_method(settings.method)
+    for section, cls in method_settings_sections().items():  # every method section of the recipe is checked
+        if section in sections and section != spec.name:
+            build_settings(cls, sections[section], {}, f"[{section}]")
+    for section, values in given.items():
+        if section not in ("prune", spec.name):
+            flags = ", ".join((flag_names or {}).get(key, key) for key in values)
+            raise UserInputError(f"{flags} set {section} settings, but --method is {spec.name}; drop them")
+    if spec.settings_class is None:
+        return settings, None
+    own = build_settings(spec.settings_class, sections.get(spec.name), given.get(spec.name, {}), f"[{spec.name}]",
+                         flag_names)
+    return settings, own
+
+
 def work_directory(out_dir: Path) -> Path:
     """Where resumable state lives while a stage runs: beside the output, never inside it."""
     out_dir = Path(out_dir)
@@ -146,7 +178,7 @@ def work_directory(out_dir: Path) -> Path:
 
 def run_prune(
     model: str | LoadedModel,
-    settings: PruneSettings,
+    settings: PruneSettings | None,
     out_dir: Path,
     force: bool = False,
     device: str = "auto",
@@ -155,12 +187,18 @@ def run_prune(
     method_settings: Any = None,
     resume: bool = False,
     trsp: TrspSettings | None = None,
+    recipe: Path | str | None = None,
 ) -> PruneResult:
     """The whole stage: load, calibrate, select, remove and save to `out_dir` (atomically).
 
+    Pass `settings` (and the method's own `method_settings`), or `settings=None` with `recipe=` a TOML file whose
+    `[prune]` and method sections give them (`resolve_prune_settings` combines a recipe with overrides).
     TRSP checkpoints to `<out_dir>.partial/` after every round; `resume=True` continues from there.
     """
     started = time.perf_counter()
+    if settings is None:
+        settings, from_recipe = resolve_prune_settings(recipe)
+        method_settings = method_settings if method_settings is not None else from_recipe
     work_dir = work_directory(Path(out_dir))
     inputs = [Path(str(model))] if isinstance(model, (str, Path)) and Path(str(model)).exists() else []
     if not resume:
@@ -176,14 +214,8 @@ def run_prune(
     resolve_k(loaded, settings)  # validate k and protection before calibrating
     calibration = None
     if settings.method.needs_calibration:
-        calibration = load_calibration(
-            settings.calib,
-            loaded.model,
-            loaded.tokenizer,
-            settings.calib_blocks,
-            settings.block_len,
-            settings.seed,
-        )
+        args = (settings.calib, loaded.model, loaded.tokenizer, settings.calib_blocks, settings.block_len)
+        calibration = load_calibration(*args, settings.seed)
     params_before = count_parameters(loaded.model)
     pruned, report, selection, selection_seconds = prune_in_memory(
         loaded,
@@ -212,7 +244,17 @@ def run_prune(
         details=selection.details,
         notes=loaded.notes + report.notes,
     )
-    record = {
+    record = _pruning_record(loaded, settings, result, report)
+    save_pruned_checkpoint(
+        pruned, loaded.tokenizer, Path(out_dir), record, force=force or resume, protected=[*inputs, loaded.source.path]
+    )
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return result
+
+
+def _pruning_record(loaded: LoadedModel, settings: PruneSettings, result: PruneResult, report: SurgeryReport) -> dict:
+    """`slimllm_pruning.json`: what was removed from what, how, with which data, and what it cost."""
+    return {
         "source_model": loaded.source.spec,
         "original_num_layers": report.original_num_layers,
         "kept_layers": report.kept_layers,
@@ -221,17 +263,12 @@ def run_prune(
         "settings": plain(settings),
         "calibration": result.calibration,
         "seed": settings.seed,
-        "scores": selection.scores,
-        "details": selection.details,
-        "params_before": params_before,
-        "params_after": params_after,
-        "timings": {"selection_s": round(selection_seconds, 3), "total_s": round(seconds, 3)},
+        "scores": result.scores,
+        "details": result.details,
+        "params_before": result.params_before,
+        "params_after": result.params_after,
+        "timings": {"selection_s": round(result.selection_seconds, 3), "total_s": round(result.seconds, 3)},
         "device": str(loaded.device),
         "dtype": dtype_name(loaded.dtype),
         "notes": result.notes,
     }
-    save_pruned_checkpoint(
-        pruned, loaded.tokenizer, Path(out_dir), record, force=force or resume, protected=[*inputs, loaded.source.path]
-    )
-    shutil.rmtree(work_dir, ignore_errors=True)
-    return result

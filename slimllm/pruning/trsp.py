@@ -393,20 +393,7 @@ def _stage2(model, gates, blocks, schedule, order, settings, checkpoints, resume
         info.delta_before_stage2 = _mean_relative_delta(gates, order, model, probe, settings.reg_norm)
 
     fade = settings.stage2 is Stage2Mode.FADE
-    selected = set(order)
-    gate_ids = {id(p) for p in gates.parameters()}
-    trainable = []
-    for index, layer in enumerate(gates.layers):
-        for p in layer.layer.parameters():
-            # Fading layers leave the model; training them would be wasted work.
-            p.requires_grad_(not (fade and index in selected))
-            if p.requires_grad:
-                trainable.append(p)
-    layer_param_ids = {id(p) for layer in gates.layers for p in layer.layer.parameters()}
-    for p in model.parameters():
-        if id(p) not in gate_ids and id(p) not in layer_param_ids:
-            p.requires_grad_(True)  # embeddings, final norm, LM head
-            trainable.append(p)
+    trainable = _stage2_trainable(model, gates, set(order) if fade else set())
     optimizer = torch.optim.AdamW(trainable, lr=settings.stage2_lr, weight_decay=0.0)
     warmup = default_warmup(steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_constant(s, warmup))
@@ -427,19 +414,7 @@ def _stage2(model, gates, blocks, schedule, order, settings, checkpoints, resume
         log.info("resuming TRSP stage 2 at step %d", start_step)
 
     for step in range(start_step, steps):
-        if fade:
-            value = max(0.0, 1.0 - (step + 1) / fade_steps)
-            for i in order:
-                if value == 0.0:
-                    gates.switch_off(i)
-                else:
-                    gates.layers[i].fixed_gate = value
-            active: list[int] = []
-        else:
-            active = order[: min(k, step // phase_len + 1)]
-            for i in order:
-                gates.layers[i].record_delta = i in active
-                gates.layers[i].delta_norm = settings.reg_norm
+        active = _set_stage2_gates(gates, order, step, settings, fade_steps, phase_len)
         batch = blocks[schedule[offset + step]].to(device)
         with model_autocast(model):
             ce, kl = training_losses(model, batch, teacher)
@@ -458,21 +433,8 @@ def _stage2(model, gates, blocks, schedule, order, settings, checkpoints, resume
         info.training_tokens += batch.numel()
         if progress:
             progress(offset + step + 1, total, stage="transfer", loss=info.stage2_losses[-1])
-        phase_end = (step + 1) % phase_len == 0 or step + 1 == steps
-        if phase_end:
-            checkpoints.save(
-                "stage2",
-                {
-                    "step": step + 1,
-                    "model": _model_state(model),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "losses": info.stage2_losses,
-                    "kl": info.stage2_kl,
-                    "tokens": info.training_tokens,
-                    "delta_before": info.delta_before_stage2,
-                },
-            )
+        if (step + 1) % phase_len == 0 or step + 1 == steps:  # the end of a phase
+            checkpoints.save("stage2", _stage2_state(step + 1, model, optimizer, scheduler, info))
     gates.reset()
     info.delta_after_stage2 = _mean_relative_delta(gates, order, model, probe, settings.reg_norm)
     info.stage2_seconds += time.perf_counter() - started
@@ -509,4 +471,54 @@ class Trsp(PruningMethod):
             scores={str(i): v for i, v in enumerate(info.gate_trajectory[0])} if info.gate_trajectory else {},
             details={"trsp_settings": plain(settings), **info.to_dict()},
         )
+
+
+def _stage2_trainable(model, gates: GateSet, frozen_layers: set[int]) -> list[torch.nn.Parameter]:
+    """Every weight except the gates and the layers in `frozen_layers` (fading layers leave the model: training
+    them would be wasted work); embeddings, final norm and LM head included."""
+    gate_ids = {id(p) for p in gates.parameters()}
+    trainable = []
+    for index, layer in enumerate(gates.layers):
+        for p in layer.layer.parameters():
+            p.requires_grad_(index not in frozen_layers)
+            if p.requires_grad:
+                trainable.append(p)
+    layer_param_ids = {id(p) for layer in gates.layers for p in layer.layer.parameters()}
+    for p in model.parameters():
+        if id(p) not in gate_ids and id(p) not in layer_param_ids:
+            p.requires_grad_(True)
+            trainable.append(p)
+    return trainable
+
+
+def _set_stage2_gates(gates: GateSet, order: list[int], step: int, settings: TrspSettings, fade_steps: int,
+                      phase_len: int) -> list[int]:
+    """Fade: the selected layers' gates at this step (off once the fade ends). Regularize: record the deltas of the
+    layers whose phase has begun. Returns those regularized layers (none when fading)."""
+    if settings.stage2 is Stage2Mode.FADE:
+        value = max(0.0, 1.0 - (step + 1) / fade_steps)
+        for i in order:
+            if value == 0.0:
+                gates.switch_off(i)
+            else:
+                gates.layers[i].fixed_gate = value
+        return []
+    active = order[: min(len(order), step // phase_len + 1)]
+    for i in order:
+        gates.layers[i].record_delta = i in active
+        gates.layers[i].delta_norm = settings.reg_norm
+    return active
+
+
+def _stage2_state(step: int, model, optimizer, scheduler, info: TrspInfo) -> dict:
+    return {
+        "step": step,
+        "model": _model_state(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "losses": info.stage2_losses,
+        "kl": info.stage2_kl,
+        "tokens": info.training_tokens,
+        "delta_before": info.delta_before_stage2,
+    }
 

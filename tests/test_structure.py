@@ -1,0 +1,181 @@
+"""The rules the code's structure keeps: no import cycles, a pipeline that imports no CLI, short functions,
+registries that the CLI, recipes and benchmark read, and benchmark rows that do not depend on their order."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO_ROOT
+
+SOURCES = {"slimllm": REPO_ROOT / "slimllm", "slimllm.exporters": REPO_ROOT / "exporters"}
+MAX_FUNCTION_LINES = 80
+
+
+def _modules() -> dict[str, Path]:
+    modules = {}
+    for prefix, base in SOURCES.items():
+        for path in base.rglob("*.py"):
+            parts = [p for p in path.relative_to(base).with_suffix("").parts if p != "__init__"]
+            modules[".".join([prefix, *parts])] = path
+    return modules
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the slimllm modules it imports anywhere in its body (function-level imports included)."""
+    modules = _modules()
+
+    def resolve(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        imported: set[str | None] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {resolve(a.name) for a in node.names if a.name.startswith("slimllm")}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("slimllm"):
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    imported.add(full if full in modules else resolve(node.module))
+        graph[module] = {name for name in imported if name and name != module}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for other in graph.get(node, ()):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_import_graph_has_no_cycles():
+    graph = _import_graph()
+    assert "slimllm.pipeline" in graph and "slimllm.exporters.onnx" in graph  # the walk sees both trees
+    assert _cycles(graph) == []
+
+
+def test_a_cycle_would_be_found():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_exporters_and_pipeline_import_no_cli():
+    graph = _import_graph()
+    for module, imported in graph.items():
+        if module.startswith(("slimllm.exporters", "slimllm.pipeline", "slimllm.compile_stages", "slimllm.pruning")):
+            assert not {name for name in imported if name.startswith("slimllm.cli")}, module
+        if module.startswith("slimllm.exporters"):
+            assert not {name for name in imported if name.startswith(("slimllm.pipeline", "slimllm.compile"))}
+
+
+def test_importing_the_pipeline_loads_no_cli_module():
+    code = "import sys, slimllm.pipeline; print(sorted(m for m in sys.modules if m.startswith('slimllm.cli')))"
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert completed.stdout.strip() == "[]"
+
+
+def test_no_function_is_longer_than_80_lines():
+    long = []
+    for module, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{module}.{node.name}: {lines}")
+    assert long == []
+
+
+def test_method_registry_drives_choices_recipes_and_benchmark_rows():
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import quality
+
+    from slimllm.cli.prune_command import FLAGS
+    from slimllm.pruning.methods import PruneMethod
+    from slimllm.pruning.registry import all_methods, method_settings_sections
+    from slimllm.recipes import recipe_sections
+
+    names = list(all_methods())
+    assert names == ["trsp", "shortgpt", "angular", "sleb", "last", "random"]
+    assert [m.value for m in PruneMethod] == names
+    assert set(method_settings_sections()) <= set(recipe_sections())
+    trsp_flags = {flag.flag for flag in FLAGS if flag.section == "trsp"}
+    assert {"--lambda1", "--stage2", "--distill"} <= trsp_flags
+    baselines = [name for name, method in all_methods().items() if not method.trains_weights]
+    assert set(baselines) <= set(quality.ROW_BUILDERS)
+
+
+def test_every_settings_field_is_a_flag_and_a_recipe_key_with_help():
+    """Adding a settings field adds its flag, recipe key and help: the generated flags cover every field."""
+    from slimllm.cli.eval_command import FLAGS as EVAL_FLAGS
+    from slimllm.cli.export_command import GGUF_FLAGS, ONNX_FLAGS
+    from slimllm.cli.prune_command import FLAGS as PRUNE_FLAGS
+    from slimllm.recipes import recipe_sections
+    from slimllm.settings import field_docs
+
+    sections = recipe_sections()
+    for flags, section in ((PRUNE_FLAGS, "prune"), (PRUNE_FLAGS, "trsp"), (ONNX_FLAGS, "onnx"), (EVAL_FLAGS, "eval")):
+        import dataclasses
+
+        fields = {f.name for f in dataclasses.fields(sections[section])}
+        assert fields == {flag.field for flag in flags if flag.section == section}, section
+        assert set(field_docs(sections[section])) == fields, f"a [{section}] field has no description"
+    gguf_fields = {f.name for f in __import__("dataclasses").fields(sections["gguf"])}
+    covered = {flag.field for flag in GGUF_FLAGS} | {flag.field for flag in ONNX_FLAGS}
+    assert gguf_fields <= covered
+
+
+def test_benchmark_rows_do_not_depend_on_their_order(tiny_model_dir, text_file):
+    """The TRSP run behind the `trsp` row also sets the healing rows' token budget; whichever row runs first, the
+    results are the same."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import quality
+
+    from slimllm.data import load_calibration
+    from slimllm.models import load_model
+    from slimllm.pruning.stage import PruneSettings
+    from slimllm.pruning.trsp import TrspSettings
+
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu", for_training=True)
+    calibration = load_calibration(str(text_file), loaded.model, loaded.tokenizer, 4, 32, 0)
+    settings = quality.BenchSettings(
+        PruneSettings(remove=1, calib_blocks=4, block_len=32), TrspSettings(steps_per_round=1, stage2_steps=2)
+    )
+    outcomes = []
+    for order in (["trsp", "shortgpt+heal"], ["shortgpt+heal", "trsp"]):
+        bench = quality.Bench(loaded, settings, calibration, None)
+        rows = {name: quality.ROW_BUILDERS[name](bench) for name in order}
+        trsp, heal = rows["trsp"], rows["shortgpt+heal"]
+        assert heal.training_tokens == trsp.training_tokens == 3 * 2 * 32  # 1 stage-1 + 2 stage-2 steps
+        weights = float(sum(p.double().sum() for p in trsp.model.parameters()))
+        healed = float(sum(p.double().sum() for p in heal.model.parameters()))
+        outcomes.append((trsp.removed_layers, weights, heal.removed_layers, healed))
+    assert outcomes[0] == outcomes[1]
