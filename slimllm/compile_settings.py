@@ -99,7 +99,7 @@ def resolve_settings(
 
 def _prune_settings(sections, method, remove, ratio, calib):
     from slimllm.pruning.registry import get_method
-    from slimllm.pruning.stage import PruneSettings
+    from slimllm.pruning.settings import PruneSettings
 
     if method.value == NO_PRUNING:
         if remove is not None or ratio is not None:

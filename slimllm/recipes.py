@@ -28,7 +28,7 @@ def recipe_sections() -> dict[str, type]:
     from slimllm.exporters.gguf import GgufExportSettings
     from slimllm.exporters.onnx import OnnxExportSettings
     from slimllm.pruning.registry import method_settings_sections
-    from slimllm.pruning.stage import PruneSettings
+    from slimllm.pruning.settings import PruneSettings
 
     return {
         "compile": CompileSettings,

@@ -8,24 +8,16 @@ from __future__ import annotations
 
 import shlex
 import sys
-from pathlib import Path
-from typing import Annotated, Any
-
-import typer
+from typing import Any
 
 from slimllm.cli.app import (
-    DebugOpt,
-    DeviceOpt,
-    JsonOpt,
-    ModelArg,
-    ModelOpt,
     ProgressBar,
     app,
     emit,
     pick_model,
     run_command,
 )
-from slimllm.cli.options import fixed_option, settings_command, settings_flags
+from slimllm.cli.options import common_parameters, settings_command, settings_flags
 from slimllm.compile_settings import COMPILE_GGUF_TYPES, CompileSettings
 from slimllm.errors import UserInputError
 from slimllm.exporters.gguf import GgufExportSettings
@@ -49,28 +41,12 @@ FLAGS = [
                     rename={"outtypes": "--outtype"}, defaults={"outtypes": ",".join(COMPILE_GGUF_TYPES)}),
 ]
 
-FIXED = [
-    fixed_option("model", ModelArg),
-    fixed_option("model_option", ModelOpt),
-    fixed_option("out", Annotated[Path | None, typer.Option("--out", "-o", help="Output directory.")]),
-    fixed_option(
-        "recipe",
-        Annotated[Path | None, typer.Option(
-            "--recipe", help="TOML recipe: [compile], [prune], method, [onnx], [gguf] tables; flags override it."
-        )],
-    ),
-    fixed_option(
-        "resume",
-        Annotated[bool, typer.Option("--resume", help="Continue a killed run (TRSP from its last checkpoint).")],
-        False,
-    ),
-    fixed_option(
-        "force", Annotated[bool, typer.Option("--force", help="Replace another run slimllm wrote in --out.")], False
-    ),
-    fixed_option("device", DeviceOpt, "auto"),
-    fixed_option("as_json", JsonOpt, False),
-    fixed_option("debug", DebugOpt, False),
-]
+FIXED = common_parameters(
+    out_help="Output directory.",
+    recipe_help="TOML recipe: [compile], [prune], method, [onnx], [gguf] tables; flags override it.",
+    force_help="Replace another run slimllm wrote in --out.",
+    resume_help="Continue a killed run (TRSP from its last checkpoint).",
+)
 
 
 def _compile(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:

@@ -11,8 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
-from slimllm.cli.app import DebugOpt, JsonOpt, ModelArg, ModelOpt, app, emit, pick_model, run_command
-from slimllm.cli.options import fixed_option, flag_names, settings_command, settings_flags
+from slimllm.cli.app import app, emit, pick_model, run_command
+from slimllm.cli.options import common_parameters, fixed_option, flag_names, settings_command, settings_flags
 from slimllm.errors import UserInputError
 from slimllm.exporters.gguf import GgufExportSettings
 from slimllm.exporters.onnx import OnnxExportSettings
@@ -39,21 +39,14 @@ GGUF_FLAGS = [
 SHARED = {flag.field for flag in ONNX_FLAGS} & {flag.field for flag in settings_flags(GgufExportSettings, "gguf")}
 """Fields both targets have: given once, they go to whichever target is exported."""
 
-FIXED = [
-    fixed_option("checkpoint", ModelArg),
-    fixed_option("model_option", ModelOpt),
-    fixed_option("target", Annotated[str | None, typer.Option("--target", "-t", help="onnx or gguf.")]),
-    fixed_option("out", Annotated[Path | None, typer.Option("--out", "-o", help="Output directory.")]),
-    fixed_option(
-        "recipe",
-        Annotated[Path | None, typer.Option("--recipe", help="TOML recipe: [onnx], [gguf] tables.")],
-    ),
-    fixed_option(
-        "force", Annotated[bool, typer.Option("--force", help="Replace an export slimllm wrote earlier.")], False
-    ),
-    fixed_option("as_json", JsonOpt, False),
-    fixed_option("debug", DebugOpt, False),
-]
+FIXED = common_parameters(
+    out_help="Output directory.",
+    recipe_help="TOML recipe: [onnx], [gguf] tables.",
+    force_help="Replace an export slimllm wrote earlier.",
+    device=False,
+    model_name="checkpoint",
+)
+FIXED.insert(2, fixed_option("target", Annotated[str | None, typer.Option("--target", "-t", help="onnx or gguf.")]))
 
 
 def export_settings(target: str, recipe: Path | None, given: dict[str, dict[str, Any]]):

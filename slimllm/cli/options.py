@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -108,7 +109,8 @@ def _flag_type(hint: Any) -> tuple[Any, str | None]:
 def _help(flag: SettingsFlag) -> str:
     text = " ".join(part for part in (field_docs(flag.cls).get(flag.field, ""), flag.extra_help) if part)
     _, choices = _flag_type(flag.hint)
-    if choices and choices not in text:
+    words = set(re.findall(r"[\w-]+", text))
+    if choices and not all(choice in words for choice in choices.split(", ")):
         text = f"{text} One of: {choices}.".strip()
     default = flag.shown_default if flag.shown_default is not None else field_default(flag.cls, flag.field)
     if default is not None and default != [] and not isinstance(default, bool):
@@ -171,3 +173,32 @@ def settings_command(
 def fixed_option(name: str, annotation: Any, default: Any = None) -> inspect.Parameter:
     """A hand-written parameter (model, --out, --json ...) in the form `settings_command` takes."""
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+def common_parameters(
+    out_help: str,
+    recipe_help: str,
+    force_help: str,
+    resume_help: str | None = None,
+    device: bool = True,
+    dtype: bool = False,
+    model_name: str = "model",
+) -> list[inspect.Parameter]:
+    """The hand-written parameters the settings commands share, in their usual order: the model (argument and
+    --model), --out, --recipe, --resume (where the command can resume), --force, --device, --dtype, --json, --debug."""
+    from slimllm.cli.app import DebugOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, ModelOpt
+
+    parameters = [
+        fixed_option(model_name, ModelArg),
+        fixed_option("model_option", ModelOpt),
+        fixed_option("out", Annotated[Path | None, typer.Option("--out", "-o", help=out_help)]),
+        fixed_option("recipe", Annotated[Path | None, typer.Option("--recipe", help=recipe_help)]),
+    ]
+    if resume_help is not None:
+        parameters.append(fixed_option("resume", Annotated[bool, typer.Option("--resume", help=resume_help)], False))
+    parameters.append(fixed_option("force", Annotated[bool, typer.Option("--force", help=force_help)], False))
+    if device:
+        parameters.append(fixed_option("device", DeviceOpt, "auto"))
+    if dtype:
+        parameters.append(fixed_option("dtype", DtypeOpt, "auto"))
+    return parameters + [fixed_option("as_json", JsonOpt, False), fixed_option("debug", DebugOpt, False)]

@@ -5,25 +5,16 @@ Its flags are generated from `PruneSettings` and from the settings class of ever
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Any
-
-import typer
+from typing import Any
 
 from slimllm.cli.app import (
-    DebugOpt,
-    DeviceOpt,
-    DtypeOpt,
-    JsonOpt,
-    ModelArg,
-    ModelOpt,
     ProgressBar,
     app,
     emit,
     pick_model,
     run_command,
 )
-from slimllm.cli.options import fixed_option, settings_command, settings_flags
+from slimllm.cli.options import common_parameters, settings_command, settings_flags
 from slimllm.errors import UserInputError
 from slimllm.pruning.registry import method_settings_sections
 from slimllm.pruning.stage import PruneSettings
@@ -40,29 +31,13 @@ def _flags():
 
 FLAGS = _flags()
 
-FIXED = [
-    fixed_option("model", ModelArg),
-    fixed_option("model_option", ModelOpt),
-    fixed_option("out", Annotated[Path | None, typer.Option("--out", "-o", help="Output directory.")]),
-    fixed_option(
-        "recipe",
-        Annotated[
-            Path | None, typer.Option("--recipe", help="TOML recipe ([prune] and method tables); flags override it.")
-        ],
-    ),
-    fixed_option(
-        "resume",
-        Annotated[bool, typer.Option("--resume", help="Continue an interrupted TRSP run from its last checkpoint.")],
-        False,
-    ),
-    fixed_option(
-        "force", Annotated[bool, typer.Option("--force", help="Replace output slimllm wrote earlier.")], False
-    ),
-    fixed_option("device", DeviceOpt, "auto"),
-    fixed_option("dtype", DtypeOpt, "auto"),
-    fixed_option("as_json", JsonOpt, False),
-    fixed_option("debug", DebugOpt, False),
-]
+FIXED = common_parameters(
+    out_help="Output directory.",
+    recipe_help="TOML recipe ([prune] and method tables); flags override it.",
+    force_help="Replace output slimllm wrote earlier.",
+    resume_help="Continue an interrupted TRSP run from its last checkpoint.",
+    dtype=True,
+)
 
 
 def _prune(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:

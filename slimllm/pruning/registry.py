@@ -93,9 +93,16 @@ def _load_builtin_methods() -> None:
 
 
 def all_methods() -> dict[str, PruningMethod]:
-    """Every registered method by name, the built-in ones first."""
+    """Every registered method by name: the built-in ones in `BUILTIN_METHOD_MODULES` order, then any others, each
+    module's methods in the order they were registered (whichever module happened to be imported first)."""
     _load_builtin_methods()
-    return dict(_METHODS)
+    order = {module: rank for rank, module in enumerate(BUILTIN_METHOD_MODULES)}
+    registered = list(_METHODS.items())
+    ranked = sorted(
+        range(len(registered)),
+        key=lambda i: (order.get(type(registered[i][1]).__module__, len(order)), i),
+    )
+    return {registered[i][0]: registered[i][1] for i in ranked}
 
 
 def method_names() -> list[str]:

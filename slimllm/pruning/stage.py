@@ -23,44 +23,13 @@ from slimllm.device import dtype_name
 from slimllm.errors import UserInputError
 from slimllm.models import LoadedModel, load_model
 from slimllm.pruning.candidates import candidate_layers, check_removable, layers_to_remove
-from slimllm.pruning.methods import PruneMethod
 from slimllm.pruning.registry import Selection, SelectionRequest, get_method, method_settings_sections
+from slimllm.pruning.settings import PruneSettings
 from slimllm.pruning.surgery import SurgeryReport, remove_layers, save_pruned_checkpoint
 from slimllm.pruning.trsp import TrspSettings
 
 Progress = Callable[..., None]
 """Called with (done, total) and, from TRSP, keyword details (stage, loss)."""
-
-
-@dataclass
-class PruneSettings:
-    """Settings of `slimllm prune` shared by every method (TRSP's own are in `TrspSettings`)."""
-
-    method: PruneMethod = PruneMethod.TRSP
-    """Layer-selection method."""
-    remove: int | None = None
-    """Number of layers to remove (exclusive with `ratio`)."""
-    ratio: float | None = None
-    """Fraction of all layers to remove, rounded to a whole layer (exclusive with `remove`)."""
-    protect_first: int = 0
-    """The first N layers are never removed."""
-    protect_last: int = 1
-    """The last M layers are never removed; the final layer feeds the LM head directly."""
-    calib: str = "self"
-    """Calibration text: `self` (the model writes it; offline), wikitext2, c4 or a local file."""
-    calib_blocks: int = 16
-    """Number of calibration blocks."""
-    block_len: int = 512
-    """Tokens per calibration block."""
-    batch_size: int = 2
-    """Calibration blocks per forward pass."""
-    seed: int = 0
-    """Seed for block sampling, `self` text and the random method."""
-
-    def __post_init__(self) -> None:
-        self.method = PruneMethod(self.method)
-        if self.calib_blocks < 1 or self.block_len < 2 or self.batch_size < 1:
-            raise UserInputError("--calib-blocks, --block-len and --batch-size must be positive (block-len >= 2)")
 
 
 @dataclass
