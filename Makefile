@@ -30,7 +30,7 @@ DEMO_OUT ?= runs/demo
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip wheel
+	$(BIN)/python -m pip install --quiet --upgrade pip wheel "setuptools>=77"
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	@mkdir -p $(LLAMA_WHEELS)
 	@ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \

@@ -34,8 +34,23 @@ class EvalSettings:
     """Score only the first N windows (None: all)."""
     batch_size: int = 1
     """Windows per forward pass."""
+    task: str | None = None
+    """A multiple-choice task to score instead of perplexity: hellaswag (zero-shot accuracy)."""
+    task_file: str | None = None
+    """The task's file (default: the shared copy, ../shared/data/hellaswag/hellaswag_val_full.txt)."""
+    limit: int | None = None
+    """Score only N tasks (None: all)."""
+    offset: int = 0
+    """Skip the first M tasks."""
+    backend: str = "auto"
+    """auto (an ONNX export directory runs in onnxruntime, anything else in PyTorch), torch, onnxruntime or llama.cpp
+    (a .gguf file, or the GGUF export of a checkpoint)."""
 
     def __post_init__(self) -> None:
+        if self.backend not in ("auto", "torch", "onnxruntime", "llama.cpp"):
+            raise UserInputError(f"unknown --backend {self.backend!r}; use one of auto, torch, onnxruntime, llama.cpp")
+        if (self.limit is not None and self.limit < 1) or self.offset < 0:
+            raise UserInputError("--limit must be at least 1 and --offset at least 0")
         if self.batch_size < 1:
             raise UserInputError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.seq_len < 2 or (self.max_windows is not None and self.max_windows < 1):
@@ -119,10 +134,19 @@ def perplexity_of_windows(
 
 def evaluate_model(loaded, settings: EvalSettings, progress: Progress | None = None) -> PerplexityResult:
     """Perplexity of a loaded model (see `slimllm.models.load_model`) on the settings' text."""
+    result = perplexity_on_text(torch_logits_fn(loaded.model), loaded.tokenizer, settings, progress)
+    result.model = loaded.source.spec
+    return result
+
+
+def perplexity_on_text(
+    logits_fn: LogitsFn, tokenizer, settings: EvalSettings, progress: Progress | None = None
+) -> PerplexityResult:
+    """Perplexity of any backend's logits on the settings' text (the same windows for every backend)."""
     started = time.perf_counter()
     corpus = load_corpus(settings.data, DataPurpose.EVALUATION)
-    windows = split_windows(tokenize_corpus(corpus, loaded.tokenizer), settings.seq_len, settings.max_windows)
-    nll, tokens = perplexity_of_windows(torch_logits_fn(loaded.model), windows, settings.batch_size, progress)
+    windows = split_windows(tokenize_corpus(corpus, tokenizer), settings.seq_len, settings.max_windows)
+    nll, tokens = perplexity_of_windows(logits_fn, windows, settings.batch_size, progress)
     mean_nll = nll / tokens
     return PerplexityResult(
         perplexity=math.exp(mean_nll),
@@ -130,7 +154,6 @@ def evaluate_model(loaded, settings: EvalSettings, progress: Progress | None = N
         tokens_scored=tokens,
         windows=windows.shape[0],
         seq_len=settings.seq_len,
-        model=loaded.source.spec,
         data=settings.data,
         data_sha256=corpus.sha256,
         seconds=time.perf_counter() - started,

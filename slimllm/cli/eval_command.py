@@ -44,9 +44,7 @@ FIXED = [
 def _eval(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
     def action() -> None:
         from slimllm.artifacts import atomic_write_json
-        from slimllm.device import dtype_name
-        from slimllm.evaluate import evaluate_model
-        from slimllm.models import load_model
+        from slimllm.eval_backends import open_backend
         from slimllm.recipes import load_recipe
         from slimllm.settings import build_settings
 
@@ -54,23 +52,50 @@ def _eval(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
         settings = build_settings(
             EvalSettings, sections.get("eval"), given.get("eval", {}), "[eval]", flag_names(FLAGS, "eval")
         )
-        loaded = load_model(pick_model(fixed["model"], fixed["model_option"]), fixed["device"], fixed["dtype"])
-        bar = ProgressBar("eval")
+        model = pick_model(fixed["model"], fixed["model_option"])
+        bar = ProgressBar(settings.task or "eval")
         try:
-            result = evaluate_model(loaded, settings, progress=bar)
+            with open_backend(model, settings.backend, fixed["device"], fixed["dtype"]) as scorer:
+                payload, lines = (_accuracy if settings.task else _perplexity)(scorer, settings, bar)
         finally:
             bar.close()
-        payload = result.to_dict() | {"device": str(loaded.device), "dtype": dtype_name(loaded.dtype)}
+        payload |= {"model": scorer.model, "backend": scorer.backend}
         out = fixed["out"]
         if out is not None:
             atomic_write_json(out, payload)
-        emit(payload, fixed["as_json"], [
-            f"perplexity {result.perplexity:.3f}  ({result.tokens_scored} tokens in {result.windows} windows "
-            f"of {result.seq_len}, {result.seconds:.1f} s on {loaded.device})",
-            *([f"wrote {out}"] if out is not None else []),
-        ])
+        emit(payload, fixed["as_json"], [*lines, *([f"wrote {out}"] if out is not None else [])])
 
     run_command(fixed["debug"], action)
+
+
+def _perplexity(scorer, settings: EvalSettings, bar) -> tuple[dict, list[str]]:
+    from slimllm.evaluate import perplexity_on_text
+
+    result = perplexity_on_text(scorer.logits_fn, scorer.tokenizer, settings, progress=bar)
+    line = (
+        f"perplexity {result.perplexity:.3f}  ({result.tokens_scored} tokens in {result.windows} windows "
+        f"of {result.seq_len}, {result.seconds:.1f} s on {scorer.backend})"
+    )
+    return result.to_dict(), [line]
+
+
+def _accuracy(scorer, settings: EvalSettings, bar) -> tuple[dict, list[str]]:
+    from slimllm.accuracy import evaluate_tasks
+    from slimllm.tasks import read_task
+
+    tasks = read_task(settings.task, settings.task_file)
+    result = evaluate_tasks(
+        scorer.logits_fn, scorer.tokenizer, tasks, settings.task, settings.limit, settings.offset, progress=bar
+    )
+    payload = result.to_dict()
+    payload.pop("correct")
+    lines = [
+        f"{settings.task}: acc_norm {100 * result.acc_norm:.2f} ± {100 * result.acc_norm_stderr:.2f}, "
+        f"acc {100 * result.acc:.2f} ± {100 * result.acc_stderr:.2f}, per-token (llama.cpp's rule) "
+        f"{100 * result.acc_per_token:.2f} on {result.tasks} tasks from {result.offset}",
+        f"{result.seconds:.1f} s, {result.tokens_per_second:.0f} tokens/s on {scorer.backend}",
+    ]
+    return payload, lines
 
 
 eval_command = settings_command(

@@ -1,0 +1,101 @@
+"""The model behind `slimllm eval`: a checkpoint in PyTorch, an ONNX export in onnxruntime, or a GGUF file in
+llama.cpp, all behind the same `logits_fn` (input ids [b, t] -> logits [b, t, vocab]) and a Hugging Face tokenizer.
+
+    >>> with open_backend("runs/demo/onnx", "auto") as scorer:
+    ...     result = evaluate_tasks(scorer.logits_fn, scorer.tokenizer, tasks)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from slimllm.errors import UserInputError
+
+
+@dataclass
+class Scorer:
+    logits_fn: Callable[[torch.Tensor], torch.Tensor]
+    tokenizer: object
+    backend: str
+    """What computes the logits, in words (e.g. "onnxruntime (CPUExecutionProvider)")."""
+    model: str
+
+
+def resolve_backend(spec: str, backend: str) -> str:
+    """`auto`: onnxruntime for an ONNX export directory, PyTorch for everything else (a .gguf input is dequantized
+    into PyTorch; pass --backend llama.cpp to run the file in llama.cpp)."""
+    if backend != "auto":
+        return backend
+    return "onnxruntime" if (Path(spec) / "model.onnx").is_file() else "torch"
+
+
+@contextlib.contextmanager
+def open_backend(spec: str, backend: str = "auto", device: str = "auto", dtype: str = "auto") -> Iterator[Scorer]:
+    """Load `spec` in the chosen backend for scoring; closes it on exit."""
+    chosen = resolve_backend(spec, backend)
+    if chosen == "onnxruntime":
+        yield _onnx_scorer(Path(spec), device)
+    elif chosen == "llama.cpp":
+        with _llama_cpp_scorer(spec) as scorer:
+            yield scorer
+    else:
+        from slimllm.evaluate import torch_logits_fn
+        from slimllm.models import load_model
+
+        loaded = load_model(spec, device=device, dtype=dtype)
+        yield Scorer(torch_logits_fn(loaded.model), loaded.tokenizer, f"torch ({loaded.device})", loaded.source.spec)
+
+
+def _onnx_scorer(directory: Path, device: str) -> Scorer:
+    from transformers import AutoTokenizer
+
+    from slimllm.exporters.ort_session import OrtCausalLM
+
+    if not (directory / "model.onnx").is_file():
+        raise UserInputError(f"{directory} holds no model.onnx; pass an ONNX export directory or --backend torch")
+    provider = "cuda" if device.startswith("cuda") else "cpu" if device == "cpu" else "auto"
+    runner = OrtCausalLM(directory / "model.onnx", provider)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    return Scorer(runner.logits_fn(), tokenizer, f"onnxruntime ({runner.provider_used})", str(directory))
+
+
+@contextlib.contextmanager
+def _llama_cpp_scorer(spec: str) -> Iterator[Scorer]:
+    from transformers import AutoTokenizer
+
+    from slimllm.exporters.llama_cpp_runner import LlamaCppModel
+
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(path.glob("*.gguf"))
+        if len(files) != 1:
+            raise UserInputError(f"{path} holds {len(files)} .gguf files; pass the one to evaluate")
+        path = files[0]
+    if path.suffix != ".gguf" or not path.is_file():
+        raise UserInputError(f"--backend llama.cpp needs a .gguf file, got {spec}")
+    tokenizer_dir = _tokenizer_source(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    model = LlamaCppModel(path, n_ctx=4096)
+    try:
+        yield Scorer(model.logits_fn(), tokenizer, "llama.cpp (llama-cpp-python, CPU)", str(path))
+    finally:
+        model.close()
+
+
+def _tokenizer_source(path: Path) -> Path:
+    """Where the Hugging Face tokenizer of a .gguf file is: the checkpoint a slimllm export was made from, a
+    tokenizer beside the file, or else the cached directory dequantized from the file itself."""
+    from slimllm.exporters.records import read_export_record
+    from slimllm.models import checkpoint_directory
+
+    record = read_export_record(path.parent)
+    if record is not None and Path(record.get("source_checkpoint", "")).is_dir():
+        return Path(record["source_checkpoint"])
+    if (path.parent / "tokenizer.json").is_file():
+        return path.parent
+    return checkpoint_directory(str(path))

@@ -1,0 +1,159 @@
+"""Zero-shot multiple-choice accuracy: the HellaSwag reader, lm-evaluation-harness scoring on a tiny model, the
+backends, and the CLI's errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_cli import _assert_user_error, run_cli
+
+from slimllm.accuracy import encode_pair, evaluate_tasks, score_task
+from slimllm.errors import UserInputError
+from slimllm.evaluate import torch_logits_fn
+from slimllm.tasks import MultipleChoiceTask, read_task
+from slimllm.tasks.hellaswag import read_hellaswag
+
+TASKS = [
+    MultipleChoiceTask("Baking: She puts the tray in the oven. she", (
+        "waits for the bread to rise and turn golden.",
+        "throws the oven out of the window.",
+        "sings to the flour.",
+        "paints the tray blue and eats it.",
+    ), 0),
+    MultipleChoiceTask("Running: A man ties his shoes at the start line. the man", (
+        "starts running when the whistle blows.",
+        "melts into the track.",
+        "swims across the stadium.",
+        "reads a book to the shoes.",
+    ), 0),
+    MultipleChoiceTask("Gardening: A woman digs a hole in the garden. she", (
+        "plants a small tree and waters it.",
+        "flies to the moon.",
+        "turns into a shovel.",
+        "buries the garden in the hole.",
+    ), 0),
+]
+
+
+def _write(path, tasks) -> None:
+    lines = []
+    for task in tasks:
+        lines += [task.context, str(task.label), *task.endings]
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from slimllm.models import load_model
+
+    return load_model(str(tiny_model_dir("llama")), device="cpu")
+
+
+def test_reader_reads_tasks_and_names_the_line_of_a_malformed_file(tmp_path):
+    good = tmp_path / "tasks.txt"
+    _write(good, TASKS)
+    assert read_hellaswag(good) == TASKS
+    short = tmp_path / "short.txt"
+    short.write_text("\n".join(good.read_text().splitlines()[:-1]) + "\n")
+    with pytest.raises(UserInputError, match="task starting at line 13 is incomplete"):
+        read_hellaswag(short)
+    bad_label = tmp_path / "label.txt"
+    lines = good.read_text().splitlines()
+    lines[7] = "7"
+    bad_label.write_text("\n".join(lines))
+    with pytest.raises(UserInputError, match="line 8 should be the label 0-3"):
+        read_hellaswag(bad_label)
+
+
+def test_the_shared_file_reads(tmp_path):
+    from conftest import DATA_DIR
+
+    tasks = read_task("hellaswag", DATA_DIR.parent / "hellaswag" / "hellaswag_val_full.txt")
+    assert len(tasks) == 10042 and all(len(t.endings) == 4 and 0 <= t.label < 4 for t in tasks)
+
+
+def test_pair_encoding_splits_the_whole_text(tiny):
+    context, continuation = encode_pair(tiny.tokenizer, TASKS[0].context, " " + TASKS[0].endings[0])
+    whole = tiny.tokenizer(TASKS[0].context + " " + TASKS[0].endings[0])["input_ids"]
+    assert context + continuation == whole and continuation
+
+
+def test_batched_scores_equal_scoring_each_sequence_alone(tiny):
+    """Right-padded batch scoring gives what one unpadded forward per context + ending gives."""
+    logits_fn = torch_logits_fn(tiny.model)
+    for task in TASKS:
+        batched = score_task(logits_fn, tiny.tokenizer, task, pad_id=0)
+        for i, ending in enumerate(task.endings):
+            context, cont = encode_pair(tiny.tokenizer, task.context, " " + ending)
+            ids = torch.tensor([context + cont])
+            with torch.no_grad():
+                log_probs = torch.log_softmax(tiny.model(ids).logits.float(), -1)[0]
+            alone = sum(float(log_probs[len(context) - 1 + j, t]) for j, t in enumerate(cont))
+            assert batched.sums[i] == pytest.approx(alone, abs=1e-4)
+
+
+def test_acc_and_acc_norm_by_hand(tiny):
+    """acc picks the highest log-likelihood, acc_norm the highest per byte of " <ending>", per-token per token."""
+    logits_fn = torch_logits_fn(tiny.model)
+    expected = {"acc": [], "acc_norm": [], "acc_per_token": []}
+    for task in TASKS[:2]:
+        scores = score_task(logits_fn, tiny.tokenizer, task, pad_id=0)
+        per_byte = [s / len((" " + e).encode()) for s, e in zip(scores.sums, task.endings, strict=True)]
+        per_token = [s / n for s, n in zip(scores.sums, scores.tokens, strict=True)]
+        expected["acc"].append(int(max(range(4), key=lambda i: scores.sums[i]) == task.label))
+        expected["acc_norm"].append(int(max(range(4), key=lambda i: per_byte[i]) == task.label))
+        expected["acc_per_token"].append(int(max(range(4), key=lambda i: per_token[i]) == task.label))
+    result = evaluate_tasks(logits_fn, tiny.tokenizer, TASKS, limit=2)
+    assert result.tasks == 2 and result.correct == expected
+    assert result.acc == sum(expected["acc"]) / 2 and result.acc_norm == sum(expected["acc_norm"]) / 2
+    values = expected["acc_norm"]
+    mean = sum(values) / 2
+    assert result.acc_norm_stderr == pytest.approx((sum((v - mean) ** 2 for v in values) / 1 / 2) ** 0.5)
+
+
+def test_offset_and_limit_select_the_tasks(tiny):
+    logits_fn = torch_logits_fn(tiny.model)
+    middle = evaluate_tasks(logits_fn, tiny.tokenizer, TASKS, limit=1, offset=1)
+    alone = evaluate_tasks(logits_fn, tiny.tokenizer, TASKS[1:2])
+    assert middle.correct == alone.correct and middle.offset == 1
+    with pytest.raises(UserInputError, match="no tasks left after --offset 5"):
+        evaluate_tasks(logits_fn, tiny.tokenizer, TASKS, offset=5)
+
+
+def test_cli_hellaswag_on_a_tiny_model_and_its_errors(tiny_model_dir, tmp_path):
+    tasks_file = tmp_path / "tasks.txt"
+    _write(tasks_file, TASKS)
+    result = run_cli("eval", str(tiny_model_dir("llama")), "--task", "hellaswag", "--task-file", str(tasks_file),
+                     "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["tasks"] == 3 and 0 <= payload["acc_norm"] <= 1 and payload["backend"].startswith("torch")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("only one line\n")
+    _assert_user_error(
+        run_cli("eval", str(tiny_model_dir("llama")), "--task", "hellaswag", "--task-file", str(bad)),
+        "line 1 is incomplete",
+    )
+    _assert_user_error(run_cli("eval", str(tiny_model_dir("llama")), "--task", "winograd"), "unknown --task")
+
+
+def test_onnx_and_gguf_backends_agree_with_pytorch(tiny_model_dir, tmp_path):
+    """The same tasks scored from the ONNX export in onnxruntime and the F32 GGUF in llama.cpp."""
+    from slimllm.eval_backends import open_backend
+    from slimllm.exporters.gguf import GgufExportSettings, export_gguf
+    from slimllm.exporters.onnx import OnnxExportSettings, export_onnx
+
+    source = tiny_model_dir("llama")
+    export_onnx(source, tmp_path / "onnx", OnnxExportSettings(eval_seq_len=32, eval_windows=1))
+    export_gguf(source, tmp_path / "gguf", GgufExportSettings(outtypes=["f32"], eval_seq_len=32, eval_windows=1,
+                                                               tokenizer_lines=0))
+    sums = {}
+    for spec, backend in ((str(source), "torch"), (str(tmp_path / "onnx"), "auto"), (str(tmp_path / "gguf"),
+                                                                                     "llama.cpp")):
+        with open_backend(spec, backend, device="cpu") as scorer:
+            sums[scorer.backend.split()[0]] = score_task(scorer.logits_fn, scorer.tokenizer, TASKS[0], 0).sums
+    assert set(sums) == {"torch", "onnxruntime", "llama.cpp"}
+    assert sums["onnxruntime"] == pytest.approx(sums["torch"], abs=1e-3)
+    assert sums["llama.cpp"] == pytest.approx(sums["torch"], abs=5e-2)
