@@ -42,6 +42,9 @@ class EvalSettings:
     """Score only N tasks (None: all)."""
     offset: int = 0
     """Skip the first M tasks."""
+    kl_reference: str | None = None
+    """A reference model (e.g. the dense one): adds KL-divergence statistics on the same windows, as
+    llama-perplexity --kl-divergence reports them."""
     backend: str = "auto"
     """auto (an ONNX export directory runs in onnxruntime, anything else in PyTorch), torch, onnxruntime or llama.cpp
     (a .gguf file, or the GGUF export of a checkpoint)."""

@@ -157,3 +157,53 @@ def test_onnx_and_gguf_backends_agree_with_pytorch(tiny_model_dir, tmp_path):
     assert set(sums) == {"torch", "onnxruntime", "llama.cpp"}
     assert sums["onnxruntime"] == pytest.approx(sums["torch"], abs=1e-3)
     assert sums["llama.cpp"] == pytest.approx(sums["torch"], abs=5e-2)
+
+
+def test_divergence_of_a_model_from_itself_is_zero(tiny):
+    from slimllm.divergence import divergence_statistics
+
+    windows = torch.randint(3, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
+    logits_fn = torch_logits_fn(tiny.model)
+    stats = divergence_statistics(logits_fn, logits_fn, windows)
+    assert stats["tokens"] == 2 * 23 and stats["ppl_ratio"] == pytest.approx(1.0)
+    assert stats["kld"]["mean"] == pytest.approx(0.0, abs=1e-6) and stats["kld"]["max"] == pytest.approx(0, abs=1e-5)
+    assert stats["same_top1"]["mean"] == 1.0 and stats["delta_p"]["rms"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_divergence_statistics_match_a_direct_computation(tiny):
+    """Against a perturbed copy: mean KLD, same-top-1, Δp and percentiles equal a hand computation."""
+    import copy
+
+    import numpy as np
+
+    from slimllm.divergence import divergence_statistics
+
+    perturbed = copy.deepcopy(tiny.model)
+    with torch.no_grad():
+        for param in perturbed.parameters():
+            param.add_(0.02 * torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
+    windows = torch.randint(3, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
+    stats = divergence_statistics(torch_logits_fn(perturbed), torch_logits_fn(tiny.model), windows)
+    with torch.no_grad():
+        p = torch.log_softmax(tiny.model(windows).logits[:, :-1].float(), -1).reshape(-1, 49152)
+        q = torch.log_softmax(perturbed(windows).logits[:, :-1].float(), -1).reshape(-1, 49152)
+    targets = windows[:, 1:].reshape(-1)
+    kld = (p.exp() * (p - q)).sum(-1).numpy()
+    delta = (q.gather(-1, targets[:, None]).exp() - p.gather(-1, targets[:, None]).exp())[:, 0].numpy()
+    assert stats["kld"]["mean"] == pytest.approx(float(kld.mean()), rel=1e-4) and stats["kld"]["mean"] > 1e-4
+    assert stats["kld"]["99%"] == pytest.approx(float(np.percentile(kld, 99)), rel=1e-4)
+    assert stats["same_top1"]["mean"] == pytest.approx(float((p.argmax(-1) == q.argmax(-1)).float().mean()))
+    assert stats["delta_p"]["mean"] == pytest.approx(float(delta.mean()), abs=1e-7)
+    assert stats["kld"]["stderr"] == pytest.approx(float(kld.std(ddof=1) / np.sqrt(len(kld))), rel=1e-4)
+
+
+def test_cli_kl_reference(tiny_model_dir, tmp_path):
+    from conftest import EVAL_FILE
+
+    result = run_cli("eval", str(tiny_model_dir("llama")), "--data", str(EVAL_FILE), "--seq-len", "32",
+                     "--max-windows", "2", "--kl-reference", str(tiny_model_dir("qwen2")), "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["tokens"] == 62 and payload["kld"]["mean"] > 0 and 0 <= payload["same_top1"]["mean"] <= 1
+    assert set(payload["kld"]) >= {"mean", "stderr", "max", "99.9%", "99%", "95%", "90%", "median", "10%", "5%",
+                                    "1%", "min"}

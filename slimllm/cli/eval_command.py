@@ -56,7 +56,12 @@ def _eval(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
         bar = ProgressBar(settings.task or "eval")
         try:
             with open_backend(model, settings.backend, fixed["device"], fixed["dtype"]) as scorer:
-                payload, lines = (_accuracy if settings.task else _perplexity)(scorer, settings, bar)
+                if settings.task:
+                    payload, lines = _accuracy(scorer, settings, bar)
+                elif settings.kl_reference:
+                    payload, lines = _divergence(scorer, settings, fixed, bar)
+                else:
+                    payload, lines = _perplexity(scorer, settings, bar)
         finally:
             bar.close()
         payload |= {"model": scorer.model, "backend": scorer.backend}
@@ -77,6 +82,30 @@ def _perplexity(scorer, settings: EvalSettings, bar) -> tuple[dict, list[str]]:
         f"of {result.seq_len}, {result.seconds:.1f} s on {scorer.backend})"
     )
     return result.to_dict(), [line]
+
+
+def _divergence(scorer, settings: EvalSettings, fixed: dict[str, Any], bar) -> tuple[dict, list[str]]:
+    from slimllm.data import DataPurpose, load_corpus, tokenize_corpus
+    from slimllm.divergence import divergence_statistics
+    from slimllm.eval_backends import open_backend
+    from slimllm.evaluate import split_windows
+
+    corpus = load_corpus(settings.data, DataPurpose.EVALUATION)
+    windows = split_windows(tokenize_corpus(corpus, scorer.tokenizer), settings.seq_len, settings.max_windows)
+    with open_backend(settings.kl_reference, "auto", fixed["device"], fixed["dtype"]) as reference:
+        stats = divergence_statistics(scorer.logits_fn, reference.logits_fn, windows, bar)
+        stats |= {"reference": reference.model, "reference_backend": reference.backend}
+    stats |= {"data": settings.data, "data_sha256": corpus.sha256, "windows": int(windows.shape[0]),
+              "seq_len": settings.seq_len}
+    kld, same, delta_p = stats["kld"], stats["same_top1"], stats["delta_p"]
+    return stats, [
+        f"PPL {stats['ppl']:.4f} vs reference {stats['reference_ppl']:.4f} (ratio {stats['ppl_ratio']:.4f}) on "
+        f"{stats['tokens']} tokens",
+        f"mean KLD {kld['mean']:.6f} ± {kld['stderr']:.6f}; max {kld['max']:.4f}, 99.9% {kld['99.9%']:.4f}, "
+        f"99% {kld['99%']:.4f}, median {kld['median']:.6f}",
+        f"same top-1 {100 * same['mean']:.3f} ± {100 * same['stderr']:.3f} %; Δp mean {100 * delta_p['mean']:.3f} %, "
+        f"RMS {100 * delta_p['rms']:.3f} %",
+    ]
 
 
 def _accuracy(scorer, settings: EvalSettings, bar) -> tuple[dict, list[str]]:
