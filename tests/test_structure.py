@@ -175,7 +175,7 @@ def test_benchmark_rows_do_not_depend_on_their_order(tiny_model_dir, text_file):
         rows = {name: quality.ROW_BUILDERS[name](bench) for name in order}
         trsp, heal = rows["trsp"], rows["shortgpt+heal"]
         assert heal.training_tokens == trsp.training_tokens == 3 * 2 * 32  # 1 stage-1 + 2 stage-2 steps
-        weights = float(sum(p.double().sum() for p in trsp.model.parameters()))
-        healed = float(sum(p.double().sum() for p in heal.model.parameters()))
+        weights = float(sum(p.detach().double().sum() for p in trsp.model.parameters()))
+        healed = float(sum(p.detach().double().sum() for p in heal.model.parameters()))
         outcomes.append((trsp.removed_layers, weights, heal.removed_layers, healed))
     assert outcomes[0] == outcomes[1]
