@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import re
 import resource
 import sys
@@ -30,10 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from slimllm.artifacts import (  # noqa: E402
     atomic_write_json,
     atomic_write_text,
+    digest,
     library_versions,
     machine_info,
-    plain,
-    sha256_text,
 )
 from slimllm.data import DataPurpose, load_calibration, load_corpus, tokenize_corpus  # noqa: E402
 from slimllm.evaluate import compare_with_reference, split_windows, torch_logits_fn  # noqa: E402
@@ -100,7 +98,7 @@ class Bench:
         self._trsp_runs: dict[str, TrspRun] = {}
 
     def trsp_run(self, trsp: TrspSettings) -> TrspRun:
-        key = sha256_text(json.dumps(plain({"prune": self.settings.prune, "trsp": trsp}), sort_keys=True))
+        key = digest({"prune": self.settings.prune, "trsp": trsp})
         if key not in self._trsp_runs:
             prune = dataclasses.replace(self.settings.prune, method=PruneMethod.TRSP)
             pruned, report, selection, seconds = prune_in_memory(

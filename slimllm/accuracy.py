@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from slimllm.errors import UserInputError
 from slimllm.tasks import MultipleChoiceTask
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
@@ -129,8 +130,6 @@ def evaluate_tasks(
     """acc, acc_norm and acc_per_token over `tasks[offset : offset + limit]`."""
     chosen = list(tasks[offset : offset + limit if limit is not None else None])
     if not chosen:
-        from slimllm.errors import UserInputError
-
         raise UserInputError(f"no tasks left after --offset {offset} (the file has {len(tasks)}); lower --offset")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     correct: dict[str, list[int]] = {"acc": [], "acc_norm": [], "acc_per_token": []}

@@ -85,6 +85,11 @@ def sha256_text(text: str) -> str:
     return sha256_bytes(text.encode("utf-8"))
 
 
+def digest(payload: Any) -> str:
+    """A stable hash of JSON-ready data (settings, stage inputs): enums, paths and dataclasses made plain first."""
+    return sha256_text(json.dumps(plain(payload), sort_keys=True))
+
+
 def sha256_file(path: Path, chunk_size: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -208,6 +213,12 @@ def refuse_unsafe_replacement(target: Path, protected: Sequence[Path | str] = ()
             raise UserInputError(
                 f"--out {target} would replace the input {path} (or a directory holding it); choose another --out"
             )
+
+
+def local_inputs(*specs: str | Path | None) -> list[Path]:
+    """The given specs (models, data) that name local files or directories: the inputs `--force` must not replace."""
+    paths = [Path(str(spec)).expanduser() for spec in specs if spec is not None]
+    return [path for path in paths if path.exists()]
 
 
 def check_output_directory(target: Path, force: bool, protected: Sequence[Path | str] = ()) -> None:

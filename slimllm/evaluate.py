@@ -142,13 +142,18 @@ def evaluate_model(loaded, settings: EvalSettings, progress: Progress | None = N
     return result
 
 
+def text_windows(tokenizer, settings: EvalSettings):
+    """The evaluation windows of the settings' text, and the corpus they were cut from (for its hash)."""
+    corpus = load_corpus(settings.data, DataPurpose.EVALUATION)
+    return split_windows(tokenize_corpus(corpus, tokenizer), settings.seq_len, settings.max_windows), corpus
+
+
 def perplexity_on_text(
     logits_fn: LogitsFn, tokenizer, settings: EvalSettings, progress: Progress | None = None
 ) -> PerplexityResult:
     """Perplexity of any backend's logits on the settings' text (the same windows for every backend)."""
     started = time.perf_counter()
-    corpus = load_corpus(settings.data, DataPurpose.EVALUATION)
-    windows = split_windows(tokenize_corpus(corpus, tokenizer), settings.seq_len, settings.max_windows)
+    windows, corpus = text_windows(tokenizer, settings)
     nll, tokens = perplexity_of_windows(logits_fn, windows, settings.batch_size, progress)
     mean_nll = nll / tokens
     return PerplexityResult(

@@ -37,12 +37,13 @@ from slimllm.artifacts import (
     OUTPUT_MARKER,
     atomic_write_json,
     check_output_directory,
+    digest,
     library_versions,
+    local_inputs,
     machine_info,
     mark_output,
     plain,
     refuse_unsafe_replacement,
-    sha256_text,
     sha256_tree,
 )
 from slimllm.compile_settings import NO_PRUNING, CompileSettings, Target, resolve_settings
@@ -75,10 +76,6 @@ class CompileResult:
             "seconds": self.seconds,
             "manifest": self.manifest,
         }
-
-
-def _digest(payload: Any) -> str:
-    return sha256_text(json.dumps(plain(payload), sort_keys=True))
 
 
 class Manifest:
@@ -119,20 +116,15 @@ def _compile_outputs() -> set[str]:
 def _prepare_output(out_dir: Path, model_spec: str, force: bool, protected: list[Path]) -> None:
     """Check `out_dir` before any work. An earlier run of the same model is continued; another model's run, or a
     slimllm output of another kind, is replaced only with --force; anything slimllm did not write is never touched."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserInputError(f"--out {out_dir} exists and is not a directory; choose another --out")
-    if not out_dir.is_dir() or not any(out_dir.iterdir()):
-        return
     previous = _read_manifest(out_dir)
-    if previous is not None and previous.get("model") == model_spec and not force:
-        return
     if previous is not None and not force:
+        if previous.get("model") == model_spec:
+            return
         raise UserInputError(
             f"--out {out_dir} holds a compile run of another model ({previous.get('model')}); pass --force to "
             "replace it or choose another --out"
         )
-    check_output_directory(out_dir, force=force, protected=protected)  # not ours, or no --force: one clear line
-    refuse_unsafe_replacement(out_dir, protected)
+    check_output_directory(out_dir, force=force, protected=protected)
 
 
 def _clear_compile_outputs(out_dir: Path) -> None:
@@ -148,12 +140,6 @@ def _clear_compile_outputs(out_dir: Path) -> None:
             shutil.rmtree(entry)
         else:
             entry.unlink()
-
-
-def _local_paths(*specs: str | Path | None) -> list[Path]:
-    """The given model specs that name local files or directories (inputs that --force must never replace)."""
-    paths = [Path(str(spec)).expanduser() for spec in specs if spec is not None]
-    return [path for path in paths if path.exists()]
 
 
 def compile(  # noqa: A001 - the product's verb; `slimllm.compile(...)` mirrors `slimllm compile`
@@ -184,7 +170,7 @@ def compile(  # noqa: A001 - the product's verb; `slimllm.compile(...)` mirrors 
     started = time.perf_counter()
     out_dir = Path(out)
     settings = _settings_for(recipe, overrides, target, eval_data, profile, method, remove, ratio, calib)
-    protected = _local_paths(model)
+    protected = local_inputs(model)
     _prepare_output(out_dir, model, force, protected)
     context = _context(model, out_dir, settings, resume, device, progress)
     protected.append(context.dense_dir)
@@ -295,7 +281,7 @@ def _run_stage(spec: StageSpec, ctx: CompileContext) -> bool:
     """Run one stage unless its inputs are unchanged and its outputs intact. Returns True if it ran."""
     manifest = ctx.manifest
     inputs = stage_inputs(spec, ctx)
-    key = _digest(inputs)
+    key = digest(inputs)
     previous = manifest.stage(spec.name)
     if previous and previous.get("status") == "done" and previous.get("key") == key:
         outputs = previous.get("outputs", {})

@@ -52,6 +52,13 @@ class ModelArtifacts:
     """Export variant (`optimum-fp32`, `genai-int4`, ...) -> export directory."""
     gguf: dict[str, Path] = field(default_factory=dict)
     """GGUF type label (`Q8_0`, `F16`, ...) -> file."""
+    sha256: str | None = None
+    """Content hash of the checkpoint where the caller knows it; computed once when an export needs checking."""
+
+    def checkpoint_sha256(self) -> str:
+        if self.sha256 is None:
+            self.sha256 = sha256_tree(self.checkpoint)
+        return self.sha256
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -153,7 +160,6 @@ def prepare_artifacts(
 
     notes: list[str] = []
     for name, model in models.items():
-        source_sha256 = sha256_tree(model.checkpoint)
         for spec in profile.backends:
             if spec.kind in (BackendKind.ONNXRUNTIME, BackendKind.GENAI):
                 variant = onnx_variant(spec)
@@ -170,7 +176,7 @@ def prepare_artifacts(
                     eval_data=eval_data,
                     eval_windows=2,
                 )
-                if rebuild or _reusable_export(target, source_sha256, settings) is None:
+                if rebuild or _reusable_export(target, model.checkpoint_sha256(), settings) is None:
                     if progress:
                         progress(0, 1, stage=f"export {name} {variant}")
                     export_onnx(model.checkpoint, target, settings, force=True)
@@ -182,7 +188,7 @@ def prepare_artifacts(
                     continue
                 target = work_dir / name / f"gguf-{'-'.join(t.lower() for t in missing)}"
                 settings = GgufExportSettings(outtypes=missing, eval_data=eval_data, eval_windows=2, tokenizer_lines=50)
-                if rebuild or _reusable_export(target, source_sha256, settings) is None:
+                if rebuild or _reusable_export(target, model.checkpoint_sha256(), settings) is None:
                     if progress:
                         progress(0, 1, stage=f"export {name} GGUF {','.join(missing)}")
                     export_gguf(model.checkpoint, target, settings, force=True)

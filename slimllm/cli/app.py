@@ -82,6 +82,8 @@ def _configure_logging(debug: bool) -> None:
 
 
 _INTERRUPTED = "interrupted: finished artifacts were kept and unfinished ones removed"
+RESUME_HINT = "rerun the same command with --resume to continue (TRSP continues from its last round checkpoint)"
+"""What an interrupted `compile` or `prune` should do next."""
 _OUT_OF_MEMORY = (
     "out of memory{where}: lower --batch-size or --block-len (or --calib-blocks), add --gradient-checkpointing "
     "when training, or use a device with more memory (--device cpu holds the model in system RAM)"

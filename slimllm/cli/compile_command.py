@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from slimllm.cli.app import (
+    RESUME_HINT,
     ProgressBar,
     app,
     emit,
@@ -23,8 +24,6 @@ from slimllm.errors import UserInputError
 from slimllm.exporters.gguf import GgufExportSettings
 from slimllm.exporters.onnx import OnnxExportSettings
 from slimllm.pruning.stage import PruneSettings
-
-RESUME_HINT = "rerun the same command with --resume to continue (TRSP continues from its last round checkpoint)"
 
 FLAGS = [
     *settings_flags(CompileSettings, "compile", short={"target": "-t", "profile": "-p"}),

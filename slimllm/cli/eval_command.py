@@ -85,13 +85,11 @@ def _perplexity(scorer, settings: EvalSettings, bar) -> tuple[dict, list[str]]:
 
 
 def _divergence(scorer, settings: EvalSettings, fixed: dict[str, Any], bar) -> tuple[dict, list[str]]:
-    from slimllm.data import DataPurpose, load_corpus, tokenize_corpus
     from slimllm.divergence import divergence_statistics
     from slimllm.eval_backends import open_backend
-    from slimllm.evaluate import split_windows
+    from slimllm.evaluate import text_windows
 
-    corpus = load_corpus(settings.data, DataPurpose.EVALUATION)
-    windows = split_windows(tokenize_corpus(corpus, scorer.tokenizer), settings.seq_len, settings.max_windows)
+    windows, corpus = text_windows(scorer.tokenizer, settings)
     with open_backend(settings.kl_reference, "auto", fixed["device"], fixed["dtype"]) as reference:
         stats = divergence_statistics(scorer.logits_fn, reference.logits_fn, windows, bar)
         stats |= {"reference": reference.model, "reference_backend": reference.backend}

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from slimllm.cli.app import (
+    RESUME_HINT,
     ProgressBar,
     app,
     emit,
@@ -18,8 +19,6 @@ from slimllm.cli.options import common_parameters, settings_command, settings_fl
 from slimllm.errors import UserInputError
 from slimllm.pruning.registry import method_settings_sections
 from slimllm.pruning.stage import PruneSettings
-
-RESUME_HINT = "rerun the same command with --resume to continue (TRSP continues from its last round checkpoint)"
 
 
 def _flags():

@@ -24,14 +24,14 @@ def _run(ctx: CompileContext) -> tuple[dict[str, Any], dict[str, Any]]:
     from slimllm.profiles import load_profile
 
     profile = load_profile(ctx.compile.profile)
-    pruned = ModelArtifacts(checkpoint_of(ctx))
+    pruned = ModelArtifacts(checkpoint_of(ctx), sha256=ctx.outputs["prune"]["sha256"])
     onnx_output = ctx.outputs.get("export_onnx")
     if onnx_output:
         pruned.onnx[onnx_output["variant"]] = Path(onnx_output["path"])
     gguf_output = ctx.outputs.get("export_gguf")
     if gguf_output:
         pruned.gguf.update({label: Path(path) for label, path in gguf_output["files"].items()})
-    dense = ModelArtifacts(ctx.dense_dir)
+    dense = ModelArtifacts(ctx.dense_dir, sha256=ctx.dense_sha)
     if ctx.settings["prune"] is None:  # compiling the dense model: the same artifacts on both sides
         dense = pruned
     target = ctx.out_dir / "latency"

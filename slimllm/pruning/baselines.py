@@ -20,7 +20,14 @@ from slimllm.device import model_autocast
 from slimllm.errors import UserInputError
 from slimllm.evaluate import causal_lm_loss_sum
 from slimllm.pruning.layer_io import layers_skipped, run_from_layer, trace_decoder
-from slimllm.pruning.registry import PruningMethod, Selection, SelectionRequest, get_method, register
+from slimllm.pruning.registry import (
+    PruningMethod,
+    Selection,
+    SelectionRequest,
+    get_method,
+    register,
+    select_layers_with,
+)
 
 Progress = Callable[[int, int], None]
 
@@ -140,10 +147,8 @@ def select_layers(
     spec = get_method(method)
     if spec.trains_weights:
         raise ValueError(f"{spec.name} trains weights; run it through slimllm.pruning.stage.prune_in_memory")
-    if spec.needs_calibration and blocks is None:
-        raise ValueError(f"{spec.name} needs calibration blocks")
     request = SelectionRequest(model, blocks, k, list(candidates), batch_size, seed, progress=progress)
-    return spec.select(request)
+    return select_layers_with(spec, request)
 
 
 @register

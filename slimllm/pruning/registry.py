@@ -12,6 +12,7 @@ new method is one module that registers itself, plus its tests; its module is na
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import import_module
@@ -58,7 +59,7 @@ class SelectionRequest:
     progress: Progress | None = None
 
 
-class PruningMethod:
+class PruningMethod(ABC):
     """Base of every registered method. Subclasses set the class attributes and implement `select`."""
 
     name: ClassVar[str]
@@ -72,8 +73,16 @@ class PruningMethod:
     def default_settings(self) -> Any:
         return self.settings_class() if self.settings_class is not None else None
 
+    @abstractmethod
     def select(self, request: SelectionRequest) -> Selection:
-        raise NotImplementedError
+        """The layers to remove. Callers go through `select_layers_with`, which checks what every method needs."""
+
+
+def select_layers_with(method: PruningMethod, request: SelectionRequest) -> Selection:
+    """Run a method's selection after the checks every method shares."""
+    if method.needs_calibration and request.blocks is None:
+        raise ValueError(f"{method.name} needs calibration blocks")
+    return method.select(request)
 
 
 _METHODS: dict[str, PruningMethod] = {}

@@ -17,16 +17,21 @@ from typing import Any
 import torch
 
 from slimllm.architectures import decoder_layers
-from slimllm.artifacts import check_output_directory, plain
+from slimllm.artifacts import check_output_directory, local_inputs, plain
 from slimllm.data import CalibrationData, load_calibration
 from slimllm.device import dtype_name
 from slimllm.errors import UserInputError
 from slimllm.models import LoadedModel, load_model
 from slimllm.pruning.candidates import candidate_layers, check_removable, layers_to_remove
-from slimllm.pruning.registry import Selection, SelectionRequest, get_method, method_settings_sections
+from slimllm.pruning.registry import (
+    Selection,
+    SelectionRequest,
+    get_method,
+    method_settings_sections,
+    select_layers_with,
+)
 from slimllm.pruning.settings import PruneSettings
 from slimllm.pruning.surgery import SurgeryReport, remove_layers, save_pruned_checkpoint
-from slimllm.pruning.trsp import TrspSettings
 
 Progress = Callable[..., None]
 """Called with (done, total) and, from TRSP, keyword details (stage, loss)."""
@@ -76,12 +81,11 @@ def prune_in_memory(
     method_settings: Any = None,
     work_dir: Path | None = None,
     resume: bool = False,
-    trsp: TrspSettings | None = None,
 ) -> tuple[torch.nn.Module, SurgeryReport, Selection, float]:
     """Select and remove layers; returns the pruned model, the surgery report, the selection and its seconds.
 
     The loaded model is left intact unless `inplace` (which saves a copy of the weights); a method that trains
-    works on a copy otherwise. `method_settings` are the method's own settings (`trsp=` is kept as its old name).
+    works on a copy otherwise. `method_settings` are the method's own settings (None: its defaults).
     """
     k, candidates = resolve_k(loaded, settings)
     spec = get_method(settings.method)
@@ -94,14 +98,12 @@ def prune_in_memory(
         candidates,
         settings.batch_size,
         settings.seed,
-        settings=method_settings if method_settings is not None else trsp,
+        settings=method_settings,
         work_dir=work_dir,
         resume=resume,
         progress=progress,
     )
-    if spec.needs_calibration and request.blocks is None:
-        raise ValueError(f"{spec.name} needs calibration blocks")
-    selection = spec.select(request)
+    selection = select_layers_with(spec, request)
     seconds = time.perf_counter() - started
     pruned, report = remove_layers(model, selection.removed_layers, inplace=inplace or spec.trains_weights)
     return pruned, report, selection, seconds
@@ -155,7 +157,6 @@ def run_prune(
     progress: Progress | None = None,
     method_settings: Any = None,
     resume: bool = False,
-    trsp: TrspSettings | None = None,
     recipe: Path | str | None = None,
 ) -> PruneResult:
     """The whole stage: load, calibrate, select, remove and save to `out_dir` (atomically).
@@ -169,7 +170,7 @@ def run_prune(
         settings, from_recipe = resolve_prune_settings(recipe)
         method_settings = method_settings if method_settings is not None else from_recipe
     work_dir = work_directory(Path(out_dir))
-    inputs = [Path(str(model))] if isinstance(model, (str, Path)) and Path(str(model)).exists() else []
+    inputs = local_inputs(model) if isinstance(model, (str, Path)) else []
     if not resume:
         check_output_directory(Path(out_dir), force, protected=inputs)  # fail before any expensive work
     elif not work_dir.is_dir():
@@ -192,7 +193,7 @@ def run_prune(
         calibration,
         progress,
         inplace=owns_model,
-        method_settings=method_settings if method_settings is not None else trsp,
+        method_settings=method_settings,
         work_dir=work_dir / settings.method.value,
         resume=resume,
     )

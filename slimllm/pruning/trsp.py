@@ -16,7 +16,6 @@ from the last checkpoint and gives the same result as an uninterrupted run with 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from slimllm.artifacts import atomic_write_bytes, plain, sha256_bytes, sha256_text
+from slimllm.artifacts import atomic_write_bytes, digest, plain, sha256_bytes
 from slimllm.device import model_autocast
 from slimllm.errors import UserInputError
 from slimllm.pruning.gates import GateMode, GateSet, attach_gates, detach_gates
@@ -160,9 +159,9 @@ class TrspInfo:
 class _Checkpoints:
     """Latest stage-1 and stage-2 state in a work directory (written atomically, one file per stage)."""
 
-    def __init__(self, work_dir: Path | None) -> None:
+    def __init__(self, work_dir: Path | None, fingerprint: str) -> None:
         self.work_dir = Path(work_dir) if work_dir is not None else None
-        self.fingerprint = ""
+        self.fingerprint = fingerprint
         """Hash of the run's model, data and settings; saved in every checkpoint and checked on resume."""
 
     def path(self, stage: str) -> Path | None:
@@ -178,13 +177,13 @@ class _Checkpoints:
         torch.save({**state, "fingerprint": self.fingerprint}, buffer)
         atomic_write_bytes(path, buffer.getvalue())
 
-    def load(self, stage: str, fingerprint: str) -> dict | None:
+    def load(self, stage: str) -> dict | None:
         """The stage's checkpoint, if any; one made by a run with other settings, data or model is refused."""
         path = self.path(stage)
         if path is None or not path.is_file():
             return None
         state = torch.load(path, map_location="cpu", weights_only=False)
-        if state.get("fingerprint") != fingerprint:
+        if state.get("fingerprint") != self.fingerprint:
             raise UserInputError(
                 f"the TRSP checkpoint in {self.work_dir} was made with other settings, calibration data or model "
                 "(k, protection, seed, batch size, TRSP settings and data are hashed); rerun with the same ones, "
@@ -207,7 +206,7 @@ def run_fingerprint(model, blocks: torch.Tensor, k: int, candidates: Sequence[in
         "batch_size": batch_size,
         "seed": seed,
     }
-    return sha256_text(json.dumps(payload, sort_keys=True))
+    return digest(payload)
 
 
 def _mean_relative_delta(gates: GateSet, layers: Sequence[int], model, batch: torch.Tensor, norm: RegNorm):
@@ -246,14 +245,12 @@ def run_trsp(
         raise UserInputError(f"cannot select {k} layers from {len(candidates)} candidates")
     require_master_weights(model, "TRSP")
     device = next(model.parameters()).device
-    checkpoints = _Checkpoints(work_dir)
+    checkpoints = _Checkpoints(work_dir, run_fingerprint(model, blocks, k, candidates, settings, batch_size, seed))
     info = TrspInfo()
     total_steps = settings.training_steps(k)
     schedule = batch_schedule(blocks.shape[0], batch_size, total_steps, seed)
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    fingerprint = run_fingerprint(model, blocks, k, candidates, settings, batch_size, seed)
-    checkpoints.fingerprint = fingerprint
     gates = attach_gates(model, settings.gate_mode)
     was_training = model.training
     model.train()
@@ -295,7 +292,7 @@ def _stage1(model, gates, blocks, schedule, k, candidates, settings, checkpoints
 
     order: list[int] = []
     start_round = 0
-    state = checkpoints.load("stage1", checkpoints.fingerprint) if resume else None
+    state = checkpoints.load("stage1") if resume else None
     if state is not None:
         order = list(state["order"])
         start_round = state["round"]
@@ -388,7 +385,7 @@ def _stage2(model, gates, blocks, schedule, order, settings, checkpoints, resume
     probe = blocks[: min(2, blocks.shape[0])].to(device)
     # The teacher is the model as stage 2 starts, every layer on; taken before a checkpoint is loaded over it.
     teacher = frozen_teacher(model) if settings.distill > 0 else None
-    state = checkpoints.load("stage2", checkpoints.fingerprint) if resume else None
+    state = checkpoints.load("stage2") if resume else None
     if state is None:
         info.delta_before_stage2 = _mean_relative_delta(gates, order, model, probe, settings.reg_norm)
 
@@ -451,8 +448,6 @@ class Trsp(PruningMethod):
 
     def select(self, request: SelectionRequest) -> Selection:
         """Runs both stages on `request.model` in place; the selected layers are removed by the caller."""
-        if request.blocks is None:
-            raise ValueError("TRSP needs calibration blocks")
         settings = request.settings or TrspSettings()
         order, info = run_trsp(
             request.model,
