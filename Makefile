@@ -8,7 +8,8 @@ LLAMA_CPP_VERSION := 0.3.36
 LLAMA_CPP := llama-cpp-python==$(LLAMA_CPP_VERSION)
 # llama-cpp-python compiles llama.cpp for this CPU (~4 min on 2 cores). The wheel is kept and reused, keyed by the
 # CPU's feature flags so that a cache shared between different machines never hands out a wheel built for another CPU.
-WHEELHOUSE ?= $(HOME)/.cache/slimllm/wheels
+SLIMLLM_CACHE ?= $(HOME)/.cache/slimllm
+WHEELHOUSE ?= $(SLIMLLM_CACHE)/wheels
 CPU_KEY := $(shell (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m) | cksum | cut -d' ' -f1)
 # On x86, llama.cpp is built without AMX: on the virtualized Xeons we test on, AMX tile instructions crash llama.cpp's
 # quantized matmuls (Q8_0, Q4_*), while the AVX-512 kernels run fine. Override LLAMA_CMAKE_ARGS to build with AMX.
@@ -21,12 +22,16 @@ endif
 # The cache key covers the build flags too, so a CUDA build (LLAMA_CMAKE_ARGS=-DGGML_CUDA=on) is kept apart.
 BUILD_KEY := $(shell echo '$(LLAMA_CMAKE_ARGS)' | cksum | cut -d' ' -f1)
 LLAMA_WHEELS := $(WHEELHOUSE)/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(CPU_KEY)-$(BUILD_KEY)
+# llama.cpp's own tools (llama-perplexity, llama-bench, llama-quantize), built from the llama.cpp tree vendored in the
+# same llama-cpp-python sdist with the same flags, and cached like the wheel (~8 min on 2 cores, once).
+LLAMA_TOOLS ?= $(SLIMLLM_CACHE)/llama-tools-$(LLAMA_CPP_VERSION)-$(CPU_KEY)-$(BUILD_KEY)
+LLAMA_TOOL_TARGETS := llama-perplexity llama-bench llama-quantize
 STAMP := $(VENV)/.slimllm-installed
 DATA_DIR ?= ../shared/data/wikitext2
 EVAL_DATA := $(if $(wildcard $(DATA_DIR)/wiki.test.raw),$(DATA_DIR)/wiki.test.raw,wikitext2)
 DEMO_OUT ?= runs/demo
 
-.PHONY: install install-gpu gpu-check test demo lint bench-quality bench-speed clean
+.PHONY: install install-gpu gpu-check test demo lint bench-quality bench-speed bench-eval-reference llama-tools clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +73,26 @@ bench-quality: install
 bench-speed: install
 	$(BIN)/python bench/onnx_speed.py
 	$(BIN)/python bench/gguf_speed.py
+
+$(LLAMA_TOOLS)/bin/llama-perplexity:
+	@rm -rf $(LLAMA_TOOLS).partial && mkdir -p $(LLAMA_TOOLS).partial/src
+	$(PYTHON) -m pip download --quiet --no-binary :all: --no-deps --dest $(LLAMA_TOOLS).partial "$(LLAMA_CPP)"
+	tar -xzf $(LLAMA_TOOLS).partial/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(LLAMA_TOOLS).partial/src \
+		--strip-components=1
+	cmake -S $(LLAMA_TOOLS).partial/src/vendor/llama.cpp -B $(LLAMA_TOOLS).partial/build -DCMAKE_BUILD_TYPE=Release \
+		-DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF $(LLAMA_CMAKE_ARGS)
+	cmake --build $(LLAMA_TOOLS).partial/build --config Release -j $$(nproc) --target $(LLAMA_TOOL_TARGETS)
+	mkdir -p $(LLAMA_TOOLS).partial/bin
+	cp $(addprefix $(LLAMA_TOOLS).partial/build/bin/,$(LLAMA_TOOL_TARGETS)) $(LLAMA_TOOLS).partial/bin/
+	rm -rf $(LLAMA_TOOLS).partial/src $(LLAMA_TOOLS).partial/build $(LLAMA_TOOLS).partial/*.tar.gz
+	mv $(LLAMA_TOOLS).partial $(LLAMA_TOOLS)
+
+llama-tools: $(LLAMA_TOOLS)/bin/llama-perplexity
+	@echo "llama.cpp tools: $(LLAMA_TOOLS)/bin"
+
+# slimllm's HellaSwag and KL-divergence figures against llama-perplexity's on the same GGUF files.
+bench-eval-reference: install llama-tools
+	$(BIN)/python bench/eval_reference.py --llama-tools $(LLAMA_TOOLS)/bin
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

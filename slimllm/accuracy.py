@@ -1,15 +1,18 @@
 """Zero-shot multiple-choice accuracy, scored as lm-evaluation-harness scores it, on any backend.
 
-    >>> result = evaluate_tasks(torch_logits_fn(model), tokenizer, read_task("hellaswag"), limit=1000)
+    >>> log_probs = torch_shared_prefix_log_probs(model, pad_token_id(tokenizer))  # slimllm.sequence_scoring
+    >>> result = evaluate_tasks(log_probs, tokenizer, read_task("hellaswag"), limit=1000)
     >>> result.acc_norm, result.acc_norm_stderr
 
 Each ending is scored by the log-likelihood of its tokens given the context: the pair is tokenized as a whole and
 the context's tokens are split off the front (lm-evaluation-harness's `_encode_pair`), and the ending is the
 continuation " <ending>". `acc` picks the ending with the highest sum of log-probabilities, `acc_norm` the highest
-sum divided by the continuation's length in UTF-8 bytes, and `acc_per_token` the highest mean per token (the rule
-of llama.cpp's `llama-perplexity --hellaswag`). The four endings of a task are scored in one batched forward pass
-(right-padded, so padding never precedes a scored token). Standard errors are the sample standard deviation over
-tasks divided by sqrt(n), as lm-evaluation-harness reports them.
+sum divided by the continuation's length in UTF-8 bytes, and `acc_per_token` the highest mean log-probability of
+the tokens after the prefix that the four tokenized sequences share (the rule of llama.cpp's
+`llama-perplexity --hellaswag`, which also leaves shared leading words of the endings unscored). The four sequences
+of a task are scored together, several tasks per forward pass (`slimllm.sequence_scoring`): in PyTorch each shared
+prefix runs once and the remainders run on its key/value cache; other backends score the whole sequences. Standard
+errors are the sample standard deviation over tasks divided by sqrt(n), as lm-evaluation-harness reports them.
 """
 
 from __future__ import annotations
@@ -22,10 +25,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from slimllm.errors import UserInputError
+from slimllm.sequence_scoring import SequenceGroup, SequenceLogProbs, shared_prefix_length
 from slimllm.tasks import MultipleChoiceTask
 
-LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 Progress = Callable[..., None]
+
+
+RULES = ("acc", "acc_norm", "acc_per_token")
 
 
 @dataclass
@@ -33,10 +39,13 @@ class TaskScores:
     """Per-ending scores of one task."""
 
     sums: list[float]
+    """lm-evaluation-harness: log-likelihood of the continuation " <ending>" given the context."""
     tokens: list[int]
-    """Tokens of each ending."""
+    """Tokens of each continuation."""
     byte_lengths: list[int]
     """UTF-8 bytes of each continuation (" " + ending)."""
+    ending_means: list[float]
+    """llama.cpp: mean log-probability of the tokens after the prefix the four sequences share."""
     sequence_tokens: int = 0
     """Tokens run through the model for this task (context + ending, every ending)."""
 
@@ -46,7 +55,7 @@ class TaskScores:
         elif rule == "acc_norm":
             values = [s / b for s, b in zip(self.sums, self.byte_lengths, strict=True)]
         else:
-            values = [s / t for s, t in zip(self.sums, self.tokens, strict=True)]
+            values = self.ending_means
         return max(range(len(values)), key=lambda i: (values[i], -i))
 
 
@@ -86,27 +95,55 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return whole[:cut], whole[cut:]
 
 
-@torch.no_grad()
-def score_task(logits_fn: LogitsFn, tokenizer, task: MultipleChoiceTask, pad_id: int) -> TaskScores:
-    """Log-likelihood of each ending given the context, all endings in one right-padded batch."""
+def pad_token_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
+@dataclass(frozen=True)
+class EncodedTask:
+    """A task's four sequences context + " " + ending, and where each rule's scored tokens start."""
+
+    group: SequenceGroup
+    context_lengths: list[int]
+    """lm-evaluation-harness: tokens of the context in each sequence (the continuation follows)."""
+    byte_lengths: list[int]
+
+
+def encode_task(tokenizer, task: MultipleChoiceTask) -> EncodedTask:
     pairs = [encode_pair(tokenizer, task.context, " " + ending) for ending in task.endings]
     sequences = [context + ending for context, ending in pairs]
-    width = max(len(s) for s in sequences)
-    batch = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        batch[row, : len(sequence)] = torch.tensor(sequence)
-    log_probs = torch.log_softmax(logits_fn(batch).float(), dim=-1)
-    sums = []
-    for row, (context, ending) in enumerate(pairs):
-        positions = torch.arange(len(context) - 1, len(context) + len(ending) - 1)
-        targets = torch.tensor(ending)
-        sums.append(float(log_probs[row, positions, targets].sum()))
+    shared = shared_prefix_length(sequences)
+    contexts = [len(context) for context, _ in pairs]
+    score_from = max(1, min(min(contexts), shared))
+    return EncodedTask(
+        SequenceGroup(sequences, shared, score_from), contexts, [len((" " + e).encode("utf-8")) for e in task.endings]
+    )
+
+
+def task_scores(encoded: EncodedTask, values: list[torch.Tensor]) -> TaskScores:
+    """Both rules' scores from the log-probs of tokens `score_from`.. of each sequence."""
+    group = encoded.group
+    sums, means = [], []
+    for context, scores in zip(encoded.context_lengths, values, strict=True):
+        sums.append(float(scores[max(context, 1) - group.score_from :].sum()))
+        means.append(float(scores[max(group.shared, 1) - group.score_from :].mean()))
     return TaskScores(
         sums,
-        [len(ending) for _, ending in pairs],
-        [len((" " + e).encode("utf-8")) for e in task.endings],
-        sum(len(s) for s in sequences),
+        [len(s) - c for s, c in zip(group.sequences, encoded.context_lengths, strict=True)],
+        encoded.byte_lengths,
+        means,
+        sum(len(s) for s in group.sequences),
     )
+
+
+def score_task(log_probs_fn: SequenceLogProbs, tokenizer, task: MultipleChoiceTask) -> TaskScores:
+    """Both rules' scores of each ending of one task."""
+    encoded = encode_task(tokenizer, task)
+    return task_scores(encoded, log_probs_fn([encoded.group])[0])
+
+
+def _longest_rest(encoded: EncodedTask) -> int:
+    return max(len(s) for s in encoded.group.sequences) - encoded.group.shared
 
 
 def _mean_and_stderr(values: Sequence[int]) -> tuple[float, float]:
@@ -119,29 +156,34 @@ def _mean_and_stderr(values: Sequence[int]) -> tuple[float, float]:
 
 
 def evaluate_tasks(
-    logits_fn: LogitsFn,
+    log_probs_fn: SequenceLogProbs,
     tokenizer,
     tasks: Sequence[MultipleChoiceTask],
     task_name: str = "hellaswag",
     limit: int | None = None,
     offset: int = 0,
     progress: Progress | None = None,
+    tasks_per_batch: int = 4,
 ) -> AccuracyResult:
     """acc, acc_norm and acc_per_token over `tasks[offset : offset + limit]`."""
     chosen = list(tasks[offset : offset + limit if limit is not None else None])
     if not chosen:
         raise UserInputError(f"no tasks left after --offset {offset} (the file has {len(tasks)}); lower --offset")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    correct: dict[str, list[int]] = {"acc": [], "acc_norm": [], "acc_per_token": []}
+    correct: dict[str, list[int]] = {rule: [0] * len(chosen) for rule in RULES}
     started = time.perf_counter()
     tokens = 0
-    for index, task in enumerate(chosen):
-        scores = score_task(logits_fn, tokenizer, task, pad_id)
-        tokens += scores.sequence_tokens
-        for rule in correct:
-            correct[rule].append(int(scores.pick(rule) == task.label))
+    encoded = [encode_task(tokenizer, task) for task in chosen]
+    # Tasks of similar lengths share a forward pass, so that little of it is padding; results keep the file's order.
+    order = sorted(range(len(chosen)), key=lambda i: (encoded[i].group.shared, _longest_rest(encoded[i])))
+    for start in range(0, len(order), tasks_per_batch):
+        batch = order[start : start + tasks_per_batch]
+        for index, values in zip(batch, log_probs_fn([encoded[i].group for i in batch]), strict=True):
+            scores = task_scores(encoded[index], values)
+            tokens += scores.sequence_tokens
+            for rule in correct:
+                correct[rule][index] = int(scores.pick(rule) == chosen[index].label)
         if progress:
-            progress(index + 1, len(chosen))
+            progress(start + len(batch), len(chosen))
     seconds = time.perf_counter() - started
     stats = {rule: _mean_and_stderr(values) for rule, values in correct.items()}
     return AccuracyResult(

@@ -6,8 +6,9 @@
 Per predicted token: KL(reference || model) of the next-token distributions, whether both pick the same top token,
 and Δp, the model's probability of the actual next token minus the reference's. Reported: both perplexities and
 their ratio, mean KLD with its standard error and percentiles (max, 99.9, 99, 95, 90, median, 10, 5, 1, min), the
-"same top" percentage with its standard error, and Δp's mean, RMS and percentiles. Every position after the first
-of each window is scored (llama-perplexity scores the second half of each window only; see docs/design-notes.md).
+"same top" percentage with its standard error, and Δp's mean, RMS and percentiles. By default every prediction of
+each window is scored; `first=seq_len // 2` scores the second half only, as llama-perplexity does (each scored token
+then has at least half a window of context; see docs/design-notes.md).
 """
 
 from __future__ import annotations
@@ -26,16 +27,21 @@ PERCENTILES = {"max": 100.0, "99.9%": 99.9, "99%": 99.0, "95%": 95.0, "90%": 90.
 
 @torch.no_grad()
 def per_token_divergence(
-    logits_fn: LogitsFn, reference_fn: LogitsFn, windows: torch.Tensor, progress: Callable | None = None
+    logits_fn: LogitsFn,
+    reference_fn: LogitsFn,
+    windows: torch.Tensor,
+    progress: Callable | None = None,
+    first: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Per predicted token of every window: KLD, same-top-1 flag, Δp, and both models' log-prob of the target."""
+    """Per predicted token of every window (the predictions at positions `first`.. of each window): KLD, same-top-1
+    flag, Δp, and both models' log-prob of the target."""
     parts: dict[str, list[np.ndarray]] = {"kld": [], "same_top1": [], "delta_p": [], "nll": [], "reference_nll": []}
     for index in range(windows.shape[0]):
         window = windows[index : index + 1]
-        targets = window[0, 1:]
-        model = torch.log_softmax(logits_fn(window).float()[0, :-1], dim=-1)
-        reference = torch.log_softmax(reference_fn(window).float()[0, :-1], dim=-1)
-        kld = (reference.exp() * (reference - model)).sum(-1).clamp_min(0.0)
+        targets = window[0, first + 1 :]
+        model = torch.log_softmax(logits_fn(window).float()[0, first:-1], dim=-1)
+        reference = torch.log_softmax(reference_fn(window).float()[0, first:-1], dim=-1)
+        kld = token_kld(reference, model)
         model_target = model.gather(-1, targets[:, None])[:, 0]
         reference_target = reference.gather(-1, targets[:, None])[:, 0]
         parts["kld"].append(kld.numpy())
@@ -46,6 +52,11 @@ def per_token_divergence(
         if progress:
             progress(index + 1, windows.shape[0])
     return {key: np.concatenate(values) for key, values in parts.items()}
+
+
+def token_kld(reference_log_probs: torch.Tensor, model_log_probs: torch.Tensor) -> torch.Tensor:
+    """KL(reference || model) per position, from log-probabilities [..., vocab]."""
+    return (reference_log_probs.exp() * (reference_log_probs - model_log_probs)).sum(-1).clamp_min(0.0)
 
 
 def _stderr(values: np.ndarray) -> float:
@@ -78,6 +89,10 @@ def summarize(per_token: dict[str, np.ndarray]) -> dict[str, Any]:
 
 
 def divergence_statistics(
-    logits_fn: LogitsFn, reference_fn: LogitsFn, windows: torch.Tensor, progress: Callable | None = None
+    logits_fn: LogitsFn,
+    reference_fn: LogitsFn,
+    windows: torch.Tensor,
+    progress: Callable | None = None,
+    first: int = 0,
 ) -> dict[str, Any]:
-    return summarize(per_token_divergence(logits_fn, reference_fn, windows, progress))
+    return summarize(per_token_divergence(logits_fn, reference_fn, windows, progress, first)) | {"first_scored": first}

@@ -2,7 +2,7 @@
 llama.cpp, all behind the same `logits_fn` (input ids [b, t] -> logits [b, t, vocab]) and a Hugging Face tokenizer.
 
     >>> with open_backend("runs/demo/onnx", "auto") as scorer:
-    ...     result = evaluate_tasks(scorer.logits_fn, scorer.tokenizer, tasks)
+    ...     result = evaluate_tasks(scorer.sequence_log_probs, scorer.tokenizer, tasks)
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
+from slimllm.accuracy import pad_token_id
 from slimllm.errors import UserInputError
+from slimllm.sequence_scoring import SequenceLogProbs, logits_fn_log_probs, torch_shared_prefix_log_probs
 
 
 @dataclass
@@ -24,6 +26,12 @@ class Scorer:
     backend: str
     """What computes the logits, in words (e.g. "onnxruntime (CPUExecutionProvider)")."""
     model: str
+    sequence_log_probs: SequenceLogProbs | None = None
+    """How multiple-choice endings are scored; defaults to whole sequences through `logits_fn`."""
+
+    def __post_init__(self) -> None:
+        if self.sequence_log_probs is None:
+            self.sequence_log_probs = logits_fn_log_probs(self.logits_fn, pad_token_id(self.tokenizer))
 
 
 def resolve_backend(spec: str, backend: str) -> str:
@@ -48,7 +56,13 @@ def open_backend(spec: str, backend: str = "auto", device: str = "auto", dtype: 
         from slimllm.models import load_model
 
         loaded = load_model(spec, device=device, dtype=dtype)
-        yield Scorer(torch_logits_fn(loaded.model), loaded.tokenizer, f"torch ({loaded.device})", loaded.source.spec)
+        yield Scorer(
+            torch_logits_fn(loaded.model),
+            loaded.tokenizer,
+            f"torch ({loaded.device})",
+            loaded.source.spec,
+            torch_shared_prefix_log_probs(loaded.model, pad_token_id(loaded.tokenizer)),
+        )
 
 
 def _onnx_scorer(directory: Path, device: str) -> Scorer:

@@ -45,6 +45,9 @@ class EvalSettings:
     kl_reference: str | None = None
     """A reference model (e.g. the dense one): adds KL-divergence statistics on the same windows, as
     llama-perplexity --kl-divergence reports them."""
+    kl_second_half: bool = False
+    """Score only the second half of each window for the KL statistics, as llama-perplexity does (every scored token
+    then has at least half a window of context)."""
     backend: str = "auto"
     """auto (an ONNX export directory runs in onnxruntime, anything else in PyTorch), torch, onnxruntime or llama.cpp
     (a .gguf file, or the GGUF export of a checkpoint)."""

@@ -9,9 +9,10 @@ import pytest
 import torch
 from test_cli import _assert_user_error, run_cli
 
-from slimllm.accuracy import encode_pair, evaluate_tasks, score_task
+from slimllm.accuracy import encode_pair, encode_task, evaluate_tasks, pad_token_id, score_task, task_scores
 from slimllm.errors import UserInputError
 from slimllm.evaluate import torch_logits_fn
+from slimllm.sequence_scoring import logits_fn_log_probs, shared_prefix_length, torch_shared_prefix_log_probs
 from slimllm.tasks import MultipleChoiceTask, read_task
 from slimllm.tasks.hellaswag import read_hellaswag
 
@@ -80,32 +81,81 @@ def test_pair_encoding_splits_the_whole_text(tiny):
     assert context + continuation == whole and continuation
 
 
-def test_batched_scores_equal_scoring_each_sequence_alone(tiny):
-    """Right-padded batch scoring gives what one unpadded forward per context + ending gives."""
-    logits_fn = torch_logits_fn(tiny.model)
+def _alone(model, sequence: list[int]) -> torch.Tensor:
+    """log p(token i+1 | tokens ..i) from one unpadded forward of the sequence by itself."""
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(torch.tensor([sequence])).logits.float(), -1)[0]
+    return log_probs[:-1].gather(-1, torch.tensor(sequence[1:])[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("scoring", ["shared-prefix cache", "padded batch"])
+def test_task_scores_equal_scoring_each_sequence_alone(tiny, scoring):
+    """The shared prefix on a key/value cache, and the right-padded batch, give what one unpadded forward per
+    context + ending gives, for both rules."""
+    log_probs = (
+        torch_shared_prefix_log_probs(tiny.model, pad_token_id(tiny.tokenizer))
+        if scoring == "shared-prefix cache"
+        else logits_fn_log_probs(torch_logits_fn(tiny.model), pad_id=0)
+    )
     for task in TASKS:
-        batched = score_task(logits_fn, tiny.tokenizer, task, pad_id=0)
+        scores = score_task(log_probs, tiny.tokenizer, task)
+        sequences = [tiny.tokenizer(task.context + " " + e)["input_ids"] for e in task.endings]
+        shared = shared_prefix_length(sequences)
+        assert shared > 0
         for i, ending in enumerate(task.endings):
             context, cont = encode_pair(tiny.tokenizer, task.context, " " + ending)
-            ids = torch.tensor([context + cont])
-            with torch.no_grad():
-                log_probs = torch.log_softmax(tiny.model(ids).logits.float(), -1)[0]
-            alone = sum(float(log_probs[len(context) - 1 + j, t]) for j, t in enumerate(cont))
-            assert batched.sums[i] == pytest.approx(alone, abs=1e-4)
+            alone = _alone(tiny.model, context + cont)
+            assert scores.sums[i] == pytest.approx(float(alone[len(context) - 1 :].sum()), abs=1e-4)
+            assert scores.ending_means[i] == pytest.approx(float(alone[shared - 1 :].mean()), abs=1e-5)
+
+
+@pytest.mark.parametrize("scoring", ["shared-prefix cache", "padded batch"])
+def test_tasks_scored_together_equal_tasks_scored_one_by_one(tiny, scoring):
+    """Groups of different lengths in one forward (left-padded prefixes, repeated cache rows) change nothing."""
+    log_probs = (
+        torch_shared_prefix_log_probs(tiny.model, pad_token_id(tiny.tokenizer))
+        if scoring == "shared-prefix cache"
+        else logits_fn_log_probs(torch_logits_fn(tiny.model), pad_id=0)
+    )
+    encoded = [encode_task(tiny.tokenizer, task) for task in TASKS]
+    assert len({e.group.shared for e in encoded}) > 1
+    together = [task_scores(e, values) for e, values in zip(encoded, log_probs([e.group for e in encoded]),
+                                                                strict=True)]
+    for task, scores in zip(TASKS, together, strict=True):
+        alone = score_task(log_probs, tiny.tokenizer, task)
+        assert scores.sums == pytest.approx(alone.sums, abs=1e-4)
+        assert scores.ending_means == pytest.approx(alone.ending_means, abs=1e-5)
+
+
+def test_llama_cpp_rule_leaves_shared_leading_words_unscored(tiny):
+    """llama-perplexity --hellaswag scores the tokens after the prefix all four sequences share: endings that all
+    begin with the same word are judged on what follows it."""
+    task = MultipleChoiceTask("A cook stands at the stove.", (
+        "the cook stirs the soup.", "the cook eats the stove.", "the cook sings to a pan.", "the cook melts."), 0)
+    sequences = [tiny.tokenizer(task.context + " " + e)["input_ids"] for e in task.endings]
+    context = tiny.tokenizer(task.context)["input_ids"]
+    shared = shared_prefix_length(sequences)
+    assert shared > len(context)
+    scores = score_task(logits_fn_log_probs(torch_logits_fn(tiny.model), 0), tiny.tokenizer, task)
+    for i, sequence in enumerate(sequences):
+        alone = _alone(tiny.model, sequence)
+        assert scores.ending_means[i] == pytest.approx(float(alone[shared - 1 :].mean()), abs=1e-5)
+        assert scores.tokens[i] == len(sequence) - len(context)
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
 
 
 def test_acc_and_acc_norm_by_hand(tiny):
-    """acc picks the highest log-likelihood, acc_norm the highest per byte of " <ending>", per-token per token."""
-    logits_fn = torch_logits_fn(tiny.model)
+    """acc picks the highest log-likelihood, acc_norm the highest per byte of " <ending>", per-token the highest mean
+    over the tokens after the shared prefix."""
+    log_probs = torch_shared_prefix_log_probs(tiny.model, 0)
     expected = {"acc": [], "acc_norm": [], "acc_per_token": []}
     for task in TASKS[:2]:
-        scores = score_task(logits_fn, tiny.tokenizer, task, pad_id=0)
+        scores = score_task(log_probs, tiny.tokenizer, task)
         per_byte = [s / len((" " + e).encode()) for s, e in zip(scores.sums, task.endings, strict=True)]
-        per_token = [s / n for s, n in zip(scores.sums, scores.tokens, strict=True)]
         expected["acc"].append(int(max(range(4), key=lambda i: scores.sums[i]) == task.label))
         expected["acc_norm"].append(int(max(range(4), key=lambda i: per_byte[i]) == task.label))
-        expected["acc_per_token"].append(int(max(range(4), key=lambda i: per_token[i]) == task.label))
-    result = evaluate_tasks(logits_fn, tiny.tokenizer, TASKS, limit=2)
+        expected["acc_per_token"].append(int(max(range(4), key=lambda i: scores.ending_means[i]) == task.label))
+    result = evaluate_tasks(log_probs, tiny.tokenizer, TASKS, limit=2)
     assert result.tasks == 2 and result.correct == expected
     assert result.acc == sum(expected["acc"]) / 2 and result.acc_norm == sum(expected["acc_norm"]) / 2
     values = expected["acc_norm"]
@@ -114,12 +164,12 @@ def test_acc_and_acc_norm_by_hand(tiny):
 
 
 def test_offset_and_limit_select_the_tasks(tiny):
-    logits_fn = torch_logits_fn(tiny.model)
-    middle = evaluate_tasks(logits_fn, tiny.tokenizer, TASKS, limit=1, offset=1)
-    alone = evaluate_tasks(logits_fn, tiny.tokenizer, TASKS[1:2])
+    log_probs = torch_shared_prefix_log_probs(tiny.model, 0)
+    middle = evaluate_tasks(log_probs, tiny.tokenizer, TASKS, limit=1, offset=1)
+    alone = evaluate_tasks(log_probs, tiny.tokenizer, TASKS[1:2])
     assert middle.correct == alone.correct and middle.offset == 1
     with pytest.raises(UserInputError, match="no tasks left after --offset 5"):
-        evaluate_tasks(logits_fn, tiny.tokenizer, TASKS, offset=5)
+        evaluate_tasks(log_probs, tiny.tokenizer, TASKS, offset=5)
 
 
 def test_cli_hellaswag_on_a_tiny_model_and_its_errors(tiny_model_dir, tmp_path):
@@ -153,7 +203,8 @@ def test_onnx_and_gguf_backends_agree_with_pytorch(tiny_model_dir, tmp_path):
     for spec, backend in ((str(source), "torch"), (str(tmp_path / "onnx"), "auto"), (str(tmp_path / "gguf"),
                                                                                      "llama.cpp")):
         with open_backend(spec, backend, device="cpu") as scorer:
-            sums[scorer.backend.split()[0]] = score_task(scorer.logits_fn, scorer.tokenizer, TASKS[0], 0).sums
+            scores = score_task(scorer.sequence_log_probs, scorer.tokenizer, TASKS[0])
+            sums[scorer.backend.split()[0]] = scores.sums + scores.ending_means
     assert set(sums) == {"torch", "onnxruntime", "llama.cpp"}
     assert sums["onnxruntime"] == pytest.approx(sums["torch"], abs=1e-3)
     assert sums["llama.cpp"] == pytest.approx(sums["torch"], abs=5e-2)

@@ -91,7 +91,8 @@ def _divergence(scorer, settings: EvalSettings, fixed: dict[str, Any], bar) -> t
 
     windows, corpus = text_windows(scorer.tokenizer, settings)
     with open_backend(settings.kl_reference, "auto", fixed["device"], fixed["dtype"]) as reference:
-        stats = divergence_statistics(scorer.logits_fn, reference.logits_fn, windows, bar)
+        first = windows.shape[1] // 2 if settings.kl_second_half else 0
+        stats = divergence_statistics(scorer.logits_fn, reference.logits_fn, windows, bar, first)
         stats |= {"reference": reference.model, "reference_backend": reference.backend}
     stats |= {"data": settings.data, "data_sha256": corpus.sha256, "windows": int(windows.shape[0]),
               "seq_len": settings.seq_len}
@@ -112,7 +113,7 @@ def _accuracy(scorer, settings: EvalSettings, bar) -> tuple[dict, list[str]]:
 
     tasks = read_task(settings.task, settings.task_file)
     result = evaluate_tasks(
-        scorer.logits_fn, scorer.tokenizer, tasks, settings.task, settings.limit, settings.offset, progress=bar
+        scorer.sequence_log_probs, scorer.tokenizer, tasks, settings.task, settings.limit, settings.offset, progress=bar
     )
     payload = result.to_dict()
     payload.pop("correct")
