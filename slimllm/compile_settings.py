@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from slimllm.errors import UserInputError, parse_choice
@@ -41,6 +42,13 @@ class CompileSettings:
     """Tokens per evaluation window."""
     eval_windows: int = 8
     """Evaluation windows (the same windows for PyTorch, ONNX and every GGUF type)."""
+    eval_task: str | None = "hellaswag"
+    """Multiple-choice task scored for the dense model, the pruned one and every export; none skips it. Runs when
+    its file is found (--eval-task-file, or the shared copy)."""
+    eval_task_file: str | None = None
+    """The task's file (default: ../shared/data/hellaswag/hellaswag_val_full.txt, when present)."""
+    eval_tasks: int = 200
+    """How many tasks to score (the first N of the file)."""
     profile: str | None = "cpu-x86"
     """Target profile for the latency stage (a built-in name or a path); None skips profiling."""
 
@@ -50,6 +58,19 @@ class CompileSettings:
             raise UserInputError("--eval-seq-len must be >= 16 and --eval-windows >= 1")
         if self.profile in ("", "none"):
             self.profile = None
+        if self.eval_task in ("", "none"):
+            self.eval_task = None
+        if self.eval_tasks < 1:
+            raise UserInputError(f"--eval-tasks must be at least 1, got {self.eval_tasks}")
+        if self.eval_task is not None:
+            from slimllm.tasks import task_formats
+
+            if self.eval_task not in task_formats():
+                raise UserInputError(
+                    f"unknown --eval-task {self.eval_task!r}; use one of {', '.join(task_formats())} or none"
+                )
+            if self.eval_task_file is not None and not Path(self.eval_task_file).expanduser().is_file():
+                raise UserInputError(f"--eval-task-file {self.eval_task_file} does not exist; pass the task's file")
 
 
 def method_choices() -> type[Enum]:

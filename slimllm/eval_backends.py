@@ -43,13 +43,15 @@ def resolve_backend(spec: str, backend: str) -> str:
 
 
 @contextlib.contextmanager
-def open_backend(spec: str, backend: str = "auto", device: str = "auto", dtype: str = "auto") -> Iterator[Scorer]:
-    """Load `spec` in the chosen backend for scoring; closes it on exit."""
+def open_backend(
+    spec: str, backend: str = "auto", device: str = "auto", dtype: str = "auto", context: int = 4096
+) -> Iterator[Scorer]:
+    """Load `spec` in the chosen backend for scoring (llama.cpp with a `context`-token window); closes it on exit."""
     chosen = resolve_backend(spec, backend)
     if chosen == "onnxruntime":
         yield _onnx_scorer(Path(spec), device)
     elif chosen == "llama.cpp":
-        with _llama_cpp_scorer(spec) as scorer:
+        with _llama_cpp_scorer(spec, context) as scorer:
             yield scorer
     else:
         from slimllm.evaluate import torch_logits_fn
@@ -79,7 +81,7 @@ def _onnx_scorer(directory: Path, device: str) -> Scorer:
 
 
 @contextlib.contextmanager
-def _llama_cpp_scorer(spec: str) -> Iterator[Scorer]:
+def _llama_cpp_scorer(spec: str, context: int) -> Iterator[Scorer]:
     from transformers import AutoTokenizer
 
     from slimllm.exporters.llama_cpp_runner import LlamaCppModel
@@ -94,7 +96,7 @@ def _llama_cpp_scorer(spec: str) -> Iterator[Scorer]:
         raise UserInputError(f"--backend llama.cpp needs a .gguf file, got {spec}")
     tokenizer_dir = _tokenizer_source(path)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    model = LlamaCppModel(path, n_ctx=4096)
+    model = LlamaCppModel(path, n_ctx=context)
     try:
         yield Scorer(model.logits_fn(), tokenizer, "llama.cpp (llama-cpp-python, CPU)", str(path))
     finally:

@@ -186,6 +186,8 @@ def _compile_blocks(out_dir: Path, manifest: dict[str, Any]) -> tuple[list[dict[
     ]
     blocks += _pruning_blocks(results.get("prune", {}), images)
     blocks += _perplexity_blocks(results.get("evaluate", {}))
+    blocks += _divergence_blocks(results.get("evaluate", {}))
+    blocks += _accuracy_blocks(results.get("accuracy", {}))
     blocks += _export_blocks(results.get("export_onnx"), results.get("export_gguf"))
     latency = results.get("profile", {}).get("latency")
     if latency:
@@ -239,6 +241,60 @@ def _perplexity_blocks(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
             f"({evaluation['tokens_scored']} tokens scored), the same windows for every row."
         )},
         _table(["model", "perplexity"], [[k, f"{v:.3f}"] for k, v in evaluation["perplexity"].items()]),
+    ]
+
+
+def _divergence_blocks(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
+    divergence = evaluation.get("divergence")
+    if not divergence:
+        return []
+    rows = [
+        [
+            label,
+            f"{stats['ppl_ratio']:.4f}",
+            f"{stats['kld']['mean']:.5f} ± {stats['kld']['stderr']:.5f}",
+            f"{stats['kld']['99%']:.4f}",
+            f"{stats['kld']['max']:.3f}",
+            f"{100 * stats['same_top1']['mean']:.2f} %",
+            f"{100 * stats['delta_p']['rms']:.2f} %",
+        ]
+        for label, stats in divergence.items()
+    ]
+    return [
+        {"kind": "h2", "text": "Divergence from the dense model"},
+        {"kind": "p", "text": (
+            "KL(dense || model) per predicted token on the same windows, as `llama-perplexity --kl-divergence` "
+            "reports it; Δp is the model's probability of the actual next token minus the dense model's."
+        )},
+        _table(["model", "PPL ratio", "mean KLD", "KLD 99%", "KLD max", "same top-1", "Δp RMS"], rows),
+    ]
+
+
+def _accuracy_blocks(accuracy: dict[str, Any]) -> list[dict[str, Any]]:
+    if not accuracy:
+        return []
+    blocks: list[dict[str, Any]] = [{"kind": "h2", "text": f"Zero-shot accuracy: {accuracy['task']}"}]
+    if accuracy.get("skipped"):
+        return blocks + [{"kind": "p", "text": f"Not measured: {accuracy['skipped']}."}]
+    rows = [
+        [
+            label,
+            f"{100 * row['acc_norm']:.2f} ± {100 * row['acc_norm_stderr']:.2f}",
+            f"{100 * row['acc']:.2f} ± {100 * row['acc_stderr']:.2f}",
+            f"{100 * row['acc_per_token']:.2f}",
+            f"{100 * row['agreement_with_dense']:.1f} %" if "agreement_with_dense" in row else "",
+            f"{row['seconds']:.0f}",
+        ]
+        for label, row in accuracy["models"].items()
+    ]
+    return blocks + [
+        {"kind": "p", "text": (
+            f"The first {accuracy['tasks']} tasks of `{accuracy['file']}`, scored as lm-evaluation-harness scores "
+            "them (acc: log-likelihood of the ending; acc_norm: per byte), plus llama.cpp's per-token rule; "
+            "± one standard error. Agreement: tasks on which the model's acc_norm pick is right exactly when the "
+            "dense model's is."
+        )},
+        _table(["model", "acc_norm", "acc", "per-token", "agreement", "seconds"], rows),
     ]
 
 

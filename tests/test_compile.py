@@ -20,6 +20,7 @@ TINY_RECIPE = """
 [compile]
 eval_seq_len = 64
 eval_windows = 2
+eval_tasks = 12
 
 [prune]
 calib_blocks = 8
@@ -84,7 +85,7 @@ def test_compile_all_end_to_end_then_reuse(tiny_model_dir, tmp_path, recipe, tin
         eval_data=str(EVAL_FILE), profile=str(tiny_profile), recipe=recipe,
     )
     stages = [spec.name for spec in compile_stages()]
-    assert stages == ["prune", "export_onnx", "export_gguf", "evaluate", "profile", "report"]
+    assert stages == ["prune", "export_onnx", "export_gguf", "evaluate", "accuracy", "profile", "report"]
     assert result.ran_stages == stages and not result.reused_stages
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     for stage in stages:
@@ -97,9 +98,24 @@ def test_compile_all_end_to_end_then_reuse(tiny_model_dir, tmp_path, recipe, tin
     assert {"dense (PyTorch)", "pruned (PyTorch)", "pruned (GGUF Q8_0, llama.cpp)"} <= set(perplexity)
     onnx_row = next(k for k in perplexity if k.startswith("pruned (ONNX"))
     assert perplexity[onnx_row] == pytest.approx(perplexity["pruned (PyTorch)"], rel=1e-4)
+    # KL statistics of every artifact against the dense model, on the same windows: the ONNX export computes what
+    # the pruned checkpoint computes; Q8_0 adds its rounding on top.
+    divergence = json.loads((out / "evaluation.json").read_text())["divergence"]
+    assert set(divergence) == set(perplexity) - {"dense (PyTorch)"}
+    pruned_kld = divergence["pruned (PyTorch)"]["kld"]["mean"]
+    assert pruned_kld > 0 and divergence[onnx_row]["kld"]["mean"] == pytest.approx(pruned_kld, rel=1e-3)
+    assert divergence["pruned (GGUF Q8_0, llama.cpp)"]["ppl"] == perplexity["pruned (GGUF Q8_0, llama.cpp)"]
+    # HellaSwag on the same 12 tasks for the dense model, the pruned one and each export.
+    accuracy = json.loads((out / "accuracy.json").read_text())
+    assert set(accuracy["models"]) == set(perplexity) and accuracy["tasks"] == 12
+    rows = accuracy["models"]
+    assert rows[onnx_row]["acc_norm"] == rows["pruned (PyTorch)"]["acc_norm"]
+    assert accuracy["correct"][onnx_row] == accuracy["correct"]["pruned (PyTorch)"]
+    assert "agreement_with_dense" in rows["pruned (PyTorch)"] and "agreement_with_dense" not in rows["dense (PyTorch)"]
     report = (out / "report.md").read_text()
     for fragment in ("removed 2 of 6 layers", "gates.png", "Parity of the exports", "](latency.png)",
-                     "tg8 tok/s", "slimllm compile"):
+                     "tg8 tok/s", "slimllm compile", "## Divergence from the dense model", "## Zero-shot accuracy",
+                     "| pruned (GGUF Q8_0, llama.cpp) |"):
         assert fragment in report
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2  # the gate trajectory and the latency chart
@@ -109,7 +125,7 @@ def test_compile_all_end_to_end_then_reuse(tiny_model_dir, tmp_path, recipe, tin
     again = run_cli(*_compile_args(tiny_model_dir("llama"), out, recipe, text_file, "--profile", str(tiny_profile)))
     assert again.exit_code == 0, again.output
     assert time.perf_counter() - started < 60
-    assert "reused finished stages: prune, export_onnx, export_gguf, evaluate, profile, report" in again.output
+    assert "reused finished stages: prune, export_onnx, export_gguf, evaluate, accuracy, profile, report" in again.output
 
 
 def test_changed_setting_reruns_that_stage_and_later_ones(tiny_model_dir, tmp_path, recipe, text_file):
@@ -124,11 +140,13 @@ def test_changed_setting_reruns_that_stage_and_later_ones(tiny_model_dir, tmp_pa
         profile=None, recipe=recipe, overrides={"gguf": {"outtypes": ["q4_0"]}},
     )
     assert second.reused_stages == ["prune", "export_onnx"]
-    assert second.ran_stages == ["export_gguf", "evaluate", "report"]
+    assert second.ran_stages == ["export_gguf", "evaluate", "accuracy", "report"]
     assert (out / "gguf" / "pruned-Q4_0.gguf").is_file() and not (out / "gguf" / "pruned-Q8_0.gguf").exists()
 
 
-def test_method_none_exports_the_dense_model(tiny_model_dir, tmp_path, recipe):
+def test_method_none_exports_the_dense_model(tiny_model_dir, tmp_path, recipe, monkeypatch):
+    """Also: without a HellaSwag file where the shared data would be, accuracy is skipped and the report says why."""
+    monkeypatch.setenv("SLIMLLM_DATA_DIR", str(tmp_path / "no-data" / "wikitext2"))
     out = tmp_path / "dense"
     result = run_cli(
         "compile", str(tiny_model_dir("mistral")), "--method", "none", "--target", "gguf", "--recipe", str(recipe),
@@ -140,6 +158,8 @@ def test_method_none_exports_the_dense_model(tiny_model_dir, tmp_path, recipe):
     assert "export_onnx" not in manifest["stages"]
     assert (out / "gguf" / f"{tiny_model_dir('mistral').name}-Q8_0.gguf").is_file()
     assert not (out / "pruned").exists()
+    assert "skipped" in manifest["stages"]["accuracy"]["result"] and not (out / "accuracy.json").exists()
+    assert "Not measured: no hellaswag file at" in (out / "report.md").read_text()
 
 
 def test_foreign_out_is_refused_without_force(tiny_model_dir, tmp_path, recipe, text_file):
@@ -252,6 +272,9 @@ def test_compile_user_errors(tiny_model_dir, tmp_path, recipe):
     _assert_user_error(run_cli(*base, "--method", "none", "--remove", "2"), "--method none compiles the dense model")
     _assert_user_error(run_cli(*base, "--remove", "6", "--calib", "self"), "cannot remove 6 layers")
     _assert_user_error(run_cli(*base, "--remove", "1", "--profile", "nope"), "unknown profile 'nope'")
+    _assert_user_error(run_cli(*base, "--remove", "1", "--eval-task", "arc"), "unknown --eval-task 'arc'")
+    _assert_user_error(run_cli(*base, "--remove", "1", "--eval-task-file", str(tmp_path / "none.txt")),
+                       "--eval-task-file")
     bad = tmp_path / "bad.toml"
     bad.write_text("[gguf]\nouttype = ['f16']\n[compile]\nprofil = 'x'\n")
     _assert_user_error(run_cli(*base, "--remove", "1", "--recipe", str(bad)), "gguf.outtype, compile.profil")
@@ -278,7 +301,7 @@ def test_recipe_target_and_export_settings_are_used_and_reports_show_only_this_r
     second = run_cli(*base, "--target", "gguf", "--eval-seq-len", "40")
     assert second.exit_code == 0, second.output
     manifest = json.loads((out / MANIFEST_FILE).read_text())
-    assert manifest["run_stages"] == ["prune", "export_gguf", "evaluate", "report"]
+    assert manifest["run_stages"] == ["prune", "export_gguf", "evaluate", "accuracy", "report"]
     assert manifest["settings"]["gguf"]["eval_seq_len"] == 40  # a flag that was given wins over every recipe value
     report = (out / "report.md").read_text()
     assert "ONNX `" not in report and "GGUF files in llama.cpp" in report

@@ -40,6 +40,9 @@ FLAGS = [
                     rename={"outtypes": "--outtype"}, defaults={"outtypes": ",".join(COMPILE_GGUF_TYPES)}),
 ]
 
+COMPILE_SECTION_FLAGS = ("eval_seq_len", "eval_windows", "eval_task", "eval_task_file", "eval_tasks")
+"""[compile] settings passed as section overrides (the others are compile()'s own arguments)."""
+
 FIXED = common_parameters(
     out_help="Output directory.",
     recipe_help="TOML recipe: [compile], [prune], method, [onnx], [gguf] tables; flags override it.",
@@ -57,7 +60,7 @@ def _compile(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
         compile_flags = dict(given.get("compile", {}))
         prune_flags = given.get("prune", {})
         overrides = {
-            "compile": {k: compile_flags.pop(k) for k in ("eval_seq_len", "eval_windows") if k in compile_flags},
+            "compile": {k: compile_flags.pop(k) for k in COMPILE_SECTION_FLAGS if k in compile_flags},
             "onnx": given.get("onnx", {}),
             "gguf": given.get("gguf", {}),
         }
@@ -97,6 +100,9 @@ def _summary(result) -> list[str]:
         lines.append(f"removed layers {removed} of {total} ({prune['method']})")
     for name, value in stages.get("evaluate", {}).get("result", {}).get("perplexity", {}).items():
         lines.append(f"  PPL {name}: {value:.3f}")
+    accuracy = stages.get("accuracy", {}).get("result", {})
+    for name, row in accuracy.get("models", {}).items():
+        lines.append(f"  {accuracy['task']} acc_norm {name}: {100 * row['acc_norm']:.2f} ({row['tasks']} tasks)")
     for label, entry in stages.get("profile", {}).get("result", {}).get("summary", {}).items():
         decode = next(v for k, v in entry["speedups"].items() if k.startswith("tg"))
         lines.append(f"  {label}: decode x{decode['measured']:.3f} (ideal x{decode['ideal']:.3f})")

@@ -1,7 +1,7 @@
 """The stage registry of `slimllm compile`: each stage declares what it reads, what keys its reuse, and how it runs.
 
     >>> [spec.name for spec in compile_stages()]
-    ['prune', 'export_onnx', 'export_gguf', 'evaluate', 'profile', 'report']
+    ['prune', 'export_onnx', 'export_gguf', 'evaluate', 'accuracy', 'profile', 'report']
 
 A stage is a `StageSpec` registered by its module (listed in `BUILTIN_STAGE_MODULES`, in pipeline order). The
 pipeline (`slimllm.pipeline`) chains the enabled ones; a stage is reused when the digest of its settings
@@ -24,6 +24,7 @@ BUILTIN_STAGE_MODULES = (
     "slimllm.compile_stages.prune",
     "slimllm.compile_stages.exports",
     "slimllm.compile_stages.evaluate",
+    "slimllm.compile_stages.accuracy",
     "slimllm.compile_stages.profile",
     "slimllm.compile_stages.report",
 )

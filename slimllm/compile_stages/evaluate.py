@@ -1,14 +1,44 @@
-"""Stage `evaluate`: perplexity of dense and pruned in PyTorch, of the ONNX export in onnxruntime, and of every
-GGUF file (measured by its export stage in llama.cpp), on the same windows."""
+"""Stage `evaluate`: perplexity of the dense model, and perplexity and KL-divergence statistics against it of the
+pruned checkpoint (PyTorch), the ONNX export (onnxruntime) and every GGUF file (llama.cpp), on the same windows."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from slimllm.artifacts import atomic_write_json
 from slimllm.compile_stages import CompileContext, StageSpec, register_stage, source_hash
 from slimllm.compile_stages.prune import checkpoint_of
+
+DENSE_LABEL = "dense (PyTorch)"
+
+
+@dataclass(frozen=True)
+class EvaluatedModel:
+    """One model the compile run measures: a label for the report, what to load, and the backend to run it in."""
+
+    label: str
+    spec: str
+    backend: str
+
+
+def evaluated_models(ctx: CompileContext) -> list[EvaluatedModel]:
+    """The pruned checkpoint and every export of this run, in report order (the dense model is the reference)."""
+    models = [EvaluatedModel("pruned (PyTorch)", str(checkpoint_of(ctx)), "torch")]
+    onnx_output = ctx.outputs.get("export_onnx")
+    if onnx_output:
+        models.append(EvaluatedModel(f"pruned (ONNX {onnx_output['variant']})", onnx_output["path"], "onnxruntime"))
+    gguf_output = ctx.outputs.get("export_gguf")
+    if gguf_output:
+        for gguf_type, path in gguf_output["files"].items():
+            models.append(EvaluatedModel(f"pruned (GGUF {gguf_type}, llama.cpp)", path, "llama.cpp"))
+    return models
+
+
+def onnx_device(ctx: CompileContext) -> str:
+    """The device an ONNX export is evaluated on: the export's own provider setting."""
+    provider = str(getattr(ctx.settings["onnx"], "provider", "auto"))
+    return "cuda" if "cuda" in provider.lower() else "cpu" if "cpu" in provider.lower() else ctx.device
 
 
 def _keyed_by(ctx: CompileContext) -> dict[str, Any]:
@@ -23,33 +53,31 @@ def _keyed_by(ctx: CompileContext) -> dict[str, Any]:
 
 
 def _run(ctx: CompileContext) -> tuple[dict[str, Any], dict[str, Any]]:
-    from slimllm.exporters.parity import TorchReference, eval_windows, perplexity
+    from slimllm.divergence import divergence_statistics
+    from slimllm.eval_backends import open_backend
+    from slimllm.exporters.parity import eval_windows, perplexity
 
-    pruned = TorchReference.load(checkpoint_of(ctx))
-    windows, source = eval_windows(
-        pruned.tokenizer, ctx.compile.eval_data, ctx.compile.eval_seq_len, ctx.compile.eval_windows
-    )
-    rows: dict[str, Any] = {}
-    dense = TorchReference.load(ctx.dense_dir)
-    rows["dense (PyTorch)"] = perplexity(dense.logits_fn(), windows)
-    del dense
-    rows["pruned (PyTorch)"] = perplexity(pruned.logits_fn(), windows)
-    onnx_output = ctx.outputs.get("export_onnx")
-    if onnx_output:
-        from slimllm.exporters.ort_session import OrtCausalLM
-
-        runner = OrtCausalLM(Path(onnx_output["path"]) / "model.onnx", ctx.settings["onnx"].provider)
-        label = f"pruned (ONNX {onnx_output['variant']}, {runner.provider_used})"
-        rows[label] = perplexity(runner.logits_fn(), windows)
-    if ctx.outputs.get("export_gguf"):
-        for info in ctx.results["export_gguf"]["files"].values():
-            rows[f"pruned (GGUF {info['type']}, llama.cpp)"] = info["ppl"]
+    perplexities: dict[str, float] = {}
+    divergence: dict[str, dict[str, Any]] = {}
+    with open_backend(str(ctx.dense_dir), "torch", ctx.device, "fp32") as dense:
+        windows, source = eval_windows(
+            dense.tokenizer, ctx.compile.eval_data, ctx.compile.eval_seq_len, ctx.compile.eval_windows
+        )
+        perplexities[DENSE_LABEL] = perplexity(dense.logits_fn, windows)
+        for model in evaluated_models(ctx):
+            device = onnx_device(ctx) if model.backend == "onnxruntime" else ctx.device
+            with open_backend(model.spec, model.backend, device, "fp32", context=int(windows.shape[1])) as scorer:
+                stats = divergence_statistics(scorer.logits_fn, dense.logits_fn, windows)
+            perplexities[model.label] = stats["ppl"]
+            divergence[model.label] = stats | {"backend": scorer.backend}
     result = {
         "data": source,
         "seq_len": int(windows.shape[1]),
         "windows": int(windows.shape[0]),
         "tokens_scored": int(windows.shape[0] * (windows.shape[1] - 1)),
-        "perplexity": rows,
+        "perplexity": perplexities,
+        "divergence": divergence,
+        "reference": DENSE_LABEL,
     }
     path = ctx.out_dir / "evaluation.json"
     atomic_write_json(path, result)
@@ -65,3 +93,4 @@ EVALUATE = register_stage(
         writes=("evaluation.json",),
     )
 )
+
