@@ -123,6 +123,31 @@ class LlamaCppModel:
 
         return logits
 
+    def sequence_log_probs(self):
+        """Multiple-choice scoring with each group's shared prefix evaluated once: the remainders continue from it
+        on the key/value cache (`slimllm.sequence_scoring.SequenceLogProbs`)."""
+        from slimllm.sequence_scoring import SequenceGroup, gather_log_probs
+
+        def log_probs(groups: list[SequenceGroup]) -> list[list[torch.Tensor]]:
+            results = []
+            for group in groups:
+                if max(len(s) for s in group.sequences) > self.n_ctx:
+                    raise ValueError(f"a task of {max(len(s) for s in group.sequences)} tokens does not fit "
+                                     f"a context of {self.n_ctx}")
+                self.llm.reset()
+                self.llm.eval(group.sequences[0][: group.shared])
+                head = torch.from_numpy(np.array(self.llm.scores[group.score_from - 1 : group.shared]))
+                rows = []
+                for sequence in group.sequences:
+                    self.llm.n_tokens = group.shared  # drops the last remainder's cache entries on the next eval
+                    self.llm.eval(sequence[group.shared :])
+                    tail = torch.from_numpy(np.array(self.llm.scores[group.shared : len(sequence) - 1]))
+                    rows.append(gather_log_probs(torch.cat([head, tail]), sequence[group.score_from :]))
+                results.append(rows)
+            return results
+
+        return log_probs
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.llm.close()

@@ -98,7 +98,9 @@ def _llama_cpp_scorer(spec: str, context: int) -> Iterator[Scorer]:
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     model = LlamaCppModel(path, n_ctx=context)
     try:
-        yield Scorer(model.logits_fn(), tokenizer, "llama.cpp (llama-cpp-python, CPU)", str(path))
+        yield Scorer(
+            model.logits_fn(), tokenizer, "llama.cpp (llama-cpp-python, CPU)", str(path), model.sequence_log_probs()
+        )
     finally:
         model.close()
 

@@ -48,7 +48,7 @@ def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
     return length
 
 
-def _gather(logits: torch.Tensor, targets: Sequence[int]) -> torch.Tensor:
+def gather_log_probs(logits: torch.Tensor, targets: Sequence[int]) -> torch.Tensor:
     """log p(target) at each row of `logits` [n, vocab], in fp32."""
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     return log_probs.gather(-1, torch.tensor(list(targets), device=log_probs.device)[:, None])[:, 0].cpu()
@@ -63,7 +63,9 @@ def logits_fn_log_probs(logits_fn: LogitsFn, pad_id: int) -> SequenceLogProbs:
         for row, (_, sequence) in enumerate(rows):
             batch[row, : len(sequence)] = torch.tensor(sequence)
         logits = logits_fn(batch)
-        values = iter(_gather(logits[row, start - 1 : len(s) - 1], s[start:]) for row, (start, s) in enumerate(rows))
+        values = iter(
+            gather_log_probs(logits[row, start - 1 : len(s) - 1], s[start:]) for row, (start, s) in enumerate(rows)
+        )
         return [[next(values) for _ in group.sequences] for group in groups]
 
     return log_probs
@@ -87,7 +89,7 @@ def torch_shared_prefix_log_probs(model, pad_id: int) -> SequenceLogProbs:
                 use_cache=False,
                 logits_to_keep=packed.wanted.to(device),
             ).logits[0]
-        values = _gather(logits, packed.targets.tolist())
+        values = gather_log_probs(logits, packed.targets.tolist())
         return [[values[start:end] for start, end in spans] for spans in packed.spans]
 
     return log_probs

@@ -205,6 +205,10 @@ def test_onnx_and_gguf_backends_agree_with_pytorch(tiny_model_dir, tmp_path):
         with open_backend(spec, backend, device="cpu") as scorer:
             scores = score_task(scorer.sequence_log_probs, scorer.tokenizer, TASKS[0])
             sums[scorer.backend.split()[0]] = scores.sums + scores.ending_means
+            # Each backend's own multiple-choice engine (llama.cpp: the prefix once, then each remainder on its
+            # cache) gives what its whole padded sequences give.
+            whole = score_task(logits_fn_log_probs(scorer.logits_fn, 0), scorer.tokenizer, TASKS[0])
+            assert scores.sums == pytest.approx(whole.sums, abs=2e-3)
     assert set(sums) == {"torch", "onnxruntime", "llama.cpp"}
     assert sums["onnxruntime"] == pytest.approx(sums["torch"], abs=1e-3)
     assert sums["llama.cpp"] == pytest.approx(sums["torch"], abs=5e-2)
