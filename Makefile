@@ -31,7 +31,7 @@ DATA_DIR ?= ../shared/data/wikitext2
 EVAL_DATA := $(if $(wildcard $(DATA_DIR)/wiki.test.raw),$(DATA_DIR)/wiki.test.raw,wikitext2)
 DEMO_OUT ?= runs/demo
 
-.PHONY: install install-gpu gpu-check test demo lint bench-quality bench-speed bench-eval-reference llama-tools clean
+.PHONY: install install-gpu gpu-check test demo lint bench-quality bench-speed bench-eval-reference bench-hellaswag llama-tools clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -86,6 +86,10 @@ $(LLAMA_TOOLS)/bin/llama-perplexity:
 	cp $(addprefix $(LLAMA_TOOLS).partial/build/bin/,$(LLAMA_TOOL_TARGETS)) $(LLAMA_TOOLS).partial/bin/
 	rm -rf $(LLAMA_TOOLS).partial/src $(LLAMA_TOOLS).partial/build $(LLAMA_TOOLS).partial/*.tar.gz
 	mv $(LLAMA_TOOLS).partial $(LLAMA_TOOLS)
+
+# HellaSwag on the whole validation split: dense SmolLM2 in PyTorch and its F16 GGUF in llama.cpp (~50 min on 2 cores).
+bench-hellaswag: install
+	$(BIN)/python bench/hellaswag.py
 
 llama-tools: $(LLAMA_TOOLS)/bin/llama-perplexity
 	@echo "llama.cpp tools: $(LLAMA_TOOLS)/bin"

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from speed_common import DATA_DIR, RESULTS_DIR, WORK_DIR  # noqa: E402
 
-from slimllm.artifacts import atomic_write_json, library_versions, machine_info  # noqa: E402
+from slimllm.artifacts import atomic_write_json, atomic_write_text, library_versions, machine_info  # noqa: E402
 
 HELLASWAG_FILE = DATA_DIR.parent / "hellaswag" / "hellaswag_val_full.txt"
 HELLASWAG_POINTS = 0.5
@@ -61,11 +61,12 @@ def arguments() -> argparse.Namespace:
 def gguf_files(args, dense: Path, pruned: Path) -> dict[str, Path]:
     """F16 and Q8_0 of both models, exported (and checked) by slimllm; reused when already there."""
     from slimllm.exporters.gguf import GgufExportSettings, export_gguf
+    from slimllm.exporters.records import EXPORT_RECORD_FILE
 
     files = {}
     for label, checkpoint in (("dense", dense), ("pruned", pruned)):
         target = args.work_dir / f"gguf-{label}"
-        if not (target / "export.json").is_file():
+        if not (target / EXPORT_RECORD_FILE).is_file():
             settings = GgufExportSettings(outtypes=["f16", "q8_0"], eval_data=args.eval_data, eval_windows=2)
             export_gguf(checkpoint, target, settings, force=True)
         for gguf_type in ("F16", "Q8_0"):
@@ -185,7 +186,7 @@ def write_markdown(path: Path, payload: dict) -> None:
         "",
         f"Dense SmolLM2-135M and a ShortGPT copy with {payload['settings']['remove']} layers removed, exported by "
         "slimllm to F16 and Q8_0. llama.cpp tools built from the tree vendored in llama-cpp-python "
-        f"{payload['versions'].get('llama_cpp_python', '?')}.",
+        f"{payload['versions'].get('llama-cpp-python', '?')}.",
         "",
         f"## HellaSwag, the first {payload['settings']['tasks']} validation tasks, llama.cpp's per-token rule "
         f"(target: within {HELLASWAG_POINTS} points)",
@@ -224,7 +225,7 @@ def write_markdown(path: Path, payload: dict) -> None:
         + ", ".join(f"{k} {v}" for k, v in payload["versions"].items()) + f". Wall time {payload['seconds']:.0f} s.",
         "",
     ]
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 def main() -> int:

@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from slimllm.accuracy import evaluate_tasks, pad_token_id  # noqa: E402
 from slimllm.artifacts import (  # noqa: E402
     atomic_write_json,
     atomic_write_text,
@@ -42,10 +43,35 @@ from slimllm.pruning.surgery import remove_layers  # noqa: E402
 from slimllm.pruning.training import fine_tune, frozen_teacher  # noqa: E402
 from slimllm.pruning.trsp import Stage2Mode, TrainScope, TrspSettings  # noqa: E402
 from slimllm.recipes import build_settings, load_recipe  # noqa: E402
+from slimllm.sequence_scoring import torch_shared_prefix_log_probs  # noqa: E402
+from slimllm.tasks import read_task  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "examples" / "recipes" / "smollm2-135m-cpu.toml"
+HELLASWAG_FILE = REPO_ROOT.parent / "shared" / "data" / "hellaswag" / "hellaswag_val_full.txt"
+
+
+def hellaswag_scores(args, loaded: LoadedModel, rows: list[Row]) -> dict[str, dict]:
+    """acc_norm, acc and the per-token rule of the dense model and every row on the same HellaSwag tasks."""
+    if not args.hellaswag_tasks:
+        return {}
+    tasks = read_task("hellaswag", args.hellaswag_file)
+    pad = pad_token_id(loaded.tokenizer)
+    scores = {}
+    for name, model in [("dense", loaded.model), *((row.name, row.model) for row in rows)]:
+        print(f"[quality] hellaswag {name} ...", file=sys.stderr, flush=True)
+        result = evaluate_tasks(
+            torch_shared_prefix_log_probs(model, pad), loaded.tokenizer, tasks, limit=args.hellaswag_tasks
+        )
+        scores[name] = {
+            "hellaswag_acc_norm": result.acc_norm,
+            "hellaswag_acc_norm_stderr": result.acc_norm_stderr,
+            "hellaswag_acc": result.acc,
+            "hellaswag_per_token": result.acc_per_token,
+            "hellaswag_seconds": result.seconds,
+        }
+    return scores
 
 
 @dataclass
@@ -261,8 +287,12 @@ def write_markdown(path: Path, payload: dict) -> None:
         f"seed {settings['seed']}); evaluation: `{settings['eval_data']}` ({payload['eval']['windows']} windows x "
         f"{settings['seq_len']} tokens, {payload['eval']['tokens_scored']} tokens scored).",
         "",
-        "| method | PPL | KL to dense (nats) | top-1 agree | removed layers | params | training tokens | time s |",
-        "|---|---:|---:|---:|---|---:|---:|---:|",
+        f"HellaSwag: the first {payload['eval'].get('hellaswag_tasks', 0)} validation tasks, acc_norm ± standard "
+        "error (lm-evaluation-harness's rule).",
+        "",
+        "| method | PPL | KL to dense (nats) | top-1 agree | HellaSwag acc_norm | removed layers | params "
+        "| training tokens | time s |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     footnotes = [f"- {row['name']}: {row['notes']}" for row in payload["rows"] if row.get("notes")]
     first = payload["rows"][1] if len(payload["rows"]) > 1 else None
@@ -275,8 +305,12 @@ def write_markdown(path: Path, payload: dict) -> None:
         kl = "" if row["name"] == "dense" else f"{row['kl_to_dense']:.4f}"
         agree = "" if row["name"] == "dense" else f"{100 * row['top1_agreement']:.1f} %"
         ppl = f"{row['perplexity']:.4g}" if row["perplexity"] < 1e4 else f"{row['perplexity']:.3e}"
+        hellaswag = (
+            f"{100 * row['hellaswag_acc_norm']:.2f} ± {100 * row['hellaswag_acc_norm_stderr']:.2f}"
+            if "hellaswag_acc_norm" in row else ""
+        )
         lines.append(
-            f"| {row['name']} | {ppl} | {kl} | {agree} | {_format_layers(row['removed_layers'])} | "
+            f"| {row['name']} | {ppl} | {kl} | {agree} | {hellaswag} | {_format_layers(row['removed_layers'])} | "
             f"{row['params'] / 1e6:.1f}M | {row['training_tokens']} | {row['seconds']:.1f} |"
         )
     if footnotes:
@@ -329,6 +363,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="LR of the shortgpt+heal and dense+ft rows (default: the recipe's stage2_lr).",
     )
+    parser.add_argument(
+        "--hellaswag-tasks",
+        type=int,
+        default=1000,
+        help="Score every row on the first N HellaSwag validation tasks (0: skip).",
+    )
+    parser.add_argument("--hellaswag-file", type=Path, default=HELLASWAG_FILE)
     parser.add_argument("--rows", default=",".join(ROW_BUILDERS), help="Comma-separated rows to run.")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--tag", default="", help="Suffix for the result file names (e.g. trsp).")
@@ -395,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         torch_logits_fn(loaded.model), {row.name: torch_logits_fn(row.model) for row in rows}, windows
     )
     eval_seconds = time.perf_counter() - eval_started
+    hellaswag = hellaswag_scores(args, loaded, rows)
 
     num_layers = loaded.model.config.num_hidden_layers
     payload = {
@@ -422,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
             "seq_len": args.seq_len,
             "tokens_scored": dense_result.tokens_scored,
             "seconds": eval_seconds,
+            "hellaswag_tasks": args.hellaswag_tasks,
+            "hellaswag_file": str(args.hellaswag_file),
         },
         "rows": [
             {
@@ -434,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
                 "params": count_parameters(loaded.model),
                 "seconds": 0.0,
                 "training_tokens": 0,
+                **hellaswag.get("dense", {}),
             }
         ]
         + [
@@ -448,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds": row.seconds,
                 "training_tokens": row.training_tokens,
                 "notes": row.notes,
+                **hellaswag.get(row.name, {}),
                 **row.extra,
             }
             for row in rows

@@ -38,6 +38,9 @@ class SequenceGroup:
 
 SequenceLogProbs = Callable[[list[SequenceGroup]], list[list[torch.Tensor]]]
 
+MASKABLE_ATTENTION = ("sdpa", "eager")
+"""Attention implementations that take an arbitrary 4-D mask; others (flash kernels) score whole sequences."""
+
 
 def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
     """Tokens the sequences share at their start, leaving at least one token of each after it."""
@@ -75,7 +78,10 @@ def torch_shared_prefix_log_probs(model, pad_id: int) -> SequenceLogProbs:
     """PyTorch: every group packed into one row, each shared prefix once, with a mask that lets each token see only
     its own group's prefix and its own sequence; the output head runs only where a log-prob is wanted."""
     from slimllm.device import model_autocast
+    from slimllm.evaluate import torch_logits_fn
 
+    if getattr(model.config, "_attn_implementation", "sdpa") not in MASKABLE_ATTENTION:
+        return logits_fn_log_probs(torch_logits_fn(model), pad_id)
     device = next(model.parameters()).device
 
     @torch.no_grad()

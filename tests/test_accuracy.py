@@ -250,6 +250,11 @@ def test_divergence_statistics_match_a_direct_computation(tiny):
     assert stats["same_top1"]["mean"] == pytest.approx(float((p.argmax(-1) == q.argmax(-1)).float().mean()))
     assert stats["delta_p"]["mean"] == pytest.approx(float(delta.mean()), abs=1e-7)
     assert stats["kld"]["stderr"] == pytest.approx(float(kld.std(ddof=1) / np.sqrt(len(kld))), rel=1e-4)
+    # llama-perplexity's protocol: only the predictions from the middle of each window on.
+    half = divergence_statistics(torch_logits_fn(perturbed), torch_logits_fn(tiny.model), windows, first=12)
+    second_half = kld.reshape(2, 23)[:, 12:]
+    assert half["tokens"] == second_half.size == 22 and half["first_scored"] == 12
+    assert half["kld"]["mean"] == pytest.approx(float(second_half.mean()), rel=1e-4)
 
 
 def test_cli_kl_reference(tiny_model_dir, tmp_path):
@@ -262,3 +267,7 @@ def test_cli_kl_reference(tiny_model_dir, tmp_path):
     assert payload["tokens"] == 62 and payload["kld"]["mean"] > 0 and 0 <= payload["same_top1"]["mean"] <= 1
     assert set(payload["kld"]) >= {"mean", "stderr", "max", "99.9%", "99%", "95%", "90%", "median", "10%", "5%",
                                     "1%", "min"}
+    half = run_cli("eval", str(tiny_model_dir("llama")), "--data", str(EVAL_FILE), "--seq-len", "32",
+                   "--max-windows", "2", "--kl-reference", str(tiny_model_dir("qwen2")), "--kl-second-half", "--json")
+    assert half.exit_code == 0, half.output
+    assert json.loads(half.stdout)["tokens"] == 2 * 15

@@ -145,6 +145,24 @@ def test_changed_setting_reruns_that_stage_and_later_ones(tiny_model_dir, tmp_pa
     assert (out / "gguf" / "pruned-Q4_0.gguf").is_file() and not (out / "gguf" / "pruned-Q8_0.gguf").exists()
 
 
+def test_a_stage_whose_computation_changed_is_not_reused(tiny_model_dir, tmp_path, recipe, text_file, monkeypatch):
+    """A new version of a stage (what it computes changed) reruns it; the others are reused (the report too, here,
+    because the rerun wrote the same evaluation.json: stages are keyed by the content they read)."""
+    import dataclasses
+
+    from slimllm.compile_stages import _STAGES
+
+    args = {"remove": 2, "calib": str(text_file), "eval_data": str(EVAL_FILE), "profile": None, "recipe": recipe,
+            "target": "onnx"}
+    out = tmp_path / "run"
+    slimllm.compile(str(tiny_model_dir("llama")), out=out, **args)
+    evaluate = _STAGES["evaluate"]
+    monkeypatch.setitem(_STAGES, "evaluate", dataclasses.replace(evaluate, version=evaluate.version + 1))
+    again = slimllm.compile(str(tiny_model_dir("llama")), out=out, **args)
+    assert again.ran_stages == ["evaluate"]
+    assert again.reused_stages == ["prune", "export_onnx", "accuracy", "report"]
+
+
 def test_method_none_exports_the_dense_model(tiny_model_dir, tmp_path, recipe, monkeypatch):
     """Also: without a HellaSwag file where the shared data would be, accuracy is skipped and the report says why."""
     monkeypatch.setenv("SLIMLLM_DATA_DIR", str(tmp_path / "no-data" / "wikitext2"))

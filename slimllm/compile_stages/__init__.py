@@ -70,6 +70,8 @@ class StageSpec:
     enabled: Callable[[CompileContext], bool] = lambda ctx: True
     writes: tuple[str, ...] = ()
     """Names under the run directory it writes (a `compile --force` removes these and nothing else)."""
+    version: int = 1
+    """Bumped when what the stage computes changes, so that an earlier run's result is not reused as this one's."""
 
 
 _STAGES: dict[str, StageSpec] = {}
@@ -94,6 +96,7 @@ def stage_inputs(spec: StageSpec, ctx: CompileContext) -> dict[str, Any]:
     return {
         "settings": spec.keyed_by(ctx),
         "reads": {name: ctx.outputs.get(name, {}).get("sha256") for name in spec.reads},
+        "version": spec.version,
     }
 
 

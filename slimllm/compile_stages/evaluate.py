@@ -91,6 +91,7 @@ EVALUATE = register_stage(
         reads=("prune", "export_onnx", "export_gguf"),
         keyed_by=_keyed_by,
         writes=("evaluation.json",),
+        version=2,  # 2: KL statistics of every artifact against the dense model
     )
 )
 
