@@ -7,12 +7,13 @@
 Each ending is scored by the log-likelihood of its tokens given the context: the pair is tokenized as a whole and
 the context's tokens are split off the front (lm-evaluation-harness's `_encode_pair`), and the ending is the
 continuation " <ending>". `acc` picks the ending with the highest sum of log-probabilities, `acc_norm` the highest
-sum divided by the continuation's length in UTF-8 bytes, and `acc_per_token` the highest mean log-probability of
-the tokens after the prefix that the four tokenized sequences share (the rule of llama.cpp's
-`llama-perplexity --hellaswag`, which also leaves shared leading words of the endings unscored). The four sequences
-of a task are scored together, several tasks per forward pass (`slimllm.sequence_scoring`): in PyTorch each shared
-prefix runs once and the remainders run on its key/value cache; other backends score the whole sequences. Standard
-errors are the sample standard deviation over tasks divided by sqrt(n), as lm-evaluation-harness reports them.
+sum divided by the ending's length in characters (`len(choice)`, the space before it not counted), and
+`acc_per_token` the highest mean log-probability of the tokens after the prefix that the four tokenized sequences
+share (the rule of llama.cpp's `llama-perplexity --hellaswag`, which also leaves shared leading words of the
+endings unscored). The four sequences of a task are scored together, several tasks per forward pass
+(`slimllm.sequence_scoring`): in PyTorch the tasks are packed into one sequence, each shared prefix once; other
+backends score the whole sequences (llama.cpp: each prefix once, the endings on its cache). Standard errors are the
+sample standard deviation over tasks divided by sqrt(n), as lm-evaluation-harness reports them.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ class TaskScores:
     """lm-evaluation-harness: log-likelihood of the continuation " <ending>" given the context."""
     tokens: list[int]
     """Tokens of each continuation."""
-    byte_lengths: list[int]
-    """UTF-8 bytes of each continuation (" " + ending)."""
+    ending_lengths: list[int]
+    """Characters of each ending, without the space before it (lm-evaluation-harness's `len(choice)`)."""
     ending_means: list[float]
     """llama.cpp: mean log-probability of the tokens after the prefix the four sequences share."""
     sequence_tokens: int = 0
@@ -53,7 +54,7 @@ class TaskScores:
         if rule == "acc":
             values = self.sums
         elif rule == "acc_norm":
-            values = [s / b for s, b in zip(self.sums, self.byte_lengths, strict=True)]
+            values = [s / n for s, n in zip(self.sums, self.ending_lengths, strict=True)]
         else:
             values = self.ending_means
         return max(range(len(values)), key=lambda i: (values[i], -i))
@@ -106,7 +107,7 @@ class EncodedTask:
     group: SequenceGroup
     context_lengths: list[int]
     """lm-evaluation-harness: tokens of the context in each sequence (the continuation follows)."""
-    byte_lengths: list[int]
+    ending_lengths: list[int]
 
 
 def encode_task(tokenizer, task: MultipleChoiceTask) -> EncodedTask:
@@ -116,7 +117,7 @@ def encode_task(tokenizer, task: MultipleChoiceTask) -> EncodedTask:
     contexts = [len(context) for context, _ in pairs]
     score_from = max(1, min(min(contexts), shared))
     return EncodedTask(
-        SequenceGroup(sequences, shared, score_from), contexts, [len((" " + e).encode("utf-8")) for e in task.endings]
+        SequenceGroup(sequences, shared, score_from), contexts, [len(ending) for ending in task.endings]
     )
 
 
@@ -130,7 +131,7 @@ def task_scores(encoded: EncodedTask, values: list[torch.Tensor]) -> TaskScores:
     return TaskScores(
         sums,
         [len(s) - c for s, c in zip(group.sequences, encoded.context_lengths, strict=True)],
-        encoded.byte_lengths,
+        encoded.ending_lengths,
         means,
         sum(len(s) for s in group.sequences),
     )

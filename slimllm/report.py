@@ -290,9 +290,9 @@ def _accuracy_blocks(accuracy: dict[str, Any]) -> list[dict[str, Any]]:
     return blocks + [
         {"kind": "p", "text": (
             f"The first {accuracy['tasks']} tasks of `{accuracy['file']}`, scored as lm-evaluation-harness scores "
-            "them (acc: log-likelihood of the ending; acc_norm: per byte), plus llama.cpp's per-token rule; "
-            "± one standard error. Agreement: tasks on which the model's acc_norm pick is right exactly when the "
-            "dense model's is."
+            "them (acc: log-likelihood of the ending; acc_norm: per character of the ending), plus llama.cpp's "
+            "per-token rule; ± one standard error. Agreement: tasks on which the model's acc_norm pick is right "
+            "exactly when the dense model's is."
         )},
         _table(["model", "acc_norm", "acc", "per-token", "agreement", "seconds"], rows),
     ]

@@ -145,15 +145,15 @@ def test_llama_cpp_rule_leaves_shared_leading_words_unscored(tiny):
 
 
 def test_acc_and_acc_norm_by_hand(tiny):
-    """acc picks the highest log-likelihood, acc_norm the highest per byte of " <ending>", per-token the highest mean
-    over the tokens after the shared prefix."""
+    """acc picks the highest log-likelihood, acc_norm the highest per character of the ending (lm-evaluation-harness's
+    len(choice), no leading space), per-token the highest mean over the tokens after the shared prefix."""
     log_probs = torch_shared_prefix_log_probs(tiny.model, 0)
     expected = {"acc": [], "acc_norm": [], "acc_per_token": []}
     for task in TASKS[:2]:
         scores = score_task(log_probs, tiny.tokenizer, task)
-        per_byte = [s / len((" " + e).encode()) for s, e in zip(scores.sums, task.endings, strict=True)]
+        per_char = [s / len(e) for s, e in zip(scores.sums, task.endings, strict=True)]
         expected["acc"].append(int(max(range(4), key=lambda i: scores.sums[i]) == task.label))
-        expected["acc_norm"].append(int(max(range(4), key=lambda i: per_byte[i]) == task.label))
+        expected["acc_norm"].append(int(max(range(4), key=lambda i: per_char[i]) == task.label))
         expected["acc_per_token"].append(int(max(range(4), key=lambda i: scores.ending_means[i]) == task.label))
     result = evaluate_tasks(log_probs, tiny.tokenizer, TASKS, limit=2)
     assert result.tasks == 2 and result.correct == expected
