@@ -191,13 +191,13 @@ def write_markdown(path: Path, payload: dict) -> None:
         f"## HellaSwag, the first {payload['settings']['tasks']} validation tasks, llama.cpp's per-token rule "
         f"(target: within {HELLASWAG_POINTS} points)",
         "",
-        "| file | llama-perplexity | slimllm | difference | slimllm acc_norm | time llama-perplexity / slimllm |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| file | llama-perplexity | slimllm | difference | time llama-perplexity / slimllm |",
+        "|---|---:|---:|---:|---:|",
     ]
     for label, row in payload["hellaswag"].items():
         lines.append(
             f"| {label} | {row['llama_perplexity']:.2f} | {row['slimllm_per_token']:.2f} | "
-            f"{row['difference_points']:+.2f} | {row['slimllm_acc_norm']:.2f} | "
+            f"{row['difference_points']:+.2f} | "
             f"{row['llama_perplexity_seconds']:.0f} s / {row['slimllm_seconds']:.0f} s |"
         )
     settings = payload["settings"]

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from slimllm.errors import UserInputError
 from slimllm.pruning.methods import PruneMethod
+from slimllm.pruning.repair import RepairMethod
 
 
 @dataclass
@@ -32,8 +33,15 @@ class PruneSettings:
     """Calibration blocks per forward pass."""
     seed: int = 0
     """Seed for block sampling, `self` text and the random method."""
+    repair: RepairMethod = RepairMethod.NONE
+    """Training-free repair after removal: lsq (ReplaceMe's least-squares transform, folded into down_proj) or none."""
+    repair_ridge: float = 1e-3
+    """lsq: ridge term, as a fraction of the mean diagonal of MᵀM."""
 
     def __post_init__(self) -> None:
         self.method = PruneMethod(self.method)
+        self.repair = RepairMethod(self.repair)
+        if self.repair_ridge < 0:
+            raise UserInputError(f"--repair-ridge must be >= 0, got {self.repair_ridge}")
         if self.calib_blocks < 1 or self.block_len < 2 or self.batch_size < 1:
             raise UserInputError("--calib-blocks, --block-len and --batch-size must be positive (block-len >= 2)")

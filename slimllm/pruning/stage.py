@@ -30,6 +30,7 @@ from slimllm.pruning.registry import (
     method_settings_sections,
     select_layers_with,
 )
+from slimllm.pruning.repair import RepairMethod, repair_before_removal
 from slimllm.pruning.settings import PruneSettings
 from slimllm.pruning.surgery import SurgeryReport, remove_layers, save_pruned_checkpoint
 
@@ -90,7 +91,8 @@ def prune_in_memory(
     k, candidates = resolve_k(loaded, settings)
     spec = get_method(settings.method)
     started = time.perf_counter()
-    model = loaded.model if inplace or not spec.trains_weights else copy.deepcopy(loaded.model)
+    changes_weights = spec.trains_weights or settings.repair is not RepairMethod.NONE
+    model = loaded.model if inplace or not changes_weights else copy.deepcopy(loaded.model)
     request = SelectionRequest(
         model,
         calibration.blocks if calibration is not None else None,
@@ -104,8 +106,14 @@ def prune_in_memory(
         progress=progress,
     )
     selection = select_layers_with(spec, request)
+    repair = repair_before_removal(
+        model, selection.removed_layers, request.blocks, settings.batch_size, settings.repair, settings.repair_ridge,
+        progress,
+    )
+    if repair is not None:
+        selection.details["repair"] = repair
     seconds = time.perf_counter() - started
-    pruned, report = remove_layers(model, selection.removed_layers, inplace=inplace or spec.trains_weights)
+    pruned, report = remove_layers(model, selection.removed_layers, inplace=inplace or changes_weights)
     return pruned, report, selection, seconds
 
 
@@ -183,7 +191,7 @@ def run_prune(
     )
     resolve_k(loaded, settings)  # validate k and protection before calibrating
     calibration = None
-    if settings.method.needs_calibration:
+    if settings.method.needs_calibration or settings.repair is not RepairMethod.NONE:
         args = (settings.calib, loaded.model, loaded.tokenizer, settings.calib_blocks, settings.block_len)
         calibration = load_calibration(*args, settings.seed)
     params_before = count_parameters(loaded.model)

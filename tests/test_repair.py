@@ -1,0 +1,124 @@
+"""Training-free repair after removal (`--repair lsq`): the fold, the solve, and the prune stage end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from slimllm.architectures import decoder_layers
+from slimllm.errors import UserInputError
+from slimllm.pruning.repair import (
+    RepairMethod,
+    _Moments,
+    contiguous_runs,
+    fold_into_down_proj,
+    lsq_repair,
+    solve_transform,
+)
+
+
+@pytest.fixture
+def tiny(tiny_model_dir):
+    from slimllm.models import load_model
+
+    return load_model(str(tiny_model_dir("llama")), device="cpu")
+
+
+def _blocks(n: int = 4, length: int = 24) -> torch.Tensor:
+    return torch.randint(3, 49152, (n, length), generator=torch.Generator().manual_seed(0))
+
+
+def test_contiguous_runs():
+    assert contiguous_runs([14, 3, 12, 13, 25]) == [[3], [12, 13, 14], [25]]
+    assert contiguous_runs([]) == []
+
+
+def test_fold_equals_applying_the_transform_through_a_hook(tiny):
+    """W ← TᵀW in down_proj gives the logits of multiplying the MLP output by T on the fly."""
+    import copy
+
+    transform = torch.eye(64) + 0.05 * torch.randn(64, 64, generator=torch.Generator().manual_seed(1))
+    hooked = copy.deepcopy(tiny.model)
+    decoder_layers(hooked)[2].mlp.register_forward_hook(lambda module, args, out: out @ transform)
+    folded = copy.deepcopy(tiny.model)
+    fold_into_down_proj(decoder_layers(folded)[2], transform.double())
+    ids = _blocks(2)
+    with torch.no_grad():
+        assert torch.allclose(folded(ids).logits, hooked(ids).logits, atol=1e-4)
+        assert not torch.allclose(folded(ids).logits, tiny.model(ids).logits, atol=1e-3)
+
+
+def test_least_squares_recovers_an_exactly_linear_map():
+    """With D = M·T* exactly, the float64 normal equations (no ridge) give T* back to numerical precision, and the
+    error after the fold is zero while the error at T = I is not."""
+    generator = torch.Generator().manual_seed(2)
+    m = torch.randn(3, 50, 16, generator=generator)
+    target_map = torch.randn(16, 16, generator=generator, dtype=torch.float64)
+    y = torch.randn(3, 50, 16, generator=generator)
+    moments = _Moments(torch.zeros(16, 16, dtype=torch.float64), torch.zeros(16, 16, dtype=torch.float64))
+    moments.add(m, y, y + (m.double() @ target_map).float())
+    transform = solve_transform(moments, ridge=0.0)
+    assert torch.allclose(transform, target_map, atol=1e-4)
+    assert moments.error(transform) < 1e-5 < moments.error(None)
+
+
+def test_a_removed_identity_layer_is_recovered_exactly(tiny):
+    """A layer that adds nothing (o_proj and down_proj zero) is exactly linear in the MLP output: T = I, and the
+    repaired model without it computes what the model with it computed."""
+    from slimllm.pruning.surgery import remove_layers
+
+    model = tiny.model
+    with torch.no_grad():
+        layer = decoder_layers(model)[3]
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    ids = _blocks(2)
+    with torch.no_grad():
+        expected = model(ids).logits
+    runs = lsq_repair(model, [3], _blocks(), batch_size=2, ridge=0.0)
+    assert runs[0].folded_into == 2 and runs[0].error_before < 1e-6 and runs[0].error_after < 1e-6
+    pruned, _ = remove_layers(model, [3])
+    with torch.no_grad():
+        assert torch.allclose(pruned(ids).logits, expected, atol=1e-4)
+
+
+def test_runs_are_repaired_in_order_and_a_leading_run_is_left_as_removed(tiny):
+    runs = lsq_repair(tiny.model, [0, 2, 3], _blocks(), batch_size=2, ridge=1e-3)
+    assert [r.removed for r in runs] == [[0], [2, 3]]
+    assert runs[0].folded_into is None and "no kept layer" in runs[0].note
+    assert runs[1].folded_into == 1 and runs[1].error_after < runs[1].error_before
+
+
+def test_prune_with_lsq_repair_records_it_and_saves_a_plain_checkpoint(tiny_model_dir, tmp_path, text_file):
+    from transformers import AutoModelForCausalLM
+
+    from slimllm.pruning.settings import PruneSettings
+    from slimllm.pruning.stage import run_prune
+
+    settings = PruneSettings(method="last", remove=2, calib=str(text_file), calib_blocks=4, block_len=32,
+                             repair="lsq")
+    source = tiny_model_dir("qwen2")
+    run_prune(str(source), settings, tmp_path / "pruned", device="cpu")
+    record = json.loads((tmp_path / "pruned" / "slimllm_pruning.json").read_text())
+    repair = record["details"]["repair"]
+    assert repair["method"] == "lsq" and record["settings"]["repair"] == "lsq"
+    assert [run["removed"] for run in repair["runs"]] == [record["removed_layers"]]
+    assert repair["runs"][0]["error_after"] < repair["runs"][0]["error_before"]
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "pruned"))
+    assert reloaded.config.num_hidden_layers == 4
+    original = AutoModelForCausalLM.from_pretrained(str(source))
+    kept_fold = record["kept_layers"].index(repair["runs"][0]["folded_into"])
+    assert not torch.equal(decoder_layers(reloaded)[kept_fold].mlp.down_proj.weight,
+                           decoder_layers(original)[repair["runs"][0]["folded_into"]].mlp.down_proj.weight)
+
+
+def test_repair_settings_errors():
+    from slimllm.pruning.settings import PruneSettings
+
+    with pytest.raises(ValueError):
+        PruneSettings(remove=1, repair="magic")
+    with pytest.raises(UserInputError, match="--repair-ridge"):
+        PruneSettings(remove=1, repair_ridge=-1.0)
+    assert PruneSettings(remove=1).repair is RepairMethod.NONE
