@@ -38,6 +38,7 @@ from slimllm.data import DataPurpose, load_calibration, load_corpus, tokenize_co
 from slimllm.evaluate import compare_with_reference, split_windows, torch_logits_fn  # noqa: E402
 from slimllm.models import LoadedModel, load_model  # noqa: E402
 from slimllm.pruning.methods import BASELINE_METHODS, PruneMethod  # noqa: E402
+from slimllm.pruning.repair import RepairMethod  # noqa: E402
 from slimllm.pruning.stage import PruneSettings, count_parameters, prune_in_memory  # noqa: E402
 from slimllm.pruning.surgery import remove_layers  # noqa: E402
 from slimllm.pruning.training import fine_tune, frozen_teacher  # noqa: E402
@@ -152,16 +153,22 @@ class Bench:
 RowBuilder = Callable[[Bench], Row]
 
 
-def baseline_row(method: PruneMethod) -> RowBuilder:
+def baseline_row(method: PruneMethod, repair: RepairMethod = RepairMethod.NONE) -> RowBuilder:
+    """A method that selects without training; with `repair`, the training-free repair folded in before removal."""
+
     def build(bench: Bench) -> Row:
-        prune = dataclasses.replace(bench.settings.prune, method=method)
+        prune = dataclasses.replace(bench.settings.prune, method=method, repair=repair)
         calibration, notes = bench.calibration, ""
         limit = bench.settings.sleb_blocks if method is PruneMethod.SLEB else None
         if limit is not None and calibration.blocks.shape[0] > limit:
             calibration = dataclasses.replace(calibration, blocks=calibration.blocks[:limit])
             notes = f"first {limit} calibration blocks (cost: one suffix forward per candidate per step)"
         pruned, report, selection, seconds = prune_in_memory(bench.loaded, prune, calibration)
-        return Row(method.value, pruned, report.removed_layers, seconds, notes=notes)
+        name = method.value if repair is RepairMethod.NONE else f"{method.value}+{repair.value}"
+        row = Row(name, pruned, report.removed_layers, seconds, notes=notes)
+        if "repair" in selection.details:
+            row.extra = {"repair": selection.details["repair"]}
+        return row
 
     return build
 
@@ -253,6 +260,7 @@ ROW_BUILDERS: dict[str, RowBuilder] = {
     "shortgpt+heal-kd": heal_row(distill=True),
     "dense+ft": dense_ft_row,
     **{method.value: baseline_row(method) for method in BASELINE_METHODS},
+    **{f"{method.value}+lsq": baseline_row(method, RepairMethod.LSQ) for method in BASELINE_METHODS},
 }
 
 
