@@ -122,3 +122,18 @@ def test_repair_settings_errors():
     with pytest.raises(UserInputError, match="--repair-ridge"):
         PruneSettings(remove=1, repair_ridge=-1.0)
     assert PruneSettings(remove=1).repair is RepairMethod.NONE
+
+
+def test_compile_passes_repair_to_the_prune_stage(tiny_model_dir, tmp_path, text_file):
+    from conftest import EVAL_FILE
+    from test_cli import run_cli
+
+    out = tmp_path / "run"
+    result = run_cli(
+        "compile", str(tiny_model_dir("llama")), "--method", "last", "--remove", "2", "--repair", "lsq",
+        "--calib", str(text_file), "--eval-data", str(EVAL_FILE), "--eval-seq-len", "32", "--eval-windows", "1",
+        "--eval-task", "none", "--target", "onnx", "--profile", "none", "--out", str(out),
+    )
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "pruned" / "slimllm_pruning.json").read_text())
+    assert record["details"]["repair"]["runs"][0]["folded_into"] == 2

@@ -30,7 +30,7 @@ FLAGS = [
     *settings_flags(
         PruneSettings,
         "prune",
-        include=["method", "remove", "ratio", "calib"],
+        include=["method", "remove", "ratio", "calib", "repair"],
         short={"remove": "-k"},
         extra_help={"method": "`none` skips pruning and compiles the dense model."},
     ),
@@ -61,6 +61,7 @@ def _compile(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
         prune_flags = given.get("prune", {})
         overrides = {
             "compile": {k: compile_flags.pop(k) for k in COMPILE_SECTION_FLAGS if k in compile_flags},
+            "prune": {k: v for k, v in prune_flags.items() if k not in ("method", "remove", "ratio", "calib")},
             "onnx": given.get("onnx", {}),
             "gguf": given.get("gguf", {}),
         }
