@@ -109,9 +109,9 @@ def main() -> int:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     tasks = read_task("hellaswag", args.task_file)
     dense = checkpoint_directory(args.model)
-    timing, _ = score(str(dense), "torch", tasks, TIMING_TASKS)
+    timing, backend = score(str(dense), "torch", tasks, TIMING_TASKS)
     rows = {}
-    result, backend = score(str(dense), "torch", tasks, args.limit)
+    result = timing if args.limit == TIMING_TASKS else score(str(dense), "torch", tasks, args.limit)[0]
     rows["dense"] = row(result, backend)
     if not args.skip_gguf:
         result, backend = score(str(dense_gguf(args, dense)), "llama.cpp", tasks, args.limit)
