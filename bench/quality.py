@@ -295,8 +295,8 @@ def write_markdown(path: Path, payload: dict) -> None:
         f"seed {settings['seed']}); evaluation: `{settings['eval_data']}` ({payload['eval']['windows']} windows x "
         f"{settings['seq_len']} tokens, {payload['eval']['tokens_scored']} tokens scored).",
         "",
-        f"HellaSwag: the first {payload['eval'].get('hellaswag_tasks', 0)} validation tasks, acc_norm ± standard "
-        "error (lm-evaluation-harness's rule).",
+        (f"HellaSwag: the first {payload['eval']['hellaswag_tasks']} validation tasks, acc_norm ± standard error "
+         "(lm-evaluation-harness's rule)." if payload["eval"].get("hellaswag_tasks") else "HellaSwag: not scored."),
         "",
         "| method | PPL | KL to dense (nats) | top-1 agree | HellaSwag acc_norm | removed layers | params "
         "| training tokens | time s |",
