@@ -26,6 +26,46 @@ PERCENTILES = {"max": 100.0, "99.9%": 99.9, "99%": 99.0, "95%": 95.0, "90%": 90.
 
 
 @torch.no_grad()
+def per_token_divergences(
+    candidates: dict[str, LogitsFn],
+    reference_fn: LogitsFn,
+    windows: torch.Tensor,
+    progress: Callable | None = None,
+    first: int = 0,
+) -> tuple[np.ndarray, dict[str, dict[str, np.ndarray]]]:
+    """One pass over the windows, the reference's logits computed once per window for every candidate.
+
+    Returns the reference's NLL of each predicted token (positions `first`.. of each window) and, per candidate,
+    each token's KLD, same-top-1 flag, Δp, NLL and the reference's NLL. Nothing is kept across windows but these.
+    """
+    reference_nll: list[np.ndarray] = []
+    parts = {name: {"kld": [], "same_top1": [], "delta_p": [], "nll": []} for name in candidates}
+    for index in range(windows.shape[0]):
+        window = windows[index : index + 1]
+        reference = torch.log_softmax(reference_fn(window).float()[0, first:-1], dim=-1)
+        targets = window[0, first + 1 :].to(reference.device)[:, None]
+        reference_target = reference.gather(-1, targets)[:, 0]
+        reference_top1 = reference.argmax(-1)
+        reference_nll.append((-reference_target).cpu().numpy())
+        for name, logits_fn in candidates.items():
+            model = torch.log_softmax(logits_fn(window).float()[0, first:-1], dim=-1).to(reference.device)
+            model_target = model.gather(-1, targets)[:, 0]
+            values = parts[name]
+            values["kld"].append(token_kld(reference, model).cpu().numpy())
+            values["same_top1"].append((model.argmax(-1) == reference_top1).cpu().numpy())
+            values["delta_p"].append((model_target.exp() - reference_target.exp()).cpu().numpy())
+            values["nll"].append((-model_target).cpu().numpy())
+            del model
+        if progress:
+            progress(index + 1, windows.shape[0])
+    reference_all = np.concatenate(reference_nll)
+    per_candidate = {
+        name: {key: np.concatenate(chunks) for key, chunks in values.items()} | {"reference_nll": reference_all}
+        for name, values in parts.items()
+    }
+    return reference_all, per_candidate
+
+
 def per_token_divergence(
     logits_fn: LogitsFn,
     reference_fn: LogitsFn,
@@ -35,23 +75,7 @@ def per_token_divergence(
 ) -> dict[str, np.ndarray]:
     """Per predicted token of every window (the predictions at positions `first`.. of each window): KLD, same-top-1
     flag, Δp, and both models' log-prob of the target."""
-    parts: dict[str, list[np.ndarray]] = {"kld": [], "same_top1": [], "delta_p": [], "nll": [], "reference_nll": []}
-    for index in range(windows.shape[0]):
-        window = windows[index : index + 1]
-        targets = window[0, first + 1 :]
-        model = torch.log_softmax(logits_fn(window).float()[0, first:-1], dim=-1)
-        reference = torch.log_softmax(reference_fn(window).float()[0, first:-1], dim=-1)
-        kld = token_kld(reference, model)
-        model_target = model.gather(-1, targets[:, None])[:, 0]
-        reference_target = reference.gather(-1, targets[:, None])[:, 0]
-        parts["kld"].append(kld.numpy())
-        parts["same_top1"].append((model.argmax(-1) == reference.argmax(-1)).numpy())
-        parts["delta_p"].append((model_target.exp() - reference_target.exp()).numpy())
-        parts["nll"].append((-model_target).numpy())
-        parts["reference_nll"].append((-reference_target).numpy())
-        if progress:
-            progress(index + 1, windows.shape[0])
-    return {key: np.concatenate(values) for key, values in parts.items()}
+    return per_token_divergences({"model": logits_fn}, reference_fn, windows, progress, first)[1]["model"]
 
 
 def token_kld(reference_log_probs: torch.Tensor, model_log_probs: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -187,7 +188,6 @@ class ComparisonResult:
         return asdict(self)
 
 
-@torch.no_grad()
 def compare_with_reference(
     reference: LogitsFn,
     candidates: dict[str, LogitsFn],
@@ -196,35 +196,24 @@ def compare_with_reference(
 ) -> tuple[ComparisonResult, dict[str, ComparisonResult]]:
     """Perplexity of the reference and of every candidate, plus each candidate's KL and top-1 agreement.
 
-    One pass over the windows: the reference logits of a window are computed once and compared with every
-    candidate's, so no logits are stored across windows.
+    One pass over the windows (`slimllm.divergence.per_token_divergences`): the reference logits of a window are
+    computed once and compared with every candidate's, so no logits are stored across windows.
     """
-    names = list(candidates)
-    nll = dict.fromkeys(["__reference__", *names], 0.0)
-    kl = dict.fromkeys(names, 0.0)
-    agree = dict.fromkeys(names, 0)
-    tokens = 0
+    from slimllm.divergence import per_token_divergences
+
     if progress:
         progress(0, windows.shape[0])
-    for index in range(windows.shape[0]):
-        window = windows[index : index + 1]
-        targets = window[:, 1:].reshape(-1)
-        ref_logp = torch.log_softmax(reference(window).float()[0, :-1], dim=-1)
-        nll["__reference__"] += float(F.nll_loss(ref_logp, targets.to(ref_logp.device), reduction="sum"))
-        ref_top1 = ref_logp.argmax(-1)
-        ref_p = ref_logp.exp()
-        for name in names:
-            logp = torch.log_softmax(candidates[name](window).float()[0, :-1], dim=-1).to(ref_logp.device)
-            nll[name] += float(F.nll_loss(logp, targets.to(logp.device), reduction="sum"))
-            kl[name] += float((ref_p * (ref_logp - logp)).sum())
-            agree[name] += int((logp.argmax(-1) == ref_top1).sum())
-            del logp
-        tokens += targets.numel()
-        if progress:
-            progress(index + 1, windows.shape[0])
+    reference_nll, per_candidate = per_token_divergences(candidates, reference, windows, progress)
 
-    def result(name: str, kl_sum: float, agreed: int) -> ComparisonResult:
-        mean = nll[name] / tokens
-        return ComparisonResult(math.exp(mean), mean, kl_sum / tokens, agreed / tokens, tokens)
+    def result(nll: np.ndarray, kld: float, agreement: float) -> ComparisonResult:
+        mean = float(nll.mean(dtype=np.float64))
+        return ComparisonResult(math.exp(mean), mean, kld, agreement, int(nll.size))
 
-    return result("__reference__", 0.0, tokens), {n: result(n, kl[n], agree[n]) for n in names}
+    return result(reference_nll, 0.0, 1.0), {
+        name: result(
+            values["nll"],
+            float(values["kld"].mean(dtype=np.float64)),
+            float(values["same_top1"].mean(dtype=np.float64)),
+        )
+        for name, values in per_candidate.items()
+    }
