@@ -29,11 +29,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from speed_common import DATA_DIR, RESULTS_DIR, WORK_DIR  # noqa: E402
+from speed_common import DATA_DIR, HELLASWAG_FILE, RESULTS_DIR, WORK_DIR, exported_gguf  # noqa: E402
 
 from slimllm.artifacts import atomic_write_json, atomic_write_text, library_versions, machine_info  # noqa: E402
 
-HELLASWAG_FILE = DATA_DIR.parent / "hellaswag" / "hellaswag_val_full.txt"
 HELLASWAG_POINTS = 0.5
 KLD_RELATIVE = 0.02
 SAME_COMPUTATION = ("-ctk", "f32", "-ctv", "f32", "-fa", "off")
@@ -60,17 +59,10 @@ def arguments() -> argparse.Namespace:
 
 def gguf_files(args, dense: Path, pruned: Path) -> dict[str, Path]:
     """F16 and Q8_0 of both models, exported (and checked) by slimllm; reused when already there."""
-    from slimllm.exporters.gguf import GgufExportSettings, export_gguf
-    from slimllm.exporters.records import EXPORT_RECORD_FILE
-
     files = {}
     for label, checkpoint in (("dense", dense), ("pruned", pruned)):
-        target = args.work_dir / f"gguf-{label}"
-        if not (target / EXPORT_RECORD_FILE).is_file():
-            settings = GgufExportSettings(outtypes=["f16", "q8_0"], eval_data=args.eval_data, eval_windows=2)
-            export_gguf(checkpoint, target, settings, force=True)
-        for gguf_type in ("F16", "Q8_0"):
-            files[f"{label} {gguf_type}"] = next(target.glob(f"*-{gguf_type}.gguf"))
+        exported = exported_gguf(checkpoint, args.work_dir / f"gguf-{label}", ["f16", "q8_0"], args.eval_data)
+        files |= {f"{label} {gguf_type}": path for gguf_type, path in exported.items()}
     return files
 
 

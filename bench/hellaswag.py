@@ -18,14 +18,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from speed_common import DATA_DIR, RESULTS_DIR, WORK_DIR  # noqa: E402
+from speed_common import HELLASWAG_FILE, RESULTS_DIR, WORK_DIR, exported_gguf  # noqa: E402
 
 from slimllm.accuracy import AccuracyResult, evaluate_tasks  # noqa: E402
 from slimllm.artifacts import atomic_write_json, atomic_write_text, library_versions, machine_info  # noqa: E402
 from slimllm.eval_backends import open_backend  # noqa: E402
 from slimllm.tasks import read_task  # noqa: E402
 
-HELLASWAG_FILE = DATA_DIR.parent / "hellaswag" / "hellaswag_val_full.txt"
 TIMING_TASKS = 1000
 TIMING_TARGET_SECONDS = 180.0
 GGUF_POINTS = 0.3
@@ -47,15 +46,9 @@ def arguments() -> argparse.Namespace:
 
 
 def dense_gguf(args, dense: Path) -> Path:
-    from slimllm.exporters.gguf import GgufExportSettings, export_gguf
-    from slimllm.exporters.records import EXPORT_RECORD_FILE
-
     if args.gguf is not None:
         return args.gguf
-    target = args.work_dir / "gguf-dense"
-    if not (target / EXPORT_RECORD_FILE).is_file():
-        export_gguf(dense, target, GgufExportSettings(outtypes=["f16"], eval_windows=2), force=True)
-    return next(target.glob("*-F16.gguf"))
+    return exported_gguf(dense, args.work_dir / "gguf-dense", ["f16"])["F16"]
 
 
 def score(spec: str, backend: str, tasks, limit: int | None) -> tuple[AccuracyResult, str]:

@@ -26,6 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from speed_common import HELLASWAG_FILE  # noqa: E402
+
 from slimllm.accuracy import evaluate_tasks, pad_token_id  # noqa: E402
 from slimllm.artifacts import (  # noqa: E402
     atomic_write_json,
@@ -50,7 +52,6 @@ from slimllm.tasks import read_task  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "examples" / "recipes" / "smollm2-135m-cpu.toml"
-HELLASWAG_FILE = REPO_ROOT.parent / "shared" / "data" / "hellaswag" / "hellaswag_val_full.txt"
 
 
 def hellaswag_scores(args, loaded: LoadedModel, rows: list[Row]) -> dict[str, dict]:

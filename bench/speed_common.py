@@ -23,6 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 WORK_DIR = REPO_ROOT / "runs" / "bench"
 DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "wikitext2"
+HELLASWAG_FILE = DATA_DIR.parent / "hellaswag" / "hellaswag_val_full.txt"
 
 
 def arguments(description: str) -> argparse.ArgumentParser:
@@ -52,6 +53,18 @@ def pruned_checkpoint(args) -> Path:
             force=True,
         )
     return target
+
+
+def exported_gguf(checkpoint: Path, target: Path, gguf_types: list[str], eval_data: str | None = None) -> dict:
+    """The checkpoint's GGUF files by type (F16, Q8_0 ...), exported and checked by slimllm into `target` unless an
+    earlier export is already there."""
+    from slimllm.exporters.gguf import GgufExportSettings, export_gguf
+    from slimllm.exporters.records import EXPORT_RECORD_FILE
+
+    if not (target / EXPORT_RECORD_FILE).is_file():
+        settings = GgufExportSettings(outtypes=gguf_types, eval_data=eval_data, eval_windows=2)
+        export_gguf(checkpoint, target, settings, force=True)
+    return {t.upper(): next(target.glob(f"*-{t.upper()}.gguf")) for t in gguf_types}
 
 
 def run(name: str, profile: TargetProfile, args) -> None:
