@@ -131,9 +131,9 @@ class LlamaCppModel:
         def log_probs(groups: list[SequenceGroup]) -> list[list[torch.Tensor]]:
             results = []
             for group in groups:
-                if max(len(s) for s in group.sequences) > self.n_ctx:
-                    raise ValueError(f"a task of {max(len(s) for s in group.sequences)} tokens does not fit "
-                                     f"a context of {self.n_ctx}")
+                longest = max(len(s) for s in group.sequences)
+                if longest > self.n_ctx:
+                    raise ValueError(f"a task of {longest} tokens does not fit a context of {self.n_ctx}")
                 self.llm.reset()
                 self.llm.eval(group.sequences[0][: group.shared])
                 head = torch.from_numpy(np.array(self.llm.scores[group.score_from - 1 : group.shared]))

@@ -50,6 +50,7 @@ def _run(ctx: CompileContext) -> tuple[dict[str, Any], dict[str, Any]]:
     tasks = read_task(ctx.compile.eval_task, path)
     models = [EvaluatedModel(DENSE_LABEL, str(ctx.dense_dir), "torch"), *evaluated_models(ctx)]
     rows: dict[str, Any] = {}
+    correct: dict[str, dict[str, list[int]]] = {}
     for index, model in enumerate(models):
         device = onnx_device(ctx) if model.backend == "onnxruntime" else ctx.device
         with open_backend(model.spec, model.backend, device, "fp32", context=TASK_CONTEXT) as scorer:
@@ -59,20 +60,16 @@ def _run(ctx: CompileContext) -> tuple[dict[str, Any], dict[str, Any]]:
                 limit=ctx.compile.eval_tasks, progress=progress,
             )
         row = result.to_dict() | {"backend": scorer.backend}
-        correct = row.pop("correct")
+        correct[model.label] = row.pop("correct")
         if rows:  # paired with the dense model: the share of tasks both get right or both get wrong
-            dense = rows[DENSE_LABEL]["_correct"]["acc_norm"]
-            same = sum(a == b for a, b in zip(dense, correct["acc_norm"], strict=True))
+            dense = correct[DENSE_LABEL]["acc_norm"]
+            same = sum(a == b for a, b in zip(dense, correct[model.label]["acc_norm"], strict=True))
             row["agreement_with_dense"] = same / len(dense)
-        rows[model.label] = row | {"_correct": correct}
-    result_record = {
-        "task": ctx.compile.eval_task,
-        "file": str(path),
-        "tasks": next(iter(rows.values()))["tasks"],
-        "models": {label: {k: v for k, v in row.items() if k != "_correct"} for label, row in rows.items()},
-    }
+        rows[model.label] = row
+    result_record = {"task": ctx.compile.eval_task, "file": str(path), "tasks": rows[DENSE_LABEL]["tasks"],
+                     "models": rows}
     target = ctx.out_dir / "accuracy.json"
-    atomic_write_json(target, result_record | {"correct": {label: row["_correct"] for label, row in rows.items()}})
+    atomic_write_json(target, result_record | {"correct": correct})
     return {"path": str(target)}, result_record
 
 
