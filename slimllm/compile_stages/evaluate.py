@@ -64,6 +64,8 @@ def _run(ctx: CompileContext) -> tuple[dict[str, Any], dict[str, Any]]:
             dense.tokenizer, ctx.compile.eval_data, ctx.compile.eval_seq_len, ctx.compile.eval_windows
         )
         perplexities[DENSE_LABEL] = perplexity(dense.logits_fn, windows)
+        # One artifact loaded at a time, the dense logits recomputed for each: a forward pass per artifact buys not
+        # holding every runtime's copy of the model at once (per_token_divergences can share one reference pass).
         for model in evaluated_models(ctx):
             device = onnx_device(ctx) if model.backend == "onnxruntime" else ctx.device
             with open_backend(model.spec, model.backend, device, "fp32", context=int(windows.shape[1])) as scorer:
