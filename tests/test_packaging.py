@@ -33,6 +33,12 @@ def test_wheel_installs_one_top_level_package_with_its_profiles(wheel):
     top_level = {name.split("/", 1)[0] for name in names if not name.split("/", 1)[0].endswith(".dist-info")}
     assert top_level == {"slimllm"}
     assert "slimllm/exporters/onnx.py" in names and "slimllm/target_profiles/cpu-x86.toml" in names
+    source_modules = {
+        "slimllm/" + path.relative_to(REPO_ROOT / "slimllm").as_posix()
+        for path in (REPO_ROOT / "slimllm").rglob("*.py")
+    }
+    missing = sorted(source_modules - set(names))
+    assert not missing, f"modules left out of the wheel (add their package to pyproject.toml): {missing}"
 
 
 def test_wheel_runs_from_a_fresh_environment_without_the_source_tree(wheel, tmp_path):
