@@ -261,7 +261,12 @@ ROW_BUILDERS: dict[str, RowBuilder] = {
     "shortgpt+heal-kd": heal_row(distill=True),
     "dense+ft": dense_ft_row,
     **{method.value: baseline_row(method) for method in BASELINE_METHODS},
-    **{f"{method.value}+lsq": baseline_row(method, RepairMethod.LSQ) for method in BASELINE_METHODS},
+    **{
+        f"{method.value}+{repair.value}": baseline_row(method, repair)
+        for repair in RepairMethod
+        if repair is not RepairMethod.NONE
+        for method in BASELINE_METHODS
+    },
 }
 
 

@@ -51,6 +51,8 @@ class CompileSettings:
     """How many tasks to score (the first N of the file)."""
     profile: str | None = "cpu-x86"
     """Target profile for the latency stage (a built-in name or a path); None skips profiling."""
+    heal: bool = False
+    """Heal the pruned model before exporting (the [heal] settings; any --heal-* flag turns it on)."""
 
     def __post_init__(self) -> None:
         self.target = parse_choice(Target, self.target, "--target")
@@ -92,7 +94,7 @@ def resolve_settings(
     """Every stage's settings: class defaults < recipe < flags actually given (None is "not given").
 
     Returns compile, method (the chosen `MethodChoice`), prune (None for `--method none`), method_settings (the
-    method's own, or None), method_section (its recipe section), onnx and gguf.
+    method's own, or None), method_section (its recipe section), heal (None when not healing), onnx and gguf.
     """
     compile_settings = build_settings(CompileSettings, recipe_sections.get("compile"), compile_flags, "[compile]")
     merged = {
@@ -107,12 +109,14 @@ def resolve_settings(
     # section sets them; a compile flag that was actually given wins over both.
     given = {key: compile_flags.get(key) for key in ("eval_data", "eval_seq_len", "eval_windows")}
     onnx_settings, gguf_settings = _export_settings(recipe_sections, flag_sections, compile_settings, given)
+    heal_settings = _heal_settings(merged, flag_sections, compile_settings, prune_settings)
     return {
         "compile": compile_settings,
         "method": method_value,
         "prune": prune_settings,
         "method_settings": method_settings,
         "method_section": method_section,
+        "heal": heal_settings,
         "onnx": onnx_settings,
         "gguf": gguf_settings,
     }
@@ -139,6 +143,22 @@ def _prune_settings(sections, method, remove, ratio, calib):
         return prune_settings, None, None
     own = build_settings(spec.settings_class, sections.get(spec.name), {}, f"[{spec.name}]")
     return prune_settings, own, spec.name
+
+
+def _heal_settings(sections, flag_sections, compile_settings: CompileSettings, prune_settings):
+    """The [heal] settings when healing is on (`heal = true`, or any heal flag given) and there is a pruned model;
+    the training text defaults to the pruning calibration."""
+    from slimllm.healing import HealSettings
+
+    if not (compile_settings.heal or flag_sections.get("heal")):
+        return None
+    if prune_settings is None:
+        raise UserInputError(
+            "--method none compiles the dense model, which has nothing to heal; drop the heal settings"
+        )
+    values = dict(sections.get("heal", {}))
+    values.setdefault("calib", prune_settings.calib)
+    return build_settings(HealSettings, values, {}, "[heal]", {f: f"--heal-{f.replace('_', '-')}" for f in values})
 
 
 def _export_settings(recipe_sections, flag_sections, compile_settings: CompileSettings, given: dict[str, Any]):

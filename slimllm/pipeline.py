@@ -1,4 +1,4 @@
-"""`slimllm compile`: prune -> export -> parity -> evaluate -> profile -> report, reproducible and resumable.
+"""`slimllm compile`: prune -> heal -> export -> parity -> evaluate -> profile -> report, reproducible and resumable.
 
     >>> import slimllm
     >>> result = slimllm.compile("smollm2-135m", out="runs/smollm2", target="all", remove=8)
@@ -8,6 +8,7 @@
 Each stage reads the artifacts of the stages before it and writes its own under the output directory:
 
     pruned/        the pruned checkpoint (slimllm_pruning.json inside)       stage `prune`
+    healed/        the healed checkpoint (slimllm_healing.json inside)       stage `heal` (when healing)
     onnx/          ONNX export + validation.json                             stage `export_onnx`
     gguf/          GGUF files + validation.json                              stage `export_gguf`
     evaluation.json  perplexity of dense, pruned and every artifact           stage `evaluate`
@@ -157,6 +158,7 @@ def compile(  # noqa: A001 - the product's verb; `slimllm.compile(...)` mirrors 
     resume: bool = False,
     force: bool = False,
     device: str = "auto",
+    dtype: str = "auto",
     progress: Progress | None = None,
     command: str | None = None,
 ) -> CompileResult:
@@ -173,6 +175,7 @@ def compile(  # noqa: A001 - the product's verb; `slimllm.compile(...)` mirrors 
     protected = local_inputs(model)
     _prepare_output(out_dir, model, force, protected)
     context = _context(model, out_dir, settings, resume, device, progress)
+    context.dtype = dtype
     protected.append(context.dense_dir)
     _validate_before_work(context.dense_dir, settings)
     if force:
@@ -228,6 +231,8 @@ def _header(model: str, ctx: CompileContext, stages: list[StageSpec], command, r
     recorded = {"compile": settings["compile"], "prune": settings["prune"]}
     if settings["method_section"]:
         recorded[settings["method_section"]] = settings["method_settings"]
+    if settings["heal"] is not None:
+        recorded["heal"] = settings["heal"]
     recorded |= {"onnx": settings["onnx"], "gguf": settings["gguf"]}
     return {
         "format_version": MANIFEST_FORMAT,

@@ -12,10 +12,13 @@ from slimllm.errors import UserInputError
 from slimllm.pruning.repair import (
     RepairMethod,
     _Moments,
+    comp_repair,
     contiguous_runs,
     fold_into_down_proj,
     lsq_repair,
+    scale_stream_before,
     solve_transform,
+    untie_embeddings,
 )
 
 
@@ -114,6 +117,67 @@ def test_prune_with_lsq_repair_records_it_and_saves_a_plain_checkpoint(tiny_mode
                            decoder_layers(original)[repair["runs"][0]["folded_into"]].mlp.down_proj.weight)
 
 
+def _without_norm_eps(model):
+    """The same model with RMSNorm's eps set to (almost) zero: random tiny weights make hidden states so small that
+    the eps term would dominate the comparison the exactness tests make."""
+    for module in model.modules():
+        if hasattr(module, "variance_epsilon"):
+            module.variance_epsilon = 1e-20
+    return model
+
+
+def test_comp_fold_is_exact_scaling_of_the_stream_at_the_cut(tiny):
+    """Scaling the embedding and the earlier blocks' o_proj/down_proj by α equals multiplying the stream entering
+    the layer by α through a hook; the tied LM head is untied first and keeps the original weights."""
+    import copy
+
+    original = _without_norm_eps(tiny.model)
+    folded = copy.deepcopy(original)
+    assert untie_embeddings(folded) and not folded.config.tie_word_embeddings
+    scale_stream_before(folded, 3, 1.7)
+    hooked = copy.deepcopy(original)
+    decoder_layers(hooked)[3].register_forward_pre_hook(
+        lambda module, args, kwargs: ((args[0] * 1.7,) + args[1:], kwargs) if args
+        else (args, {**kwargs, "hidden_states": kwargs["hidden_states"] * 1.7}),
+        with_kwargs=True,
+    )
+    ids = _blocks(2)
+    with torch.no_grad():
+        assert torch.allclose(folded(ids).logits, hooked(ids).logits, atol=1e-4)
+        assert torch.equal(folded.lm_head.weight, original.lm_head.weight)
+        assert not torch.allclose(folded(ids).logits, original(ids).logits, atol=1e-3)
+
+
+def test_comp_before_any_removal_keeps_the_logits_up_to_the_norm_eps(tiny):
+    """Scaling the whole stream (before the final norm) changes nothing but RMSNorm's eps term."""
+    import copy
+
+    _without_norm_eps(tiny.model)
+    scaled = copy.deepcopy(tiny.model)
+    untie_embeddings(scaled)
+    scale_stream_before(scaled, len(decoder_layers(scaled)), 3.0)
+    ids = _blocks(2)
+    with torch.no_grad():
+        assert torch.allclose(scaled(ids).logits, tiny.model(ids).logits, atol=1e-5)
+
+
+def test_comp_scale_is_the_mean_channel_magnitude_ratio_across_the_removed_layer(tiny):
+    """α for the first removed layer matches a direct trace: mean over channels of mean|x_3| / mean|x_2|; the
+    recorded error at α is ‖α·x_2 − x_3‖ / ‖x_3‖."""
+    from slimllm.pruning.layer_io import trace_decoder
+
+    blocks = _blocks()
+    trace = trace_decoder(tiny.model, blocks)
+    x_in, x_out = trace.layer_inputs[2].double(), trace.layer_inputs[3].double()
+    expected = float((x_out.abs().mean((0, 1)) / x_in.abs().mean((0, 1))).mean())
+    runs, untied = comp_repair(tiny.model, [2, 3], blocks, batch_size=2)
+    assert untied and [r.removed for r in runs] == [[2], [3]]
+    assert runs[0].note == f"alpha={expected:.6g}"
+    error = float((expected * x_in - x_out).norm() / x_out.norm())
+    assert runs[0].error_after == pytest.approx(error, rel=1e-4)
+    assert runs[0].error_before == pytest.approx(float((x_in - x_out).norm() / x_out.norm()), rel=1e-4)
+
+
 def test_repair_settings_errors():
     from slimllm.pruning.settings import PruneSettings
 
@@ -137,3 +201,19 @@ def test_compile_passes_repair_to_the_prune_stage(tiny_model_dir, tmp_path, text
     assert result.exit_code == 0, result.output
     record = json.loads((out / "pruned" / "slimllm_pruning.json").read_text())
     assert record["details"]["repair"]["runs"][0]["folded_into"] == 2
+
+
+def test_prune_with_comp_saves_an_untied_checkpoint_that_reloads(tiny_model_dir, tmp_path, text_file):
+    from transformers import AutoModelForCausalLM
+
+    from slimllm.pruning.settings import PruneSettings
+    from slimllm.pruning.stage import run_prune
+
+    settings = PruneSettings(method="last", remove=2, calib=str(text_file), calib_blocks=4, block_len=32,
+                             repair="comp")
+    run_prune(str(tiny_model_dir("llama")), settings, tmp_path / "pruned", device="cpu")
+    record = json.loads((tmp_path / "pruned" / "slimllm_pruning.json").read_text())
+    assert record["details"]["repair"]["method"] == "comp" and record["details"]["repair"]["untied_embeddings"]
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "pruned"))
+    assert not reloaded.config.tie_word_embeddings
+    assert not torch.equal(reloaded.lm_head.weight, reloaded.model.embed_tokens.weight)

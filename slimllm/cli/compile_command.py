@@ -23,7 +23,11 @@ from slimllm.compile_settings import COMPILE_GGUF_TYPES, CompileSettings
 from slimllm.errors import UserInputError
 from slimllm.exporters.gguf import GgufExportSettings
 from slimllm.exporters.onnx import OnnxExportSettings
+from slimllm.healing import HealSettings
 from slimllm.pruning.stage import PruneSettings
+
+HEAL_FLAGS = ("tokens", "scope", "lr", "distill", "calib")
+"""The [heal] settings compile takes as flags, each as --heal-<name>."""
 
 FLAGS = [
     *settings_flags(CompileSettings, "compile", short={"target": "-t", "profile": "-p"}),
@@ -34,20 +38,23 @@ FLAGS = [
         short={"remove": "-k"},
         extra_help={"method": "`none` skips pruning and compiles the dense model."},
     ),
+    *settings_flags(HealSettings, "heal", include=HEAL_FLAGS,
+                    rename={name: f"--heal-{name}" for name in HEAL_FLAGS}),
     *settings_flags(OnnxExportSettings, "onnx", include=["quant", "engine"],
                     rename={"quant": "--onnx-quant", "engine": "--onnx-engine"}),
     *settings_flags(GgufExportSettings, "gguf", include=["outtypes", "allow_full_attention"],
                     rename={"outtypes": "--outtype"}, defaults={"outtypes": ",".join(COMPILE_GGUF_TYPES)}),
 ]
 
-COMPILE_SECTION_FLAGS = ("eval_seq_len", "eval_windows", "eval_task", "eval_task_file", "eval_tasks")
+COMPILE_SECTION_FLAGS = ("eval_seq_len", "eval_windows", "eval_task", "eval_task_file", "eval_tasks", "heal")
 """[compile] settings passed as section overrides (the others are compile()'s own arguments)."""
 
 FIXED = common_parameters(
     out_help="Output directory.",
     recipe_help="TOML recipe: [compile], [prune], method, [onnx], [gguf] tables; flags override it.",
     force_help="Replace another run slimllm wrote in --out.",
-    resume_help="Continue a killed run (TRSP from its last checkpoint).",
+    resume_help="Continue a killed run (TRSP and healing from their last checkpoints).",
+    dtype=True,
 )
 
 
@@ -62,6 +69,7 @@ def _compile(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
         overrides = {
             "compile": {k: compile_flags.pop(k) for k in COMPILE_SECTION_FLAGS if k in compile_flags},
             "prune": {k: v for k, v in prune_flags.items() if k not in ("method", "remove", "ratio", "calib")},
+            "heal": given.get("heal", {}),
             "onnx": given.get("onnx", {}),
             "gguf": given.get("gguf", {}),
         }
@@ -82,6 +90,7 @@ def _compile(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
                 resume=fixed["resume"],
                 force=fixed["force"],
                 device=fixed["device"],
+                dtype=fixed["dtype"],
                 progress=bar,
                 command=shlex.join(["slimllm", *sys.argv[1:]]) if sys.argv[1:2] == ["compile"] else None,
             )
@@ -99,6 +108,10 @@ def _summary(result) -> list[str]:
     if prune.get("removed_layers") is not None:
         removed, total = prune["removed_layers"], prune["original_num_layers"]
         lines.append(f"removed layers {removed} of {total} ({prune['method']})")
+    heal = stages.get("heal", {}).get("result", {})
+    if heal.get("steps"):
+        lines.append(f"healed ({heal['scope']}) with {heal['tokens']:,} tokens: loss {heal['losses'][0]:.3f} -> "
+                     f"{heal['losses'][-1]:.3f}")
     for name, value in stages.get("evaluate", {}).get("result", {}).get("perplexity", {}).items():
         lines.append(f"  PPL {name}: {value:.3f}")
     accuracy = stages.get("accuracy", {}).get("result", {})

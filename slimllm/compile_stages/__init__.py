@@ -1,7 +1,7 @@
 """The stage registry of `slimllm compile`: each stage declares what it reads, what keys its reuse, and how it runs.
 
     >>> [spec.name for spec in compile_stages()]
-    ['prune', 'export_onnx', 'export_gguf', 'evaluate', 'accuracy', 'profile', 'report']
+    ['prune', 'heal', 'export_onnx', 'export_gguf', 'evaluate', 'accuracy', 'profile', 'report']
 
 A stage is a `StageSpec` registered by its module (listed in `BUILTIN_STAGE_MODULES`, in pipeline order). The
 pipeline (`slimllm.pipeline`) chains the enabled ones; a stage is reused when the digest of its settings
@@ -22,6 +22,7 @@ Progress = Callable[..., None]
 
 BUILTIN_STAGE_MODULES = (
     "slimllm.compile_stages.prune",
+    "slimllm.compile_stages.heal",
     "slimllm.compile_stages.exports",
     "slimllm.compile_stages.evaluate",
     "slimllm.compile_stages.accuracy",
@@ -44,6 +45,8 @@ class CompileContext:
     resume: bool
     device: str
     progress: Progress | None
+    dtype: str = "auto"
+    """Compute dtype of the stages that train (prune, heal): auto, fp32, fp16 or bf16."""
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Declared outputs of finished stages (path, sha256, files ...), by stage name."""
     results: dict[str, dict[str, Any]] = field(default_factory=dict)

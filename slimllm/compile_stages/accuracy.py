@@ -83,7 +83,7 @@ ACCURACY = register_stage(
     StageSpec(
         name="accuracy",
         run=_run,
-        reads=("prune", "export_onnx", "export_gguf"),
+        reads=("prune", "heal", "export_onnx", "export_gguf"),
         keyed_by=_keyed_by,
         enabled=lambda ctx: ctx.compile.eval_task is not None,
         writes=("accuracy.json",),

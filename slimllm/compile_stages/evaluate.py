@@ -90,7 +90,7 @@ EVALUATE = register_stage(
     StageSpec(
         name="evaluate",
         run=_run,
-        reads=("prune", "export_onnx", "export_gguf"),
+        reads=("prune", "heal", "export_onnx", "export_gguf"),
         keyed_by=_keyed_by,
         writes=("evaluation.json",),
         version=2,  # 2: KL statistics of every artifact against the dense model

@@ -53,7 +53,7 @@ EXPORT_ONNX = register_stage(
     StageSpec(
         name="export_onnx",
         run=_run_onnx,
-        reads=("prune",),
+        reads=("prune", "heal"),
         keyed_by=lambda ctx: {"onnx": plain(ctx.settings["onnx"])},
         enabled=_wants("onnx"),
         writes=("onnx", "onnx.failed"),
@@ -63,7 +63,7 @@ EXPORT_GGUF = register_stage(
     StageSpec(
         name="export_gguf",
         run=_run_gguf,
-        reads=("prune",),
+        reads=("prune", "heal"),
         keyed_by=lambda ctx: {"gguf": plain(ctx.settings["gguf"])},
         enabled=_wants("gguf"),
         writes=("gguf", "gguf.failed"),

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from slimllm.compile_stages import CompileContext, StageSpec, register_stage
-from slimllm.compile_stages.prune import checkpoint_of
+from slimllm.compile_stages.prune import checkpoint_of, checkpoint_sha
 
 REPORTED_PAYLOAD = ("benchmark", "partial", "profile", "threads", "models", "ideal_flops_note", "summary", "machine",
                     "versions", "notes", "failed_backends", "wall_seconds")
@@ -24,7 +24,7 @@ def _run(ctx: CompileContext) -> tuple[dict[str, Any], dict[str, Any]]:
     from slimllm.profiles import load_profile
 
     profile = load_profile(ctx.compile.profile)
-    pruned = ModelArtifacts(checkpoint_of(ctx), sha256=ctx.outputs["prune"]["sha256"])
+    pruned = ModelArtifacts(checkpoint_of(ctx), sha256=checkpoint_sha(ctx))
     onnx_output = ctx.outputs.get("export_onnx")
     if onnx_output:
         pruned.onnx[onnx_output["variant"]] = Path(onnx_output["path"])
@@ -53,7 +53,7 @@ PROFILE = register_stage(
     StageSpec(
         name="profile",
         run=_run,
-        reads=("prune", "export_onnx", "export_gguf"),
+        reads=("prune", "heal", "export_onnx", "export_gguf"),
         keyed_by=_keyed_by,
         enabled=lambda ctx: ctx.compile.profile is not None,
         writes=("latency",),

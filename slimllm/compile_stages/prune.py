@@ -23,6 +23,7 @@ def _keyed_by(ctx: CompileContext) -> dict[str, Any]:
         "prune": plain(prune),
         "method_settings": plain(ctx.settings.get("method_settings")),
         "calibration_source": source_hash(prune.calib) if prune is not None else None,
+        "dtype": ctx.dtype,
     }
 
 
@@ -40,6 +41,7 @@ def _run(ctx: CompileContext) -> tuple[dict[str, Any], dict[str, Any]]:
         target,
         force=True,
         device=ctx.device,
+        dtype=ctx.dtype,
         progress=ctx.progress,
         method_settings=ctx.settings.get("method_settings"),
         resume=resume,
@@ -57,9 +59,23 @@ def _run(ctx: CompileContext) -> tuple[dict[str, Any], dict[str, Any]]:
     return {"path": str(target)}, summary
 
 
-def checkpoint_of(ctx: CompileContext) -> Path:
-    """The checkpoint the later stages work on: the pruned one, or the dense one with `--method none`."""
+def pruned_checkpoint(ctx: CompileContext) -> Path:
+    """The prune stage's checkpoint: the pruned one, or the dense one with `--method none`."""
     return Path(ctx.outputs["prune"]["path"])
+
+
+def final_stage(ctx: CompileContext) -> str:
+    """The stage whose checkpoint is the final model: `heal` when it ran, else `prune`."""
+    return "heal" if "heal" in ctx.outputs else "prune"
+
+
+def checkpoint_of(ctx: CompileContext) -> Path:
+    """The checkpoint the later stages work on: the healed one when healing ran, else the prune stage's."""
+    return Path(ctx.outputs[final_stage(ctx)]["path"])
+
+
+def checkpoint_sha(ctx: CompileContext) -> str:
+    return ctx.outputs[final_stage(ctx)]["sha256"]
 
 
 PRUNE = register_stage(

@@ -18,7 +18,7 @@ REPORT = register_stage(
     StageSpec(
         name="report",
         run=_run,
-        reads=("prune", "export_onnx", "export_gguf", "evaluate", "accuracy", "profile"),
+        reads=("prune", "heal", "export_onnx", "export_gguf", "evaluate", "accuracy", "profile"),
         writes=("report.md", "report.html", "gates.png", "latency.png"),
     )
 )

@@ -13,6 +13,15 @@ checkpoint. Runs are processed in order, each on the model with the earlier runs
 
 The figure recorded for each run is the relative error of block i's output against L on the calibration tokens,
 ‖Y + M·T − L‖ / ‖L‖, before (T = I) and after the fold.
+
+`comp` is Prune&Comp's magnitude compensation (arXiv 2507.18212). Removing layer i leaves layer i + 1 reading x_i
+where it used to read x_{i+1}, which is larger: every block adds to the residual stream. Layers are removed one at a
+time, in order; before each removal the stream entering it is scaled by α = mean over channels of
+mean|x_{i+1}| / mean|x_i| (token means on calibration data, in the model with the earlier removals applied). The
+scale is folded exactly: the token embedding and every earlier block's o_proj and down_proj (weights and biases) are
+multiplied by α, which scales the whole stream up to the cut, while every norm that reads the stream cancels the
+scale (up to RMSNorm's eps). A tied embedding is untied first, or the LM head would be scaled too; the record says so.
+Its figure is ‖α·x_i − x_{i+1}‖ / ‖x_{i+1}‖ against α = 1.
 """
 
 from __future__ import annotations
@@ -25,9 +34,9 @@ from enum import Enum
 import torch
 from torch import nn
 
-from slimllm.architectures import decoder_layers
+from slimllm.architectures import architecture_for, decoder_layers, get_submodule
 from slimllm.errors import UserInputError
-from slimllm.pruning.layer_io import layer_output_tensor, layers_skipped
+from slimllm.pruning.layer_io import layer_input_tensor, layer_output_tensor, layers_skipped
 
 Progress = Callable[..., None]
 
@@ -35,6 +44,7 @@ Progress = Callable[..., None]
 class RepairMethod(str, Enum):
     NONE = "none"
     LSQ = "lsq"
+    COMP = "comp"
 
 
 @dataclass
@@ -97,10 +107,14 @@ def _mlp_of(layer: nn.Module) -> nn.Module:
     mlp = getattr(layer, "mlp", None)
     if mlp is None or not isinstance(getattr(mlp, "down_proj", None), nn.Linear):
         raise UserInputError("--repair lsq needs decoder layers with an `mlp.down_proj` linear layer")
-    if hasattr(layer, "post_feedforward_layernorm"):
-        raise UserInputError("--repair lsq cannot fold through a norm after the MLP (Gemma-style layers); "
-                             "use --repair none")
+    _refuse_post_norms(layer, "lsq")
     return mlp
+
+
+def _refuse_post_norms(layer: nn.Module, method: str) -> None:
+    if hasattr(layer, "post_feedforward_layernorm"):
+        raise UserInputError(f"--repair {method} cannot fold through a norm after the MLP (Gemma-style layers); "
+                             "use --repair none")
 
 
 @torch.no_grad()
@@ -180,6 +194,112 @@ def lsq_repair(model: nn.Module, removed: Sequence[int], blocks: torch.Tensor, b
     return repairs
 
 
+@dataclass
+class _ScaleMoments:
+    """Token sums for one cut: per-channel Σ|x_i| and Σ|x_{i+1}|, and Σ x_i·x_{i+1}, Σ‖x_i‖², Σ‖x_{i+1}‖²."""
+
+    abs_in: torch.Tensor
+    abs_out: torch.Tensor
+    cross: float = 0.0
+    in_norm: float = 0.0
+    out_norm: float = 0.0
+
+    def add(self, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
+        x_in, x_out = x_in.reshape(-1, x_in.shape[-1]).double(), x_out.reshape(-1, x_out.shape[-1]).double()
+        self.abs_in += x_in.abs().sum(0)
+        self.abs_out += x_out.abs().sum(0)
+        self.cross += float((x_in * x_out).sum())
+        self.in_norm += float(x_in.pow(2).sum())
+        self.out_norm += float(x_out.pow(2).sum())
+
+    def scale(self) -> float:
+        """α = mean over channels of mean|x_{i+1}| / mean|x_i| (channels where x_i is never non-zero are left out)."""
+        live = self.abs_in > 0
+        return float((self.abs_out[live] / self.abs_in[live]).mean()) if bool(live.any()) else 1.0
+
+    def error(self, alpha: float) -> float:
+        """‖α·x_i − x_{i+1}‖ / ‖x_{i+1}‖ from the sums."""
+        squared = alpha * alpha * self.in_norm - 2 * alpha * self.cross + self.out_norm
+        return math.sqrt(max(squared, 0.0) / max(self.out_norm, 1e-30))
+
+
+@torch.no_grad()
+def _collect_scale(model: nn.Module, layer: int, blocks: torch.Tensor, batch_size: int,
+                   skipped: Sequence[int]) -> _ScaleMoments:
+    """Input and output of `layer` on the calibration blocks, with the `skipped` layers already gone."""
+    hidden = model.config.hidden_size
+    moments = _ScaleMoments(torch.zeros(hidden, dtype=torch.float64), torch.zeros(hidden, dtype=torch.float64))
+    device = next(model.parameters()).device
+
+    def on_layer(module, args, kwargs, output):
+        moments.add(layer_input_tensor(args, kwargs).detach().float().cpu(),
+                    layer_output_tensor(output).detach().float().cpu())
+        raise _StopForward
+
+    handle = decoder_layers(model)[layer].register_forward_hook(on_layer, with_kwargs=True)
+    try:
+        with layers_skipped(model, skipped):
+            for start in range(0, blocks.shape[0], batch_size):
+                try:
+                    model(input_ids=blocks[start : start + batch_size].to(device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return moments
+
+
+def untie_embeddings(model: nn.Module) -> bool:
+    """Give the LM head its own copy of a tied embedding matrix; True when it was tied."""
+    arch = architecture_for(model.config)
+    embed = get_submodule(model, arch.embed_tokens_path)
+    head = get_submodule(model, arch.lm_head_path)
+    if head.weight is not embed.weight:
+        return False
+    head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=embed.weight.requires_grad)
+    for config in (model.config, getattr(model.config, "text_config", None)):
+        if config is not None and hasattr(config, "tie_word_embeddings"):
+            config.tie_word_embeddings = False
+    return True
+
+
+@torch.no_grad()
+def scale_stream_before(model: nn.Module, layer: int, alpha: float) -> None:
+    """Multiply the residual stream entering `layer` by α, folded into the embedding and the earlier blocks' output
+    projections. The LM head must not share the embedding's weight (see `untie_embeddings`)."""
+    arch = architecture_for(model.config)
+    targets = [get_submodule(model, arch.embed_tokens_path)]
+    for block in list(decoder_layers(model))[:layer]:
+        _refuse_post_norms(block, "comp")
+        attention = getattr(block, "self_attn", None)
+        projections = [getattr(attention, "o_proj", None), getattr(getattr(block, "mlp", None), "down_proj", None)]
+        if not all(isinstance(p, nn.Linear) for p in projections):
+            raise UserInputError("--repair comp needs decoder layers with `self_attn.o_proj` and `mlp.down_proj`")
+        targets += projections
+    for module in targets:
+        module.weight.mul_(alpha)
+        if getattr(module, "bias", None) is not None:
+            module.bias.mul_(alpha)
+
+
+def comp_repair(model: nn.Module, removed: Sequence[int], blocks: torch.Tensor, batch_size: int,
+                progress: Progress | None = None) -> tuple[list[RunRepair], bool]:
+    """Scale before each removed layer, one at a time in order; returns the records and whether the head was untied."""
+    untied = untie_embeddings(model)
+    done: list[int] = []
+    repairs = []
+    ordered = sorted(set(removed))
+    for number, layer in enumerate(ordered):
+        moments = _collect_scale(model, layer, blocks, batch_size, skipped=done)
+        alpha = moments.scale()
+        scale_stream_before(model, layer, alpha)
+        repairs.append(RunRepair([layer], None, moments.error(1.0), moments.error(alpha), note=f"alpha={alpha:.6g}"))
+        done.append(layer)
+        if progress:
+            progress(number + 1, len(ordered), stage="repair")
+    return repairs, untied
+
+
 def repair_before_removal(
     model: nn.Module,
     removed: Sequence[int],
@@ -195,5 +315,8 @@ def repair_before_removal(
         return None
     if blocks is None:
         raise UserInputError(f"--repair {method.value} needs calibration text; pass --calib")
+    if method is RepairMethod.COMP:
+        runs, untied = comp_repair(model, removed, blocks, batch_size, progress)
+        return {"method": method.value, "untied_embeddings": untied, "runs": [asdict(r) for r in runs]}
     runs = lsq_repair(model, removed, blocks, batch_size, ridge, progress)
     return {"method": method.value, "ridge": ridge, "runs": [asdict(r) for r in runs]}

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from slimllm.device import model_autocast
+from slimllm.device import autocast_dtype, model_autocast
 from slimllm.errors import SlimllmError, UserInputError
 
 Progress = Callable[..., None]
@@ -79,12 +79,12 @@ class TrainingDivergedError(SlimllmError):
     """A loss became NaN or infinite; training stopped before the weights were corrupted."""
 
 
-def finite_loss(loss: torch.Tensor, where: str) -> float:
+def finite_loss(loss: torch.Tensor, where: str, lr_flags: str = "--gate-lr, --weight-lr, --stage2-lr") -> float:
     """The loss as a float; a NaN or infinite loss stops training instead of corrupting the weights."""
     value = float(loss.detach())
     if not math.isfinite(value):
         raise TrainingDivergedError(
-            f"the {where} loss became {value}; lower the learning rates (--gate-lr, --weight-lr, --stage2-lr) or, "
+            f"the {where} loss became {value}; lower the learning rate ({lr_flags}) or, "
             "on a GPU, compute in fp32 (--dtype fp32)"
         )
     return value
@@ -98,6 +98,39 @@ def require_master_weights(model: torch.nn.Module, where: str) -> None:
             f"{where} trains weights, which must be held in fp32 (found {', '.join(low)}); load the model with "
             "load_model(..., for_training=True), which computes in bf16 under autocast on CUDA"
         )
+
+
+class MixedPrecisionStepper:
+    """backward + optimizer step with the loss scaling fp16 autocast needs (a no-op scaler otherwise).
+
+    bf16 has fp32's range and needs no scaling; fp16 gradients underflow without it. The scaler skips a step whose
+    gradients overflowed and lowers its scale, as torch.amp does. Several optimizers (TRSP's gates and weights)
+    share one scaler.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizers: torch.optim.Optimizer | list[torch.optim.Optimizer]):
+        self.optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        device = next(model.parameters()).device
+        self.scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(model) == torch.float16)
+
+    @property
+    def enabled(self) -> bool:
+        return self.scaler.is_enabled()
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+        for optimizer in self.optimizers:
+            self.scaler.step(optimizer)
+        self.scaler.update()
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.scaler.load_state_dict(state)
 
 
 def warmup_constant(step: int, warmup_steps: int) -> float:
@@ -139,6 +172,7 @@ def fine_tune(
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     warmup = default_warmup(steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_constant(s, warmup))
+    stepper = MixedPrecisionStepper(model, optimizer)
     log = TrainingLog()
     started = time.perf_counter()
     was_training = model.training
@@ -149,10 +183,8 @@ def fine_tune(
             with model_autocast(model):
                 ce, kl = training_losses(model, batch, teacher if distill > 0 else None)
             loss = ce if kl is None else ce + distill * kl
-            loss.backward()
-            optimizer.step()
+            stepper.step(loss)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             log.steps += 1
             log.tokens += batch.numel()
             log.losses.append(finite_loss(ce, f"training step {step}"))

@@ -32,6 +32,7 @@ from slimllm.errors import UserInputError
 from slimllm.pruning.gates import GateMode, GateSet, attach_gates, detach_gates
 from slimllm.pruning.registry import PruningMethod, Selection, SelectionRequest, register
 from slimllm.pruning.training import (
+    MixedPrecisionStepper,
     batch_schedule,
     causal_lm_loss,
     default_warmup,
@@ -290,6 +291,7 @@ def _stage1(model, gates, blocks, schedule, k, candidates, settings, checkpoints
         )
     )
 
+    stepper = MixedPrecisionStepper(model, optimizer.optimizers)
     order: list[int] = []
     start_round = 0
     state = checkpoints.load("stage1") if resume else None
@@ -318,9 +320,7 @@ def _stage1(model, gates, blocks, schedule, k, candidates, settings, checkpoints
                 ce = causal_lm_loss(model, batch)
             penalty = torch.stack([gates.layers[i].gate.abs() for i in alive]).sum()
             loss = ce + settings.lambda1 * penalty
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            stepper.step(loss)
             info.stage1_losses.append(finite_loss(ce, "stage-1"))
             info.training_tokens += batch.numel()
             if progress:
@@ -394,6 +394,7 @@ def _stage2(model, gates, blocks, schedule, order, settings, checkpoints, resume
     optimizer = torch.optim.AdamW(trainable, lr=settings.stage2_lr, weight_decay=0.0)
     warmup = default_warmup(steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_constant(s, warmup))
+    stepper = MixedPrecisionStepper(model, optimizer)
 
     phase_len = max(1, math.ceil(steps / k))
     fade_steps = max(1, round(settings.fade_fraction * steps))
@@ -422,10 +423,8 @@ def _stage2(model, gates, blocks, schedule, order, settings, checkpoints, resume
         if active and settings.lambda2 > 0:
             reg = torch.stack([gates.layers[i].last_delta.mean() for i in active]).sum()
             loss = loss + settings.lambda2 * reg
-        loss.backward()
-        optimizer.step()
+        stepper.step(loss)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         info.stage2_losses.append(finite_loss(ce, "stage-2"))
         info.training_tokens += batch.numel()
         if progress:
