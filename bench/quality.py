@@ -36,11 +36,18 @@ from slimllm.artifacts import (  # noqa: E402
     library_versions,
     machine_info,
 )
-from slimllm.data import DataPurpose, load_calibration, load_corpus, tokenize_corpus  # noqa: E402
+from slimllm.data import (  # noqa: E402
+    DataPurpose,
+    load_calibration,
+    load_corpus,
+    split_development,
+    tokenize_corpus,
+)
 from slimllm.evaluate import compare_with_reference, split_windows, torch_logits_fn  # noqa: E402
+from slimllm.healing import HealScope, HealSettings, heal_model  # noqa: E402
 from slimllm.models import LoadedModel, load_model  # noqa: E402
 from slimllm.pruning.methods import BASELINE_METHODS, PruneMethod  # noqa: E402
-from slimllm.pruning.repair import RepairMethod  # noqa: E402
+from slimllm.pruning.repair import RepairMethod, repair_before_removal  # noqa: E402
 from slimllm.pruning.stage import PruneSettings, count_parameters, prune_in_memory  # noqa: E402
 from slimllm.pruning.surgery import remove_layers  # noqa: E402
 from slimllm.pruning.training import fine_tune, frozen_teacher  # noqa: E402
@@ -52,6 +59,24 @@ from slimllm.tasks import read_task  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "examples" / "recipes" / "smollm2-135m-cpu.toml"
+
+
+def development_scores(args, loaded: LoadedModel, rows: list[Row]) -> dict[str, dict]:
+    """Perplexity and KL of every row on the development slice (the tail of --calib no row calibrated or trained
+    on): what recipes are chosen by."""
+    if not args.dev_fraction:
+        return {}
+    corpus = load_corpus(args.calib, DataPurpose.CALIBRATION)
+    _, dev_ids = split_development(tokenize_corpus(corpus, loaded.tokenizer), args.dev_fraction)
+    windows = split_windows(dev_ids, args.seq_len, args.max_windows)
+    print(f"[quality] development slice: {windows.shape[0]} windows ...", file=sys.stderr, flush=True)
+    dense, results = compare_with_reference(
+        torch_logits_fn(loaded.model), {row.name: torch_logits_fn(row.model) for row in rows}, windows
+    )
+    scores = {"dense": {"dev_perplexity": dense.perplexity, "dev_windows": int(windows.shape[0])}}
+    for name, result in results.items():
+        scores[name] = {"dev_perplexity": result.perplexity, "dev_kl_to_dense": result.kl_to_reference}
+    return scores
 
 
 def hellaswag_scores(args, loaded: LoadedModel, rows: list[Row]) -> dict[str, dict]:
@@ -138,6 +163,26 @@ class Bench:
     @property
     def heal_lr(self) -> float:
         return self.settings.heal_lr or self.settings.trsp.stage2_lr
+
+    def heal(self, model, tokens: int, scope: HealScope = HealScope.FULL):
+        """`slimllm heal` in memory: CE + 1 x KL to the dense model for `tokens` tokens on the training blocks."""
+        prune = self.settings.prune
+        settings = HealSettings(tokens=tokens, block_len=prune.block_len, batch_size=prune.batch_size,
+                                lr=self.heal_lr if scope is HealScope.FULL else None, distill=1.0, scope=scope,
+                                seed=prune.seed)
+        teacher = frozen_teacher(self.loaded.model)
+        healed, result = heal_model(model, (self.train_calibration or self.calibration).blocks, settings, teacher)
+        return healed, result, settings
+
+    def removal_with_repair(self, layers: list[int], repair: RepairMethod):
+        """The dense model minus `layers`, with the training-free repair folded in first; (model, record, s)."""
+        started = time.perf_counter()
+        model = copy.deepcopy(self.loaded.model)
+        prune = self.settings.prune
+        record = repair_before_removal(model, layers, self.calibration.blocks, prune.batch_size, repair,
+                                       prune.repair_ridge)
+        pruned, _ = remove_layers(model, sorted(layers))
+        return pruned, record, time.perf_counter() - started
 
     def fine_tune(self, model, tokens: int, teacher=None, distill: float = 0.0):
         """LM fine-tuning on the training blocks for `tokens` tokens, at the heal LR; with a teacher and distill > 0
@@ -241,6 +286,50 @@ def heal_row(distill: bool) -> RowBuilder:
     return build
 
 
+def trsp_selection_with_repair_row(repair: RepairMethod, heal: bool) -> RowBuilder:
+    """TRSP's stage-1 selection removed with a training-free repair, then (with `heal`) healed by distillation for
+    the rest of the trsp row's token budget (its total minus what stage 1 used)."""
+
+    def build(bench: Bench) -> Row:
+        details = bench.trsp_run(bench.settings.trsp).selection_details
+        stage1_tokens = len(details["stage1_losses"]) * bench.settings.prune.batch_size * bench.settings.prune.block_len
+        layers = sorted(details["selection_order"])
+        model, record, seconds = bench.removal_with_repair(layers, repair)
+        name = f"trsp-no-stage2+{repair.value}"
+        row = Row(name, model, layers, details["stage1_seconds"] + seconds, training_tokens=stage1_tokens,
+                  notes="the trsp row's stage-1 selection, repaired and removed without stage 2")
+        row.extra = {"repair": record}
+        if heal:
+            model, result, settings = bench.heal(model, details["training_tokens"] - stage1_tokens)
+            row = Row(f"trsp+{repair.value}+heal", model, layers, row.seconds + result.seconds,
+                      training_tokens=stage1_tokens + result.tokens,
+                      notes=f"trsp stage-1 selection, {repair.value}, then {result.steps} steps of healing "
+                            f"(CE + KL, lr {settings.learning_rate})")
+            row.extra = {"repair": record, "heal": result.to_dict()}
+        return row
+
+    return build
+
+
+def shortgpt_repair_heal_row(repair: RepairMethod, scope: HealScope) -> RowBuilder:
+    """ShortGPT's removal with a training-free repair, then healing by distillation at the trsp row's budget."""
+
+    def build(bench: Bench) -> Row:
+        tokens = bench.trsp_run(bench.settings.trsp).selection_details["training_tokens"]
+        prune = dataclasses.replace(bench.settings.prune, method=PruneMethod.SHORTGPT, repair=repair)
+        pruned, report, selection, seconds = prune_in_memory(bench.loaded, prune, bench.calibration)
+        model, result, settings = bench.heal(pruned, tokens, scope)
+        suffix = "heal" if scope is HealScope.FULL else "heal-lora"
+        row = Row(f"shortgpt+{repair.value}+{suffix}", model, report.removed_layers, seconds + result.seconds,
+                  training_tokens=result.tokens,
+                  notes=f"{result.steps} steps of {scope.value} healing (CE + KL, lr {settings.learning_rate}, "
+                        f"{result.trainable_params / 1e6:.2f}M trainable) after {repair.value} (same tokens as trsp)")
+        row.extra = {"repair": selection.details.get("repair"), "heal": result.to_dict()}
+        return row
+
+    return build
+
+
 def dense_ft_row(bench: Bench) -> Row:
     """The dense model fine-tuned with the same tokens: how much of a gain is only domain adaptation."""
     tokens = bench.trsp_run(bench.settings.trsp).selection_details["training_tokens"]
@@ -250,13 +339,18 @@ def dense_ft_row(bench: Bench) -> Row:
                notes=f"{log.steps} AdamW steps at lr {bench.heal_lr} (same tokens as trsp)")
 
 
-TRAINING_ROWS = ("trsp", "trsp-no-stage2", "shortgpt+heal", "shortgpt+heal-kd", "dense+ft")
+TRAINING_ROWS = ("trsp", "trsp-no-stage2", "trsp-no-stage2+lsq", "trsp+lsq+heal", "shortgpt+heal",
+                 "shortgpt+heal-kd", "shortgpt+lsq+heal", "shortgpt+lsq+heal-lora", "dense+ft")
 
 # The rows this benchmark knows, in report order: the TRSP rows, the healing rows, then one row per registered
 # method that selects without training.
 ROW_BUILDERS: dict[str, RowBuilder] = {
     "trsp": trsp_row,
     "trsp-no-stage2": trsp_no_stage2_row,
+    "trsp-no-stage2+lsq": trsp_selection_with_repair_row(RepairMethod.LSQ, heal=False),
+    "trsp+lsq+heal": trsp_selection_with_repair_row(RepairMethod.LSQ, heal=True),
+    "shortgpt+lsq+heal": shortgpt_repair_heal_row(RepairMethod.LSQ, HealScope.FULL),
+    "shortgpt+lsq+heal-lora": shortgpt_repair_heal_row(RepairMethod.LSQ, HealScope.LORA),
     "shortgpt+heal": heal_row(distill=False),
     "shortgpt+heal-kd": heal_row(distill=True),
     "dense+ft": dense_ft_row,
@@ -304,9 +398,12 @@ def write_markdown(path: Path, payload: dict) -> None:
         (f"HellaSwag: the first {payload['eval']['hellaswag_tasks']} validation tasks, acc_norm ± standard error "
          "(lm-evaluation-harness's rule)." if payload["eval"].get("hellaswag_tasks") else "HellaSwag: not scored."),
         "",
-        "| method | PPL | KL to dense (nats) | top-1 agree | HellaSwag acc_norm | removed layers | params "
+        (f"Development slice (tuning only): the last {settings.get('dev_fraction', 0)} of `{settings['calib']}`, "
+         "held apart from calibration and training." if settings.get("dev_fraction") else ""),
+        "",
+        "| method | PPL | KL to dense (nats) | top-1 agree | HellaSwag acc_norm | dev PPL | removed layers | params "
         "| training tokens | time s |",
-        "|---|---:|---:|---:|---:|---|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     footnotes = [f"- {row['name']}: {row['notes']}" for row in payload["rows"] if row.get("notes")]
     first = payload["rows"][1] if len(payload["rows"]) > 1 else None
@@ -323,9 +420,10 @@ def write_markdown(path: Path, payload: dict) -> None:
             f"{100 * row['hellaswag_acc_norm']:.2f} ± {100 * row['hellaswag_acc_norm_stderr']:.2f}"
             if "hellaswag_acc_norm" in row else ""
         )
+        dev = f"{row['dev_perplexity']:.4g}" if "dev_perplexity" in row else ""
         lines.append(
-            f"| {row['name']} | {ppl} | {kl} | {agree} | {hellaswag} | {_format_layers(row['removed_layers'])} | "
-            f"{row['params'] / 1e6:.1f}M | {row['training_tokens']} | {row['seconds']:.1f} |"
+            f"| {row['name']} | {ppl} | {kl} | {agree} | {hellaswag} | {dev} | {_format_layers(row['removed_layers'])}"
+            f" | {row['params'] / 1e6:.1f}M | {row['training_tokens']} | {row['seconds']:.1f} |"
         )
     if footnotes:
         lines += ["", "Notes:", *footnotes]
@@ -384,6 +482,13 @@ def main(argv: list[str] | None = None) -> int:
         help="Score every row on the first N HellaSwag validation tasks (0: skip).",
     )
     parser.add_argument("--hellaswag-file", type=Path, default=HELLASWAG_FILE)
+    parser.add_argument(
+        "--dev-fraction",
+        type=float,
+        default=0.1,
+        help="The last fraction of --calib, held apart from calibration and training: every row's perplexity on it "
+        "is the figure settings are tuned on (the --eval-data figures are reported, never tuned on).",
+    )
     parser.add_argument("--rows", default=",".join(ROW_BUILDERS), help="Comma-separated rows to run.")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--tag", default="", help="Suffix for the result file names (e.g. trsp).")
@@ -417,12 +522,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = BenchSettings(prune, build_settings(TrspSettings, recipe.get("trsp"), {}, "[trsp]"), args.sleb_blocks,
                              args.heal_lr)
     calibration = load_calibration(
-        args.calib, loaded.model, loaded.tokenizer, args.calib_blocks, args.block_len, args.seed
+        args.calib, loaded.model, loaded.tokenizer, args.calib_blocks, args.block_len, args.seed, args.dev_fraction
     )
     train_calibration = None
     if any(name in TRAINING_ROWS for name in rows_wanted):
         train_calibration = load_calibration(
-            args.calib, loaded.model, loaded.tokenizer, args.train_blocks, args.block_len, args.seed
+            args.calib, loaded.model, loaded.tokenizer, args.train_blocks, args.block_len, args.seed,
+            args.dev_fraction,
         )
     bench = Bench(loaded, settings, calibration, train_calibration)
     rows: list[Row] = []
@@ -450,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         torch_logits_fn(loaded.model), {row.name: torch_logits_fn(row.model) for row in rows}, windows
     )
     eval_seconds = time.perf_counter() - eval_started
+    development = development_scores(args, loaded, rows)
     hellaswag = hellaswag_scores(args, loaded, rows)
 
     num_layers = loaded.model.config.num_hidden_layers
@@ -492,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
                 "params": count_parameters(loaded.model),
                 "seconds": 0.0,
                 "training_tokens": 0,
+                **development.get("dense", {}),
                 **hellaswag.get("dense", {}),
             }
         ]
@@ -507,6 +615,7 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds": row.seconds,
                 "training_tokens": row.training_tokens,
                 "notes": row.notes,
+                **development.get(row.name, {}),
                 **hellaswag.get(row.name, {}),
                 **row.extra,
             }

@@ -360,8 +360,20 @@ class CalibrationData:
         }
 
 
-def load_calibration(source: str, model, tokenizer, n_blocks: int, block_len: int, seed: int = 0) -> CalibrationData:
-    """Calibration blocks from any source; `self` generates enough text for the blocks requested."""
+def split_development(token_ids: torch.Tensor, holdout: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration part, development part): the last `holdout` fraction of the tokens is held apart for tuning."""
+    if not 0.0 <= holdout < 1.0:
+        raise UserInputError(f"the development holdout must be a fraction in [0, 1), got {holdout}")
+    cut = token_ids.numel() - int(round(holdout * token_ids.numel()))
+    return token_ids[:cut], token_ids[cut:]
+
+
+def load_calibration(source: str, model, tokenizer, n_blocks: int, block_len: int, seed: int = 0,
+                     holdout: float = 0.0) -> CalibrationData:
+    """Calibration blocks from any source; `self` generates enough text for the blocks requested.
+
+    With `holdout`, blocks come only from the text before its last `holdout` fraction (the development slice that
+    tuning measures on, see `split_development`)."""
     self_settings = None
     if source == SELF_SOURCE:
         # Blocks are cut at block boundaries of the joined text, so ask for a little more than n_blocks x block_len.
@@ -369,5 +381,6 @@ def load_calibration(source: str, model, tokenizer, n_blocks: int, block_len: in
             n_samples=8, min_tokens=int(1.05 * n_blocks * block_len) + block_len, seed=seed
         )
     corpus = load_corpus(source, DataPurpose.CALIBRATION, model=model, tokenizer=tokenizer, self_settings=self_settings)
-    blocks = calibration_blocks(tokenize_corpus(corpus, tokenizer), n_blocks, block_len, seed)
+    ids, _ = split_development(tokenize_corpus(corpus, tokenizer), holdout)
+    blocks = calibration_blocks(ids, n_blocks, block_len, seed)
     return CalibrationData(blocks, corpus.source, corpus.kind, corpus.sha256, seed)
