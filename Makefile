@@ -31,7 +31,7 @@ DATA_DIR ?= ../shared/data/wikitext2
 EVAL_DATA := $(if $(wildcard $(DATA_DIR)/wiki.test.raw),$(DATA_DIR)/wiki.test.raw,wikitext2)
 DEMO_OUT ?= runs/demo
 
-.PHONY: install install-gpu gpu-check test demo lint bench-quality bench-speed bench-eval-reference bench-hellaswag llama-tools clean
+.PHONY: install install-gpu gpu-check test demo lint bench-quality bench-speed bench-eval-reference bench-hellaswag bench-heal-memory llama-tools clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -99,6 +99,9 @@ llama-tools: $(LLAMA_TOOLS)/bin/llama-perplexity
 # slimllm's HellaSwag and KL-divergence figures against llama-perplexity's on the same GGUF files.
 bench-eval-reference: install llama-tools
 	$(BIN)/python bench/eval_reference.py --llama-tools $(LLAMA_TOOLS)/bin
+
+bench-heal-memory: install
+	$(BIN)/python bench/heal_memory.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

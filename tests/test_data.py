@@ -83,6 +83,24 @@ def test_blocks_are_seeded_and_distinct():
         calibration_blocks(ids, 100, 128, seed=0)
 
 
+def test_development_slice_is_held_apart_from_calibration(tiny_model_dir, text_file):
+    from slimllm.data import split_development
+
+    head, tail = split_development(torch.arange(1000), 0.1)
+    assert head.numel() == 900 and torch.equal(tail, torch.arange(900, 1000))
+    with pytest.raises(UserInputError, match="holdout"):
+        split_development(torch.arange(10), 1.0)
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
+    ids = tokenize_corpus(load_corpus(str(text_file), DataPurpose.CALIBRATION), loaded.tokenizer)
+    block_len = 16
+    n_blocks = int(0.5 * ids.numel()) // block_len
+    calibration = load_calibration(str(text_file), loaded.model, loaded.tokenizer, n_blocks, block_len, 0, holdout=0.5)
+    cut = ids.numel() - round(0.5 * ids.numel())
+    allowed = ids[:cut]
+    for block in calibration.blocks:  # every block comes from the text before the development slice
+        assert any(torch.equal(allowed[s : s + block_len], block) for s in range(0, cut - block_len + 1, block_len))
+
+
 def test_calibration_from_text_file(tiny_model_dir, text_file):
     loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
     calibration = load_calibration(str(text_file), loaded.model, loaded.tokenizer, n_blocks=4, block_len=64, seed=0)

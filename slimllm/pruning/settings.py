@@ -34,7 +34,8 @@ class PruneSettings:
     seed: int = 0
     """Seed for block sampling, `self` text and the random method."""
     repair: RepairMethod = RepairMethod.NONE
-    """Training-free repair after removal: lsq (ReplaceMe's least-squares transform, folded into down_proj) or none."""
+    """Training-free repair after removal: lsq (ReplaceMe's least-squares transform, folded into down_proj), comp
+    (Prune&Comp's magnitude compensation, folded into the embedding and earlier blocks; unties a tied head) or none."""
     repair_ridge: float = 1e-3
     """lsq: ridge term, as a fraction of the mean diagonal of MᵀM."""
 
