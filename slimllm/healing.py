@@ -317,11 +317,25 @@ def _report(progress: Progress, result: HealResult, step: int, batch_tokens: int
     progress(step + 1, steps, stage=result.scope, **postfix)
 
 
-def training_blocks(source: str, loaded, settings: HealSettings):
-    """Enough blocks of `source` for the budget without repeating one, or every block the text holds."""
-    from slimllm.data import DataPurpose, calibration_blocks, load_corpus, tokenize_corpus
+def training_blocks(source: str, loaded, settings: HealSettings, writer: nn.Module | None = None):
+    """Enough blocks of `source` for the budget without repeating one, or every block the text holds.
 
-    corpus = load_corpus(source, DataPurpose.CALIBRATION, model=loaded.model, tokenizer=loaded.tokenizer)
+    For `self`, `writer` (the teacher: the dense model, not the pruned one) writes enough text for the budget."""
+    from slimllm.data import (
+        SELF_SOURCE,
+        DataPurpose,
+        SelfTextSettings,
+        calibration_blocks,
+        load_corpus,
+        tokenize_corpus,
+    )
+
+    self_settings = None
+    if source == SELF_SOURCE:
+        self_settings = SelfTextSettings(n_samples=8, min_tokens=int(1.05 * settings.tokens) + settings.block_len,
+                                         seed=settings.seed)
+    corpus = load_corpus(source, DataPurpose.CALIBRATION, model=writer if writer is not None else loaded.model,
+                         tokenizer=loaded.tokenizer, self_settings=self_settings)
     ids = tokenize_corpus(corpus, loaded.tokenizer)
     available = ids.numel() // settings.block_len
     if available < settings.batch_size:
@@ -380,7 +394,7 @@ def run_heal(
         teacher = teacher_loaded.model.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-    blocks, corpus = training_blocks(settings.calib, student, settings)
+    blocks, corpus = training_blocks(settings.calib, student, settings, writer=teacher)
     key = digest({"checkpoint": str(checkpoint), "settings": plain(settings), "teacher": teacher_name,
                   "text": corpus.sha256, "device": str(student.device), "dtype": dtype_name(student.dtype)})
     if not resume:

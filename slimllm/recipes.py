@@ -27,6 +27,7 @@ def recipe_sections() -> dict[str, type]:
     from slimllm.evaluate import EvalSettings
     from slimllm.exporters.gguf import GgufExportSettings
     from slimllm.exporters.onnx import OnnxExportSettings
+    from slimllm.healing import HealSettings
     from slimllm.pruning.registry import method_settings_sections
     from slimllm.pruning.settings import PruneSettings
 
@@ -34,6 +35,7 @@ def recipe_sections() -> dict[str, type]:
         "compile": CompileSettings,
         "prune": PruneSettings,
         **method_settings_sections(),
+        "heal": HealSettings,
         "onnx": OnnxExportSettings,
         "gguf": GgufExportSettings,
         "eval": EvalSettings,

@@ -217,3 +217,20 @@ def test_prune_with_comp_saves_an_untied_checkpoint_that_reloads(tiny_model_dir,
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "pruned"))
     assert not reloaded.config.tie_word_embeddings
     assert not torch.equal(reloaded.lm_head.weight, reloaded.model.embed_tokens.weight)
+
+
+def test_repair_after_trsp_stage2_is_refused_before_any_work(tiny_model_dir):
+    """Stage 2 trains the kept layers to do without the removed ones; fitting the removed layers' outputs afterwards
+    would undo it. TRSP with --stage2 none (gates-only stage 1) may be repaired."""
+    from slimllm.models import load_model
+    from slimllm.pruning.settings import PruneSettings
+    from slimllm.pruning.stage import prune_in_memory
+    from slimllm.pruning.trsp import TrspSettings
+
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu", for_training=True)
+    settings = PruneSettings(method="trsp", remove=1, repair="lsq")
+    with pytest.raises(UserInputError, match="--repair none"):
+        prune_in_memory(loaded, settings, None, method_settings=TrspSettings(stage2="fade"))
+    from slimllm.pruning.registry import get_method
+
+    assert not get_method("trsp").transfers_removed_work(TrspSettings(stage2="none", train_scope="gates"))

@@ -73,6 +73,11 @@ class PruningMethod(ABC):
     def default_settings(self) -> Any:
         return self.settings_class() if self.settings_class is not None else None
 
+    def transfers_removed_work(self, settings: Any) -> bool:
+        """True when selection already trains the kept layers to do without the removed ones (then a training-free
+        repair, which fits the removed layers' outputs, would undo that work)."""
+        return False
+
     @abstractmethod
     def select(self, request: SelectionRequest) -> Selection:
         """The layers to remove. Callers go through `select_layers_with`, which checks what every method needs."""

@@ -90,6 +90,11 @@ def prune_in_memory(
     """
     k, candidates = resolve_k(loaded, settings)
     spec = get_method(settings.method)
+    if settings.repair is not RepairMethod.NONE and spec.transfers_removed_work(method_settings):
+        raise UserInputError(
+            f"--repair {settings.repair.value} fits the removed layers' outputs, but {spec.name} has already trained "
+            "the kept layers to do without them; use --repair none, or (TRSP) --stage2 none with gates-only stage 1"
+        )
     started = time.perf_counter()
     changes_weights = spec.trains_weights or settings.repair is not RepairMethod.NONE
     model = loaded.model if inplace or not changes_weights else copy.deepcopy(loaded.model)

@@ -445,6 +445,10 @@ class Trsp(PruningMethod):
     trains_weights = True
     settings_class = TrspSettings
 
+    def transfers_removed_work(self, settings: TrspSettings | None) -> bool:
+        settings = settings or TrspSettings()
+        return settings.stage2 is not Stage2Mode.NONE or settings.train_scope is TrainScope.FULL
+
     def select(self, request: SelectionRequest) -> Selection:
         """Runs both stages on `request.model` in place; the selected layers are removed by the caller."""
         settings = request.settings or TrspSettings()
