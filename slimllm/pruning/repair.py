@@ -74,6 +74,18 @@ class _StopForward(Exception):
     """Raised by the last hook of a pass: the layers after the run are not needed."""
 
 
+def _calibration_pass(model: nn.Module, blocks: torch.Tensor, batch_size: int, skipped: Sequence[int]) -> None:
+    """Run the calibration blocks through the model without the `skipped` layers; the caller's hooks gather what
+    they need and may end each batch early with `_StopForward`."""
+    device = next(model.parameters()).device
+    with layers_skipped(model, skipped):
+        for start in range(0, blocks.shape[0], batch_size):
+            try:
+                model(input_ids=blocks[start : start + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+
+
 @dataclass
 class _Moments:
     """Float64 sums over calibration tokens for one run, with D = L − Y: MᵀM, MᵀD, ‖D‖², tr(MᵀD) and ‖L‖²."""
@@ -125,7 +137,6 @@ def _collect(model: nn.Module, fold: int, last: int, blocks: torch.Tensor, batch
     hidden = model.config.hidden_size
     moments = _Moments(*(torch.zeros(hidden, hidden, dtype=torch.float64) for _ in range(2)))
     captured: dict[str, torch.Tensor] = {}
-    device = next(model.parameters()).device
 
     def on_mlp(module, args, output):
         captured["m"] = output.detach().float()
@@ -144,12 +155,7 @@ def _collect(model: nn.Module, fold: int, last: int, blocks: torch.Tensor, batch
         layers[last].register_forward_hook(on_last),
     ]
     try:
-        with layers_skipped(model, skipped):
-            for start in range(0, blocks.shape[0], batch_size):
-                try:
-                    model(input_ids=blocks[start : start + batch_size].to(device), use_cache=False)
-                except _StopForward:
-                    pass
+        _calibration_pass(model, blocks, batch_size, skipped)
     finally:
         for handle in handles:
             handle.remove()
@@ -229,7 +235,6 @@ def _collect_scale(model: nn.Module, layer: int, blocks: torch.Tensor, batch_siz
     """Input and output of `layer` on the calibration blocks, with the `skipped` layers already gone."""
     hidden = model.config.hidden_size
     moments = _ScaleMoments(torch.zeros(hidden, dtype=torch.float64), torch.zeros(hidden, dtype=torch.float64))
-    device = next(model.parameters()).device
 
     def on_layer(module, args, kwargs, output):
         moments.add(layer_input_tensor(args, kwargs).detach().float().cpu(),
@@ -238,12 +243,7 @@ def _collect_scale(model: nn.Module, layer: int, blocks: torch.Tensor, batch_siz
 
     handle = decoder_layers(model)[layer].register_forward_hook(on_layer, with_kwargs=True)
     try:
-        with layers_skipped(model, skipped):
-            for start in range(0, blocks.shape[0], batch_size):
-                try:
-                    model(input_ids=blocks[start : start + batch_size].to(device), use_cache=False)
-                except _StopForward:
-                    pass
+        _calibration_pass(model, blocks, batch_size, skipped)
     finally:
         handle.remove()
     return moments
