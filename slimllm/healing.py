@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimllm.artifacts import check_output_directory, digest, local_inputs, plain
+from slimllm.artifacts import check_output_directory, digest, library_versions, local_inputs, plain
 from slimllm.device import autocast_dtype, dtype_name, model_autocast
 from slimllm.errors import UserInputError, parse_choice
 
@@ -364,7 +364,7 @@ def run_heal(
 ) -> HealResult:
     """Load, heal and save `checkpoint` to `out_dir` (atomically), with `slimllm_healing.json` beside the weights."""
     from slimllm.models import load_model
-    from slimllm.pruning.surgery import PRUNING_RECORD_FILE, read_pruning_record
+    from slimllm.pruning.surgery import PRUNING_RECORD_FILE, read_pruning_record, save_checkpoint
 
     out_dir = Path(out_dir)
     checkpoint_path = Path(str(checkpoint)).expanduser()
@@ -412,25 +412,11 @@ def run_heal(
         "device": str(student.device),
         "compute_dtype": dtype_name(student.dtype),
     }
-    _save_healed(healed, student.tokenizer, out_dir, record, pruning_record, PRUNING_RECORD_FILE, force or resume,
-                 protected)
+    records = {HEALING_RECORD_FILE: {"format_version": 1, **record, "versions": library_versions()}}
+    if pruning_record is not None:  # the healed model is still the pruned one: keep what was removed and how
+        records[PRUNING_RECORD_FILE] = pruning_record
+    save_checkpoint(healed, student.tokenizer, out_dir, records, force or resume, protected)
     shutil.rmtree(work_dir, ignore_errors=True)
     with contextlib.suppress(OSError):
         work_dir.parent.rmdir()  # the .partial directory, when nothing else uses it
     return result
-
-
-def _save_healed(model, tokenizer, out_dir: Path, record: dict, pruning_record: dict | None, pruning_file: str,
-                 force: bool, protected) -> None:
-    import json
-
-    from slimllm.artifacts import atomic_directory, library_versions
-
-    with atomic_directory(out_dir, force=force, protected=[p for p in protected if p is not None]) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if pruning_record is not None:  # the healed model is still the pruned one: keep what was removed and how
-            (tmp / pruning_file).write_text(json.dumps(pruning_record, indent=2, default=str) + "\n")
-        payload = {"format_version": 1, **record, "versions": library_versions()}
-        (tmp / HEALING_RECORD_FILE).write_text(json.dumps(payload, indent=2, default=str) + "\n")

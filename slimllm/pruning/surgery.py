@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,6 +87,28 @@ def remove_layers(
     return model, SurgeryReport(num_layers, kept, removed, notes)
 
 
+def save_checkpoint(
+    model: nn.Module,
+    tokenizer,
+    out_dir: Path,
+    records: Mapping[str, dict],
+    force: bool = False,
+    protected: Sequence[Path | str | None] = (),
+) -> Path:
+    """Save model (safetensors), tokenizer, generation config and each record (file name -> JSON payload) beside
+    them, atomically.
+
+    `protected` are inputs (the source model) that `force` must never replace."""
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir, force=force, protected=[p for p in protected if p is not None]) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for file_name, payload in records.items():
+            (tmp / file_name).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return out_dir
+
+
 def save_pruned_checkpoint(
     model: nn.Module,
     tokenizer,
@@ -95,17 +117,9 @@ def save_pruned_checkpoint(
     force: bool = False,
     protected: Sequence[Path | str | None] = (),
 ) -> Path:
-    """Save model (safetensors), tokenizer, generation config and `slimllm_pruning.json`, atomically.
-
-    `protected` are inputs (the source model) that `force` must never replace."""
-    out_dir = Path(out_dir)
-    with atomic_directory(out_dir, force=force, protected=[p for p in protected if p is not None]) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        payload = {"format_version": 1, **record, "versions": library_versions()}
-        (tmp / PRUNING_RECORD_FILE).write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    return out_dir
+    """Save a pruned model with `slimllm_pruning.json` (the record, its format version and library versions)."""
+    payload = {"format_version": 1, **record, "versions": library_versions()}
+    return save_checkpoint(model, tokenizer, out_dir, {PRUNING_RECORD_FILE: payload}, force, protected)
 
 
 def read_pruning_record(checkpoint_dir: Path) -> dict | None:
