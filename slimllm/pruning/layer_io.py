@@ -111,3 +111,22 @@ def layers_skipped(model: nn.Module, skipped: Iterable[int]) -> Iterator[list[in
         yield kept
     finally:
         set_decoder_layers(model, layers)
+
+
+@contextlib.contextmanager
+def attention_skipped(model: nn.Module, layers: Iterable[int]) -> Iterator[None]:
+    """Temporarily add nothing from the attention of some layers (the residual passes through), by position in the
+    current layer list: what removing those attention modules computes."""
+
+    def zero_output(_module, _args, output):
+        if isinstance(output, tuple):
+            return (torch.zeros_like(output[0]), *output[1:])
+        return torch.zeros_like(output)
+
+    all_layers = decoder_layers(model)
+    handles = [all_layers[i].self_attn.register_forward_hook(zero_output) for i in set(layers)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
