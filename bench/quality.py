@@ -52,6 +52,7 @@ from slimllm.pruning.stage import PruneSettings, count_parameters, prune_in_memo
 from slimllm.pruning.surgery import remove_layers  # noqa: E402
 from slimllm.pruning.training import fine_tune, frozen_teacher  # noqa: E402
 from slimllm.pruning.trsp import Stage2Mode, TrainScope, TrspSettings  # noqa: E402
+from slimllm.pruning.two_ssp import TwoSspSettings  # noqa: E402
 from slimllm.recipes import build_settings, load_recipe  # noqa: E402
 from slimllm.sequence_scoring import torch_shared_prefix_log_probs  # noqa: E402
 from slimllm.tasks import read_task  # noqa: E402
@@ -219,6 +220,19 @@ def baseline_row(method: PruneMethod, repair: RepairMethod = RepairMethod.NONE) 
     return build
 
 
+def twossp_row(bench: Bench) -> Row:
+    """2SSP at the block-parameter sparsity of removing k whole layers (k / N: every block is the same size)."""
+    num_layers = bench.loaded.model.config.num_hidden_layers
+    sparsity = bench.settings.prune.remove / num_layers
+    prune = dataclasses.replace(bench.settings.prune, method=PruneMethod("2ssp"), remove=None)
+    pruned, _, selection, seconds = prune_in_memory(bench.loaded, prune, bench.calibration,
+                                                    method_settings=TwoSspSettings(sparsity=sparsity))
+    details = selection.details
+    return Row("2ssp", pruned, [], seconds, notes=selection.summary,
+               extra={key: details[key] for key in ("ffn_kept", "attention_removed", "achieved_sparsity",
+                                                    "width_seconds", "attention_seconds")})
+
+
 def trsp_row(bench: Bench) -> Row:
     trsp = bench.settings.trsp
     run = bench.trsp_run(trsp)
@@ -354,6 +368,7 @@ ROW_BUILDERS: dict[str, RowBuilder] = {
     "shortgpt+heal": heal_row(distill=False),
     "shortgpt+heal-kd": heal_row(distill=True),
     "dense+ft": dense_ft_row,
+    "2ssp": twossp_row,
     **{method.value: baseline_row(method) for method in BASELINE_METHODS},
     **{
         f"{method.value}+{repair.value}": baseline_row(method, repair)

@@ -44,6 +44,8 @@ def inspect_checkpoint(checkpoint_dir: Path, hash_files: bool = True) -> Checkpo
     """Validate a checkpoint directory and read its config and pruning record."""
     from transformers import AutoConfig
 
+    import slimllm.attention_free  # noqa: F401  (registers the classes of models whose blocks may lack attention)
+
     path = Path(checkpoint_dir).expanduser()
     if not path.exists():
         raise UserInputError(f"checkpoint {path} does not exist; pass a directory written by `slimllm prune`")

@@ -162,7 +162,9 @@ def check_gguf_supports(config, settings: GgufExportSettings) -> int | None:
     Returns the window that is exported as full attention (`--allow-full-attention`), else None.
     """
     from slimllm.architectures import architecture_for, sliding_window
+    from slimllm.attention_free import refuse_attention_free
 
+    refuse_attention_free(config, "GGUF export")
     window = sliding_window(config)
     architecture = architecture_for(config)
     if window is None or architecture.gguf_sliding_window:

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from slimllm.artifacts import atomic_directory, atomic_write_json, library_versions, plain
+from slimllm.attention_free import refuse_attention_free
 from slimllm.errors import ExportError, MissingDependencyError, UserInputError, parse_choice
 from slimllm.exporters.checkpoint import CheckpointInfo, inspect_checkpoint
 from slimllm.exporters.ort_session import OrtCausalLM, Provider, resolve_provider
@@ -231,6 +232,7 @@ def export_onnx(
     """Export, quantize if asked, validate against PyTorch, then move the directory into place."""
     settings = settings or OnnxExportSettings()
     checkpoint = inspect_checkpoint(checkpoint_dir)
+    refuse_attention_free(checkpoint.config, "ONNX export")
     provider = check_onnx_dependencies(settings)
     notes: list[str] = []
     seconds: dict[str, float] = {}

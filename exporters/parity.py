@@ -265,6 +265,7 @@ class TorchReference:
         """`full_attention` turns a sliding attention window off (the model an export without one computes)."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+        import slimllm.attention_free  # noqa: F401  (registers the classes of models whose blocks may lack attention)
         from slimllm.architectures import without_sliding_window
 
         config = AutoConfig.from_pretrained(str(checkpoint_dir))

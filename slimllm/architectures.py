@@ -44,7 +44,8 @@ class Architecture:
     name: str
     """Registry key, also the name shown to users."""
     model_types: tuple[str, ...]
-    """`config.model_type` values this entry covers."""
+    """`config.model_type` values this entry covers (`slimllm_<name>`: the same decoder with some blocks lacking
+    attention, `slimllm.attention_free`)."""
     gguf_arch: str
     """`general.architecture` value in GGUF files (llama.cpp's LLM_ARCH name)."""
     gguf_permute_qk: bool
@@ -68,14 +69,14 @@ class Architecture:
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         name="llama",
-        model_types=("llama",),
+        model_types=("llama", "slimllm_llama"),
         gguf_arch="llama",
         gguf_permute_qk=True,
         per_layer_config_fields=("layer_types",),
     ),
     Architecture(
         name="mistral",
-        model_types=("mistral",),
+        model_types=("mistral", "slimllm_mistral"),
         # llama.cpp runs Mistral (v0.1-v0.3 style) through its llama graph.
         gguf_arch="llama",
         gguf_permute_qk=True,
@@ -83,7 +84,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     ),
     Architecture(
         name="qwen2",
-        model_types=("qwen2",),
+        model_types=("qwen2", "slimllm_qwen2"),
         gguf_arch="qwen2",
         gguf_permute_qk=False,
         per_layer_config_fields=("layer_types",),
@@ -93,7 +94,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     ),
     Architecture(
         name="qwen3",
-        model_types=("qwen3",),
+        model_types=("qwen3", "slimllm_qwen3"),
         gguf_arch="qwen3",
         gguf_permute_qk=False,
         per_layer_config_fields=("layer_types",),

@@ -232,6 +232,8 @@ def set_special_token_insertion(tokenizer, add_bos: bool, add_eos: bool = False)
 def _load_config(source: ModelSource, trust_remote_code: bool):
     from transformers import AutoConfig
 
+    import slimllm.attention_free  # noqa: F401  (registers the classes of models whose blocks may lack attention)
+
     try:
         if source.kind is SourceKind.GGUF_FILE:
             assert source.path is not None

@@ -250,13 +250,14 @@ def _validate_before_work(dense_dir: Path, settings: dict[str, Any]) -> None:
     """Errors that would otherwise surface minutes into the run: k and protection, every backend a stage needs."""
     from transformers import AutoConfig
 
+    import slimllm.attention_free  # noqa: F401  (registers the classes of models whose blocks may lack attention)
     from slimllm.architectures import architecture_for
     from slimllm.pruning.candidates import candidate_layers, check_removable, layers_to_remove
 
     config = AutoConfig.from_pretrained(str(dense_dir))
     architecture_for(config)
     prune_settings, compile_settings = settings["prune"], settings["compile"]
-    if prune_settings is not None:
+    if prune_settings is not None and prune_settings.method.spec.removes_layers:
         layers = int(config.num_hidden_layers)
         k = layers_to_remove(layers, prune_settings.remove, prune_settings.ratio)
         check_removable(layers, k, candidate_layers(layers, prune_settings.protect_first, prune_settings.protect_last))

@@ -124,11 +124,12 @@ def test_method_registry_drives_choices_recipes_and_benchmark_rows():
     from slimllm.recipes import recipe_sections
 
     names = list(all_methods())
-    assert names == ["trsp", "shortgpt", "angular", "sleb", "last", "random"]
+    assert names == ["trsp", "2ssp", "shortgpt", "angular", "sleb", "last", "random"]
     assert [m.value for m in PruneMethod] == names
     assert set(method_settings_sections()) <= set(recipe_sections())
     trsp_flags = {flag.flag for flag in FLAGS if flag.section == "trsp"}
     assert {"--lambda1", "--stage2", "--distill"} <= trsp_flags
+    assert {"--sparsity", "--alpha", "--width-multiple", "--stage"} <= {f.flag for f in FLAGS if f.section == "2ssp"}
     baselines = [name for name, method in all_methods().items() if not method.trains_weights]
     assert set(baselines) <= set(quality.ROW_BUILDERS)
 

@@ -75,6 +75,8 @@ def settings_flags(
         if flag in taken:
             flag = f"--{section}-{flag[2:]}"
         parameter = f"{section}__{name}"
+        if not parameter.isidentifier():  # a section named like a number (`2ssp`)
+            parameter = "_" + parameter
         flags.append(
             SettingsFlag(
                 section,

@@ -69,9 +69,14 @@ def _prune(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
 
 def _summary(result) -> list[str]:
     fewer = 100 * (1 - result.params_after / result.params_before)
+    removed = (
+        f"{result.method}: {result.summary}"
+        if result.summary
+        else f"removed {len(result.removed_layers)} of {result.original_num_layers} layers with {result.method}: "
+        f"{result.removed_layers}"
+    )
     return [
-        f"removed {len(result.removed_layers)} of {result.original_num_layers} layers with {result.method}: "
-        f"{result.removed_layers}",
+        removed,
         f"parameters {result.params_before / 1e6:.1f}M -> {result.params_after / 1e6:.1f}M ({fewer:.1f}% fewer)",
         f"time {result.seconds:.1f} s (selection {result.selection_seconds:.1f} s)",
         f"wrote {result.out_dir}",

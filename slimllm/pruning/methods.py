@@ -27,7 +27,9 @@ class _RegisteredMethod(str, Enum):
 
 
 PruneMethod = _RegisteredMethod("PruneMethod", {name.upper(): name for name in all_methods()})
-"""Every registered method: TRSP, SHORTGPT, ANGULAR, SLEB, LAST, RANDOM and any method registered after them."""
+"""Every registered method: TRSP, 2SSP, SHORTGPT, ANGULAR, SLEB, LAST, RANDOM and any method registered after them."""
 
-BASELINE_METHODS: tuple[PruneMethod, ...] = tuple(m for m in PruneMethod if not m.trains_weights)
-"""The registered methods that select without training (the baselines)."""
+BASELINE_METHODS: tuple[PruneMethod, ...] = tuple(
+    m for m in PruneMethod if not m.trains_weights and not m.spec.edits_model and m.spec.removes_layers
+)
+"""The registered methods that select whole layers without training or editing the model (the baselines)."""

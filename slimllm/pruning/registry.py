@@ -25,7 +25,7 @@ from slimllm.errors import UserInputError
 
 Progress = Callable[..., None]
 
-BUILTIN_METHOD_MODULES = ("slimllm.pruning.trsp", "slimllm.pruning.baselines")
+BUILTIN_METHOD_MODULES = ("slimllm.pruning.trsp", "slimllm.pruning.two_ssp", "slimllm.pruning.baselines")
 """Modules that register the methods shipped with slimllm, in the order the CLI lists them."""
 
 
@@ -38,6 +38,11 @@ class Selection:
     scores: dict[str, float] = field(default_factory=dict)
     """Per-layer (or per-start) score, keyed by the original index as a string (JSON-friendly)."""
     details: dict = field(default_factory=dict)
+    summary: str = ""
+    """One line saying what was removed, from a method that does more than remove layers (shown by the CLI)."""
+    model: torch.nn.Module | None = None
+    """The model a method that edits the architecture built (narrower FFNs, blocks without attention); the caller
+    removes `removed_layers` from it instead of from the request's model. None: the request's model."""
 
 
 @dataclass
@@ -69,6 +74,11 @@ class PruningMethod(ABC):
     """The method updates weights: the model is held in fp32 master weights and works on a copy."""
     settings_class: ClassVar[type | None] = None
     """Dataclass of the method's own hyperparameters; its recipe section is `[<name>]`."""
+    removes_layers: ClassVar[bool] = True
+    """The method removes whole layers, `--remove K` (or `--ratio`) of them; a method that sets its own target
+    (2SSP's `--sparsity`) sets False and gets k = 0 and every layer as a candidate."""
+    edits_model: ClassVar[bool] = False
+    """`select` changes weights or shapes (surgery): it works on a copy of the loaded model."""
 
     def default_settings(self) -> Any:
         return self.settings_class() if self.settings_class is not None else None

@@ -53,6 +53,8 @@ class PruneResult:
     scores: dict = field(default_factory=dict)
     details: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    summary: str = ""
+    """What the method removed, in one line, where it is more than whole layers (2SSP)."""
 
     def to_dict(self) -> dict:
         payload = asdict(self)
@@ -66,7 +68,14 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def resolve_k(loaded: LoadedModel, settings: PruneSettings) -> tuple[int, list[int]]:
+    """k and the candidate layers; a method that does not remove whole layers gets k = 0 and every layer."""
     num_layers = len(decoder_layers(loaded.model, loaded.architecture))
+    if not settings.method.spec.removes_layers:
+        if settings.remove is not None or settings.ratio is not None:
+            raise UserInputError(
+                f"{settings.method.value} sets its own target (see `slimllm prune --help`); drop --remove/--ratio"
+            )
+        return 0, list(range(num_layers))
     k = layers_to_remove(num_layers, settings.remove, settings.ratio)
     candidates = candidate_layers(num_layers, settings.protect_first, settings.protect_last)
     check_removable(num_layers, k, candidates)
@@ -95,8 +104,12 @@ def prune_in_memory(
             f"--repair {settings.repair.value} fits the removed layers' outputs, but {spec.name} has already trained "
             "the kept layers to do without them; use --repair none, or (TRSP) --stage2 none with gates-only stage 1"
         )
+    if settings.repair is not RepairMethod.NONE and not spec.removes_layers:
+        raise UserInputError(
+            f"--repair {settings.repair.value} repairs removed layers, and {spec.name} removes none; use --repair none"
+        )
     started = time.perf_counter()
-    changes_weights = spec.trains_weights or settings.repair is not RepairMethod.NONE
+    changes_weights = spec.trains_weights or spec.edits_model or settings.repair is not RepairMethod.NONE
     model = loaded.model if inplace or not changes_weights else copy.deepcopy(loaded.model)
     request = SelectionRequest(
         model,
@@ -111,6 +124,7 @@ def prune_in_memory(
         progress=progress,
     )
     selection = select_layers_with(spec, request)
+    model = selection.model if selection.model is not None else model
     repair = repair_before_removal(
         model, selection.removed_layers, request.blocks, settings.batch_size, settings.repair, settings.repair_ridge,
         progress,
@@ -226,6 +240,7 @@ def run_prune(
         scores=selection.scores,
         details=selection.details,
         notes=loaded.notes + report.notes,
+        summary=selection.summary,
     )
     record = _pruning_record(loaded, settings, result, report)
     save_pruned_checkpoint(
@@ -254,4 +269,5 @@ def _pruning_record(loaded: LoadedModel, settings: PruneSettings, result: PruneR
         "device": str(loaded.device),
         "dtype": dtype_name(loaded.dtype),
         "notes": result.notes,
+        "summary": result.summary,
     }

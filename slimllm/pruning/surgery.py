@@ -78,6 +78,14 @@ def remove_layers(
         for name, value in arch.range_fields_from_layer_types(config.layer_types).items():
             setattr(config, name, value)
     config.num_hidden_layers = len(kept)
+    attention_free = getattr(config, "attention_free_layers", None)
+    if attention_free:  # blocks without attention (2SSP) keep that property under their new index
+        config.attention_free_layers = [kept.index(i) for i in attention_free if i in kept]
+        if 0 in config.attention_free_layers:
+            raise UserInputError(
+                f"removing layers {removed} would leave a first block without attention (caches and llama.cpp read "
+                "layer 0's); keep the first layer"
+            )
 
     known = set(arch.per_layer_config_fields)
     for name, value in config.to_dict().items():

@@ -16,6 +16,7 @@ never removed (llama.cpp reads head sizes from layer 0; caches read the sequence
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -24,11 +25,13 @@ import torch
 from torch import nn
 
 from slimllm.architectures import decoder_layers
+from slimllm.artifacts import plain
 from slimllm.device import model_autocast
 from slimllm.errors import UserInputError
 from slimllm.evaluate import causal_lm_loss_sum
 from slimllm.pruning.layer_io import attention_skipped, run_from_layer, trace_decoder
-from slimllm.pruning.width import ffn_of
+from slimllm.pruning.registry import PruningMethod, Selection, SelectionRequest, register
+from slimllm.pruning.width import ffn_neuron_scores, ffn_of, ffn_width, keep_ffn_neurons, top_neurons
 
 Progress = Callable[..., None]
 
@@ -59,6 +62,8 @@ class BlockParameters:
     attention: int
     ffn: int
     main: int
+    input_norm: int = 0
+    """The norm before attention, which goes with it."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,9 @@ def block_parameters(model: nn.Module) -> BlockParameters:
     if len(sizes) != 1:
         raise UserInputError("2SSP needs a model whose blocks are all the same size; this one was already pruned")
     attention, ffn = sizes.pop()
-    return BlockParameters(attention, ffn, sum(_count(layer) for layer in layers))
+    norm = getattr(layers[0], "input_layernorm", None)
+    return BlockParameters(attention, ffn, sum(_count(layer) for layer in layers),
+                           _count(norm) if norm is not None else 0)
 
 
 def balance_budget(
@@ -133,7 +140,7 @@ def balance_budget(
     multiple = rounding.multiple
     k = k_exact if stage is TwoSspStage.ATTENTION else min(d_ff, max(multiple, multiple * round(k_exact / multiple)))
     per_neuron = params.ffn / d_ff
-    removed = n_attention * params.attention + num_layers * (d_ff - k) * per_neuron
+    removed = n_attention * (params.attention + params.input_norm) + num_layers * (d_ff - k) * per_neuron
     return Budget(n_attention, k, k_exact, removed / params.main)
 
 
@@ -177,3 +184,94 @@ def greedy_attention_removal(
         if progress:
             progress(round_index + 1, count)
     return search
+
+
+@dataclass
+class TwoSspSettings:
+    """2SSP's own settings (recipe section `[2ssp]`)."""
+
+    sparsity: float = 0.25
+    """Fraction of the decoder blocks' parameters to remove (norms included; embeddings and LM head excluded)."""
+    alpha: float = 1.5
+    """Balancing rule: larger alpha moves more of the target from the FFNs to whole attention modules."""
+    width_multiple: WidthRounding = WidthRounding.M256
+    """Round the kept FFN width to a multiple of 64 or 256 (llama.cpp's K-quants need 256), or none."""
+    stage: TwoSspStage = TwoSspStage.BOTH
+    """Run both stages, or one alone with the whole target: width (FFN neurons) or attention (whole modules)."""
+    attention_blocks: int = 4
+    """Calibration blocks on which stage 2 measures perplexity (the reference uses one 2048-token sequence)."""
+
+    def __post_init__(self) -> None:
+        self.width_multiple = WidthRounding(getattr(self.width_multiple, "value", str(self.width_multiple)))
+        self.stage = TwoSspStage(self.stage)
+        if self.attention_blocks < 1:
+            raise UserInputError(f"--attention-blocks must be positive, got {self.attention_blocks}")
+
+
+def _summary(scores: torch.Tensor) -> dict[str, float]:
+    quantiles = torch.quantile(scores.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
+    return {"min": float(scores.min()), "p10": float(quantiles[0]), "median": float(quantiles[1]),
+            "p90": float(quantiles[2]), "max": float(scores.max())}
+
+
+@register
+class TwoSsp(PruningMethod):
+    name = "2ssp"
+    description = "2SSP: keep the top FFN neurons of every block, then remove whole attention modules greedily."
+    settings_class = TwoSspSettings
+    removes_layers = False
+    edits_model = True
+
+    def select(self, request: SelectionRequest) -> Selection:
+        """Both stages on `request.model` (a copy the caller owns): width surgery in place, then a new model whose
+        chosen blocks have no attention. No whole layer is removed."""
+        from slimllm.attention_free import remove_attention
+
+        settings = request.settings or TwoSspSettings()
+        model = request.model
+        params = block_parameters(model)
+        num_layers = len(decoder_layers(model))
+        d_ff = ffn_width(model)
+        budget = balance_budget(params, num_layers, d_ff, settings.sparsity, settings.alpha,
+                                settings.width_multiple, settings.stage)
+        details: dict = {
+            "twossp_settings": plain(settings),
+            "attention_params_per_block": params.attention,
+            "ffn_params_per_block": params.ffn,
+            "block_params": params.main,
+            "ffn_kept": budget.ffn_kept,
+            "ffn_kept_unrounded": budget.ffn_kept_unrounded,
+            "ffn_width_before": d_ff,
+            "attention_modules_removed": budget.attention_modules,
+            "target_sparsity": settings.sparsity,
+            "achieved_sparsity": budget.sparsity,
+        }
+        started = time.perf_counter()
+        if budget.ffn_kept < d_ff:
+            scores = ffn_neuron_scores(model, request.blocks, request.batch_size, _stage_progress(request, "width"))
+            keep_ffn_neurons(model, top_neurons(scores, budget.ffn_kept), inplace=True)
+            details["neuron_scores"] = {str(i): _summary(s) for i, s in enumerate(scores)}
+        details["width_seconds"] = time.perf_counter() - started
+        started = time.perf_counter()
+        search = AttentionSearch()
+        if budget.attention_modules:
+            blocks = request.blocks[: settings.attention_blocks]
+            search = greedy_attention_removal(model, blocks, budget.attention_modules, range(1, num_layers),
+                                              request.batch_size, _stage_progress(request, "attention"))
+            model = remove_attention(model, search.removed)
+        details["attention_seconds"] = time.perf_counter() - started
+        details["attention_removed"] = sorted(search.removed)
+        details["attention_order"] = search.removed
+        details["attention_perplexities"] = search.perplexities
+        summary = (
+            f"FFN width {d_ff} -> {budget.ffn_kept} in every block; attention removed from blocks "
+            f"{sorted(search.removed)}; {budget.sparsity:.1%} of the blocks' parameters removed "
+            f"(target {settings.sparsity:.1%})"
+        )
+        return Selection([], details=details, summary=summary, model=model)
+
+
+def _stage_progress(request: SelectionRequest, stage: str) -> Progress | None:
+    if request.progress is None:
+        return None
+    return lambda done, total: request.progress(done, total, stage=stage)

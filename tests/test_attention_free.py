@@ -1,0 +1,142 @@
+"""Blocks without attention (2SSP's depth stage): the model class, its checkpoint, and the prune stage end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import CALIB_FILE, TINY_ARCHITECTURES, build_tiny_model
+from test_cli import _assert_user_error, run_cli
+
+from slimllm.architectures import decoder_layers
+from slimllm.attention_free import attention_free_layers, remove_attention
+from slimllm.errors import UserInputError
+from slimllm.pruning.layer_io import attention_skipped
+from slimllm.pruning.surgery import remove_layers
+
+
+def _ids(n: int = 2, length: int = 12) -> torch.Tensor:
+    return torch.randint(3, 49152, (n, length), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_a_block_without_attention_equals_zeroing_its_attention(arch):
+    model = build_tiny_model(arch, num_layers=4)
+    ids = _ids()
+    with torch.no_grad(), attention_skipped(model, [1, 3]):
+        expected = model(input_ids=ids).logits
+    slim = remove_attention(model, [3, 1]).eval()
+    assert attention_free_layers(slim.config) == [1, 3]
+    assert not hasattr(decoder_layers(slim)[1], "self_attn") and hasattr(decoder_layers(slim)[2], "self_attn")
+    with torch.no_grad():
+        assert torch.allclose(slim(input_ids=ids).logits, expected, atol=1e-5)
+    # Generation with the KV cache (which only the attention blocks use) equals recomputing every step.
+    prompt = ids[:1, :5]
+    generated = slim.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
+    tokens = prompt
+    for _ in range(6):
+        with torch.no_grad():
+            tokens = torch.cat([tokens, slim(input_ids=tokens, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    assert generated.tolist() == tokens.tolist()
+
+
+def test_checkpoint_loads_in_plain_transformers_with_remote_code_and_in_slimllm_without(tmp_path, smollm2_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from slimllm.models import load_model
+
+    slim = remove_attention(build_tiny_model("llama", num_layers=4), [2]).eval()
+    slim.save_pretrained(tmp_path)
+    smollm2_tokenizer.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "slimllm_llama" and config["attention_free_layers"] == [2]
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_slimllm.SlimLlamaForCausalLM"
+    assert (tmp_path / "modeling_slimllm.py").is_file()
+    ids = _ids()
+    with torch.no_grad():
+        expected = slim(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+        assert type(plain).__module__.startswith("transformers_modules")  # the file shipped in the checkpoint
+        assert torch.allclose(plain(input_ids=ids).logits, expected, atol=1e-6)
+        loaded = load_model(str(tmp_path), device="cpu")
+        assert torch.allclose(loaded.model(input_ids=ids).logits, expected, atol=1e-6)
+
+
+def test_first_block_keeps_its_attention():
+    model = build_tiny_model("llama", num_layers=4)
+    with pytest.raises(UserInputError, match="first block"):
+        remove_attention(model, [0])
+    slim = remove_attention(model, [1])
+    with pytest.raises(UserInputError, match="first block without attention"):
+        remove_layers(slim, [0])
+    cut, _ = remove_layers(slim, [2])  # indices of blocks without attention follow the cut
+    assert attention_free_layers(cut.config) == [1]
+
+
+def test_exporters_refuse_blocks_without_attention_in_one_line(tmp_path, smollm2_tokenizer):
+    slim = remove_attention(build_tiny_model("llama", num_layers=4), [2])
+    slim.save_pretrained(tmp_path / "slim")
+    smollm2_tokenizer.save_pretrained(tmp_path / "slim")
+    for command in ("export-gguf", "export-onnx"):
+        target = command.split("-")[1]
+        _assert_user_error(run_cli("export", str(tmp_path / "slim"), "--target", target, "--out",
+                                   str(tmp_path / target)), "have no attention")
+        assert not (tmp_path / target).exists()
+
+
+def test_2ssp_prune_stage_records_both_stages(tiny_model_dir, tmp_path):
+    from slimllm.pruning.stage import PruneSettings, run_prune
+    from slimllm.pruning.two_ssp import TwoSspSettings
+
+    source = tiny_model_dir("qwen2")
+    settings = PruneSettings(method="2ssp", calib=str(CALIB_FILE), calib_blocks=4, block_len=32)
+    result = run_prune(str(source), settings, tmp_path / "p", device="cpu",
+                       method_settings=TwoSspSettings(sparsity=0.4, width_multiple="64"))
+    record = json.loads((tmp_path / "p" / "slimllm_pruning.json").read_text())
+    details = record["details"]
+    assert details["ffn_kept"] == 64 and details["ffn_kept_unrounded"] != 64
+    assert len(details["attention_removed"]) == details["attention_modules_removed"] >= 1
+    assert 0 not in details["attention_removed"]
+    assert details["achieved_sparsity"] == pytest.approx(1 - _block_params(tmp_path / "p") / details["block_params"])
+    assert "FFN width 128 -> 64" in result.summary and record["summary"] == result.summary
+    assert result.removed_layers == []
+
+
+def _block_params(checkpoint) -> int:
+    from slimllm.models import load_model
+
+    model = load_model(str(checkpoint), device="cpu").model
+    return sum(p.numel() for layer in decoder_layers(model) for p in layer.parameters())
+
+
+def test_2ssp_width_only_is_a_standard_checkpoint_every_exporter_takes(tiny_model_dir, tmp_path):
+    """`--stage width` keeps the original architecture: GGUF in llama.cpp and ONNX in onnxruntime pass parity."""
+    from slimllm.exporters.gguf import GgufExportSettings, export_gguf
+    from slimllm.exporters.onnx import OnnxExportSettings, export_onnx
+
+    source = tiny_model_dir("llama", hidden=256)
+    result = run_cli("prune", str(source), "--method", "2ssp", "--stage", "width", "--sparsity", "0.3",
+                     "--calib", str(CALIB_FILE), "--calib-blocks", "2", "--block-len", "32", "--out",
+                     str(tmp_path / "p"))
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["intermediate_size"] == 256  # 512 -> 358 -> 256
+    gguf = export_gguf(tmp_path / "p", tmp_path / "gguf", GgufExportSettings(outtypes=["f32"], eval_seq_len=32,
+                                                                             eval_windows=1, tokenizer_lines=0))
+    assert gguf.validation["passed"]
+    onnx = export_onnx(tmp_path / "p", tmp_path / "onnx", OnnxExportSettings(eval_seq_len=32, eval_windows=1))
+    assert onnx.validation["passed"]
+
+
+def test_2ssp_bad_input_is_one_line(tiny_model_dir, tmp_path):
+    source = str(tiny_model_dir("llama"))
+    _assert_user_error(run_cli("prune", source, "--method", "2ssp", "--remove", "2", "--calib", str(CALIB_FILE),
+                               "--out", str(tmp_path / "a")), "drop --remove")
+    _assert_user_error(run_cli("prune", source, "--method", "2ssp", "--sparsity", "1.5", "--calib",
+                               str(CALIB_FILE), "--out", str(tmp_path / "b")), "--sparsity must be between 0 and 1")
+    _assert_user_error(run_cli("prune", source, "--method", "2ssp", "--repair", "lsq", "--calib", str(CALIB_FILE),
+                               "--out", str(tmp_path / "c")), "removes none")
+    _assert_user_error(run_cli("prune", source, "--method", "2ssp", "--stage", "attention", "--sparsity", "0.9",
+                               "--calib", str(CALIB_FILE), "--out", str(tmp_path / "d")), "first block keeps")
+    assert not any((tmp_path / name).exists() for name in "abcd")
