@@ -66,6 +66,6 @@ def inspect_checkpoint(checkpoint_dir: Path, hash_files: bool = True) -> Checkpo
     if record is not None:
         summary = {
             key: record.get(key)
-            for key in ("method", "source_model", "original_num_layers", "removed_layers", "kept_layers")
+            for key in ("method", "source_model", "original_num_layers", "removed_layers", "kept_layers", "summary")
         }
     return CheckpointInfo(path.resolve(), config, architecture, sha256_tree(path) if hash_files else "", summary)

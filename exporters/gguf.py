@@ -156,18 +156,32 @@ def gguf_file_name(checkpoint: CheckpointInfo, outtype: GgufType) -> str:
     return f"{base}-{outtype.label}.gguf"
 
 
+def gguf_architecture(config) -> str:
+    """`general.architecture` of the export: the registry's, or `deci` for a model with blocks without attention."""
+    from slimllm.architectures import architecture_for
+    from slimllm.attention_free import attention_free_layers
+    from slimllm.exporters.gguf_writer import DECI_ARCH
+
+    return DECI_ARCH if attention_free_layers(config) else architecture_for(config).gguf_arch
+
+
 def check_gguf_supports(config, settings: GgufExportSettings) -> int | None:
     """Refuse a model llama.cpp would run differently: a sliding attention window its graph does not apply.
 
     Returns the window that is exported as full attention (`--allow-full-attention`), else None.
     """
     from slimllm.architectures import architecture_for, sliding_window
-    from slimllm.attention_free import refuse_attention_free
+    from slimllm.attention_free import attention_free_layers
 
-    refuse_attention_free(config, "GGUF export")
     window = sliding_window(config)
     architecture = architecture_for(config)
-    if window is None or architecture.gguf_sliding_window:
+    attention_free = attention_free_layers(config)
+    if attention_free and architecture.has_qk_norm:
+        raise UserInputError(
+            f"blocks {attention_free} of this {architecture.name} model have no attention, which only llama.cpp's "
+            "deci graph runs, and deci has no q/k norm; prune with 2SSP's --stage width for a GGUF"
+        )
+    if window is None or (architecture.gguf_sliding_window and not attention_free):
         return None
     if not settings.allow_full_attention:
         raise UserInputError(
@@ -229,7 +243,7 @@ def export_gguf(
                 "settings": plain(settings),
                 "source_checkpoint": str(checkpoint.path),
                 "source_sha256": checkpoint.sha256,
-                "architecture": checkpoint.architecture.gguf_arch,
+                "architecture": gguf_architecture(checkpoint.config),
                 "pruning": checkpoint.pruning_summary,
                 "files": files,
                 "validation_passed": validation["passed"],

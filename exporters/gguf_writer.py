@@ -49,6 +49,9 @@ class GgufType(str, Enum):
         return self.value.upper()
 
 
+DECI_ARCH = "deci"
+"""llama.cpp's architecture for decoders whose blocks differ (per-layer head counts; 0 heads: no attention)."""
+
 _DIRECT_TYPES = (GgufType.F32, GgufType.F16, GgufType.BF16, GgufType.Q8_0, GgufType.Q4_0)
 
 
@@ -164,18 +167,27 @@ def _tensor_type(gguf, name: str, array: np.ndarray, outtype: GgufType, tied: bo
 
 
 def _add_hyperparameters(writer, checkpoint: CheckpointInfo, outtype: GgufType, head_dim: int, n_kv_heads: int,
-                         rope) -> None:
-    """The model's shape, rope, norm and file-type keys, and slimllm's pruning record."""
+                         rope, attention_free: list[int]) -> None:
+    """The model's shape, rope, norm and file-type keys, and slimllm's pruning record. With `attention_free`
+    blocks (the `deci` architecture) the head counts and FFN widths are per-layer arrays, 0 heads marking a block
+    without attention."""
     import gguf
 
     config = checkpoint.config
+    n_layers = int(config.num_hidden_layers)
     writer.add_name(checkpoint.path.name)
     writer.add_context_length(int(config.max_position_embeddings))
     writer.add_embedding_length(int(config.hidden_size))
-    writer.add_block_count(int(config.num_hidden_layers))
-    writer.add_feed_forward_length(int(config.intermediate_size))
-    writer.add_head_count(int(config.num_attention_heads))
-    writer.add_head_count_kv(n_kv_heads)
+    writer.add_block_count(n_layers)
+    if attention_free:
+        free = set(attention_free)
+        writer.add_feed_forward_length([int(config.intermediate_size)] * n_layers)
+        writer.add_head_count([0 if i in free else int(config.num_attention_heads) for i in range(n_layers)])
+        writer.add_head_count_kv([0 if i in free else n_kv_heads for i in range(n_layers)])
+    else:
+        writer.add_feed_forward_length(int(config.intermediate_size))
+        writer.add_head_count(int(config.num_attention_heads))
+        writer.add_head_count_kv(n_kv_heads)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
@@ -203,25 +215,30 @@ def write_gguf(
     """
     import gguf
 
+    from slimllm.attention_free import attention_free_layers
+
     if not outtype.written_by_gguf_py:
         raise ValueError(f"{outtype.value} is made by llama.cpp's quantizer, not written directly")
     config = checkpoint.config
     arch = checkpoint.architecture
-    model_arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch.gguf_arch), None)
+    attention_free = attention_free_layers(config)
+    # Blocks without attention exist only in llama.cpp's `deci` graph (llama's rope layout, per-layer head counts).
+    gguf_arch = DECI_ARCH if attention_free else arch.gguf_arch
+    model_arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == gguf_arch), None)
     if model_arch is None:
-        raise ExportError(f"gguf-py does not know the {arch.gguf_arch!r} architecture; upgrade the gguf package")
+        raise ExportError(f"gguf-py does not know the {gguf_arch!r} architecture; upgrade the gguf package")
     n_layers = int(config.num_hidden_layers)
     n_heads = int(config.num_attention_heads)
     n_kv_heads = int(getattr(config, "num_key_value_heads", None) or n_heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_heads)
     n_vocab = int(config.vocab_size)
-    permute = arch.gguf_permute_qk if permute_qk is None else permute_qk
+    permute = (arch.gguf_permute_qk or bool(attention_free)) if permute_qk is None else permute_qk
     rope = rope_settings(config)
     tied = checkpoint.tied_embeddings
 
     logging.getLogger("gguf").setLevel(logging.WARNING)  # gguf-py logs every file it writes at INFO
-    writer = gguf.GGUFWriter(str(path), arch.gguf_arch, use_temp_file=True)
-    _add_hyperparameters(writer, checkpoint, outtype, head_dim, n_kv_heads, rope)
+    writer = gguf.GGUFWriter(str(path), gguf_arch, use_temp_file=True)
+    _add_hyperparameters(writer, checkpoint, outtype, head_dim, n_kv_heads, rope, attention_free)
     vocab = read_vocab(checkpoint.path, n_vocab)
     vocab.add_to(writer)
 
@@ -237,7 +254,7 @@ def write_gguf(
             continue  # llama.cpp reuses token_embd.weight when output.weight is absent
         name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise ExportError(f"no GGUF name for tensor {hf_name!r} of the {arch.gguf_arch} architecture")
+            raise ExportError(f"no GGUF name for tensor {hf_name!r} of the {gguf_arch} architecture")
         if permute and (".attn_q." in name or ".attn_k." in name):
             array = permute_for_llama_rope(array, n_heads if ".attn_q." in name else n_kv_heads)
         ggml_type = _tensor_type(gguf, name, array, outtype, tied)
@@ -257,7 +274,8 @@ def write_gguf(
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return {"tensors": len(written), "types": sorted(set(written.values())), "rope_permuted": permute}
+    return {"tensors": len(written), "types": sorted(set(written.values())), "rope_permuted": permute,
+            "architecture": gguf_arch}
 
 
 def _add_pruning_metadata(writer, checkpoint: CheckpointInfo) -> None:
@@ -268,10 +286,10 @@ def _add_pruning_metadata(writer, checkpoint: CheckpointInfo) -> None:
         return
     removed = [int(i) for i in pruning.get("removed_layers") or []]
     original = int(pruning.get("original_num_layers") or checkpoint.num_layers + len(removed))
-    writer.add_description(
-        f"Pruned by slimllm ({pruning.get('method')}): {len(removed)} of {original} transformer layers removed "
-        f"(original indices {removed})."
+    what = pruning.get("summary") or (
+        f"{len(removed)} of {original} transformer layers removed (original indices {removed})"
     )
+    writer.add_description(f"Pruned by slimllm ({pruning.get('method')}): {what}.")
     writer.add_string("general.slimllm.method", str(pruning.get("method")))
     writer.add_uint32("general.slimllm.original_block_count", original)
     writer.add_array("general.slimllm.removed_layers", removed)

@@ -64,6 +64,8 @@ class Architecture:
     """Builds `layer_types` from the range fields when a config lacks the explicit list."""
     range_fields_from_layer_types: Callable | None = field(default=None, compare=False)
     """Recomputes the range fields from a (cut) `layer_types` list, where they can express it."""
+    has_qk_norm: bool = False
+    """Attention normalizes queries and keys per head (llama.cpp's deci graph, for blocks without attention, cannot)."""
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (
@@ -101,6 +103,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         layer_range_config_fields=("max_window_layers",),
         derive_layer_types=_qwen_layer_types,
         range_fields_from_layer_types=_qwen_range_fields,
+        has_qk_norm=True,
     ),
 )
 

@@ -74,15 +74,41 @@ def test_first_block_keeps_its_attention():
     assert attention_free_layers(cut.config) == [1]
 
 
-def test_exporters_refuse_blocks_without_attention_in_one_line(tmp_path, smollm2_tokenizer):
-    slim = remove_attention(build_tiny_model("llama", num_layers=4), [2])
-    slim.save_pretrained(tmp_path / "slim")
-    smollm2_tokenizer.save_pretrained(tmp_path / "slim")
-    for command in ("export-gguf", "export-onnx"):
-        target = command.split("-")[1]
-        _assert_user_error(run_cli("export", str(tmp_path / "slim"), "--target", target, "--out",
-                                   str(tmp_path / target)), "have no attention")
-        assert not (tmp_path / target).exists()
+def _save_slim(arch: str, path, tokenizer, hidden: int = 64):
+    slim = remove_attention(build_tiny_model(arch, num_layers=4, hidden=hidden), [1, 3])
+    slim.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_gguf_writes_blocks_without_attention_as_deci_and_llama_cpp_agrees(arch, tmp_path, smollm2_tokenizer):
+    from gguf import GGUFReader
+
+    from slimllm.exporters.gguf import GgufExportSettings, export_gguf
+
+    source = _save_slim(arch, tmp_path / "slim", smollm2_tokenizer, hidden=256 if arch == "llama" else 64)
+    types = ["f32", "q4_k_m"] if arch == "llama" else ["f32"]
+    result = export_gguf(source, tmp_path / "gguf", GgufExportSettings(outtypes=types, eval_seq_len=64,
+                                                                       eval_windows=1, tokenizer_lines=0))
+    assert result.validation["passed"], result.validation
+    checks = {c["name"]: c for c in result.validation["files"]["slim-F32.gguf"]["checks"]}
+    assert checks["logits on 4 prompts"]["passed"]
+    reader = GGUFReader(str(tmp_path / "gguf" / "slim-F32.gguf"))
+    field = reader.fields["deci.attention.head_count"]
+    assert [int(field.parts[i][0]) for i in field.data] == [4, 0, 4, 0]
+    assert not any(t.name.startswith("blk.1.attn") for t in reader.tensors)
+    assert any(t.name == "blk.1.ffn_down.weight" for t in reader.tensors)
+
+
+def test_exporters_refuse_what_they_cannot_write_in_one_line(tmp_path, smollm2_tokenizer):
+    _save_slim("qwen3", tmp_path / "qwen3", smollm2_tokenizer)
+    _assert_user_error(run_cli("export", str(tmp_path / "qwen3"), "--target", "gguf", "--out", str(tmp_path / "g")),
+                       "no q/k norm")
+    _save_slim("llama", tmp_path / "llama", smollm2_tokenizer)
+    _assert_user_error(run_cli("export", str(tmp_path / "llama"), "--target", "onnx", "--out", str(tmp_path / "o")),
+                       "have no attention")
+    assert not (tmp_path / "g").exists() and not (tmp_path / "o").exists()
 
 
 def test_2ssp_prune_stage_records_both_stages(tiny_model_dir, tmp_path):
