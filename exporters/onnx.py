@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from slimllm.artifacts import atomic_directory, atomic_write_json, library_versions, plain
-from slimllm.attention_free import refuse_attention_free
+from slimllm.attention_free import attention_free_layers
 from slimllm.errors import ExportError, MissingDependencyError, UserInputError, parse_choice
 from slimllm.exporters.checkpoint import CheckpointInfo, inspect_checkpoint
 from slimllm.exporters.ort_session import OrtCausalLM, Provider, resolve_provider
@@ -232,14 +232,24 @@ def export_onnx(
     """Export, quantize if asked, validate against PyTorch, then move the directory into place."""
     settings = settings or OnnxExportSettings()
     checkpoint = inspect_checkpoint(checkpoint_dir)
-    refuse_attention_free(checkpoint.config, "ONNX export")
+    attention_free = attention_free_layers(checkpoint.config)
+    if attention_free and settings.engine is OnnxEngine.GENAI:
+        raise UserInputError(
+            f"blocks {attention_free} of this model have no attention, and onnxruntime-genai's builder assumes "
+            "identical blocks; use --engine optimum (slimllm then exports the module itself)"
+        )
     provider = check_onnx_dependencies(settings)
     notes: list[str] = []
     seconds: dict[str, float] = {}
     with atomic_directory(Path(out_dir), force=force, keep_failed=True, protected=[checkpoint.path]) as tmp:
         started = time.perf_counter()
         if settings.engine is OnnxEngine.OPTIMUM:
-            _export_with_optimum(checkpoint, tmp, settings, provider)
+            if attention_free:
+                _export_attention_free(checkpoint, tmp, settings)
+                notes.append(f"exported from the module (blocks {attention_free} have no attention; optimum "
+                             "assumes identical blocks): past key/values only for the blocks with attention")
+            else:
+                _export_with_optimum(checkpoint, tmp, settings, provider)
             seconds["export"] = time.perf_counter() - started
             if settings.quant is not OnnxQuant.NONE:
                 started = time.perf_counter()
@@ -333,6 +343,28 @@ def _export_with_optimum(checkpoint: CheckpointInfo, out: Path, settings: OnnxEx
         raise ExportError(f"optimum could not export {checkpoint.path}: {exc}") from exc
     if not (out / MODEL_FILE).is_file():
         raise ExportError(f"optimum wrote no {MODEL_FILE} for {checkpoint.path}")
+
+
+def _export_attention_free(checkpoint: CheckpointInfo, out: Path, settings: OnnxExportSettings) -> None:
+    """Blocks without attention: trace the decoder ourselves, then copy what optimum would (config, tokenizer)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from slimllm.exporters.onnx_direct import export_decoder_directly
+
+    fp16 = settings.dtype is OnnxDType.FP16
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint.path), dtype=torch.float16 if fp16 else torch.float32)
+    model = model.to("cuda" if fp16 else "cpu").eval()
+    try:
+        with _quiet_export():
+            export_decoder_directly(model, out / MODEL_FILE, settings.opset)
+    except (RuntimeError, ValueError) as exc:
+        raise ExportError(f"could not export {checkpoint.path} to ONNX: {exc}") from exc
+    for file in checkpoint.path.iterdir():
+        if file.is_file() and file.suffix not in (".safetensors", ".bin") and not file.name.startswith("slimllm_"):
+            shutil.copy2(file, out / file.name)
 
 
 def _build_with_genai(checkpoint: CheckpointInfo, out: Path, settings: OnnxExportSettings, provider: Provider):
@@ -565,8 +597,10 @@ def validate_onnx(onnx_dir: Path, checkpoint_dir: Path, settings: OnnxExportSett
         greedy.passed = True
         greedy.metric = f"informational: {greedy.metric}"
     report.add(greedy)
-    if settings.engine is OnnxEngine.OPTIMUM:
+    if settings.engine is OnnxEngine.OPTIMUM and not attention_free_layers(reference.model.config):
         report.add(_optimum_runtime_check(onnx_dir, prompt_ids, actual[:8], runner.provider_used, pad_id))
+    elif settings.engine is OnnxEngine.OPTIMUM:
+        report.warnings.append("optimum's ORTModelForCausalLM assumes identical blocks; checked in onnxruntime only")
     return report
 
 

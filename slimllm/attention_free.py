@@ -92,12 +92,3 @@ def _has(model: nn.Module, dotted: str) -> bool:
     except AttributeError:
         return False
 
-
-def refuse_attention_free(config, what: str) -> None:
-    """A user error when `what` (an exporter) meets a model with blocks that have no attention."""
-    layers = attention_free_layers(config)
-    if layers:
-        raise UserInputError(
-            f"{what} cannot take this model: blocks {layers} have no attention, and that export is not built yet; "
-            "prune with 2SSP's `--stage width` for a model every exporter takes"
-        )

@@ -5,8 +5,9 @@
 
 Counts multiply-adds as 2 FLOPs. Per layer: the Q/K/V/O and MLP projections (2 x parameters) plus attention scores
 and the weighted sum (4 x heads x head_dim x context). Outside the layers: the LM head (2 x vocab x hidden) for every
-position whose logits are computed; the embedding lookup and the norms are negligible. Pruning removes layers only,
-so the LM head caps the ideal speedup below L / (L - k).
+position whose logits are computed; the embedding lookup and the norms are negligible. A block without attention
+(2SSP) costs only its MLP, and `intermediate` is the (pruned) FFN width every block shares. The LM head caps the
+ideal speedup of any pruning below the ratio of the blocks' FLOPs.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ class ModelShape:
     vocab: int
     mlp_matrices: int = 3
     """Gated MLPs (SwiGLU: gate, up, down) have three matrices."""
+    attention_free: int = 0
+    """Blocks that have no attention (only their MLP)."""
 
     @classmethod
     def from_config(cls, config: Any) -> ModelShape:
@@ -39,17 +42,34 @@ class ModelShape:
             kv_heads=int(get("num_key_value_heads") or heads),
             head_dim=int(get("head_dim") or int(get("hidden_size")) // heads),
             vocab=int(get("vocab_size")),
+            attention_free=len(get("attention_free_layers") or []),
         )
 
     @property
+    def attention_params(self) -> int:
+        return self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)  # q, o and k, v
+
+    @property
+    def mlp_params(self) -> int:
+        return self.mlp_matrices * self.hidden * self.intermediate
+
+    @property
     def layer_params(self) -> int:
-        """Weights of one decoder layer's projections (norms and biases are negligible)."""
-        attention = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)  # q, o and k, v
-        return attention + self.mlp_matrices * self.hidden * self.intermediate
+        """Weights of one decoder layer's projections with attention (norms and biases are negligible)."""
+        return self.attention_params + self.mlp_params
+
+    @property
+    def attention_layers(self) -> int:
+        return self.layers - self.attention_free
 
     def layer_flops(self, context: float) -> float:
-        """One token through one layer, attending to `context` positions (itself included)."""
+        """One token through one layer with attention, attending to `context` positions (itself included)."""
         return 2 * self.layer_params + 4 * self.heads * self.head_dim * context
+
+    def blocks_flops(self, context: float) -> float:
+        """One token through every block: attention where a block has it, the MLP everywhere."""
+        attention = 2 * self.attention_params + 4 * self.heads * self.head_dim * context
+        return self.attention_layers * attention + self.layers * 2 * self.mlp_params
 
     @property
     def lm_head_flops(self) -> float:
@@ -57,12 +77,13 @@ class ModelShape:
 
     def decode_flops(self, context: float) -> float:
         """One generated token at a given context length."""
-        return self.layers * self.layer_flops(context) + self.lm_head_flops
+        return self.blocks_flops(context) + self.lm_head_flops
 
     def prefill_flops(self, prompt: int, logits_for_every_position: bool = False) -> float:
         """A prompt of `prompt` tokens in one pass (position t attends to t + 1 positions)."""
         attention_context = prompt * (prompt + 1) / 2  # sum over positions of the positions each one attends to
-        layers = self.layers * (2 * self.layer_params * prompt + 4 * self.heads * self.head_dim * attention_context)
+        attention = 2 * self.attention_params * prompt + 4 * self.heads * self.head_dim * attention_context
+        layers = self.attention_layers * attention + self.layers * 2 * self.mlp_params * prompt
         heads = prompt if logits_for_every_position else 1
         return layers + heads * self.lm_head_flops
 
@@ -71,7 +92,8 @@ class ModelShape:
         return sum(self.decode_flops(start_context + i + 1) for i in range(tokens))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"layer_params": self.layer_params}
+        return asdict(self) | {"layer_params": self.layer_params, "attention_params": self.attention_params,
+                               "mlp_params": self.mlp_params}
 
 
 def ideal_speedup(

@@ -312,6 +312,8 @@ def run_profile(
     started = time.perf_counter()
     models = {"dense": dense, "pruned": pruned}
     notes = prepare_artifacts(profile, models, out_dir / "artifacts", eval_data, progress, rebuild=force)
+    import slimllm.attention_free  # noqa: F401  (registers the classes of models whose blocks may lack attention)
+
     shapes = {name: ModelShape.from_config(AutoConfig.from_pretrained(str(m.checkpoint))) for name, m in models.items()}
     if shapes["dense"].vocab != shapes["pruned"].vocab or shapes["dense"].hidden != shapes["pruned"].hidden:
         raise UserInputError("--dense and --pruned are not the same model family (hidden size or vocabulary differ)")

@@ -101,13 +101,31 @@ def test_gguf_writes_blocks_without_attention_as_deci_and_llama_cpp_agrees(arch,
     assert any(t.name == "blk.1.ffn_down.weight" for t in reader.tensors)
 
 
+@pytest.mark.parametrize("arch, window", [("llama", None), ("qwen3", None), ("mistral", 8)])
+def test_onnx_exports_blocks_without_attention_from_the_module(arch, window, tmp_path, smollm2_tokenizer):
+    """Past key/values only for the blocks with attention; prefill, padded batch, cached decode and greedy match."""
+    import onnx
+
+    from slimllm.exporters.onnx import OnnxExportSettings, export_onnx
+
+    slim = remove_attention(build_tiny_model(arch, num_layers=4, sliding_window=window), [1, 3])
+    slim.save_pretrained(tmp_path / "slim")
+    smollm2_tokenizer.save_pretrained(tmp_path / "slim")
+    result = export_onnx(tmp_path / "slim", tmp_path / "onnx", OnnxExportSettings(eval_seq_len=32, eval_windows=1))
+    assert result.validation["passed"], result.validation
+    names = {check["name"] for check in result.validation["checks"]}
+    assert {"prefill padded batch of 4", "decode 4 steps with KV cache (padded batch)"} <= names
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph
+    assert sorted(i.name for i in graph.input if i.name.startswith("past_key_values.")) == [
+        "past_key_values.0.key", "past_key_values.0.value", "past_key_values.1.key", "past_key_values.1.value"]
+
+
 def test_exporters_refuse_what_they_cannot_write_in_one_line(tmp_path, smollm2_tokenizer):
     _save_slim("qwen3", tmp_path / "qwen3", smollm2_tokenizer)
     _assert_user_error(run_cli("export", str(tmp_path / "qwen3"), "--target", "gguf", "--out", str(tmp_path / "g")),
                        "no q/k norm")
-    _save_slim("llama", tmp_path / "llama", smollm2_tokenizer)
-    _assert_user_error(run_cli("export", str(tmp_path / "llama"), "--target", "onnx", "--out", str(tmp_path / "o")),
-                       "have no attention")
+    _assert_user_error(run_cli("export", str(tmp_path / "qwen3"), "--target", "onnx", "--engine", "genai", "--out",
+                               str(tmp_path / "o")), "assumes identical blocks")
     assert not (tmp_path / "g").exists() and not (tmp_path / "o").exists()
 
 

@@ -36,6 +36,26 @@ def test_prefill_flops_by_hand():
     assert ideal_speedup(DENSE, PRUNED, "prefill", 3, True) == pytest.approx(15072 / 11424)
 
 
+def test_blocks_without_attention_and_narrower_ffns_by_hand():
+    """2SSP: every block's MLP at the pruned width, attention only in the blocks that keep it."""
+    two_ssp = ModelShape(layers=4, hidden=8, intermediate=8, heads=2, kv_heads=1, head_dim=4, vocab=10,
+                         attention_free=1)
+    # Attention 3 * (2*192 + 32*c), MLPs 4 * 2*192, LM head 160.
+    assert two_ssp.decode_flops(1) == 3 * (384 + 32) + 4 * 384 + 160 == 2944
+    assert two_ssp.prefill_flops(3) == 3 * (3 * 384 + 32 * 6) + 4 * 3 * 384 + 160
+    assert ideal_speedup(DENSE, two_ssp, "decode", 1) == pytest.approx(4896 / 2944)
+
+
+def test_shape_reads_blocks_without_attention_from_the_config(tmp_path):
+    from conftest import build_tiny_model
+
+    from slimllm.attention_free import remove_attention
+
+    slim = remove_attention(build_tiny_model("llama", num_layers=4), [2, 3])
+    assert ModelShape.from_config(slim.config).attention_free == 2
+    assert ModelShape.from_config(slim.config.to_dict()).attention_free == 2
+
+
 def test_lm_head_keeps_the_ideal_below_the_layer_ratio():
     assert ideal_speedup(DENSE, PRUNED, "decode", 128) < 4 / 3
 
