@@ -135,10 +135,13 @@ def _prune_settings(sections, method, remove, ratio, calib):
     if remove is not None or ratio is not None:  # an explicit k replaces the recipe's, whichever form it took
         prune.pop("remove", None)
         prune.pop("ratio", None)
-    if prune.get("remove") is None and prune.get("ratio") is None and remove is None and ratio is None:
+    spec = get_method(method.value)
+    if not spec.removes_layers:  # the method sets its own target in its section ([2ssp] sparsity)
+        prune.pop("remove", None)
+        prune.pop("ratio", None)
+    elif prune.get("remove") is None and prune.get("ratio") is None and remove is None and ratio is None:
         raise UserInputError("pass --remove K or --ratio R (how many layers to remove), or --method none")
     prune_settings = build_settings(PruneSettings, prune, flags, "[prune]")
-    spec = get_method(method.value)
     if spec.settings_class is None:
         return prune_settings, None, None
     own = build_settings(spec.settings_class, sections.get(spec.name), {}, f"[{spec.name}]")

@@ -212,9 +212,11 @@ def _pruning_blocks(prune: dict[str, Any], images: dict[str, bytes]) -> list[dic
         return blocks + [{"kind": "p", "text": "No layers removed (`--method none`): the dense model was exported."}]
     removed = prune.get("removed_layers", [])
     before, after = prune.get("params_before", 0), prune.get("params_after", 0)
+    what = prune.get("summary") or (
+        f"removed {len(removed)} of {prune.get('original_num_layers')} layers (original indices {removed})"
+    )
     blocks.append({"kind": "p", "text": (
-        f"Method `{prune['method']}` removed {len(removed)} of {prune.get('original_num_layers')} layers "
-        f"(original indices {removed}); parameters {before / 1e6:.1f}M -> {after / 1e6:.1f}M "
+        f"Method `{prune['method']}`: {what}; parameters {before / 1e6:.1f}M -> {after / 1e6:.1f}M "
         f"({100 * (1 - after / before):.1f} % fewer). Pruning took {prune.get('seconds', 0):.0f} s"
         + (" (resumed from a checkpoint)." if prune.get("resumed") else ".")
     )})

@@ -327,3 +327,22 @@ def test_recipe_target_and_export_settings_are_used_and_reports_show_only_this_r
     assert "ONNX `" not in report and "GGUF files in llama.cpp" in report
     assert "running" not in report.split("## Stages", 1)[1]
     assert "export_onnx" not in report.split("## Stages", 1)[1]
+
+
+def test_compile_2ssp_exports_blocks_without_attention_to_both_targets(tiny_model_dir, tmp_path, text_file):
+    """2SSP through the whole pipeline: a checkpoint with narrower FFNs and blocks without attention, a deci GGUF
+    and an ONNX export that pass parity, evaluation, and a report that says what was removed."""
+    out, recipe = tmp_path / "run", tmp_path / "2ssp.toml"
+    recipe.write_text(TINY_RECIPE + '\n[2ssp]\nsparsity = 0.4\nwidth_multiple = "64"\n')
+    result = run_cli("compile", str(tiny_model_dir("llama", num_layers=6)), "--method", "2ssp", "--calib",
+                     str(text_file), "--recipe", str(recipe), "--eval-data", str(EVAL_FILE), "--profile", "none",
+                     "--out", str(out))
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert {"prune", "export_onnx", "export_gguf", "evaluate"} <= set(manifest["run_stages"])
+    config = json.loads((out / "pruned" / "config.json").read_text())
+    assert config["model_type"] == "slimllm_llama" and config["attention_free_layers"]
+    assert config["intermediate_size"] == 64
+    gguf_validation = json.loads(next((out / "gguf").glob("validation.json")).read_text())
+    assert gguf_validation["passed"]
+    assert "FFN width 128 -> 64" in (out / "report.md").read_text()

@@ -54,6 +54,7 @@ def _run(ctx: CompileContext) -> tuple[dict[str, Any], dict[str, Any]]:
         "params_after": result.params_after,
         "seconds": result.seconds,
         "resumed": resume,
+        "summary": result.summary,
         "details": {key: result.details[key] for key in REPORTED_DETAILS if key in result.details},
     }
     return {"path": str(target)}, summary
