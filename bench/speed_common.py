@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from slimllm.artifacts import atomic_write_json  # noqa: E402
+from slimllm.artifacts import atomic_write_json, atomic_write_text  # noqa: E402
 from slimllm.models import checkpoint_directory  # noqa: E402
 from slimllm.profiler import ModelArtifacts, run_profile  # noqa: E402
 from slimllm.profiles import TargetProfile  # noqa: E402
@@ -36,6 +36,7 @@ def arguments(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=0, help="0: every core.")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work-dir", type=Path, default=WORK_DIR)
+    parser.add_argument("--tag", default="", help="Suffix of the result file names (2ssp for a --pruned 2SSP run).")
     return parser
 
 
@@ -68,6 +69,7 @@ def exported_gguf(checkpoint: Path, target: Path, gguf_types: list[str], eval_da
 
 
 def run(name: str, profile: TargetProfile, args) -> None:
+    name = f"{name}-{args.tag}" if args.tag else name
     dense = checkpoint_directory(args.model)
     pruned = pruned_checkpoint(args)
     out = args.work_dir / name
@@ -79,7 +81,8 @@ def run(name: str, profile: TargetProfile, args) -> None:
     payload["command"] = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
     atomic_write_json(RESULTS_DIR / f"{name}.json", payload)
     markdown = (out / "latency.md").read_text()
-    (RESULTS_DIR / f"{name}.md").write_text(markdown.replace("\n\n", f"\n\nCommand: `{payload['command']}`\n\n", 1))
+    command_line = f"\n\nCommand: `{payload['command']}`\n\n"
+    atomic_write_text(RESULTS_DIR / f"{name}.md", markdown.replace("\n\n", command_line, 1))
     shutil.copy2(out / "latency.png", RESULTS_DIR / f"{name}.png")
     print(markdown)
     print(f"wrote {RESULTS_DIR / name}.json, .md and .png")
