@@ -51,8 +51,8 @@ class CompileSettings:
     """How many tasks to score (the first N of the file)."""
     profile: str | None = "cpu-x86"
     """Target profile for the latency stage (a built-in name or a path); None skips profiling."""
-    heal: bool = False
-    """Heal the pruned model before exporting (the [heal] settings; any --heal-* flag turns it on)."""
+    heal: bool = True
+    """Heal the pruned model before exporting (the [heal] settings); --no-heal skips it."""
 
     def __post_init__(self) -> None:
         self.target = parse_choice(Target, self.target, "--target")

@@ -185,7 +185,11 @@ def test_repair_settings_errors():
         PruneSettings(remove=1, repair="magic")
     with pytest.raises(UserInputError, match="--repair-ridge"):
         PruneSettings(remove=1, repair_ridge=-1.0)
-    assert PruneSettings(remove=1).repair is RepairMethod.NONE
+    # Unset: least squares after a selection that trains nothing, none after TRSP's transfer or for 2SSP.
+    assert PruneSettings(remove=1).repair is None
+    assert PruneSettings(remove=1, method="shortgpt").resolved_repair() is RepairMethod.LSQ
+    assert PruneSettings(remove=1, method="trsp").resolved_repair() is RepairMethod.NONE
+    assert PruneSettings(method="2ssp").resolved_repair() is RepairMethod.NONE
 
 
 def test_compile_passes_repair_to_the_prune_stage(tiny_model_dir, tmp_path, text_file):

@@ -88,6 +88,15 @@ class PruningMethod(ABC):
         repair, which fits the removed layers' outputs, would undo that work)."""
         return False
 
+    def default_repair(self, settings: Any) -> Any:
+        """The training-free repair used when none is asked for: least squares after a selection that removes layers
+        without training the kept ones (it recovers much of the loss in seconds), else none."""
+        from slimllm.pruning.repair import RepairMethod
+
+        if not self.removes_layers or self.trains_weights and self.transfers_removed_work(settings):
+            return RepairMethod.NONE
+        return RepairMethod.LSQ
+
     @abstractmethod
     def select(self, request: SelectionRequest) -> Selection:
         """The layers to remove. Callers go through `select_layers_with`, which checks what every method needs."""

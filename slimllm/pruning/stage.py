@@ -99,17 +99,18 @@ def prune_in_memory(
     """
     k, candidates = resolve_k(loaded, settings)
     spec = get_method(settings.method)
-    if settings.repair is not RepairMethod.NONE and spec.transfers_removed_work(method_settings):
+    repair_method = settings.resolved_repair(method_settings)
+    if repair_method is not RepairMethod.NONE and spec.transfers_removed_work(method_settings):
         raise UserInputError(
-            f"--repair {settings.repair.value} fits the removed layers' outputs, but {spec.name} has already trained "
+            f"--repair {repair_method.value} fits the removed layers' outputs, but {spec.name} has already trained "
             "the kept layers to do without them; use --repair none, or (TRSP) --stage2 none with gates-only stage 1"
         )
-    if settings.repair is not RepairMethod.NONE and not spec.removes_layers:
+    if repair_method is not RepairMethod.NONE and not spec.removes_layers:
         raise UserInputError(
-            f"--repair {settings.repair.value} repairs removed layers, and {spec.name} removes none; use --repair none"
+            f"--repair {repair_method.value} repairs removed layers, and {spec.name} removes none; use --repair none"
         )
     started = time.perf_counter()
-    changes_weights = spec.trains_weights or spec.edits_model or settings.repair is not RepairMethod.NONE
+    changes_weights = spec.trains_weights or spec.edits_model or repair_method is not RepairMethod.NONE
     model = loaded.model if inplace or not changes_weights else copy.deepcopy(loaded.model)
     request = SelectionRequest(
         model,
@@ -126,7 +127,7 @@ def prune_in_memory(
     selection = select_layers_with(spec, request)
     model = selection.model if selection.model is not None else model
     repair = repair_before_removal(
-        model, selection.removed_layers, request.blocks, settings.batch_size, settings.repair, settings.repair_ridge,
+        model, selection.removed_layers, request.blocks, settings.batch_size, repair_method, settings.repair_ridge,
         progress,
     )
     if repair is not None:
@@ -210,7 +211,7 @@ def run_prune(
     )
     resolve_k(loaded, settings)  # validate k and protection before calibrating
     calibration = None
-    if settings.method.needs_calibration or settings.repair is not RepairMethod.NONE:
+    if settings.method.needs_calibration or settings.resolved_repair(method_settings) is not RepairMethod.NONE:
         args = (settings.calib, loaded.model, loaded.tokenizer, settings.calib_blocks, settings.block_len)
         calibration = load_calibration(*args, settings.seed)
     params_before = count_parameters(loaded.model)
