@@ -42,9 +42,7 @@ class CheckpointInfo:
 
 def inspect_checkpoint(checkpoint_dir: Path, hash_files: bool = True) -> CheckpointInfo:
     """Validate a checkpoint directory and read its config and pruning record."""
-    from transformers import AutoConfig
-
-    import slimllm.attention_free  # noqa: F401  (registers the classes of models whose blocks may lack attention)
+    from slimllm.attention_free import read_config
 
     path = Path(checkpoint_dir).expanduser()
     if not path.exists():
@@ -57,7 +55,7 @@ def inspect_checkpoint(checkpoint_dir: Path, hash_files: bool = True) -> Checkpo
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise UserInputError(f"checkpoint {path} has no weights (*.safetensors); it may be incomplete")
     try:
-        config = AutoConfig.from_pretrained(str(path))
+        config = read_config(str(path))
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
         raise UserInputError(f"could not read {path / 'config.json'} ({exc})") from exc
     architecture = architecture_for(config)

@@ -38,8 +38,7 @@ class _DecoderForExport(nn.Module):
         if self.window is not None and not any(self.sliding):  # Mistral: every layer uses the window
             self.sliding = [True] * self.num_layers
 
-    def _bias(self, attention_mask: torch.Tensor, past_length, length: int, window: int | None,
-              dtype: torch.dtype) -> torch.Tensor:
+    def _bias(self, attention_mask: torch.Tensor, length: int, window: int | None, dtype: torch.dtype) -> torch.Tensor:
         total = attention_mask.shape[1]
         key_positions = torch.arange(total, device=attention_mask.device)
         query_positions = key_positions[-length:]
@@ -76,7 +75,7 @@ class _DecoderForExport(nn.Module):
         cos, sin = decoder.rotary_emb(hidden, position_ids)
         length = input_ids.shape[1]
         biases = {
-            window: self._bias(attention_mask, past[0].shape[2], length, window, hidden.dtype)
+            window: self._bias(attention_mask, length, window, hidden.dtype)
             for window in {self.window if s else None for s in self.sliding}
         }
         presents: list[torch.Tensor] = []

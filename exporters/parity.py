@@ -263,12 +263,12 @@ class TorchReference:
         full_attention: bool = False,
     ) -> TorchReference:
         """`full_attention` turns a sliding attention window off (the model an export without one computes)."""
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        import slimllm.attention_free  # noqa: F401  (registers the classes of models whose blocks may lack attention)
         from slimllm.architectures import without_sliding_window
+        from slimllm.attention_free import read_config
 
-        config = AutoConfig.from_pretrained(str(checkpoint_dir))
+        config = read_config(str(checkpoint_dir))
         if full_attention:
             config = without_sliding_window(config)
         model = AutoModelForCausalLM.from_pretrained(str(checkpoint_dir), config=config, dtype=dtype)

@@ -36,6 +36,13 @@ def _register() -> None:
 _register()
 
 
+def read_config(location: str, **kwargs):
+    """`AutoConfig.from_pretrained` with slimllm's attention-free model types known (every config read goes here)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(location, **kwargs)
+
+
 def base_model_type(model_type: str) -> str:
     """`slimllm_llama` -> `llama`; any other model type is returned as is."""
     return model_type.removeprefix(MODEL_TYPE_PREFIX) if model_type.startswith(MODEL_TYPE_PREFIX) else model_type

@@ -230,16 +230,14 @@ def set_special_token_insertion(tokenizer, add_bos: bool, add_eos: bool = False)
 
 
 def _load_config(source: ModelSource, trust_remote_code: bool):
-    from transformers import AutoConfig
-
-    import slimllm.attention_free  # noqa: F401  (registers the classes of models whose blocks may lack attention)
+    from slimllm.attention_free import read_config
 
     try:
         if source.kind is SourceKind.GGUF_FILE:
             assert source.path is not None
-            return AutoConfig.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+            return read_config(str(source.path.parent), gguf_file=source.path.name)
         target = str(source.path) if source.path else source.spec
-        return AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
+        return read_config(target, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if source.kind is SourceKind.HUB:

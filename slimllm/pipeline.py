@@ -248,13 +248,11 @@ def _header(model: str, ctx: CompileContext, stages: list[StageSpec], command, r
 
 def _validate_before_work(dense_dir: Path, settings: dict[str, Any]) -> None:
     """Errors that would otherwise surface minutes into the run: k and protection, every backend a stage needs."""
-    from transformers import AutoConfig
-
-    import slimllm.attention_free  # noqa: F401  (registers the classes of models whose blocks may lack attention)
     from slimllm.architectures import architecture_for
+    from slimllm.attention_free import read_config
     from slimllm.pruning.candidates import candidate_layers, check_removable, layers_to_remove
 
-    config = AutoConfig.from_pretrained(str(dense_dir))
+    config = read_config(str(dense_dir))
     architecture_for(config)
     prune_settings, compile_settings = settings["prune"], settings["compile"]
     if prune_settings is not None and prune_settings.method.spec.removes_layers:

@@ -301,7 +301,6 @@ def run_profile(
 
     On Ctrl-C the report is still written, marked `partial`, and KeyboardInterrupt is raised again.
     """
-    from transformers import AutoConfig
 
     out_dir = Path(out_dir)
     if not _only_artifacts(out_dir):  # an earlier profile's directory is ours to update; anything else needs --force
@@ -312,9 +311,9 @@ def run_profile(
     started = time.perf_counter()
     models = {"dense": dense, "pruned": pruned}
     notes = prepare_artifacts(profile, models, out_dir / "artifacts", eval_data, progress, rebuild=force)
-    import slimllm.attention_free  # noqa: F401  (registers the classes of models whose blocks may lack attention)
+    from slimllm.attention_free import read_config
 
-    shapes = {name: ModelShape.from_config(AutoConfig.from_pretrained(str(m.checkpoint))) for name, m in models.items()}
+    shapes = {name: ModelShape.from_config(read_config(str(m.checkpoint))) for name, m in models.items()}
     if shapes["dense"].vocab != shapes["pruned"].vocab or shapes["dense"].hidden != shapes["pruned"].hidden:
         raise UserInputError("--dense and --pruned are not the same model family (hidden size or vocabulary differ)")
     run = _Measuring(profile, models, _prompts(profile.prompt_lengths, shapes["dense"].vocab), progress)

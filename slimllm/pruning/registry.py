@@ -93,7 +93,7 @@ class PruningMethod(ABC):
         without training the kept ones (it recovers much of the loss in seconds), else none."""
         from slimllm.pruning.repair import RepairMethod
 
-        if not self.removes_layers or self.trains_weights and self.transfers_removed_work(settings):
+        if not self.removes_layers or self.transfers_removed_work(settings):
             return RepairMethod.NONE
         return RepairMethod.LSQ
 
