@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from slimllm.data import DataPurpose, load_corpus, tokenize_corpus
 from slimllm.device import model_autocast
@@ -118,8 +117,10 @@ def torch_logits_fn(model) -> LogitsFn:
 def causal_lm_loss_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
     """Summed next-token cross-entropy (in fp32) and the number of predicted tokens."""
     targets = input_ids[:, 1:].to(logits.device)
-    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-    return float(loss), targets.numel()
+    predicted = logits[:, :-1].float()
+    # log Z - logit of the target: one read of the logits, no log-softmax copy (the greedy searches call this often)
+    nll = torch.logsumexp(predicted, dim=-1) - predicted.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return float(nll.sum(dtype=torch.float64)), targets.numel()
 
 
 def perplexity_of_windows(

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from slimllm.device import model_autocast
 from slimllm.errors import UserInputError
-from slimllm.evaluate import causal_lm_loss_sum
-from slimllm.pruning.layer_io import layers_skipped, run_from_layer, trace_decoder
+from slimllm.pruning.greedy import greedy_removal, without_layers
+from slimllm.pruning.layer_io import trace_decoder
 from slimllm.pruning.registry import (
     PruningMethod,
     Selection,
@@ -92,7 +92,6 @@ def angular_distances(
     return distances
 
 
-@torch.no_grad()
 def sleb_greedy(
     model,
     blocks: torch.Tensor,
@@ -101,36 +100,12 @@ def sleb_greedy(
     batch_size: int,
     progress: Progress | None = None,
 ) -> tuple[list[int], list[dict[str, float]]]:
-    """SLEB-style greedy: k times, remove the candidate whose removal gives the lowest calibration loss.
+    """SLEB-style greedy: k times, remove the layer whose removal gives the lowest calibration loss.
 
-    Each step records the input of every layer once, then re-runs only the suffix after each candidate.
     Returns the removal order and, per step, the mean loss of every candidate's removal.
     """
-    device = _device_of(model)
-    removed: list[int] = []
-    history: list[dict[str, float]] = []
-    for step in range(k):
-        alive = [c for c in candidates if c not in removed]
-        loss_sums = dict.fromkeys(alive, 0.0)
-        tokens = 0
-        with layers_skipped(model, removed) as kept:
-            position = {original: j for j, original in enumerate(kept)}
-            for batch in _minibatches(blocks, batch_size, device):
-                with model_autocast(model):
-                    trace = trace_decoder(model, batch, keep_kwargs=True)
-                    for candidate in alive:
-                        start = position[candidate]
-                        logits = run_from_layer(model, trace, start=start, skip={start})
-                        loss, count = causal_lm_loss_sum(logits, batch)
-                        loss_sums[candidate] += loss
-                tokens += count
-        mean_losses = {str(c): loss_sums[c] / tokens for c in alive}
-        history.append(mean_losses)
-        best = min(alive, key=lambda c: (loss_sums[c], c))
-        removed.append(best)
-        if progress:
-            progress(step + 1, k)
-    return removed, history
+    search = greedy_removal(model, blocks, k, candidates, batch_size, without_layers(model), progress)
+    return search.removed, search.mean_losses
 
 
 def select_layers(

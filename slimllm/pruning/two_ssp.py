@@ -26,10 +26,8 @@ from torch import nn
 
 from slimllm.architectures import decoder_layers
 from slimllm.artifacts import plain
-from slimllm.device import model_autocast
 from slimllm.errors import UserInputError
-from slimllm.evaluate import causal_lm_loss_sum
-from slimllm.pruning.layer_io import attention_skipped, run_from_layer, trace_decoder
+from slimllm.pruning.greedy import greedy_removal, without_attention
 from slimllm.pruning.registry import PruningMethod, Selection, SelectionRequest, register
 from slimllm.pruning.width import ffn_neuron_scores, ffn_of, ffn_width, keep_ffn_neurons, top_neurons
 
@@ -152,7 +150,6 @@ class AttentionSearch:
     """Per round, the calibration perplexity of removing each remaining attention module."""
 
 
-@torch.no_grad()
 def greedy_attention_removal(
     model: nn.Module,
     blocks: torch.Tensor,
@@ -162,28 +159,10 @@ def greedy_attention_removal(
     progress: Progress | None = None,
 ) -> AttentionSearch:
     """`count` rounds; in each, the candidate whose attention's removal (with those already chosen) gives the lowest
-    perplexity on `blocks`. Each round traces the layer inputs once and re-runs only the suffix per candidate."""
-    device = next(model.parameters()).device
-    search = AttentionSearch()
-    for round_index in range(count):
-        alive = [c for c in candidates if c not in search.removed]
-        losses = dict.fromkeys(alive, 0.0)
-        tokens = 0
-        with attention_skipped(model, search.removed):
-            for start in range(0, blocks.shape[0], batch_size):
-                batch = blocks[start : start + batch_size].to(device)
-                with model_autocast(model):
-                    trace = trace_decoder(model, batch, keep_kwargs=True)
-                    for candidate in alive:
-                        with attention_skipped(model, [candidate]):
-                            loss, scored = causal_lm_loss_sum(run_from_layer(model, trace, start=candidate), batch)
-                        losses[candidate] += loss
-                tokens += scored
-        search.perplexities.append({str(c): math.exp(losses[c] / tokens) for c in alive})
-        search.removed.append(min(alive, key=lambda c: (losses[c], c)))
-        if progress:
-            progress(round_index + 1, count)
-    return search
+    perplexity on `blocks`."""
+    search = greedy_removal(model, blocks, count, candidates, batch_size, without_attention(model), progress)
+    return AttentionSearch(search.removed, [{c: math.exp(loss) for c, loss in round_losses.items()}
+                                            for round_losses in search.mean_losses])
 
 
 @dataclass
