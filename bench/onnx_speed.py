@@ -10,9 +10,18 @@ from speed_common import arguments, run
 
 from slimllm.profiles import BackendSpec, TargetProfile
 
+BACKENDS = "torch-fp32,onnxruntime-fp32,onnxruntime-int4,genai-fp32,genai-int4"
+
 
 def main() -> None:
-    args = arguments(__doc__.splitlines()[0]).parse_args()
+    parser = arguments(__doc__.splitlines()[0])
+    parser.add_argument("--backends", default=BACKENDS,
+                        help="KIND-DTYPE list (genai cannot run blocks without attention: leave it out for 2SSP).")
+    args = parser.parse_args()
+    backends = []
+    for item in args.backends.split(","):
+        kind, _, dtype = item.strip().rpartition("-")
+        backends.append(BackendSpec(kind=kind, dtype=dtype))
     profile = TargetProfile(
         name="onnx-speed",
         description="PyTorch eager vs optimum ONNX (fp32, int4) vs onnxruntime-genai (fp32, int4) on the CPU",
@@ -22,13 +31,7 @@ def main() -> None:
         generate_tokens=128,
         repeats=args.repeats,
         warmup=1,
-        backends=[
-            BackendSpec(kind="torch", dtype="fp32"),
-            BackendSpec(kind="onnxruntime", dtype="fp32"),
-            BackendSpec(kind="onnxruntime", dtype="int4"),
-            BackendSpec(kind="genai", dtype="fp32"),
-            BackendSpec(kind="genai", dtype="int4"),
-        ],
+        backends=backends,
     )
     run(f"onnx-speed-{args.model}", profile, args)
 

@@ -94,16 +94,18 @@ class Tolerance:
     """Perplexity of the export over PyTorch's; None where logits are compared directly."""
 
 
-# fp32 graphs differ from eager PyTorch only in summation order: 1e-4 + 1e-5 x max|logit|. The relative part is
+# fp32 graphs differ from eager PyTorch only in summation order: 1e-4 + 3e-5 x max|logit|. The relative part is
 # there because fp32 itself is that far from exact: on SmolLM2-135M (logits up to ~35), PyTorch fp32 differs from
-# PyTorch fp64 by up to 2.1e-4, so a flat 1e-4 would fail exports that are as exact as PyTorch is.
+# PyTorch fp64 by up to 2.1e-4, and on its 2SSP-pruned version by 7.5e-4 on the third parity prompt (max|logit|
+# 31.5, 2.4e-5 relative), where the ONNX graph differs by 6.2e-4: a tighter bound fails exports that are as exact as
+# PyTorch is. A real export fault (a wrong rotary, a missing block) moves logits by 0.1 or more.
 # fp16 logits of a 30-layer model drift by a few hundredths, and near-ties then flip a greedy token. Quantized
 # models are judged on perplexity, measured on the pruned SmolLM2-135M (8 x 256 tokens of WikiText-2): int8
 # weight-only 1.005x; 4-bit weights 1.38x (100M-parameter models lose far more to 4 bits than 7B ones, which
 # typically lose under 10 %); int8 dynamic 1.79x, because per-tensor activation quantization cannot represent
 # the outlier channels of LLM activations: it passes only on models without them.
 TOLERANCES: dict[tuple[OnnxDType, OnnxQuant], Tolerance] = {
-    (OnnxDType.FP32, OnnxQuant.NONE): Tolerance(1e-4, 1e-5, True, None),
+    (OnnxDType.FP32, OnnxQuant.NONE): Tolerance(1e-4, 3e-5, True, None),
     (OnnxDType.FP16, OnnxQuant.NONE): Tolerance(0.05, 5e-3, False, 1.02),
     (OnnxDType.FP32, OnnxQuant.INT8): Tolerance(None, 0.0, False, 1.03),
     (OnnxDType.FP32, OnnxQuant.INT8_DYNAMIC): Tolerance(None, 0.0, False, 1.10),

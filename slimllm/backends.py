@@ -47,6 +47,7 @@ class TorchRunner:
         import torch
         from transformers import AutoModelForCausalLM
 
+        import slimllm.attention_free  # noqa: F401  (registers slimllm's own model types: blocks without attention)
         from slimllm.device import resolve_device, resolve_dtype
 
         torch.set_num_threads(threads)

@@ -230,3 +230,24 @@ def test_interrupt_leaves_a_partial_report(tiny_model_dir, pruned_tiny, tmp_path
     payload = json.loads((out / "latency.json").read_text())
     assert payload["partial"] is True and list(payload["summary"]) == ["torch fp32 (cpu)"]
     assert "PARTIAL REPORT" in (out / "latency.md").read_text()
+
+
+def test_torch_backend_loads_blocks_without_attention_in_a_fresh_process(tmp_path):
+    """The profiler measures in worker processes: they must know slimllm's own model types without the caller's
+    imports (a 2SSP checkpoint failed there once)."""
+    import subprocess
+    import sys
+
+    from conftest import build_tiny_model
+
+    from slimllm.attention_free import remove_attention
+
+    remove_attention(build_tiny_model("llama", num_layers=4), [2]).save_pretrained(tmp_path / "m")
+    code = (
+        "import sys; from pathlib import Path; from slimllm.backends import TorchRunner; "
+        "from slimllm.profiles import BackendSpec; "
+        "runner = TorchRunner(BackendSpec(kind='torch'), Path(sys.argv[1]), 1); "
+        "print(runner.prefill([5, 6, 7, 8]) > 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "True", result.stderr[-2000:]
