@@ -46,6 +46,7 @@ from slimllm.data import (  # noqa: E402
 from slimllm.evaluate import compare_with_reference, split_windows, torch_logits_fn  # noqa: E402
 from slimllm.healing import HealScope, HealSettings, heal_model  # noqa: E402
 from slimllm.models import LoadedModel, load_model  # noqa: E402
+from slimllm.pruning.dress import DressSettings, NeuronScore  # noqa: E402
 from slimllm.pruning.methods import BASELINE_METHODS, PruneMethod  # noqa: E402
 from slimllm.pruning.repair import RepairMethod, repair_before_removal  # noqa: E402
 from slimllm.pruning.stage import PruneSettings, count_parameters, prune_in_memory  # noqa: E402
@@ -127,6 +128,12 @@ class BenchSettings:
     """SLEB scores on the first N calibration blocks."""
     heal_lr: float | None = None
     """LR of the healing and dense+ft rows (None: the recipe's stage2_lr)."""
+    width_sparsity: float = 0.25
+    """Fraction of every block's FFN neurons the width rows (dress, 2ssp-width) remove."""
+    dress_tokens: int = 16_384
+    """DReSS's regularization tokens; prune-then-fine-tune gets them as extra fine-tuning."""
+    recovery_tokens: int = 16_384
+    """The recovery fine-tune (healing: CE + 1 x KL to dense) after the width rows' removal."""
 
 
 @dataclass
@@ -231,6 +238,42 @@ def twossp_row(bench: Bench) -> Row:
     return Row("2ssp", pruned, [], seconds, notes=selection.summary,
                extra={key: details[key] for key in ("ffn_kept", "attention_removed", "achieved_sparsity",
                                                     "width_seconds", "attention_seconds")})
+
+
+def width_row(score: NeuronScore, regularize: bool, recover: bool) -> RowBuilder:
+    """FFN-width rows at `--width-sparsity`, all through DReSS's selection so that they remove the same neurons:
+    `2ssp-width` removes them at once (2SSP's score, no training), `2ssp-width+ft` then fine-tunes for DReSS's
+    regularization plus recovery tokens, `dress` regularizes first and recovers with the same fine-tune (equal
+    tokens); `dress-magnitude` and `dress-random` are the ablation of the selection score."""
+
+    def build(bench: Bench) -> Row:
+        settings = bench.settings
+        dress = DressSettings(sparsity=settings.width_sparsity, score=score,
+                              reg_tokens=settings.dress_tokens if regularize else 0, lr=bench.heal_lr)
+        prune = dataclasses.replace(settings.prune, method=PruneMethod("dress"), remove=None)
+        pruned, _, selection, seconds = prune_in_memory(bench.loaded, prune, bench.train_calibration,
+                                                        method_settings=dress)
+        details = selection.details
+        name = "dress" if regularize else "2ssp-width"
+        name += f"-{score.value}" if score is not NeuronScore.ACTIVATION else ""
+        notes = f"FFN {details['ffn_width_before']} -> {details['ffn_kept']}"
+        tokens = details["training_tokens"]
+        if regularize:
+            notes += (f"; {details['steps']} regularization steps, selected share of FFN output "
+                      f"{details['share_before']:.3f} -> {details['share_after']:.3f}")
+        extra = {key: details[key] for key in ("ffn_kept", "achieved_width_sparsity", "share_before", "share_after",
+                                               "selected_norm_after", "steps", "penalty")}
+        if recover:
+            budget = settings.recovery_tokens + (0 if regularize else settings.dress_tokens)
+            pruned, result, heal = bench.heal(pruned, budget)
+            seconds += result.seconds
+            tokens += result.tokens
+            notes += f"; {result.steps} recovery steps (CE + KL, lr {heal.learning_rate})"
+            name += "" if regularize else "+ft"
+            extra["heal"] = result.to_dict()
+        return Row(name, pruned, [], seconds, training_tokens=tokens, notes=notes, extra=extra)
+
+    return build
 
 
 def trsp_row(bench: Bench) -> Row:
@@ -354,7 +397,8 @@ def dense_ft_row(bench: Bench) -> Row:
 
 
 TRAINING_ROWS = ("trsp", "trsp-no-stage2", "trsp-no-stage2+lsq", "trsp+lsq+heal", "shortgpt+heal",
-                 "shortgpt+heal-kd", "shortgpt+lsq+heal", "shortgpt+lsq+heal-lora", "dense+ft")
+                 "shortgpt+heal-kd", "shortgpt+lsq+heal", "shortgpt+lsq+heal-lora", "dense+ft", "2ssp-width",
+                 "2ssp-width+ft", "dress", "dress-magnitude", "dress-random")
 
 # The rows this benchmark knows, in report order: the TRSP rows, the healing rows, then one row per registered
 # method that selects without training.
@@ -369,6 +413,11 @@ ROW_BUILDERS: dict[str, RowBuilder] = {
     "shortgpt+heal-kd": heal_row(distill=True),
     "dense+ft": dense_ft_row,
     "2ssp": twossp_row,
+    "2ssp-width": width_row(NeuronScore.ACTIVATION, regularize=False, recover=False),
+    "2ssp-width+ft": width_row(NeuronScore.ACTIVATION, regularize=False, recover=True),
+    "dress": width_row(NeuronScore.ACTIVATION, regularize=True, recover=True),
+    "dress-magnitude": width_row(NeuronScore.MAGNITUDE, regularize=True, recover=True),
+    "dress-random": width_row(NeuronScore.RANDOM, regularize=True, recover=True),
     **{method.value: baseline_row(method) for method in BASELINE_METHODS},
     **{
         f"{method.value}+{repair.value}": baseline_row(method, repair)
@@ -401,8 +450,13 @@ def _format_layers(layers: list[int]) -> str:
 
 def write_markdown(path: Path, payload: dict) -> None:
     settings = payload["settings"]
+    width_rows = [row["name"] for row in payload["rows"] if row["name"].startswith(("dress", "2ssp-width"))]
+    if width_rows and len(width_rows) == len(payload["rows"]) - 1:
+        title = f"FFN width sparsity {settings['width_sparsity']:.0%} in every block"
+    else:
+        title = f"{settings['remove']} of {payload['original_num_layers']} layers removed"
     lines = [
-        f"# Quality: {payload['model']} with {settings['remove']} of {payload['original_num_layers']} layers removed",
+        f"# Quality: {payload['model']}, {title}",
         "",
         f"Command: `{payload['command']}`",
         "",
@@ -504,6 +558,12 @@ def main(argv: list[str] | None = None) -> int:
         help="The last fraction of --calib, held apart from calibration and training: every row's perplexity on it "
         "is the figure settings are tuned on (the --eval-data figures are reported, never tuned on).",
     )
+    parser.add_argument("--width-sparsity", type=float, default=0.25,
+                        help="Fraction of every block's FFN neurons the width rows (dress, 2ssp-width) remove.")
+    parser.add_argument("--dress-tokens", type=int, default=16_384, help="DReSS's regularization tokens.")
+    parser.add_argument("--recovery-tokens", type=int, default=16_384,
+                        help="Recovery fine-tune tokens after the width rows' removal (2ssp-width+ft also gets "
+                        "--dress-tokens, so both see the same tokens).")
     parser.add_argument("--rows", default=",".join(ROW_BUILDERS), help="Comma-separated rows to run.")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--tag", default="", help="Suffix for the result file names (e.g. trsp).")
@@ -535,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     settings = BenchSettings(prune, build_settings(TrspSettings, recipe.get("trsp"), {}, "[trsp]"), args.sleb_blocks,
-                             args.heal_lr)
+                             args.heal_lr, args.width_sparsity, args.dress_tokens, args.recovery_tokens)
     calibration = load_calibration(
         args.calib, loaded.model, loaded.tokenizer, args.calib_blocks, args.block_len, args.seed, args.dev_fraction
     )

@@ -201,6 +201,8 @@ def _prepare_model(model: nn.Module, settings: HealSettings) -> nn.Module:
 
     if settings.scope is HealScope.FULL:
         require_master_weights(model, "healing (--scope full)")
+        for p in model.parameters():  # every weight, whatever an earlier stage left frozen
+            p.requires_grad_(True)
         return model
     for p in model.parameters():
         p.requires_grad_(False)

@@ -124,7 +124,7 @@ def test_method_registry_drives_choices_recipes_and_benchmark_rows():
     from slimllm.recipes import recipe_sections
 
     names = list(all_methods())
-    assert names == ["trsp", "2ssp", "shortgpt", "angular", "sleb", "last", "random"]
+    assert names == ["trsp", "2ssp", "dress", "shortgpt", "angular", "sleb", "last", "random"]
     assert [m.value for m in PruneMethod] == names
     assert set(method_settings_sections()) <= set(recipe_sections())
     trsp_flags = {flag.flag for flag in FLAGS if flag.section == "trsp"}

@@ -53,7 +53,7 @@ FIXED = common_parameters(
     out_help="Output directory.",
     recipe_help="TOML recipe: [compile], [prune], method, [onnx], [gguf] tables; flags override it.",
     force_help="Replace another run slimllm wrote in --out.",
-    resume_help="Continue a killed run (TRSP and healing from their last checkpoints).",
+    resume_help="Continue a killed run (TRSP, DReSS and healing from their last checkpoints).",
     dtype=True,
 )
 

@@ -135,6 +135,22 @@ def flag_parameter(flag: SettingsFlag) -> inspect.Parameter:
     )
 
 
+def shared_flag_parameters(flags: Iterable[SettingsFlag]) -> list[inspect.Parameter]:
+    """One typer parameter per distinct parameter name; a flag several sections share lists each one's meaning."""
+    groups: dict[str, list[SettingsFlag]] = {}
+    for flag in flags:
+        groups.setdefault(flag.parameter, []).append(flag)
+    parameters = []
+    for group in groups.values():
+        parameter = flag_parameter(group[0])
+        if len(group) > 1:
+            text = " ".join(f"[{flag.section}] {_help(flag)}" for flag in group)
+            option = typing.get_args(parameter.annotation)[1]
+            option.help = text
+        parameters.append(parameter)
+    return parameters
+
+
 def given_values(flags: Iterable[SettingsFlag], values: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The flags actually given, as {section: {field: value}} (flags left out are absent, not None)."""
     sections: dict[str, dict[str, Any]] = {}
@@ -165,7 +181,7 @@ def settings_command(
     def command(**values: Any) -> None:
         body({key: values[key] for key in fixed_names}, given_values(flags, values))
 
-    command.__signature__ = inspect.Signature([*fixed, *(flag_parameter(flag) for flag in flags)])
+    command.__signature__ = inspect.Signature([*fixed, *shared_flag_parameters(flags)])
     command.__doc__ = help_text
     command.__name__ = f"{name.replace('-', '_')}_command"
     app.command(name)(command)

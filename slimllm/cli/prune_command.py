@@ -5,6 +5,7 @@ Its flags are generated from `PruneSettings` and from the settings class of ever
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from slimllm.cli.app import (
@@ -22,9 +23,19 @@ from slimllm.pruning.stage import PruneSettings
 
 
 def _flags():
+    """[prune]'s flags, then each method's. A method field named like another method's field of the same type shares
+    its flag (`--sparsity` sets 2SSP's and DReSS's; only the chosen method's section is read); a name [prune] holds
+    gets the method as a prefix (`--trsp-...`)."""
     flags = settings_flags(PruneSettings, "prune", short={"remove": "-k"})
+    own = [flag.flag for flag in flags]
     for section, cls in method_settings_sections().items():
-        flags += settings_flags(cls, section, taken=[flag.flag for flag in flags])
+        for flag in settings_flags(cls, section, taken=own):
+            earlier = next((f for f in flags if f.flag == flag.flag), None)
+            if earlier is not None and earlier.hint != flag.hint:
+                flag = settings_flags(cls, section, include=[flag.field], taken=[flag.flag])[0]
+            elif earlier is not None:
+                flag = dataclasses.replace(flag, parameter=earlier.parameter)
+            flags.append(flag)
     return flags
 
 
@@ -34,7 +45,7 @@ FIXED = common_parameters(
     out_help="Output directory.",
     recipe_help="TOML recipe ([prune] and method tables); flags override it.",
     force_help="Replace output slimllm wrote earlier.",
-    resume_help="Continue an interrupted TRSP run from its last checkpoint.",
+    resume_help="Continue an interrupted TRSP or DReSS run from its last checkpoint.",
     dtype=True,
 )
 

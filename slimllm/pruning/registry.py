@@ -25,7 +25,12 @@ from slimllm.errors import UserInputError
 
 Progress = Callable[..., None]
 
-BUILTIN_METHOD_MODULES = ("slimllm.pruning.trsp", "slimllm.pruning.two_ssp", "slimllm.pruning.baselines")
+BUILTIN_METHOD_MODULES = (
+    "slimllm.pruning.trsp",
+    "slimllm.pruning.two_ssp",
+    "slimllm.pruning.dress",
+    "slimllm.pruning.baselines",
+)
 """Modules that register the methods shipped with slimllm, in the order the CLI lists them."""
 
 

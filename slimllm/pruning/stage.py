@@ -158,8 +158,11 @@ def resolve_prune_settings(
     for section, cls in method_settings_sections().items():  # every method section of the recipe is checked
         if section in sections and section != spec.name:
             build_settings(cls, sections[section], {}, f"[{section}]")
+    chosen = given.get(spec.name, {})
     for section, values in given.items():
-        if section not in ("prune", spec.name):
+        # a flag several methods share (`--sparsity`) reaches every one of their sections: the chosen one reads it
+        values = {key: value for key, value in values.items() if key not in chosen or chosen[key] != value}
+        if section not in ("prune", spec.name) and values:
             flags = ", ".join((flag_names or {}).get(key, key) for key in values)
             raise UserInputError(f"{flags} set {section} settings, but --method is {spec.name}; drop them")
     if spec.settings_class is None:

@@ -10,14 +10,17 @@ an uninterrupted run would have seen.
 from __future__ import annotations
 
 import copy
+import io
 import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from slimllm.artifacts import atomic_write_bytes
 from slimllm.device import autocast_dtype, model_autocast
 from slimllm.errors import SlimllmError, UserInputError
 
@@ -194,3 +197,54 @@ def fine_tune(
         model.train(was_training)
     log.seconds = time.perf_counter() - started
     return log
+
+
+class TrainingCheckpoints:
+    """The latest state of each training stage in a work directory (written atomically, one file per stage)."""
+
+    def __init__(self, work_dir: Path | None, fingerprint: str, method: str) -> None:
+        self.work_dir = Path(work_dir) if work_dir is not None else None
+        self.method = method
+        self.fingerprint = fingerprint
+        """Hash of the run's model, data and settings; saved in every checkpoint and checked on resume."""
+
+    def path(self, stage: str) -> Path | None:
+        return self.work_dir / f"{stage}.pt" if self.work_dir is not None else None
+
+    def save(self, stage: str, state: dict) -> None:
+        path = self.path(stage)
+        if path is None:
+            return
+        buffer = io.BytesIO()
+        torch.save({**state, "fingerprint": self.fingerprint}, buffer)
+        atomic_write_bytes(path, buffer.getvalue())
+
+    def load(self, stage: str) -> dict | None:
+        """The stage's checkpoint, if any; one made by a run with other settings, data or model is refused."""
+        path = self.path(stage)
+        if path is None or not path.is_file():
+            return None
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("fingerprint") != self.fingerprint:
+            raise UserInputError(
+                f"the {self.method} checkpoint in {self.work_dir} was made with other settings, calibration data or "
+                f"model (seed, batch size, {self.method} settings and data are hashed); rerun with the same ones, "
+                "or without --resume to start over"
+            )
+        return state
+
+
+def run_fingerprint(model, blocks: torch.Tensor, settings, batch_size: int, seed: int, **extra) -> str:
+    """What a resumed run must share with the run that wrote the checkpoint: model, data and every setting."""
+    from slimllm.artifacts import digest, plain, sha256_bytes
+    from slimllm.data import model_fingerprint
+
+    payload = {
+        "model": model_fingerprint(model),
+        "blocks": sha256_bytes(blocks.cpu().numpy().tobytes()) + str(tuple(blocks.shape)),
+        "settings": plain(settings),
+        "batch_size": batch_size,
+        "seed": seed,
+        **{key: plain(value) for key, value in extra.items()},
+    }
+    return digest(payload)

@@ -26,19 +26,21 @@ from pathlib import Path
 
 import torch
 
-from slimllm.artifacts import atomic_write_bytes, digest, plain, sha256_bytes
+from slimllm.artifacts import plain
 from slimllm.device import model_autocast
 from slimllm.errors import UserInputError
 from slimllm.pruning.gates import GateMode, GateSet, attach_gates, detach_gates
 from slimllm.pruning.registry import PruningMethod, Selection, SelectionRequest, register
 from slimllm.pruning.training import (
     MixedPrecisionStepper,
+    TrainingCheckpoints,
     batch_schedule,
     causal_lm_loss,
     default_warmup,
     finite_loss,
     frozen_teacher,
     require_master_weights,
+    run_fingerprint,
     training_losses,
     warmup_constant,
 )
@@ -157,59 +159,6 @@ class TrspInfo:
         return asdict(self)
 
 
-class _Checkpoints:
-    """Latest stage-1 and stage-2 state in a work directory (written atomically, one file per stage)."""
-
-    def __init__(self, work_dir: Path | None, fingerprint: str) -> None:
-        self.work_dir = Path(work_dir) if work_dir is not None else None
-        self.fingerprint = fingerprint
-        """Hash of the run's model, data and settings; saved in every checkpoint and checked on resume."""
-
-    def path(self, stage: str) -> Path | None:
-        return self.work_dir / f"{stage}.pt" if self.work_dir is not None else None
-
-    def save(self, stage: str, state: dict) -> None:
-        path = self.path(stage)
-        if path is None:
-            return
-        import io
-
-        buffer = io.BytesIO()
-        torch.save({**state, "fingerprint": self.fingerprint}, buffer)
-        atomic_write_bytes(path, buffer.getvalue())
-
-    def load(self, stage: str) -> dict | None:
-        """The stage's checkpoint, if any; one made by a run with other settings, data or model is refused."""
-        path = self.path(stage)
-        if path is None or not path.is_file():
-            return None
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state.get("fingerprint") != self.fingerprint:
-            raise UserInputError(
-                f"the TRSP checkpoint in {self.work_dir} was made with other settings, calibration data or model "
-                "(k, protection, seed, batch size, TRSP settings and data are hashed); rerun with the same ones, "
-                "or without --resume to start over"
-            )
-        return state
-
-
-def run_fingerprint(model, blocks: torch.Tensor, k: int, candidates: Sequence[int], settings, batch_size: int,
-                    seed: int) -> str:
-    """What a resumed run must share with the run that wrote the checkpoint: model, data and every setting."""
-    from slimllm.data import model_fingerprint
-
-    payload = {
-        "model": model_fingerprint(model),
-        "blocks": sha256_bytes(blocks.cpu().numpy().tobytes()) + str(tuple(blocks.shape)),
-        "k": k,
-        "candidates": list(candidates),
-        "settings": plain(settings),
-        "batch_size": batch_size,
-        "seed": seed,
-    }
-    return digest(payload)
-
-
 def _mean_relative_delta(gates: GateSet, layers: Sequence[int], model, batch: torch.Tensor, norm: RegNorm):
     """Mean relative ||y - x|| of each given layer on a batch (no gradient)."""
     for i in layers:
@@ -246,7 +195,8 @@ def run_trsp(
         raise UserInputError(f"cannot select {k} layers from {len(candidates)} candidates")
     require_master_weights(model, "TRSP")
     device = next(model.parameters()).device
-    checkpoints = _Checkpoints(work_dir, run_fingerprint(model, blocks, k, candidates, settings, batch_size, seed))
+    fingerprint = run_fingerprint(model, blocks, settings, batch_size, seed, k=k, candidates=candidates)
+    checkpoints = TrainingCheckpoints(work_dir, fingerprint, "TRSP")
     info = TrspInfo()
     total_steps = settings.training_steps(k)
     schedule = batch_schedule(blocks.shape[0], batch_size, total_steps, seed)
