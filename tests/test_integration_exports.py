@@ -37,7 +37,8 @@ def test_onnx_fp32_matches_pytorch(smollm2_dir, smollm2_pruned, tmp_path, which)
     checks = {c["name"]: c for c in result.validation["checks"]}
     assert result.validation["passed"], [c for c in checks.values() if not c["passed"]]
     prefill = [c for name, c in checks.items() if name.startswith("prefill")]
-    assert len(prefill) == 5 and all(c["value"] <= c["bound"] < 1e-3 for c in prefill)
+    # The bound stays at fp32 noise (1e-4 + 3e-5 x max|logit| ~ 1.2e-3 here); a real export fault moves logits by 0.1.
+    assert len(prefill) == 5 and all(c["value"] <= c["bound"] < 1.5e-3 for c in prefill)
     assert all(c["details"]["argmax_agreement"] == 1.0 for c in prefill)
     assert checks["greedy 32 tokens (onnxruntime)"]["metric"] == "identical tokens"
     assert checks["ORTModelForCausalLM load + generate"]["passed"]
