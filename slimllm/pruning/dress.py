@@ -39,6 +39,7 @@ from slimllm.pruning.training import (
     MixedPrecisionStepper,
     TrainingCheckpoints,
     batch_schedule,
+    cpu_state_dict,
     default_warmup,
     finite_loss,
     frozen_teacher,
@@ -315,7 +316,7 @@ def regularize(
             if checkpoints is not None and ((step + 1) % settings.save_every == 0 or step + 1 == steps):
                 checkpoints.save("dress", {
                     "step": step + 1,
-                    "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                    "model": cpu_state_dict(model),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "scaler": stepper.state_dict(),
@@ -349,7 +350,7 @@ class Dress(PruningMethod):
         kept = kept_width(d_ff, settings.sparsity, settings.width_multiple)
         started = time.perf_counter()
         scores = neuron_scores(model, settings.score, request.blocks, request.batch_size, request.seed,
-                               _stage_progress(request, "score"))
+                               request.stage_progress("score"))
         keep = top_neurons(scores, kept)
         selected = [sorted(set(range(d_ff)) - set(k)) for k in keep]
         score_seconds = time.perf_counter() - started
@@ -376,9 +377,3 @@ class Dress(PruningMethod):
             f"{info.share_before:.3f} -> {info.share_after:.3f} before removal"
         )
         return Selection([], details=details, summary=summary, model=pruned)
-
-
-def _stage_progress(request: SelectionRequest, stage: str) -> Progress | None:
-    if request.progress is None:
-        return None
-    return lambda done, total: request.progress(done, total, stage=stage)

@@ -68,6 +68,13 @@ class SelectionRequest:
     resume: bool = False
     progress: Progress | None = None
 
+    def stage_progress(self, stage: str) -> Callable[[int, int], None] | None:
+        """`progress` for one named stage of a method (the CLI shows the stage beside the bar), or None."""
+        progress = self.progress
+        if progress is None:
+            return None
+        return lambda done, total: progress(done, total, stage=stage)
+
 
 class PruningMethod(ABC):
     """Base of every registered method. Subclasses set the class attributes and implement `select`."""

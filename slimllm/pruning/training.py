@@ -248,3 +248,9 @@ def run_fingerprint(model, blocks: torch.Tensor, settings, batch_size: int, seed
         **{key: plain(value) for key, value in extra.items()},
     }
     return digest(payload)
+
+
+def cpu_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the model's full state dict, for a checkpoint (wrapper modules' names included, so it loads
+    back into the same wrapped model)."""
+    return {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}

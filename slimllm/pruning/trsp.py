@@ -36,6 +36,7 @@ from slimllm.pruning.training import (
     TrainingCheckpoints,
     batch_schedule,
     causal_lm_loss,
+    cpu_state_dict,
     default_warmup,
     finite_loss,
     frozen_teacher,
@@ -288,7 +289,7 @@ def _stage1(model, gates, blocks, schedule, k, candidates, settings, checkpoints
                 "order": order,
                 "gates": gates.values(),
                 "optimizer": optimizer.state_dict(),
-                "model": _model_state(model) if settings.train_scope is TrainScope.FULL else None,
+                "model": cpu_state_dict(model) if settings.train_scope is TrainScope.FULL else None,
                 "trajectory": info.gate_trajectory,
                 "losses": info.stage1_losses,
                 "tokens": info.training_tokens,
@@ -318,11 +319,6 @@ class _MultiOptimizer:
     def load_state_dict(self, states: list[dict]) -> None:
         for optimizer, state in zip(self.optimizers, states, strict=True):
             optimizer.load_state_dict(state)
-
-
-def _model_state(model) -> dict:
-    """A CPU copy of the gated model's full state dict (gate wrappers' names included, so it loads back into it)."""
-    return {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
 
 
 def _stage2(model, gates, blocks, schedule, order, settings, checkpoints, resume, info, progress, device):
@@ -461,7 +457,7 @@ def _set_stage2_gates(gates: GateSet, order: list[int], step: int, settings: Trs
 def _stage2_state(step: int, model, optimizer, scheduler, info: TrspInfo) -> dict:
     return {
         "step": step,
-        "model": _model_state(model),
+        "model": cpu_state_dict(model),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "losses": info.stage2_losses,

@@ -227,7 +227,7 @@ class TwoSsp(PruningMethod):
         }
         started = time.perf_counter()
         if budget.ffn_kept < d_ff:
-            scores = ffn_neuron_scores(model, request.blocks, request.batch_size, _stage_progress(request, "width"))
+            scores = ffn_neuron_scores(model, request.blocks, request.batch_size, request.stage_progress("width"))
             keep_ffn_neurons(model, top_neurons(scores, budget.ffn_kept), inplace=True)
             details["neuron_scores"] = {str(i): _summary(s) for i, s in enumerate(scores)}
         details["width_seconds"] = time.perf_counter() - started
@@ -236,7 +236,7 @@ class TwoSsp(PruningMethod):
         if budget.attention_modules:
             blocks = request.blocks[: settings.attention_blocks]
             search = greedy_attention_removal(model, blocks, budget.attention_modules, range(1, num_layers),
-                                              request.batch_size, _stage_progress(request, "attention"))
+                                              request.batch_size, request.stage_progress("attention"))
             model = remove_attention(model, search.removed)
         details["attention_seconds"] = time.perf_counter() - started
         details["attention_removed"] = sorted(search.removed)
@@ -248,9 +248,3 @@ class TwoSsp(PruningMethod):
             f"(target {settings.sparsity:.1%})"
         )
         return Selection([], details=details, summary=summary, model=model)
-
-
-def _stage_progress(request: SelectionRequest, stage: str) -> Progress | None:
-    if request.progress is None:
-        return None
-    return lambda done, total: request.progress(done, total, stage=stage)
