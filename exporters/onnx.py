@@ -252,6 +252,7 @@ def export_onnx(
                              "assumes identical blocks): past key/values only for the blocks with attention")
             else:
                 _export_with_optimum(checkpoint, tmp, settings, provider)
+            _normalize_layout(tmp / MODEL_FILE)
             seconds["export"] = time.perf_counter() - started
             if settings.quant is not OnnxQuant.NONE:
                 started = time.perf_counter()
@@ -438,18 +439,53 @@ def materialize_transposed_weights(model) -> list[str]:
     return created
 
 
+EXTERNAL_DATA_BYTES = 1_800_000_000
+"""Tensors above this many bytes in all go to a side file `<model>_data`: protobuf cannot serialize a message over
+2 GB, which an fp32 model reaches at about 0.5B parameters. Kept below 2 GB for the graph itself and the headroom
+quantizers add while they rewrite it."""
+
+
+def tensor_bytes(model) -> int:
+    """Bytes of every initializer of an in-memory ModelProto, without serializing it (which fails above 2 GB)."""
+    from onnx import AttributeProto
+
+    tensors = list(model.graph.initializer)
+    tensors += [a.t for node in model.graph.node for a in node.attribute if a.type == AttributeProto.TENSOR]
+    return sum(len(tensor.raw_data) or tensor.ByteSize() for tensor in tensors)
+
+
+def needs_external_data(model) -> bool:
+    return tensor_bytes(model) > EXTERNAL_DATA_BYTES
+
+
 def _save_onnx(model, path: Path) -> None:
+    """Write `model` to `path` atomically, its tensors in `<name>_data` beside it when they are large."""
     import onnx
 
-    large = model.ByteSize() > 1_800_000_000 if hasattr(model, "ByteSize") else True
     tmp = path.with_name(path.name + ".tmp")
-    if large:
-        onnx.save_model(
-            model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + "_data"
-        )
+    data = path.with_name(path.name + "_data")
+    if needs_external_data(model):
+        # The side file's name is recorded inside the graph, so it is written under its final name; the graph file
+        # that points at it is moved into place last.
+        data.unlink(missing_ok=True)
+        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
     else:
         onnx.save_model(model, str(tmp))
+        data.unlink(missing_ok=True)
     os.replace(tmp, path)
+
+
+def _normalize_layout(model_path: Path) -> None:
+    """One layout whoever wrote the file: large models keep their tensors in `model.onnx_data`, small ones inline.
+
+    optimum moves the tensors out only above protobuf's hard 2 GB; slimllm's own threshold is lower.
+    """
+    import onnx
+
+    has_side_file = any(p.name != model_path.name for p in model_path.parent.glob(model_path.name + "*"))
+    if has_side_file or model_path.stat().st_size <= EXTERNAL_DATA_BYTES:
+        return
+    _save_onnx(onnx.load(str(model_path)), model_path)
 
 
 def _lm_head_nodes(model) -> list[str]:
@@ -507,21 +543,26 @@ def _quantize(model_path: Path, settings: OnnxExportSettings, provider: Provider
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         staged = model_path.with_name("model.fp32.onnx")
+        quantized = model_path.with_name("model.int8.onnx")
+        large = needs_external_data(model)
         _save_onnx(model, staged)
+        del model
         # quantize_dynamic logs every tensor it skips through the root logger.
         try:
             with _quiet_loggers("", level=logging.WARNING):
                 quantize_dynamic(
                     str(staged),
-                    str(model_path),
+                    str(quantized),
                     weight_type=QuantType.QInt8,
                     per_channel=True,
                     # Only weight MatMuls: quantizing the attention score MatMuls (two activations) costs accuracy.
                     extra_options={"MatMulConstBOnly": True},
-                    use_external_data_format=model.ByteSize() > 1_800_000_000,
+                    use_external_data_format=large,
                 )
+            # It names its side file `model.int8.onnx.data`; optimum (and our other exports) expect `model.onnx_data`.
+            _save_onnx(onnx.load(str(quantized)), model_path)
         finally:
-            for path in model_path.parent.glob("model.fp32.onnx*"):
+            for path in [*model_path.parent.glob("model.fp32.onnx*"), *model_path.parent.glob("model.int8.onnx*")]:
                 path.unlink()
         notes.append(
             "int8 dynamic quantization: int8 weights (per channel) and int8 activations quantized per tensor at run "

@@ -137,3 +137,50 @@ def test_angular_needs_a_contiguous_run():
     model = build_tiny_model("llama", num_layers=6)
     with pytest.raises(UserInputError, match="consecutive"):
         select_layers(model, PruneMethod.ANGULAR, 3, _blocks(), [0, 1, 3, 4], batch_size=2)
+
+
+@pytest.mark.parametrize("arch_name", TINY_ARCHITECTURES)
+def test_block_by_block_scores_equal_whole_model_passes(arch_name):
+    """ShortGPT, angular and the FFN-neuron scores run one layer at a time over all calibration blocks; they must
+    equal what whole-model passes that keep every layer's stream give."""
+    import math
+
+    import torch.nn.functional as F
+
+    from slimllm.pruning.baselines import angular_distances, block_influence
+    from slimllm.pruning.layer_io import trace_decoder
+    from slimllm.pruning.width import ffn_neuron_scores, ffn_of
+
+    model = build_tiny_model(arch_name, num_layers=5, seed=3).eval()
+    blocks = torch.randint(0, model.config.vocab_size, (5, 24), generator=torch.Generator().manual_seed(0))
+    traces = [trace_decoder(model, blocks[i : i + 2]) for i in range(0, 5, 2)]
+    num_layers = len(decoder_layers(model))
+    cos_sums = [sum(float(F.cosine_similarity(t.stream(i), t.stream(i + 1), dim=-1).sum()) for t in traces)
+                for i in range(num_layers)]
+    expected_influence = [1 - c / blocks.numel() for c in cos_sums]
+    assert block_influence(model, blocks, batch_size=2) == pytest.approx(expected_influence, abs=1e-6)
+
+    last = torch.cat([torch.stack([t.stream(i)[:, -1] for i in range(num_layers + 1)], 1) for t in traces])
+    expected_angular = [
+        float((torch.arccos(F.cosine_similarity(last[:, s], last[:, s + 2], dim=-1).clamp(-1, 1)) / math.pi).mean())
+        for s in range(num_layers - 1)
+    ]
+    assert angular_distances(model, blocks, 2, batch_size=2) == pytest.approx(expected_angular, abs=1e-6)
+
+    sums = [torch.zeros(ffn_of(layer).down_proj.in_features) for layer in decoder_layers(model)]
+
+    def hook_for(i: int):
+        def hook(_module, args) -> None:
+            sums[i] += args[0].norm(dim=1).sum(dim=0)
+
+        return hook
+
+    handles = [ffn_of(layer).down_proj.register_forward_pre_hook(hook_for(i))
+               for i, layer in enumerate(decoder_layers(model))]
+    with torch.no_grad():
+        for i in range(0, 5, 2):
+            model(input_ids=blocks[i : i + 2], use_cache=False)
+    for handle in handles:
+        handle.remove()
+    for got, want in zip(ffn_neuron_scores(model, blocks, batch_size=2), sums, strict=True):
+        torch.testing.assert_close(got, want / 5, rtol=1e-5, atol=1e-6)

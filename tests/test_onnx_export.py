@@ -199,3 +199,23 @@ def test_bound_decoding_keeps_the_cache_on_the_device_and_decodes_like_the_numpy
         token = int(logits[0, -1].argmax())
         expected.append(token)
     assert session.decode_bound(1, 6) == expected
+
+
+@pytest.mark.parametrize("quant", ["none", "int8", "int8-dynamic", "int4"])
+def test_large_model_path_keeps_tensors_outside_the_graph(tiny_model_dir, tmp_path, monkeypatch, quant):
+    """Above the size threshold (protobuf's 2 GB, lowered here to zero) the export, its quantization and the parity
+    checks all go through external data, and the directory still loads in optimum."""
+    monkeypatch.setattr(onnx_exporter, "EXTERNAL_DATA_BYTES", 0)
+    out = tmp_path / quant
+    result = export_onnx(tiny_model_dir("llama", True), out, OnnxExportSettings(quant=quant))
+    assert result.validation["passed"]
+    graph_file, data_file = out / "model.onnx", out / "model.onnx_data"
+    assert data_file.is_file() and data_file.stat().st_size > graph_file.stat().st_size
+    assert set(result.files) >= {"model.onnx", "model.onnx_data"}
+    assert not list(out.glob("*.tmp")) and not list(out.glob("model.fp32*"))
+    graph = onnx.load(str(graph_file), load_external_data=False)
+    locations = {
+        entry.value for init in graph.graph.initializer for entry in init.external_data if entry.key == "location"
+    }
+    assert locations == {"model.onnx_data"}
+    assert _check(result.validation, "ORTModelForCausalLM")["passed"]

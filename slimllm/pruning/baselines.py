@@ -11,15 +11,15 @@ the removal and evaluation path, so comparisons between methods are made in one 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from slimllm.device import model_autocast
+from slimllm.architectures import decoder_layers
 from slimllm.errors import UserInputError
 from slimllm.pruning.greedy import greedy_removal, without_layers
-from slimllm.pruning.layer_io import trace_decoder
+from slimllm.pruning.layer_io import stream_layers
 from slimllm.pruning.registry import (
     PruningMethod,
     Selection,
@@ -34,57 +34,39 @@ Progress = Callable[[int, int], None]
 __all__ = ["Selection", "select_layers", "block_influence", "angular_distances", "sleb_greedy"]
 
 
-def _minibatches(blocks: torch.Tensor, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
-    for start in range(0, blocks.shape[0], batch_size):
-        yield blocks[start : start + batch_size].to(device)
-
-
-def _device_of(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def block_influence(model, blocks: torch.Tensor, batch_size: int, progress: Progress | None = None) -> list[float]:
-    """ShortGPT's Block Influence per layer: 1 - mean over all tokens of cos(x_i, x_{i+1}) on the raw stream."""
-    device = _device_of(model)
-    cosine_sums: torch.Tensor | None = None
-    tokens = 0
-    total = math.ceil(blocks.shape[0] / batch_size)
-    for step, batch in enumerate(_minibatches(blocks, batch_size, device)):
-        with model_autocast(model):
-            trace = trace_decoder(model, batch)
-        num_layers = len(trace.layer_inputs)
-        sums = torch.stack(
-            [
-                F.cosine_similarity(trace.stream(i).float(), trace.stream(i + 1).float(), dim=-1).sum()
-                for i in range(num_layers)
-            ]
-        ).cpu()
-        cosine_sums = sums if cosine_sums is None else cosine_sums + sums
-        tokens += batch.numel()
-        if progress:
-            progress(step + 1, total)
-    assert cosine_sums is not None
-    return (1.0 - cosine_sums.double() / tokens).tolist()
+    """ShortGPT's Block Influence per layer: 1 - mean over all tokens of cos(x_i, x_{i+1}) on the raw stream.
+
+    Computed block by block (`stream_layers`): one layer's activations in memory at a time.
+    """
+    cosine_sums = torch.zeros(len(decoder_layers(model)), dtype=torch.float64)
+
+    def visit(layer: int, _batch: int, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
+        cosine_sums[layer] += F.cosine_similarity(x_in.float(), x_out.float(), dim=-1).sum().double().cpu()
+
+    stream_layers(model, blocks, batch_size, visit, progress)
+    return (1.0 - cosine_sums / blocks.numel()).tolist()
 
 
 @torch.no_grad()
 def angular_distances(
     model, blocks: torch.Tensor, k: int, batch_size: int, progress: Progress | None = None
 ) -> list[float]:
-    """Gromov et al.: arccos(cos(x_l, x_{l+k}))/pi on each sample's last token, averaged; one value per start l."""
-    device = _device_of(model)
-    last_token_states: list[torch.Tensor] = []
-    total = math.ceil(blocks.shape[0] / batch_size)
-    for step, batch in enumerate(_minibatches(blocks, batch_size, device)):
-        with model_autocast(model):
-            trace = trace_decoder(model, batch)
-        num_layers = len(trace.layer_inputs)
-        last_token_states.append(torch.stack([trace.stream(i)[:, -1].float() for i in range(num_layers + 1)], 1).cpu())
-        if progress:
-            progress(step + 1, total)
-    states = torch.cat(last_token_states)  # [samples, L+1, hidden]
-    num_layers = states.shape[1] - 1
+    """Gromov et al.: arccos(cos(x_l, x_{l+k}))/pi on each sample's last token, averaged; one value per start l.
+
+    Computed block by block (`stream_layers`); only the last token's state of every layer is kept.
+    """
+    num_layers = len(decoder_layers(model))
+    states = torch.zeros(blocks.shape[0], num_layers + 1, model.config.hidden_size, dtype=torch.float32)
+
+    def visit(layer: int, batch: int, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
+        rows = slice(batch * batch_size, batch * batch_size + x_in.shape[0])
+        states[rows, layer] = x_in[:, -1].float().cpu()
+        if layer == num_layers - 1:
+            states[rows, num_layers] = x_out[:, -1].float().cpu()
+
+    stream_layers(model, blocks, batch_size, visit, progress)
     distances = []
     for start in range(num_layers - k + 1):
         cos = F.cosine_similarity(states[:, start].double(), states[:, start + k].double(), dim=-1).clamp(-1, 1)

@@ -2,6 +2,7 @@
 
     >>> trace = trace_decoder(model, input_ids)            # inputs of every layer + raw final output
     >>> logits = run_from_layer(model, trace, start=12, skip={12, 13})
+    >>> stream_layers(model, blocks, batch_size=4, visit=lambda i, batch, x_in, x_out: ...)   # one block at a time
 
 `output_hidden_states` is not enough for pruning scores: its last entry is taken after the final norm. Forward
 hooks see the raw stream, and the keyword arguments each layer received (rotary embeddings, masks) so that a suffix
@@ -11,13 +12,14 @@ of the network can be re-run from any layer, which makes SLEB's greedy search ab
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from slimllm.architectures import architecture_for, decoder_layers, get_submodule, set_decoder_layers
+from slimllm.device import autocast, autocast_dtype
 
 
 def layer_output_tensor(output) -> torch.Tensor:
@@ -130,3 +132,84 @@ def attention_skipped(model: nn.Module, layers: Iterable[int]) -> Iterator[None]
     finally:
         for handle in handles:
             handle.remove()
+
+
+class _StopAtFirstLayer(Exception):
+    """Ends the embedding pass once the first decoder layer's inputs are captured."""
+
+
+def _to_device(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple | list):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+def _module_device(module: nn.Module, fallback: torch.device) -> torch.device:
+    parameter = next(module.parameters(), None)
+    return parameter.device if parameter is not None else fallback
+
+
+@torch.no_grad()
+def first_layer_inputs(
+    model: nn.Module, blocks: torch.Tensor, batch_size: int
+) -> tuple[list[torch.Tensor], list[dict]]:
+    """Per minibatch of `blocks`, the residual stream entering layer 0 (on the host) and the keyword arguments the
+    layers are called with (rotary embeddings, mask): the embedding pass alone, no decoder layer runs."""
+    layers = decoder_layers(model)
+    base_path = architecture_for(model.config).layers_path.rpartition(".")[0]
+    base = get_submodule(model, base_path) if base_path else model
+    embed_device = _module_device(model.get_input_embeddings(), torch.device("cpu"))
+    inputs: list[torch.Tensor] = []
+    kwargs_seen: list[dict] = []
+
+    def capture(_module, args, kwargs):
+        inputs.append(layer_input_tensor(args, kwargs).detach().cpu())
+        kwargs_seen.append(_to_device({k: v for k, v in kwargs.items() if k != "hidden_states"}, torch.device("cpu")))
+        raise _StopAtFirstLayer
+
+    handle = layers[0].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        for start in range(0, blocks.shape[0], batch_size):
+            try:
+                base(input_ids=blocks[start : start + batch_size].to(embed_device), use_cache=False)
+            except _StopAtFirstLayer:
+                pass
+    finally:
+        handle.remove()
+    return inputs, kwargs_seen
+
+
+LayerVisit = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+"""visit(layer index, minibatch index, x_in, x_out): one layer's input and raw output on one minibatch."""
+
+
+@torch.no_grad()
+def stream_layers(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    batch_size: int,
+    visit: LayerVisit,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Run the calibration blocks through the decoder one layer at a time (the SparseGPT/Wanda pattern).
+
+    Every minibatch goes through layer i before any goes through layer i+1, so only one layer's inputs and outputs
+    exist at a time: the stream is kept on the host between layers and moved to each layer's own device when it
+    runs (models spread by `device_map` work unchanged). Results equal a whole-model pass up to float summation
+    order. Layers run in the model's compute dtype.
+    """
+    layers = decoder_layers(model)
+    stream, layer_kwargs = first_layer_inputs(model, blocks, batch_size)
+    dtype = autocast_dtype(model)
+    for index, layer in enumerate(layers):
+        device = _module_device(layer, torch.device("cpu"))
+        for batch, (hidden, kwargs) in enumerate(zip(stream, layer_kwargs, strict=True)):
+            x_in = hidden.to(device)
+            with autocast(device, dtype):
+                x_out = layer_output_tensor(layer(x_in, **_to_device(kwargs, device)))
+            visit(index, batch, x_in, x_out)
+            stream[batch] = x_out.detach().cpu()
+        if progress:
+            progress(index + 1, len(layers))

@@ -13,15 +13,14 @@ smaller `intermediate_size`, so it loads, exports and runs everywhere unchanged.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from slimllm.architectures import decoder_layers
-from slimllm.device import model_autocast
 from slimllm.errors import UserInputError
+from slimllm.pruning.layer_io import stream_layers
 
 Progress = Callable[[int, int], None]
 
@@ -51,10 +50,9 @@ def ffn_neuron_scores(
     model: nn.Module, blocks: torch.Tensor, batch_size: int, progress: Progress | None = None
 ) -> list[torch.Tensor]:
     """Per block, the mean over calibration sequences of ‖activation‖₂ over the sequence's tokens, at the input of
-    `down_proj` (float32, on the CPU)."""
+    `down_proj` (float32, on the CPU). Computed block by block (`stream_layers`)."""
     layers = decoder_layers(model)
     sums = [torch.zeros(ffn_of(layer).down_proj.in_features, dtype=torch.float64) for layer in layers]
-    handles = []
 
     def hook_for(index: int):
         def hook(_module, args):
@@ -63,16 +61,9 @@ def ffn_neuron_scores(
 
         return hook
 
-    for index, layer in enumerate(layers):
-        handles.append(ffn_of(layer).down_proj.register_forward_pre_hook(hook_for(index)))
-    device = next(model.parameters()).device
-    total = math.ceil(blocks.shape[0] / batch_size)
+    handles = [ffn_of(layer).down_proj.register_forward_pre_hook(hook_for(i)) for i, layer in enumerate(layers)]
     try:
-        for step, start in enumerate(range(0, blocks.shape[0], batch_size)):
-            with model_autocast(model):
-                model(input_ids=blocks[start : start + batch_size].to(device), use_cache=False)
-            if progress:
-                progress(step + 1, total)
+        stream_layers(model, blocks, batch_size, lambda *_: None, progress)
     finally:
         for handle in handles:
             handle.remove()
