@@ -330,6 +330,9 @@ def _export_with_optimum(checkpoint: CheckpointInfo, out: Path, settings: OnnxEx
     except ImportError as exc:  # pragma: no cover - a core dependency
         raise MissingDependencyError("optimum-onnx is not installed; run `pip install optimum-onnx`") from exc
     fp16 = settings.dtype is OnnxDType.FP16
+    # optimum's post-processing (sharing a tied LM head with the embedding) sizes the graph with ByteSize(), which
+    # protobuf refuses above 2 GB: large models skip it and slimllm shares the head itself.
+    large = sum(f.stat().st_size for f in checkpoint.path.glob("*.safetensors")) > EXTERNAL_DATA_BYTES
     try:
         with _quiet_export(), contextlib.redirect_stdout(io.StringIO()):
             main_export(
@@ -340,12 +343,41 @@ def _export_with_optimum(checkpoint: CheckpointInfo, out: Path, settings: OnnxEx
                 device="cuda" if fp16 else "cpu",
                 dtype="fp16" if fp16 else None,
                 do_validation=False,  # optimum only warns on a mismatch; our own check below fails the command
+                no_post_process=large,
                 local_files_only=True,
             )
     except (ValueError, RuntimeError, KeyError) as exc:
         raise ExportError(f"optimum could not export {checkpoint.path}: {exc}") from exc
     if not (out / MODEL_FILE).is_file():
         raise ExportError(f"optimum wrote no {MODEL_FILE} for {checkpoint.path}")
+    if large and checkpoint.tied_embeddings:
+        _share_tied_head(out / MODEL_FILE)
+
+
+def _share_tied_head(model_path: Path) -> bool:
+    """Replace an LM head weight that is the embedding transposed by a Transpose of the embedding (what optimum's
+    post-processing does below 2 GB), so that the file holds the matrix once. Returns True if it did."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(model_path))
+    initializers = {init.name: init for init in model.graph.initializer}
+    gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in initializers]
+    heads = [n for n in model.graph.node if n.name in _lm_head_nodes(model) and n.input[1] in initializers]
+    if len(gathers) != 1 or len(heads) != 1:
+        return False
+    embedding, head = initializers[gathers[0].input[0]], initializers[heads[0].input[1]]
+    if list(head.dims) != list(reversed(embedding.dims)):
+        return False
+    if not np.array_equal(numpy_helper.to_array(head), numpy_helper.to_array(embedding).T):
+        return False
+    shared = head.name + "_shared"
+    model.graph.node.insert(0, helper.make_node("Transpose", [embedding.name], [shared], perm=[1, 0],
+                                                name="slimllm_tied_lm_head"))
+    heads[0].input[1] = shared
+    model.graph.initializer.remove(head)
+    _save_onnx(model, model_path)
+    return True
 
 
 def _export_attention_free(checkpoint: CheckpointInfo, out: Path, settings: OnnxExportSettings) -> None:

@@ -53,6 +53,8 @@ class CompileSettings:
     """Target profile for the latency stage (a built-in name or a path); None skips profiling."""
     heal: bool = True
     """Heal the pruned model before exporting (the [heal] settings); --no-heal skips it."""
+    memory_check: bool = True
+    """Refuse up front a run whose estimated peak memory (`slimllm plan`) exceeds the machine's."""
 
     def __post_init__(self) -> None:
         self.target = parse_choice(Target, self.target, "--target")

@@ -382,3 +382,24 @@ def load_model(
     model.to(torch_device)
     model.eval()
     return LoadedModel(model, tokenizer, architecture, source, torch_device, precision.compute, notes)
+
+
+def model_config(spec: str):
+    """The configuration of any `--model` value without its weights: a hub model's config.json alone; a local
+    directory's; a `.gguf` file's or the embedded model's from its (cached) dequantized checkpoint."""
+    from slimllm.attention_free import read_config
+
+    source = resolve_model_source(spec)
+    if source.kind is SourceKind.HF_DIRECTORY:
+        assert source.path is not None
+        return read_config(str(source.path))
+    if source.kind in (SourceKind.EMBEDDED, SourceKind.GGUF_FILE):
+        return read_config(str(checkpoint_directory(spec)))
+    try:
+        return read_config(source.spec)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserInputError(
+            f"could not read the configuration of {source.spec!r} from the Hugging Face Hub ({first_line}); check "
+            "the id and your network, or pass a local model directory"
+        ) from exc

@@ -50,6 +50,7 @@ from slimllm.artifacts import (
 from slimllm.compile_settings import NO_PRUNING, CompileSettings, Target, resolve_settings
 from slimllm.compile_stages import CompileContext, Progress, StageSpec, compile_stages, stage_inputs
 from slimllm.errors import SlimllmError, UserInputError, ValidationError
+from slimllm.memory import PeakMemory
 
 log = logging.getLogger(__name__)
 
@@ -171,13 +172,13 @@ def compile(  # noqa: A001 - the product's verb; `slimllm.compile(...)` mirrors 
     """
     started = time.perf_counter()
     out_dir = Path(out)
-    settings = _settings_for(recipe, overrides, target, eval_data, profile, method, remove, ratio, calib)
+    settings = resolve_compile_settings(recipe, overrides, target, eval_data, profile, method, remove, ratio, calib)
     protected = local_inputs(model)
     _prepare_output(out_dir, model, force, protected)
     context = _context(model, out_dir, settings, resume, device, progress)
     context.dtype = dtype
     protected.append(context.dense_dir)
-    _validate_before_work(context.dense_dir, settings)
+    _validate_before_work(context.dense_dir, settings, device)
     if force:
         refuse_unsafe_replacement(out_dir, protected)
         _clear_compile_outputs(out_dir)
@@ -197,7 +198,8 @@ def compile(  # noqa: A001 - the product's verb; `slimllm.compile(...)` mirrors 
     )
 
 
-def _settings_for(recipe, overrides, target, eval_data, profile, method, remove, ratio, calib) -> dict[str, Any]:
+def resolve_compile_settings(recipe, overrides, target, eval_data, profile, method, remove, ratio, calib) -> dict[str, Any]:
+    """Every stage's settings for a compile: class defaults < recipe < `overrides` < explicit arguments."""
     from slimllm.recipes import load_recipe
 
     recipe_sections = load_recipe(Path(recipe)) if recipe is not None else {}
@@ -246,8 +248,9 @@ def _header(model: str, ctx: CompileContext, stages: list[StageSpec], command, r
     }
 
 
-def _validate_before_work(dense_dir: Path, settings: dict[str, Any]) -> None:
-    """Errors that would otherwise surface minutes into the run: k and protection, every backend a stage needs."""
+def _validate_before_work(dense_dir: Path, settings: dict[str, Any], device: str = "auto") -> None:
+    """Errors that would otherwise surface minutes into the run: k and protection, every backend a stage needs,
+    a stage that cannot fit in memory."""
     from slimllm.architectures import architecture_for
     from slimllm.attention_free import read_config
     from slimllm.pruning.candidates import candidate_layers, check_removable, layers_to_remove
@@ -273,6 +276,12 @@ def _validate_before_work(dense_dir: Path, settings: dict[str, Any]) -> None:
         from slimllm.profiles import load_profile
 
         check_backends_available(load_profile(compile_settings.profile))
+    if compile_settings.memory_check:
+        from slimllm.device import resolve_device
+        from slimllm.memory_plan import check_fits, plan_compile
+
+        plans, machine, _ = plan_compile(config, settings, str(resolve_device(device)))
+        check_fits(plans, machine)
 
 
 def _python_call(model, out_dir, settings: CompileSettings, method: str, recipe) -> str:
@@ -307,7 +316,8 @@ def _run_stage(spec: StageSpec, ctx: CompileContext) -> bool:
         error=None,
     )
     started = time.perf_counter()
-    outputs, result = _run_body(spec, ctx, started)
+    with PeakMemory() as peak:
+        outputs, result = _run_body(spec, ctx, started)
     if "path" in outputs and "sha256" not in outputs:
         outputs["sha256"] = sha256_tree(Path(outputs["path"]))
     ctx.outputs[spec.name], ctx.results[spec.name] = outputs, plain(result)
@@ -319,6 +329,7 @@ def _run_stage(spec: StageSpec, ctx: CompileContext) -> bool:
         finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
         seconds=round(time.perf_counter() - started, 3),
         device=ctx.device,
+        **peak.to_dict(),
     )
     return True
 

@@ -219,3 +219,7 @@ def test_large_model_path_keeps_tensors_outside_the_graph(tiny_model_dir, tmp_pa
     }
     assert locations == {"model.onnx_data"}
     assert _check(result.validation, "ORTModelForCausalLM")["passed"]
+    if quant == "none":  # the tied LM head is stored once, as the embedding (optimum cannot share it above 2 GB)
+        vocab_sized = [init.name for init in graph.graph.initializer if 49152 in init.dims]
+        assert len(vocab_sized) == 1, vocab_sized
+        assert any(node.name == "slimllm_tied_lm_head" for node in graph.graph.node)

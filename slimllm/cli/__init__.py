@@ -11,6 +11,7 @@ from slimllm.cli import (  # noqa: F401  (each module registers its command)
     export_command,
     heal_command,
     inspect_command,
+    plan_command,
     profile_command,
     prune_command,
 )

@@ -46,7 +46,9 @@ FLAGS = [
                     rename={"outtypes": "--outtype"}, defaults={"outtypes": ",".join(COMPILE_GGUF_TYPES)}),
 ]
 
-COMPILE_SECTION_FLAGS = ("eval_seq_len", "eval_windows", "eval_task", "eval_task_file", "eval_tasks", "heal")
+COMPILE_SECTION_FLAGS = (
+    "eval_seq_len", "eval_windows", "eval_task", "eval_task_file", "eval_tasks", "heal", "memory_check",
+)
 """[compile] settings passed as section overrides (the others are compile()'s own arguments)."""
 
 FIXED = common_parameters(
@@ -58,21 +60,27 @@ FIXED = common_parameters(
 )
 
 
+def split_compile_flags(given: dict[str, dict[str, Any]]) -> tuple[dict, dict, dict[str, dict[str, Any]]]:
+    """The flags given, as compile() takes them: [compile] flags, prune flags, and per-section overrides."""
+    compile_flags = dict(given.get("compile", {}))
+    prune_flags = given.get("prune", {})
+    overrides = {
+        "compile": {k: compile_flags.pop(k) for k in COMPILE_SECTION_FLAGS if k in compile_flags},
+        "prune": {k: v for k, v in prune_flags.items() if k not in ("method", "remove", "ratio", "calib")},
+        "heal": given.get("heal", {}),
+        "onnx": given.get("onnx", {}),
+        "gguf": given.get("gguf", {}),
+    }
+    return compile_flags, prune_flags, overrides
+
+
 def _compile(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
     def action() -> None:
         from slimllm.pipeline import compile as compile_pipeline
 
         if fixed["out"] is None:
             raise UserInputError("--out is required: the directory of the compile run")
-        compile_flags = dict(given.get("compile", {}))
-        prune_flags = given.get("prune", {})
-        overrides = {
-            "compile": {k: compile_flags.pop(k) for k in COMPILE_SECTION_FLAGS if k in compile_flags},
-            "prune": {k: v for k, v in prune_flags.items() if k not in ("method", "remove", "ratio", "calib")},
-            "heal": given.get("heal", {}),
-            "onnx": given.get("onnx", {}),
-            "gguf": given.get("gguf", {}),
-        }
+        compile_flags, prune_flags, overrides = split_compile_flags(given)
         bar = ProgressBar("compile")
         try:
             result = compile_pipeline(

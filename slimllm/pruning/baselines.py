@@ -21,6 +21,7 @@ from slimllm.errors import UserInputError
 from slimllm.pruning.greedy import greedy_removal, without_layers
 from slimllm.pruning.layer_io import stream_layers
 from slimllm.pruning.registry import (
+    PlannedWork,
     PruningMethod,
     Selection,
     SelectionRequest,
@@ -146,6 +147,11 @@ class Angular(PruningMethod):
 class Sleb(PruningMethod):
     name = "sleb"
     description = "SLEB-style greedy: repeatedly remove the layer whose removal hurts the calibration loss least."
+
+    def planned_work(self, settings, k, num_layers, calib_blocks, block_len, batch_size) -> PlannedWork:
+        # k rounds, each scoring every remaining candidate (about half a pass each: only the suffix re-runs).
+        candidates = sum(num_layers - r for r in range(k))
+        return PlannedWork(selection_tokens=calib_blocks * block_len * max(1, candidates // 2))
 
     def select(self, request: SelectionRequest) -> Selection:
         order, history = sleb_greedy(

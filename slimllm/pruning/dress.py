@@ -34,7 +34,7 @@ from slimllm.architectures import decoder_layers
 from slimllm.artifacts import plain
 from slimllm.device import model_autocast
 from slimllm.errors import UserInputError
-from slimllm.pruning.registry import PruningMethod, Selection, SelectionRequest, register
+from slimllm.pruning.registry import PlannedWork, PruningMethod, Selection, SelectionRequest, register
 from slimllm.pruning.training import (
     MixedPrecisionStepper,
     TrainingCheckpoints,
@@ -341,6 +341,11 @@ class Dress(PruningMethod):
     trains_weights = True
     removes_layers = False
     edits_model = True
+
+    def planned_work(self, settings, k, num_layers, calib_blocks, block_len, batch_size) -> PlannedWork:
+        settings = settings or DressSettings()
+        return PlannedWork(selection_tokens=calib_blocks * block_len, train_tokens=settings.reg_tokens,
+                           train_scope="full", ffn_kept=1.0 - settings.sparsity)
 
     def select(self, request: SelectionRequest) -> Selection:
         """Selection, regularization (in place on `request.model`) and width surgery; no whole layer is removed."""

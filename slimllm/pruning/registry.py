@@ -76,6 +76,19 @@ class SelectionRequest:
         return lambda done, total: progress(done, total, stage=stage)
 
 
+@dataclass(frozen=True)
+class PlannedWork:
+    """A method's arithmetic and training, as the memory plan sees them (`PruningMethod.planned_work`)."""
+
+    selection_tokens: int
+    """Tokens run forward to choose what to remove (every greedy candidate counted)."""
+    train_tokens: int = 0
+    train_scope: str = "none"
+    """full, gates, lora or none: what the method's own training updates."""
+    ffn_kept: float = 1.0
+    """Fraction of every FFN the method keeps (width pruning)."""
+
+
 class PruningMethod(ABC):
     """Base of every registered method. Subclasses set the class attributes and implement `select`."""
 
@@ -108,6 +121,12 @@ class PruningMethod(ABC):
         if not self.removes_layers or self.transfers_removed_work(settings):
             return RepairMethod.NONE
         return RepairMethod.LSQ
+
+    def planned_work(self, settings: Any, k: int, num_layers: int, calib_blocks: int, block_len: int,
+                     batch_size: int) -> PlannedWork:
+        """What `slimllm plan` counts for this method: tokens of its scoring passes and of its training, what the
+        training updates, and the FFN share it keeps. The default is one scoring pass over the calibration set."""
+        return PlannedWork(selection_tokens=calib_blocks * block_len if self.needs_calibration else 0)
 
     @abstractmethod
     def select(self, request: SelectionRequest) -> Selection:

@@ -30,7 +30,7 @@ from slimllm.artifacts import plain
 from slimllm.device import model_autocast
 from slimllm.errors import UserInputError
 from slimllm.pruning.gates import GateMode, GateSet, attach_gates, detach_gates
-from slimllm.pruning.registry import PruningMethod, Selection, SelectionRequest, register
+from slimllm.pruning.registry import PlannedWork, PruningMethod, Selection, SelectionRequest, register
 from slimllm.pruning.training import (
     MixedPrecisionStepper,
     TrainingCheckpoints,
@@ -394,6 +394,15 @@ class Trsp(PruningMethod):
     def transfers_removed_work(self, settings: TrspSettings | None) -> bool:
         settings = settings or TrspSettings()
         return settings.stage2 is not Stage2Mode.NONE or settings.train_scope is TrainScope.FULL
+
+    def planned_work(self, settings, k, num_layers, calib_blocks, block_len, batch_size) -> PlannedWork:
+        settings = settings or TrspSettings()
+        full = settings.train_scope is TrainScope.FULL or settings.stage2 is not Stage2Mode.NONE
+        return PlannedWork(
+            selection_tokens=0,
+            train_tokens=settings.training_steps(k) * batch_size * block_len,
+            train_scope="full" if full else "gates",
+        )
 
     def select(self, request: SelectionRequest) -> Selection:
         """Runs both stages on `request.model` in place; the selected layers are removed by the caller."""

@@ -28,7 +28,7 @@ from slimllm.architectures import decoder_layers
 from slimllm.artifacts import plain
 from slimllm.errors import UserInputError
 from slimllm.pruning.greedy import greedy_removal, without_attention
-from slimllm.pruning.registry import PruningMethod, Selection, SelectionRequest, register
+from slimllm.pruning.registry import PlannedWork, PruningMethod, Selection, SelectionRequest, register
 from slimllm.pruning.width import ffn_neuron_scores, ffn_of, ffn_width, keep_ffn_neurons, top_neurons
 
 Progress = Callable[..., None]
@@ -200,6 +200,13 @@ class TwoSsp(PruningMethod):
     settings_class = TwoSspSettings
     removes_layers = False
     edits_model = True
+
+    def planned_work(self, settings, k, num_layers, calib_blocks, block_len, batch_size) -> PlannedWork:
+        settings = settings or TwoSspSettings()
+        # Greedy attention search: about sparsity x layers rounds, each scoring every block (half a pass each).
+        rounds = max(1, round(settings.sparsity * num_layers / 4))
+        search = settings.attention_blocks * block_len * rounds * num_layers // 2
+        return PlannedWork(selection_tokens=calib_blocks * block_len + search, ffn_kept=1.0 - settings.sparsity)
 
     def select(self, request: SelectionRequest) -> Selection:
         """Both stages on `request.model` (a copy the caller owns): width surgery in place, then a new model whose

@@ -1,0 +1,77 @@
+"""`slimllm plan`: the estimated peak memory and time class of every compile stage, before any work.
+
+It takes the same flags and recipe as `slimllm compile` and reads only the model's configuration (a hub model's
+config.json, not its weights).
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from slimllm.cli.app import app, emit, pick_model, run_command
+from slimllm.cli.compile_command import FLAGS, split_compile_flags
+from slimllm.cli.options import fixed_option, settings_command
+
+
+def _fixed() -> list[inspect.Parameter]:
+    from slimllm.cli.app import DebugOpt, DeviceOpt, JsonOpt, ModelArg, ModelOpt
+
+    return [
+        fixed_option("model", ModelArg),
+        fixed_option("model_option", ModelOpt),
+        fixed_option("recipe", Annotated[Path | None, typer.Option("--recipe", help="The compile recipe to plan.")]),
+        fixed_option("device", DeviceOpt, "auto"),
+        fixed_option("as_json", JsonOpt, False),
+        fixed_option("debug", DebugOpt, False),
+    ]
+
+
+def _plan(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
+    def action() -> None:
+        from slimllm.device import resolve_device
+        from slimllm.memory_plan import GIB, check_fits, plan_compile
+        from slimllm.models import model_config
+        from slimllm.pipeline import resolve_compile_settings
+
+        compile_flags, prune_flags, overrides = split_compile_flags(given)
+        settings = resolve_compile_settings(
+            fixed["recipe"], overrides, compile_flags.get("target"), compile_flags.get("eval_data"),
+            compile_flags.get("profile", "default"), prune_flags.get("method"), prune_flags.get("remove"),
+            prune_flags.get("ratio"), prune_flags.get("calib"),
+        )
+        model = pick_model(fixed["model"], fixed["model_option"])
+        device = str(resolve_device(fixed["device"]))
+        plans, machine, work = plan_compile(model_config(model), settings, device)
+        payload = {
+            "model": model,
+            "device": device,
+            "machine": {"host_bytes": machine.host_bytes, "device_bytes": machine.device_bytes,
+                        "cores": machine.cores},
+            "removed_layers": work.removed_layers,
+            "stages": [plan.to_dict() for plan in plans],
+        }
+        lines = [f"{model} on {device} ({machine.host_bytes / GIB:.1f} GiB host"
+                 + (f", {machine.device_bytes / GIB:.1f} GiB device" if machine.device_bytes else "")
+                 + f", {machine.cores} cores); {work.removed_layers} layers removed",
+                 f"{'stage':<12} {'host GiB':>9} {'device GiB':>11}  time"]
+        for plan in plans:
+            lines.append(f"{plan.stage:<12} {plan.host_bytes / GIB:>9.1f} {plan.device_bytes / GIB:>11.1f}  "
+                         f"{plan.time_class}")
+        emit(payload, fixed["as_json"], lines)
+        check_fits(plans, machine)
+
+    run_command(fixed["debug"], action)
+
+
+plan_command = settings_command(
+    app,
+    "plan",
+    _fixed(),
+    FLAGS,
+    _plan,
+    "Estimate every compile stage's peak memory and time on this machine before any work; takes compile's flags.",
+)

@@ -1,0 +1,343 @@
+"""Peak memory and time class of every compile stage, estimated before any work from the model's configuration.
+
+    >>> plans = plan_stages(config, settings, device="cpu")
+    >>> [(p.stage, p.host_bytes / 2**30) for p in plans]
+    [('prune', 9.6), ('export_onnx', 11.9), ...]
+    >>> check_fits(plans, MachineMemory.here("cpu"))        # one line and exit 2 when a stage cannot fit
+
+The model is built on PyTorch's meta device, so parameter counts are exact and nothing is allocated or downloaded
+beyond the configuration. Each stage's estimate counts the copies of the weights that stage's code holds at its
+peak, plus its largest activations; the coefficients are written out below with the code path they stand for, and
+`bench/scale.py` puts every estimate beside the measured peak (README, Scale). Host figures are resident memory of
+the process and its children; device figures are the CUDA allocator's peak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from slimllm.errors import UserInputError
+
+GIB = 2**30
+
+PROCESS_BASE_BYTES = int(0.75 * GIB)
+"""Python, torch, transformers, onnxruntime and llama.cpp loaded, before any model: measured 0.35 GiB after imports
+and about 0.7 GiB once the first kernels and tokenizer are loaded (SmolLM2-135M stages, less their weights)."""
+
+CPU_FLOPS_PER_CORE = 40e9
+"""Sustained fp32 matmul throughput per core in our forward passes (SmolLM2-135M: 4-6 s per forward+backward of
+1k tokens on 2 cores)."""
+GPU_FLOPS = 150e12
+"""Sustained bf16 throughput of a data-centre GPU in training and scoring (about a third of an H100's peak)."""
+
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class ModelFootprint:
+    """Exact parameter counts of a decoder-only model and the shapes its activations take."""
+
+    parameters: int
+    layer_parameters: int
+    """Parameters of one decoder layer (layers are identical in the models slimllm prunes)."""
+    embedding_parameters: int
+    head_parameters: int
+    """Parameters of a separate LM head (0 when tied to the embedding)."""
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+
+    @classmethod
+    def from_config(cls, config) -> ModelFootprint:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        from slimllm.architectures import decoder_layers
+
+        layers = decoder_layers(model)
+        embedding = model.get_input_embeddings().weight
+        head = model.get_output_embeddings()
+        tied = head is not None and head.weight is embedding
+        return cls(
+            parameters=sum(p.numel() for p in model.parameters()),
+            layer_parameters=sum(p.numel() for p in layers[0].parameters()),
+            embedding_parameters=embedding.numel(),
+            head_parameters=0 if tied or head is None else head.weight.numel(),
+            num_layers=len(layers),
+            hidden_size=int(config.hidden_size),
+            intermediate_size=int(getattr(config, "intermediate_size", 4 * config.hidden_size)),
+            vocab_size=int(config.vocab_size),
+        )
+
+    def without_layers(self, removed: int) -> ModelFootprint:
+        return ModelFootprint(
+            self.parameters - removed * self.layer_parameters,
+            self.layer_parameters,
+            self.embedding_parameters,
+            self.head_parameters,
+            self.num_layers - removed,
+            self.hidden_size,
+            self.intermediate_size,
+            self.vocab_size,
+        )
+
+    def with_ffn_width(self, fraction_kept: float) -> ModelFootprint:
+        """After width pruning keeps `fraction_kept` of every FFN."""
+        ffn = 3 * self.hidden_size * self.intermediate_size
+        removed = int(ffn * (1 - fraction_kept))
+        return ModelFootprint(
+            self.parameters - self.num_layers * removed,
+            self.layer_parameters - removed,
+            self.embedding_parameters,
+            self.head_parameters,
+            self.num_layers,
+            self.hidden_size,
+            int(self.intermediate_size * fraction_kept),
+            self.vocab_size,
+        )
+
+    @property
+    def fp32_bytes(self) -> int:
+        return FP32 * self.parameters
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    stage: str
+    host_bytes: int
+    device_bytes: int
+    flops: float
+    """Arithmetic of the stage's forward and backward passes (time class from the machine's throughput)."""
+    counts: str
+    """What the estimate counts, in words."""
+    time_class: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class MachineMemory:
+    host_bytes: int
+    device_bytes: int | None
+    device: str
+    cores: int
+
+    @classmethod
+    def here(cls, device: str) -> MachineMemory:
+        import os
+
+        import psutil
+
+        device_bytes = None
+        if device.startswith("cuda") and torch.cuda.is_available():
+            index = torch.device(device).index or 0
+            device_bytes = int(torch.cuda.get_device_properties(index).total_memory)
+        return cls(int(psutil.virtual_memory().total), device_bytes, device, os.cpu_count() or 1)
+
+    def time_class(self, flops: float) -> str:
+        rate = GPU_FLOPS if self.device.startswith("cuda") else CPU_FLOPS_PER_CORE * self.cores
+        seconds = flops / rate
+        for limit, label in ((60, "under a minute"), (600, "minutes"), (3600, "tens of minutes"), (86400, "hours")):
+            if seconds < limit:
+                return label
+        return "days"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The settings of a compile run that decide memory and arithmetic."""
+
+    removed_layers: int
+    ffn_kept: float
+    """Fraction of each FFN that width pruning keeps (1.0 for layer removal)."""
+    selection_tokens: int
+    """Tokens of the calibration passes that choose what to remove (every greedy candidate counted)."""
+    calib_batch: int
+    block_len: int
+    calib_blocks: int
+    train_tokens: int
+    """Tokens the pruning method trains on (TRSP, DReSS, 2SSP's none)."""
+    train_scope: str
+    """full, gates or lora: what the pruning method's training updates."""
+    repair: bool
+    heal_tokens: int
+    heal_scope: str | None
+    heal_batch: int
+    heal_block_len: int
+    onnx_quant: str | None
+    gguf_types: tuple[str, ...]
+    eval_tokens: int
+    eval_seq_len: int
+    eval_artifacts: int
+    task_tokens: int
+    profile: bool
+
+
+def _logits(model: ModelFootprint, tokens: int) -> int:
+    return FP32 * tokens * model.vocab_size
+
+
+def _training_bytes(model: ModelFootprint, scope: str, batch: int, block_len: int) -> int:
+    """Student state for AdamW in fp32 (weights, gradients, two moments; LoRA: frozen weights + rank-16 adapters),
+    and the activations kept for backward: about 16 hidden-sized and 3 FFN-sized tensors per layer and token, and
+    the logits four times (student, teacher, both log-softmaxes for the KL term)."""
+    tokens = batch * block_len
+    if scope == "full":
+        state = 4 * model.fp32_bytes
+    elif scope == "lora":
+        adapters = model.num_layers * 16 * (4 * model.hidden_size + 3 * (model.hidden_size + model.intermediate_size))
+        state = model.fp32_bytes + 4 * FP32 * adapters
+    else:  # gates: the weights are frozen, a few scalars train
+        state = model.fp32_bytes
+    per_layer = FP32 * tokens * (16 * model.hidden_size + 3 * model.intermediate_size)
+    return state + model.num_layers * per_layer + 4 * _logits(model, tokens)
+
+
+def plan_stages(dense: ModelFootprint, work: Workload, machine: MachineMemory) -> list[StagePlan]:
+    """Per compile stage, the peak host and device memory and the arithmetic, on `machine`."""
+    pruned = dense.without_layers(work.removed_layers).with_ffn_width(work.ffn_kept)
+    on_gpu = machine.device.startswith("cuda")
+    base = PROCESS_BASE_BYTES
+    W, P = dense.fp32_bytes, pruned.fp32_bytes  # noqa: N806 - the weights' sizes, named as in the docs
+    plans: list[StagePlan] = []
+
+    def add(stage: str, host: int, device: int, flops: float, counts: str) -> None:
+        if on_gpu:  # the weights and activations move to the device; the host keeps the loading copy
+            host, device = base + W, device
+        else:
+            device = 0
+        plans.append(StagePlan(stage, int(host), int(device), flops, counts, machine.time_class(flops)))
+
+    stream = 2 * FP32 * work.calib_blocks * work.block_len * dense.hidden_size
+    select_flops = 2 * dense.parameters * work.selection_tokens
+    if work.train_tokens:
+        training = _training_bytes(dense, work.train_scope, work.calib_batch, work.block_len)
+        teacher = W
+        add("prune", base + W + training + teacher + P, training + teacher,
+            select_flops + 6 * dense.parameters * work.train_tokens,
+            "the model and its training state (AdamW in fp32, activations for backward), the dense teacher, "
+            "the pruned copy while saving")
+    else:
+        repair = 2 * FP32 * dense.hidden_size**2 * 2 if work.repair else 0
+        add("prune", base + W + stream + repair, W + stream,
+            select_flops,
+            "the model (layers are removed in place and saved tensor by tensor), the calibration stream of one "
+            "layer for every block")
+    if work.heal_tokens and work.heal_scope:
+        training = _training_bytes(pruned, work.heal_scope, work.heal_batch, work.heal_block_len)
+        add("heal", base + training + W + P, training + W,
+            6 * pruned.parameters * work.heal_tokens,
+            f"the pruned model's training state ({work.heal_scope}), the dense teacher, the healed copy while saving")
+    if work.onnx_quant is not None:
+        add("export_onnx", base + 3 * P + _logits(pruned, work.eval_seq_len), P,
+            2 * 2 * pruned.parameters * work.eval_tokens,
+            "the model, its traced ONNX graph and the graph's serialization (export); the graph and its quantized "
+            "copy (quantization); the ONNX session and the PyTorch reference (validation)")
+    if work.gguf_types:
+        add("export_gguf", base + 2 * P + _logits(pruned, work.eval_seq_len) * 2, P,
+            2 * 2 * pruned.parameters * work.eval_tokens * len(work.gguf_types),
+            "the PyTorch reference and the largest GGUF file mapped by llama.cpp (validation); llama.cpp's "
+            "quantizer reading the F32 intermediate")
+    add("evaluate", base + 2 * W + P + 3 * _logits(dense, work.eval_seq_len), W + P,
+        2 * 2 * dense.parameters * work.eval_tokens * max(1, work.eval_artifacts),
+        "the dense model and one evaluated artifact at a time, logits of one window of each")
+    if work.task_tokens:
+        add("accuracy", base + W + P + 3 * _logits(dense, work.eval_seq_len), W + P,
+            2 * dense.parameters * work.task_tokens * (1 + work.eval_artifacts),
+            "the dense model and one scored artifact at a time")
+    if work.profile:
+        add("profile", base + 2 * W, W, 2 * dense.parameters * 2048 * 2 * max(1, work.eval_artifacts),
+            "one benchmark worker at a time, holding the model it times")
+    add("report", base, 0, 0, "the run's records and plots")
+    return plans
+
+
+def check_fits(plans: list[StagePlan], machine: MachineMemory, headroom: float = 0.9) -> None:
+    """Refuse, in one line, a run whose estimated peak exceeds what the machine has (with 10 % headroom)."""
+    for plan in plans:
+        if plan.host_bytes > headroom * machine.host_bytes:
+            raise UserInputError(
+                f"stage {plan.stage} needs about {plan.host_bytes / GIB:.1f} GiB of memory and this machine has "
+                f"{machine.host_bytes / GIB:.1f} GiB; {fitting_advice(plan.stage, machine)} (--no-memory-check runs "
+                "it anyway)"
+            )
+        if machine.device_bytes is not None and plan.device_bytes > headroom * machine.device_bytes:
+            raise UserInputError(
+                f"stage {plan.stage} needs about {plan.device_bytes / GIB:.1f} GiB on {machine.device}, which has "
+                f"{machine.device_bytes / GIB:.1f} GiB; {fitting_advice(plan.stage, machine)} (--no-memory-check "
+                "runs it anyway)"
+            )
+
+
+def fitting_advice(stage: str, machine: MachineMemory) -> str:
+    return {
+        "prune": "use a method that trains nothing (--method shortgpt, angular or 2ssp), TRSP with "
+                 "train_scope = \"gates\", or fewer calibration blocks (calib_blocks in [prune])",
+        "heal": "heal with --heal-scope lora, or --no-heal",
+        "export_onnx": "export to GGUF only (--target gguf), which streams one tensor at a time",
+        "export_gguf": "write fewer GGUF types (--outtype q8_0)",
+        "evaluate": "evaluate fewer windows (--eval-windows) on a machine with more memory",
+        "accuracy": "skip the task (--eval-task none)",
+        "profile": "skip the latency stage (--profile none)",
+    }.get(stage, "run it on a machine with more memory") + ("" if machine.device == "cpu" else
+                                                            "; or run on a machine with more memory")
+
+
+HELLASWAG_TOKENS_PER_TASK = 4 * 96
+"""Four endings scored with their context: about 96 tokens each in HellaSwag."""
+
+
+def workload_for(settings: dict[str, Any], dense: ModelFootprint) -> Workload:
+    """The workload of a compile run from its resolved settings (`slimllm.compile_settings.resolve_settings`)."""
+    from slimllm.compile_settings import Target
+    from slimllm.pruning.candidates import layers_to_remove
+
+    compile_settings, prune, heal = settings["compile"], settings["prune"], settings["heal"]
+    work_kwargs: dict[str, Any] = dict(removed_layers=0, ffn_kept=1.0, selection_tokens=0, train_tokens=0,
+                                       train_scope="none", repair=False, calib_batch=1, block_len=512, calib_blocks=0)
+    if prune is not None:
+        spec = prune.method.spec
+        k = layers_to_remove(dense.num_layers, prune.remove, prune.ratio) if spec.removes_layers else 0
+        planned = spec.planned_work(settings["method_settings"], k, dense.num_layers, prune.calib_blocks,
+                                    prune.block_len, prune.batch_size)
+        from slimllm.pruning.repair import RepairMethod
+
+        work_kwargs.update(
+            removed_layers=k, ffn_kept=planned.ffn_kept, selection_tokens=planned.selection_tokens,
+            train_tokens=planned.train_tokens, train_scope=planned.train_scope,
+            repair=prune.resolved_repair(settings["method_settings"]) is not RepairMethod.NONE,
+            calib_batch=prune.batch_size, block_len=prune.block_len, calib_blocks=prune.calib_blocks,
+        )
+    target = compile_settings.target
+    onnx = settings["onnx"].quant.value if target in (Target.ONNX, Target.ALL) else None
+    gguf = tuple(t.value for t in settings["gguf"].outtypes) if target in (Target.GGUF, Target.ALL) else ()
+    artifacts = 1 + (onnx is not None) + len(gguf)
+    eval_tokens = compile_settings.eval_windows * compile_settings.eval_seq_len
+    return Workload(
+        **work_kwargs,
+        heal_tokens=heal.tokens if heal is not None else 0,
+        heal_scope=heal.scope.value if heal is not None else None,
+        heal_batch=heal.batch_size if heal is not None else 0,
+        heal_block_len=heal.block_len if heal is not None else 0,
+        onnx_quant=onnx,
+        gguf_types=gguf,
+        eval_tokens=eval_tokens,
+        eval_seq_len=compile_settings.eval_seq_len,
+        eval_artifacts=artifacts,
+        task_tokens=compile_settings.eval_tasks * HELLASWAG_TOKENS_PER_TASK if compile_settings.eval_task else 0,
+        profile=compile_settings.profile is not None,
+    )
+
+
+def plan_compile(config, settings: dict[str, Any], device: str) -> tuple[list[StagePlan], MachineMemory, Workload]:
+    """Every stage's estimate for a compile of a model with `config` under `settings`, on this machine."""
+    dense = ModelFootprint.from_config(config)
+    machine = MachineMemory.here(device)
+    work = workload_for(settings, dense)
+    return plan_stages(dense, work, machine), machine, work

@@ -1,0 +1,98 @@
+"""`slimllm plan` and compile's memory check: exact parameter counts from the configuration, per-stage estimates,
+a run that cannot fit refused up front in one line."""
+
+import json
+
+import pytest
+import torch
+from conftest import build_tiny_model
+from test_cli import _assert_user_error, run_cli
+
+from slimllm.architectures import decoder_layers
+from slimllm.memory import PeakMemory
+from slimllm.memory_plan import GIB, MachineMemory, ModelFootprint, check_fits, plan_compile
+from slimllm.pipeline import resolve_compile_settings
+
+
+def _settings(method="shortgpt", **compile_overrides):
+    return resolve_compile_settings(None, {"compile": compile_overrides}, "all", None, "none", method, 2, None, None)
+
+
+def _write_config(tmp_path, **values):
+    """A directory holding only a configuration (what plan reads; no weights)."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(**values).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_footprint_counts_match_a_built_model():
+    model = build_tiny_model("llama", num_layers=4)
+    footprint = ModelFootprint.from_config(model.config)
+    assert footprint.parameters == sum(p.numel() for p in model.parameters())
+    assert footprint.layer_parameters == sum(p.numel() for p in decoder_layers(model)[0].parameters())
+    assert footprint.num_layers == 4
+    assert footprint.without_layers(1).parameters == footprint.parameters - footprint.layer_parameters
+
+
+def test_every_enabled_stage_is_planned_and_the_method_counts():
+    config = build_tiny_model("llama", num_layers=6).config
+    plans, machine, work = plan_compile(config, _settings(), "cpu")
+    assert [p.stage for p in plans] == ["prune", "heal", "export_onnx", "export_gguf", "evaluate", "accuracy",
+                                        "report"]
+    assert work.removed_layers == 2 and machine.host_bytes > 0
+    assert all(p.host_bytes > 0 and p.time_class for p in plans)
+    _, _, sleb = plan_compile(config, _settings("sleb"), "cpu")
+    _, _, trsp = plan_compile(config, _settings("trsp"), "cpu")
+    assert sleb.selection_tokens > work.selection_tokens  # the greedy search scores every candidate
+    assert trsp.train_tokens > 0 and work.train_tokens == 0
+
+
+def test_plan_cli_prints_every_stage(tmp_path):
+    config_dir = _write_config(tmp_path, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)
+    result = run_cli("plan", str(config_dir), "--method", "shortgpt", "-k", "4", "--no-heal", "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    stages = {s["stage"]: s for s in payload["stages"]}
+    assert payload["removed_layers"] == 4 and "heal" not in stages
+    weights = 4 * 1_498_482_688  # Llama-3.2-1B's shape, untied: 1.50B parameters in fp32
+    assert weights < stages["prune"]["host_bytes"] < 3 * weights
+
+
+def test_a_run_that_cannot_fit_is_refused_in_one_line(tmp_path):
+    """A 70B-shaped configuration on this machine: plan says which stage and what would fit, exit 2."""
+    config_dir = _write_config(tmp_path, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                               num_attention_heads=64, num_key_value_heads=8, vocab_size=128256)
+    result = run_cli("plan", str(config_dir), "--method", "shortgpt", "-k", "20", "--no-heal")
+    _assert_user_error(result, "stage prune needs about")
+    assert "GiB" in result.stderr and "--no-memory-check" in result.stderr
+
+
+def test_compile_refuses_before_any_work(tmp_path, tiny_model_dir, monkeypatch):
+    small = MachineMemory(host_bytes=64 * 2**20, device_bytes=None, device="cpu", cores=2)
+    monkeypatch.setattr(MachineMemory, "here", classmethod(lambda cls, device: small))
+    out = tmp_path / "run"
+    result = run_cli("compile", str(tiny_model_dir("llama", True)), "--out", str(out), "--method", "last", "-k", "1",
+                     "--no-heal", "--profile", "none", "--eval-task", "none")
+    _assert_user_error(result, "needs about")
+    assert not out.exists()
+
+
+def test_check_fits_counts_the_device():
+    config = build_tiny_model("llama", num_layers=4).config
+    plans, _, _ = plan_compile(config, _settings(), "cpu")
+    roomy = MachineMemory(host_bytes=64 * GIB, device_bytes=None, device="cpu", cores=2)
+    check_fits(plans, roomy)
+    with pytest.raises(Exception, match="needs about"):
+        check_fits(plans, MachineMemory(host_bytes=2**20, device_bytes=None, device="cpu", cores=2))
+
+
+def test_peak_memory_sees_an_allocation():
+    with PeakMemory(interval=0.01) as idle:
+        pass
+    with PeakMemory(interval=0.01) as busy:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB touched
+        block += 1
+        del block
+    assert busy.host_bytes >= idle.host_bytes + 48 * 2**20
