@@ -198,7 +198,9 @@ def compile(  # noqa: A001 - the product's verb; `slimllm.compile(...)` mirrors 
     )
 
 
-def resolve_compile_settings(recipe, overrides, target, eval_data, profile, method, remove, ratio, calib) -> dict[str, Any]:
+def resolve_compile_settings(
+    recipe, overrides, target, eval_data, profile, method, remove, ratio, calib
+) -> dict[str, Any]:
     """Every stage's settings for a compile: class defaults < recipe < `overrides` < explicit arguments."""
     from slimllm.recipes import load_recipe
 
