@@ -350,17 +350,38 @@ def _export_with_optimum(checkpoint: CheckpointInfo, out: Path, settings: OnnxEx
         raise ExportError(f"optimum could not export {checkpoint.path}: {exc}") from exc
     if not (out / MODEL_FILE).is_file():
         raise ExportError(f"optimum wrote no {MODEL_FILE} for {checkpoint.path}")
-    if large and checkpoint.tied_embeddings:
-        _share_tied_head(out / MODEL_FILE)
+    if large:
+        _rewrite_large_export(out / MODEL_FILE, share_tied_head=checkpoint.tied_embeddings)
 
 
-def _share_tied_head(model_path: Path) -> bool:
+def _rewrite_large_export(model_path: Path, share_tied_head: bool) -> None:
+    """What optimum's post-processing does, for graphs it cannot size: the tied LM head shared with the embedding,
+    and the tensors torch wrote one file each gathered into `model.onnx_data`."""
+    import onnx
+
+    skeleton = onnx.load(str(model_path), load_external_data=False)
+    locations = {
+        entry.value
+        for init in skeleton.graph.initializer
+        for entry in init.external_data
+        if entry.key == "location"
+    }
+    del skeleton
+    model = onnx.load(str(model_path))
+    if share_tied_head:
+        _share_tied_head(model)
+    _save_onnx(model, model_path)
+    for location in locations - {model_path.name, model_path.name + "_data"}:
+        stale = model_path.parent / location
+        if stale.parent == model_path.parent and stale.is_file():
+            stale.unlink()
+
+
+def _share_tied_head(model) -> bool:
     """Replace an LM head weight that is the embedding transposed by a Transpose of the embedding (what optimum's
     post-processing does below 2 GB), so that the file holds the matrix once. Returns True if it did."""
-    import onnx
     from onnx import helper, numpy_helper
 
-    model = onnx.load(str(model_path))
     initializers = {init.name: init for init in model.graph.initializer}
     gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in initializers]
     heads = [n for n in model.graph.node if n.name in _lm_head_nodes(model) and n.input[1] in initializers]
@@ -376,7 +397,6 @@ def _share_tied_head(model_path: Path) -> bool:
                                                 name="slimllm_tied_lm_head"))
     heads[0].input[1] = shared
     model.graph.initializer.remove(head)
-    _save_onnx(model, model_path)
     return True
 
 
