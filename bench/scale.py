@@ -60,18 +60,46 @@ MODELS = {
         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1000000.0,
         max_position_embeddings=32768, rms_norm_eps=1e-6, use_sliding_window=False,
     ),
+    "llama-3.1-8b": dict(
+        model_type="llama", hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
+        max_position_embeddings=131072, rms_norm_eps=1e-5,
+    ),
+    "llama-3.1-70b": dict(
+        model_type="llama", hidden_size=8192, num_hidden_layers=80, intermediate_size=28672, num_attention_heads=64,
+        num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
+        max_position_embeddings=131072, rms_norm_eps=1e-5,
+    ),
 }
-REMOVE = {"llama-3.2-1b": 4, "qwen2.5-3b": 9}
+EMBEDDED = ("smollm2-135m",)
+"""Real models run as they are (the plan's check at the small end)."""
+REMOVE = {"smollm2-135m": 8, "llama-3.2-1b": 4, "qwen2.5-3b": 9, "llama-3.1-8b": 8, "llama-3.1-70b": 20}
+"""A quarter of the layers."""
+
+
+def _config(name: str):
+    from transformers import AutoConfig
+
+    if name in EMBEDDED:
+        return AutoConfig.from_pretrained(str(checkpoint_directory(name)))
+    values = dict(MODELS[name])
+    return AutoConfig.for_model(values.pop("model_type"), **values)
+
+
+def config_only(name: str, out: Path) -> Path:
+    """A directory with the published configuration alone: all `slimllm plan` reads."""
+    out.mkdir(parents=True, exist_ok=True)
+    _config(name).save_pretrained(str(out))
+    return out
 
 
 def build_model(name: str, out: Path, seed: int = 0) -> Path:
     """A random-weight checkpoint of the published shape, with SmolLM2's tokenizer files; reused when present."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if (out / "model.safetensors.index.json").is_file() or (out / "model.safetensors").is_file():
         return out
-    values = dict(MODELS[name])
-    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    config = _config(name)
     tokenizer_dir = checkpoint_directory("smollm2-135m")
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -113,7 +141,9 @@ def _plan(model_dir: Path, flags: list[str]) -> dict[str, dict]:
     return {stage["stage"]: stage for stage in payload["stages"]}
 
 
-def compile_rows(name: str, model_dir: Path, run_dir: Path, work: Path, remeasure: bool) -> tuple[list[dict], dict]:
+def compile_flags(name: str, work: Path) -> list[str]:
+    """The compile settings measured here: ShortGPT removing a quarter of the layers, no healing, no latency stage,
+    no multiple-choice task, four 512-token evaluation windows, 8 x 512 calibration tokens."""
     recipe = work / f"{name}-recipe.toml"
     recipe.write_text(
         "[prune]\n"
@@ -121,11 +151,15 @@ def compile_rows(name: str, model_dir: Path, run_dir: Path, work: Path, remeasur
         "calib_blocks = 8\nblock_len = 512\nbatch_size = 1\n"
         "[gguf]\nouttypes = [\"f16\", \"q8_0\", \"q4_k_m\"]\n"
     )
-    flags = [
+    return [
         "--recipe", str(recipe), "--method", "shortgpt", "--remove", str(REMOVE[name]), "--target", "all",
         "--onnx-quant", "int4", "--no-heal", "--profile", "none", "--eval-task", "none", "--eval-windows", "4",
         "--eval-data", str(SHARED / "wikitext2" / "wiki.test.raw"),
     ]
+
+
+def compile_rows(name: str, model_dir: Path, run_dir: Path, work: Path, remeasure: bool) -> tuple[list[dict], dict]:
+    flags = compile_flags(name, work)
     command = [sys.executable, "-m", "slimllm", "compile", str(model_dir), "--out", str(run_dir), *flags, "--json"]
     code, seconds, peak = _run(command, work / f"{name}-compile.log", remeasure)
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -152,7 +186,8 @@ def onnx_fp32_row(name: str, checkpoint: Path, out: Path, work: Path, remeasure:
     command = [sys.executable, "-m", "slimllm", "export", str(checkpoint), "--target", "onnx", "--out", str(out),
                "--force", *flags, "--json"]
     code, seconds, peak = _run(command, work / f"{name}-onnx-fp32.log", remeasure)
-    plan = _plan(checkpoint, ["--method", "none", "--target", "onnx", "--profile", "none", "--eval-task", "none"])
+    plan = _plan(checkpoint, ["--method", "none", "--no-heal", "--target", "onnx", "--profile", "none",
+                              "--eval-task", "none"])
     row = _row(name, "export onnx fp32", code == 0, seconds, peak, plan["export_onnx"])
     files = json.loads((out / "slimllm_export.json").read_text())["files"] if code == 0 else {}
     row["files"] = files
@@ -160,30 +195,52 @@ def onnx_fp32_row(name: str, checkpoint: Path, out: Path, work: Path, remeasure:
     return row
 
 
-def weights_bytes(model_dir: Path) -> int:
-    return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+def plan_rows(name: str, work: Path) -> list[dict]:
+    """Estimates alone (the weights are never built) for the same compile settings, on this machine and as if on
+    one GPU (the device plan counts what the stages put on it)."""
+    config_dir = config_only(name, work / f"{name}-config")
+    rows = []
+    for stage, plan in _plan(config_dir, compile_flags(name, work)).items():
+        rows.append({"model": name, "step": f"plan: {stage}", "passed": None, "seconds": None,
+                     "peak_host_bytes": None, "plan_host_bytes": plan["host_bytes"],
+                     "plan_time_class": plan["time_class"], "plan_ratio": None})
+    return rows
+
+
+def weights_bytes(name: str) -> int:
+    from slimllm.memory_plan import ModelFootprint
+
+    return ModelFootprint.from_config(_config(name)).fp32_bytes
+
+
+def _cell(value, spec: str = ".2f") -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    return format(value, spec)
 
 
 def render(result: dict) -> str:
     lines = [
         f"# Scale: {', '.join(result['models'])}",
         "",
-        f"Machine: {result['machine'].get('cpu', '')}, {result['machine'].get('cores', '')} cores, "
+        f"Machine: {result['machine'].get('cpu', '')}, {result['machine'].get('cpu_count', '')} cores, "
         f"{result['machine'].get('memory_gib', '')} GiB. Command: `{result['command']}`.",
         "Peaks are RSS of the process and its children (file pages mapped by safetensors and llama.cpp included). "
         "`plan` is `slimllm plan`'s estimate for the same settings; ratio = estimate / measured.",
         "",
-        "| model | step | passed | seconds | peak RSS GiB | × fp32 weights | plan GiB | plan / measured |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| model | step | passed | seconds | peak RSS GiB | × fp32 weights | plan GiB | plan / measured | plan time |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for row in result["rows"]:
         weights = result["weights_bytes"][row["model"]]
         peak = row.get("peak_host_bytes")
         plan = row.get("plan_host_bytes")
         lines.append(
-            f"| {row['model']} | {row['step']} | {'yes' if row['passed'] else 'NO'} | "
-            f"{row['seconds'] or 0:.0f} | {peak / GIB if peak else 0:.2f} | {peak / weights if peak else 0:.2f} | "
-            f"{plan / GIB if plan else 0:.2f} | {row.get('plan_ratio') or 0:.2f} |"
+            f"| {row['model']} | {row['step']} | {_cell(row['passed'])} | {_cell(row['seconds'], '.0f')} | "
+            f"{_cell(peak and peak / GIB)} | {_cell(peak and peak / weights)} | {_cell(plan and plan / GIB)} | "
+            f"{_cell(row.get('plan_ratio'))} | {row.get('plan_time_class') or '–'} |"
         )
     lines += ["", "fp32 weight sizes: " + ", ".join(
         f"{m} {b / GIB:.2f} GiB" for m, b in result["weights_bytes"].items())]
@@ -192,20 +249,27 @@ def render(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="llama-3.2-1b", help=f"comma-separated: {', '.join(MODELS)}")
-    parser.add_argument("--steps", default="compile,onnx-fp32", help="compile, onnx-fp32")
+    parser.add_argument("--models", default="llama-3.2-1b",
+                        help=f"comma-separated: {', '.join([*EMBEDDED, *MODELS])}")
+    parser.add_argument("--steps", default="compile,onnx-fp32", help="compile, onnx-fp32, plan (estimates only)")
+    parser.add_argument("--plan-models", default="", help="models given the plan alone (their weights are never built)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "scale")
     parser.add_argument("--tag", default=None)
     parser.add_argument("--remeasure", action="store_true", help="run steps whose figures are already kept")
     args = parser.parse_args()
-    models = args.models.split(",")
+    plan_models = [m for m in args.plan_models.split(",") if m]
+    models = [*args.models.split(","), *plan_models]
     steps = args.steps.split(",")
     args.work.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     sizes: dict[str, int] = {}
     for name in models:
-        model_dir = build_model(name, args.work / f"{name}-random")
-        sizes[name] = weights_bytes(model_dir)
+        sizes[name] = weights_bytes(name)
+        if "plan" in steps or name in plan_models:
+            rows += plan_rows(name, args.work)
+        if name in plan_models or not {"compile", "onnx-fp32"} & set(steps):
+            continue
+        model_dir = checkpoint_directory(name) if name in EMBEDDED else build_model(name, args.work / f"{name}-random")
         onnx_source = model_dir
         if "compile" in steps:
             run_dir = args.work / f"{name}-compile"
@@ -222,7 +286,7 @@ def main() -> None:
         "weights_bytes": sizes,
         "rows": rows,
     }
-    tag = args.tag or "-".join(models)
+    tag = args.tag or "-".join(args.models.split(","))
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     atomic_write_json(RESULTS_DIR / f"scale-{tag}.json", result)
     atomic_write_text(RESULTS_DIR / f"scale-{tag}.md", render(result))

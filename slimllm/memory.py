@@ -4,8 +4,10 @@
     ...     run_stage()
     >>> peak.host_bytes, peak.device_bytes
 
-Host memory is sampled (every `interval` seconds) because the kernel keeps only a process-lifetime maximum; child
-processes count (llama.cpp's quantizer, onnxruntime-genai's builder, profiling workers). RSS includes file pages a
+This process's own peak is exact on Linux: the kernel's high-water mark (VmHWM) is reset on entry and read on exit,
+so a peak reached while a C extension holds the GIL is not missed. Child processes (llama.cpp's quantizer,
+onnxruntime-genai's builder, profiling workers) are sampled every `interval` seconds, with this process, as one
+tree; elsewhere than Linux the sampling is all there is. RSS includes file pages a
 process has touched through mmap (safetensors, llama.cpp's GGUF loading): memory that is resident while the stage
 runs, though the kernel can reclaim it.
 """
@@ -13,6 +15,7 @@ runs, though the kernel can reclaim it.
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from types import TracebackType
 
 import psutil
@@ -31,6 +34,27 @@ def process_tree_rss(process: psutil.Process | None = None) -> int:
     return total
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's high-water mark to its current RSS (Linux); False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss() -> int | None:
+    """This process's high-water mark of resident memory since start or the last reset (Linux), in bytes."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
 class PeakMemory:
     """Context manager recording the peak host RSS (process tree) and CUDA allocator peak of what runs inside."""
 
@@ -40,6 +64,7 @@ class PeakMemory:
         self.device_bytes: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._exact = False
 
     def _sample(self) -> None:
         process = psutil.Process()
@@ -51,6 +76,7 @@ class PeakMemory:
     def __enter__(self) -> PeakMemory:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        self._exact = reset_peak_rss()
         self.host_bytes = process_tree_rss()
         self._thread = threading.Thread(target=self._sample, name="slimllm-peak-memory", daemon=True)
         self._thread.start()
@@ -63,6 +89,9 @@ class PeakMemory:
         if self._thread is not None:
             self._thread.join()
         self.host_bytes = max(self.host_bytes, process_tree_rss())
+        own_peak = peak_rss() if self._exact else None
+        if own_peak is not None:
+            self.host_bytes = max(self.host_bytes, own_peak)
         if torch.cuda.is_available():
             self.device_bytes = int(torch.cuda.max_memory_allocated())
 

@@ -27,6 +27,9 @@ PROCESS_BASE_BYTES = int(0.75 * GIB)
 """Python, torch, transformers, onnxruntime and llama.cpp loaded, before any model: measured 0.35 GiB after imports
 and about 0.7 GiB once the first kernels and tokenizer are loaded (SmolLM2-135M stages, less their weights)."""
 
+RETAINED_BYTES = int(0.25 * GIB)
+"""Heap a process keeps after its large stages have freed their tensors (the allocator does not return all of it)."""
+
 CPU_FLOPS_PER_CORE = 40e9
 """Sustained fp32 matmul throughput per core in our forward passes (SmolLM2-135M: 4-6 s per forward+backward of
 1k tokens on 2 cores)."""
@@ -240,21 +243,23 @@ def plan_stages(dense: ModelFootprint, work: Workload, machine: MachineMemory) -
             "the model, its traced ONNX graph and the graph's serialization (export); the graph and its quantized "
             "copy (quantization); the ONNX session and the PyTorch reference (validation)")
     if work.gguf_types:
-        add("export_gguf", base + 2 * P + _logits(pruned, work.eval_seq_len) * 2, P,
+        add("export_gguf", base + P + _logits(pruned, work.eval_seq_len) * 2, P,
             2 * 2 * pruned.parameters * work.eval_tokens * len(work.gguf_types),
-            "the PyTorch reference and the largest GGUF file mapped by llama.cpp (validation); llama.cpp's "
-            "quantizer reading the F32 intermediate")
-    add("evaluate", base + 2 * W + P + 3 * _logits(dense, work.eval_seq_len), W + P,
+            "the PyTorch reference and the logits of one window from it and from llama.cpp (validation); the "
+            "writer streams one tensor at a time, and llama.cpp's mapped files are released pages")
+    add("evaluate", base + W + P + 6 * _logits(dense, work.eval_seq_len), W + P,
         2 * 2 * dense.parameters * work.eval_tokens * max(1, work.eval_artifacts),
-        "the dense model and one evaluated artifact at a time, logits of one window of each")
+        "the dense model and one evaluated artifact at a time; the logits of one window from each, with their "
+        "log-softmaxes and the KL terms")
     if work.task_tokens:
-        add("accuracy", base + W + P + 3 * _logits(dense, work.eval_seq_len), W + P,
+        add("accuracy", base + W + P + 6 * _logits(dense, work.eval_seq_len), W + P,
             2 * dense.parameters * work.task_tokens * (1 + work.eval_artifacts),
             "the dense model and one scored artifact at a time")
     if work.profile:
         add("profile", base + 2 * W, W, 2 * dense.parameters * 2048 * 2 * max(1, work.eval_artifacts),
             "one benchmark worker at a time, holding the model it times")
-    add("report", base, 0, 0, "the run's records and plots")
+    add("report", base + RETAINED_BYTES, 0, 0, "the run's records and plots, in a process that keeps what its "
+        "allocator held for earlier stages")
     return plans
 
 
