@@ -14,7 +14,8 @@ the process and its children; device figures are the CUDA allocator's peak.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -269,35 +270,50 @@ def plan_stages(dense: ModelFootprint, work: Workload, machine: MachineMemory) -
     return plans
 
 
-def check_fits(plans: list[StagePlan], machine: MachineMemory, headroom: float = 0.9) -> None:
-    """Refuse, in one line, a run whose estimated peak exceeds what the machine has (with 10 % headroom)."""
-    for plan in plans:
+ALTERNATIVES: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "prune": [
+        ('TRSP with train_scope = "gates" and stage2 = "none" in [trsp]', {"train_scope": "gates"}),
+        ("a method that trains nothing (--method shortgpt)", {"train_tokens": 0, "train_scope": "none"}),
+    ],
+    "heal": [("--heal-scope lora", {"heal_scope": "lora"}), ("--no-heal", {"heal_tokens": 0, "heal_scope": None})],
+    "export_onnx": [("--target gguf (GGUF streams one tensor at a time)", {"onnx_quant": None})],
+    "accuracy": [("--eval-task none", {"task_tokens": 0})],
+    "profile": [("--profile none", {"profile": False})],
+}
+"""Per stage, the settings that lower its peak, in the order they are offered, as Workload changes."""
+
+
+def check_fits(
+    plans: list[StagePlan],
+    machine: MachineMemory,
+    replan: Callable[[Workload], list[StagePlan]] | None = None,
+    work: Workload | None = None,
+    headroom: float = 0.9,
+) -> None:
+    """Refuse, in one line, a run whose estimated peak exceeds what the machine has (with 10 % headroom). With
+    `replan` and `work`, the line names the first alternative setting under which the whole run fits."""
+
+    def over(plan: StagePlan) -> str | None:
         if plan.host_bytes > headroom * machine.host_bytes:
-            raise UserInputError(
-                f"stage {plan.stage} needs about {plan.host_bytes / GIB:.1f} GiB of memory and this machine has "
-                f"{machine.host_bytes / GIB:.1f} GiB; {fitting_advice(plan.stage, machine)} (--no-memory-check runs "
-                "it anyway)"
-            )
+            return f"{plan.host_bytes / GIB:.1f} GiB of memory and this machine has {machine.host_bytes / GIB:.1f} GiB"
         if machine.device_bytes is not None and plan.device_bytes > headroom * machine.device_bytes:
-            raise UserInputError(
-                f"stage {plan.stage} needs about {plan.device_bytes / GIB:.1f} GiB on {machine.device}, which has "
-                f"{machine.device_bytes / GIB:.1f} GiB; {fitting_advice(plan.stage, machine)} (--no-memory-check "
-                "runs it anyway)"
-            )
+            return (f"{plan.device_bytes / GIB:.1f} GiB on {machine.device}, which has "
+                    f"{machine.device_bytes / GIB:.1f} GiB")
+        return None
 
-
-def fitting_advice(stage: str, machine: MachineMemory) -> str:
-    return {
-        "prune": "use a method that trains nothing (--method shortgpt, angular or 2ssp), TRSP with "
-                 "train_scope = \"gates\", or fewer calibration blocks (calib_blocks in [prune])",
-        "heal": "heal with --heal-scope lora, or --no-heal",
-        "export_onnx": "export to GGUF only (--target gguf), which streams one tensor at a time",
-        "export_gguf": "write fewer GGUF types (--outtype q8_0)",
-        "evaluate": "evaluate fewer windows (--eval-windows) on a machine with more memory",
-        "accuracy": "skip the task (--eval-task none)",
-        "profile": "skip the latency stage (--profile none)",
-    }.get(stage, "run it on a machine with more memory") + ("" if machine.device == "cpu" else
-                                                            "; or run on a machine with more memory")
+    for plan in plans:
+        problem = over(plan)
+        if problem is None:
+            continue
+        advice = "no setting slimllm knows brings it under; use a machine with more memory"
+        for flag, change in ALTERNATIVES.get(plan.stage, []):
+            if replan is None or work is None:
+                advice = f"try {flag}"
+                break
+            if all(over(p) is None for p in replan(replace(work, **change))):
+                advice = f"{flag} would fit"
+                break
+        raise UserInputError(f"stage {plan.stage} needs about {problem}; {advice} (--no-memory-check runs it anyway)")
 
 
 HELLASWAG_TOKENS_PER_TASK = 4 * 96
@@ -346,9 +362,21 @@ def workload_for(settings: dict[str, Any], dense: ModelFootprint) -> Workload:
     )
 
 
-def plan_compile(config, settings: dict[str, Any], device: str) -> tuple[list[StagePlan], MachineMemory, Workload]:
+@dataclass(frozen=True)
+class CompilePlan:
+    dense: ModelFootprint
+    work: Workload
+    machine: MachineMemory
+    stages: list[StagePlan]
+
+    def check(self) -> None:
+        """Raise a one-line UserInputError naming the stage that cannot fit and the setting that would."""
+        check_fits(self.stages, self.machine, lambda work: plan_stages(self.dense, work, self.machine), self.work)
+
+
+def plan_compile(config, settings: dict[str, Any], device: str, machine: MachineMemory | None = None) -> CompilePlan:
     """Every stage's estimate for a compile of a model with `config` under `settings`, on this machine."""
     dense = ModelFootprint.from_config(config)
-    machine = MachineMemory.here(device)
+    machine = machine or MachineMemory.here(device)
     work = workload_for(settings, dense)
-    return plan_stages(dense, work, machine), machine, work
+    return CompilePlan(dense, work, machine, plan_stages(dense, work, machine))

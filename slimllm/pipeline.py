@@ -280,10 +280,9 @@ def _validate_before_work(dense_dir: Path, settings: dict[str, Any], device: str
         check_backends_available(load_profile(compile_settings.profile))
     if compile_settings.memory_check:
         from slimllm.device import resolve_device
-        from slimllm.memory_plan import check_fits, plan_compile
+        from slimllm.memory_plan import plan_compile
 
-        plans, machine, _ = plan_compile(config, settings, str(resolve_device(device)))
-        check_fits(plans, machine)
+        plan_compile(config, settings, str(resolve_device(device))).check()
 
 
 def _python_call(model, out_dir, settings: CompileSettings, method: str, recipe) -> str:

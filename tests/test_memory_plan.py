@@ -9,6 +9,7 @@ from conftest import build_tiny_model
 from test_cli import _assert_user_error, run_cli
 
 from slimllm.architectures import decoder_layers
+from slimllm.errors import UserInputError
 from slimllm.memory import PeakMemory
 from slimllm.memory_plan import GIB, MachineMemory, ModelFootprint, check_fits, plan_compile
 from slimllm.pipeline import resolve_compile_settings
@@ -37,13 +38,14 @@ def test_footprint_counts_match_a_built_model():
 
 def test_every_enabled_stage_is_planned_and_the_method_counts():
     config = build_tiny_model("llama", num_layers=6).config
-    plans, machine, work = plan_compile(config, _settings(), "cpu")
+    plan = plan_compile(config, _settings(), "cpu")
+    plans, machine, work = plan.stages, plan.machine, plan.work
     assert [p.stage for p in plans] == ["prune", "heal", "export_onnx", "export_gguf", "evaluate", "accuracy",
                                         "report"]
     assert work.removed_layers == 2 and machine.host_bytes > 0
     assert all(p.host_bytes > 0 and p.time_class for p in plans)
-    _, _, sleb = plan_compile(config, _settings("sleb"), "cpu")
-    _, _, trsp = plan_compile(config, _settings("trsp"), "cpu")
+    sleb = plan_compile(config, _settings("sleb"), "cpu").work
+    trsp = plan_compile(config, _settings("trsp"), "cpu").work
     assert sleb.selection_tokens > work.selection_tokens  # the greedy search scores every candidate
     assert trsp.train_tokens > 0 and work.train_tokens == 0
 
@@ -81,7 +83,7 @@ def test_compile_refuses_before_any_work(tmp_path, tiny_model_dir, monkeypatch):
 
 def test_check_fits_counts_the_device():
     config = build_tiny_model("llama", num_layers=4).config
-    plans, _, _ = plan_compile(config, _settings(), "cpu")
+    plans = plan_compile(config, _settings(), "cpu").stages
     roomy = MachineMemory(host_bytes=64 * GIB, device_bytes=None, device="cpu", cores=2)
     check_fits(plans, roomy)
     with pytest.raises(Exception, match="needs about"):
@@ -106,3 +108,19 @@ def test_peak_memory_is_exact_between_samples():
         block = torch.ones(96 * 2**20 // 4)
         del block
     assert peak.host_bytes >= before + 80 * 2**20
+
+
+def test_refusal_names_the_setting_that_would_fit(tmp_path):
+    """Full healing of a 1B-shaped model does not fit 21 GiB; LoRA healing does, and the line says so."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True)
+    settings = resolve_compile_settings(None, {"compile": {"heal": True}}, "all", None, "none", "shortgpt", 4, None,
+                                        None)
+    machine = MachineMemory(host_bytes=21 * GIB, device_bytes=None, device="cpu", cores=2)
+    with pytest.raises(UserInputError, match=r"stage heal needs about .*; --heal-scope lora would fit"):
+        plan_compile(config, settings, "cpu", machine).check()
+    lora = resolve_compile_settings(None, {"compile": {"heal": True}, "heal": {"scope": "lora"}}, "all", None, "none",
+                                    "shortgpt", 4, None, None)
+    plan_compile(config, lora, "cpu", machine).check()

@@ -33,7 +33,7 @@ def _fixed() -> list[inspect.Parameter]:
 def _plan(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
     def action() -> None:
         from slimllm.device import resolve_device
-        from slimllm.memory_plan import GIB, check_fits, plan_compile
+        from slimllm.memory_plan import GIB, plan_compile
         from slimllm.models import model_config
         from slimllm.pipeline import resolve_compile_settings
 
@@ -45,24 +45,25 @@ def _plan(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
         )
         model = pick_model(fixed["model"], fixed["model_option"])
         device = str(resolve_device(fixed["device"]))
-        plans, machine, work = plan_compile(model_config(model), settings, device)
+        plan = plan_compile(model_config(model), settings, device)
+        plans, machine, work = plan.stages, plan.machine, plan.work
         payload = {
             "model": model,
             "device": device,
             "machine": {"host_bytes": machine.host_bytes, "device_bytes": machine.device_bytes,
                         "cores": machine.cores},
             "removed_layers": work.removed_layers,
-            "stages": [plan.to_dict() for plan in plans],
+            "stages": [stage.to_dict() for stage in plans],
         }
         lines = [f"{model} on {device} ({machine.host_bytes / GIB:.1f} GiB host"
                  + (f", {machine.device_bytes / GIB:.1f} GiB device" if machine.device_bytes else "")
                  + f", {machine.cores} cores); {work.removed_layers} layers removed",
                  f"{'stage':<12} {'host GiB':>9} {'device GiB':>11}  time"]
-        for plan in plans:
-            lines.append(f"{plan.stage:<12} {plan.host_bytes / GIB:>9.1f} {plan.device_bytes / GIB:>11.1f}  "
-                         f"{plan.time_class}")
+        for stage in plans:
+            lines.append(f"{stage.stage:<12} {stage.host_bytes / GIB:>9.1f} {stage.device_bytes / GIB:>11.1f}  "
+                         f"{stage.time_class}")
         emit(payload, fixed["as_json"], lines)
-        check_fits(plans, machine)
+        plan.check()
 
     run_command(fixed["debug"], action)
 
