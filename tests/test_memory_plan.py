@@ -4,7 +4,6 @@ a run that cannot fit refused up front in one line."""
 import json
 
 import pytest
-import torch
 from conftest import build_tiny_model
 from test_cli import _assert_user_error, run_cli
 
@@ -90,13 +89,22 @@ def test_check_fits_counts_the_device():
         check_fits(plans, MachineMemory(host_bytes=2**20, device_bytes=None, device="cpu", cores=2))
 
 
+def _touch_fresh_pages(size: int) -> None:
+    """Make `size` bytes resident and release them: an anonymous mapping, so that no allocator can serve it from
+    memory the process already holds (a long test session keeps a large free heap)."""
+    import mmap
+
+    block = mmap.mmap(-1, size)
+    for offset in range(0, size, mmap.PAGESIZE):
+        block[offset] = 1
+    block.close()
+
+
 def test_peak_memory_sees_an_allocation():
     with PeakMemory(interval=0.01) as idle:
         pass
     with PeakMemory(interval=0.01) as busy:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB touched
-        block += 1
-        del block
+        _touch_fresh_pages(64 * 2**20)
     assert busy.host_bytes >= idle.host_bytes + 48 * 2**20
 
 
@@ -105,8 +113,7 @@ def test_peak_memory_is_exact_between_samples():
     kernel's high-water mark is reset on entry and read on exit."""
     with PeakMemory(interval=3600) as peak:
         before = peak.host_bytes
-        block = torch.ones(96 * 2**20 // 4)
-        del block
+        _touch_fresh_pages(96 * 2**20)
     assert peak.host_bytes >= before + 80 * 2**20
 
 
