@@ -253,7 +253,7 @@ def export_onnx(
                              "assumes identical blocks): past key/values only for the blocks with attention")
             else:
                 _export_with_optimum(checkpoint, tmp, settings, provider)
-            _normalize_layout(tmp / MODEL_FILE)
+            _normalize_layout(tmp / MODEL_FILE, _is_large(checkpoint), checkpoint.tied_embeddings)
             seconds["export"] = time.perf_counter() - started
             if settings.quant is not OnnxQuant.NONE:
                 started = time.perf_counter()
@@ -331,9 +331,6 @@ def _export_with_optimum(checkpoint: CheckpointInfo, out: Path, settings: OnnxEx
     except ImportError as exc:  # pragma: no cover - a core dependency
         raise MissingDependencyError("optimum-onnx is not installed; run `pip install optimum-onnx`") from exc
     fp16 = settings.dtype is OnnxDType.FP16
-    # optimum's post-processing (sharing a tied LM head with the embedding) sizes the graph with ByteSize(), which
-    # protobuf refuses above 2 GB: large models skip it and slimllm shares the head itself.
-    large = sum(f.stat().st_size for f in checkpoint.path.glob("*.safetensors")) > EXTERNAL_DATA_BYTES
     try:
         with _quiet_export(), contextlib.redirect_stdout(io.StringIO()):
             main_export(
@@ -344,26 +341,20 @@ def _export_with_optimum(checkpoint: CheckpointInfo, out: Path, settings: OnnxEx
                 device="cuda" if fp16 else "cpu",
                 dtype="fp16" if fp16 else None,
                 do_validation=False,  # optimum only warns on a mismatch; our own check below fails the command
-                no_post_process=large,
+                # Its post-processing (sharing a tied LM head with the embedding) sizes the graph with ByteSize(),
+                # which protobuf refuses above 2 GB; for large models `_normalize_layout` does that work instead.
+                no_post_process=_is_large(checkpoint),
                 local_files_only=True,
             )
     except (ValueError, RuntimeError, KeyError) as exc:
         raise ExportError(f"optimum could not export {checkpoint.path}: {exc}") from exc
     if not (out / MODEL_FILE).is_file():
         raise ExportError(f"optimum wrote no {MODEL_FILE} for {checkpoint.path}")
-    if large:
-        _rewrite_large_export(out / MODEL_FILE, share_tied_head=checkpoint.tied_embeddings)
 
 
-def _rewrite_large_export(model_path: Path, share_tied_head: bool) -> None:
-    """What optimum's post-processing does, for graphs it cannot size, one tensor in memory at a time: the tied LM
-    head shared with the embedding, and the tensors torch wrote one file each gathered into `model.onnx_data`."""
-    import onnx
-
-    graph = onnx.load(str(model_path), load_external_data=False)
-    if share_tied_head:
-        _share_tied_head(graph, model_path.parent)
-    _gather_external_data(graph, model_path)
+def _is_large(checkpoint: CheckpointInfo) -> bool:
+    """The checkpoint's weights pass the external-data threshold (its ONNX graph will too)."""
+    return sum(f.stat().st_size for f in checkpoint.path.glob("*.safetensors")) > EXTERNAL_DATA_BYTES
 
 
 def _graph_tensors(model) -> list:
@@ -395,6 +386,7 @@ def _gather_external_data(graph, model_path: Path) -> None:
     """Write every external tensor of `graph` (read from wherever it points now) into `<model>_data`, then the graph
     that points there, then remove the files it no longer uses. One tensor is held in memory at a time."""
     import onnx
+
     base_dir = model_path.parent
     data_name = model_path.name + "_data"
     tensors = _graph_tensors(graph)
@@ -554,11 +546,7 @@ quantizers add while they rewrite it."""
 
 def tensor_bytes(model) -> int:
     """Bytes of every initializer of an in-memory ModelProto, without serializing it (which fails above 2 GB)."""
-    from onnx import AttributeProto
-
-    tensors = list(model.graph.initializer)
-    tensors += [a.t for node in model.graph.node for a in node.attribute if a.type == AttributeProto.TENSOR]
-    return sum(len(tensor.raw_data) or tensor.ByteSize() for tensor in tensors)
+    return sum(len(tensor.raw_data) or tensor.ByteSize() for tensor in _graph_tensors(model))
 
 
 def needs_external_data(model) -> bool:
@@ -582,17 +570,18 @@ def _save_onnx(model, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _normalize_layout(model_path: Path) -> None:
-    """One layout whoever wrote the file: large models keep their tensors in `model.onnx_data`, small ones inline.
-
-    optimum moves the tensors out only above protobuf's hard 2 GB; slimllm's own threshold is lower.
-    """
+def _normalize_layout(model_path: Path, large: bool, tied: bool) -> None:
+    """One layout whoever exported the file (optimum, or our own trace for blocks without attention), one tensor in
+    memory at a time: above the threshold, the tensors torch wrote one file each (or inline) gathered into
+    `model.onnx_data`, and a tied LM head stored once (what optimum's post-processing does below 2 GB)."""
     import onnx
 
-    has_side_file = any(p.name != model_path.name for p in model_path.parent.glob(model_path.name + "*"))
-    if has_side_file or model_path.stat().st_size <= EXTERNAL_DATA_BYTES:
+    if not large and model_path.stat().st_size <= EXTERNAL_DATA_BYTES:
         return
-    _save_onnx(onnx.load(str(model_path)), model_path)
+    graph = onnx.load(str(model_path), load_external_data=False)
+    if tied:
+        _share_tied_head(graph, model_path.parent)
+    _gather_external_data(graph, model_path)
 
 
 def _lm_head_nodes(model) -> list[str]:

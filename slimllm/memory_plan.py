@@ -53,9 +53,6 @@ class ModelFootprint:
     parameters: int
     layer_parameters: int
     """Parameters of one decoder layer (layers are identical in the models slimllm prunes)."""
-    embedding_parameters: int
-    head_parameters: int
-    """Parameters of a separate LM head (0 when tied to the embedding)."""
     num_layers: int
     hidden_size: int
     intermediate_size: int
@@ -70,14 +67,9 @@ class ModelFootprint:
         from slimllm.architectures import decoder_layers
 
         layers = decoder_layers(model)
-        embedding = model.get_input_embeddings().weight
-        head = model.get_output_embeddings()
-        tied = head is not None and head.weight is embedding
         return cls(
             parameters=sum(p.numel() for p in model.parameters()),
             layer_parameters=sum(p.numel() for p in layers[0].parameters()),
-            embedding_parameters=embedding.numel(),
-            head_parameters=0 if tied or head is None else head.weight.numel(),
             num_layers=len(layers),
             hidden_size=int(config.hidden_size),
             intermediate_size=int(getattr(config, "intermediate_size", 4 * config.hidden_size)),
@@ -85,31 +77,15 @@ class ModelFootprint:
         )
 
     def without_layers(self, removed: int) -> ModelFootprint:
-        return ModelFootprint(
-            self.parameters - removed * self.layer_parameters,
-            self.layer_parameters,
-            self.embedding_parameters,
-            self.head_parameters,
-            self.num_layers - removed,
-            self.hidden_size,
-            self.intermediate_size,
-            self.vocab_size,
-        )
+        return replace(self, parameters=self.parameters - removed * self.layer_parameters,
+                       num_layers=self.num_layers - removed)
 
     def with_ffn_width(self, fraction_kept: float) -> ModelFootprint:
         """After width pruning keeps `fraction_kept` of every FFN."""
-        ffn = 3 * self.hidden_size * self.intermediate_size
-        removed = int(ffn * (1 - fraction_kept))
-        return ModelFootprint(
-            self.parameters - self.num_layers * removed,
-            self.layer_parameters - removed,
-            self.embedding_parameters,
-            self.head_parameters,
-            self.num_layers,
-            self.hidden_size,
-            int(self.intermediate_size * fraction_kept),
-            self.vocab_size,
-        )
+        removed = int(3 * self.hidden_size * self.intermediate_size * (1 - fraction_kept))
+        return replace(self, parameters=self.parameters - self.num_layers * removed,
+                       layer_parameters=self.layer_parameters - removed,
+                       intermediate_size=int(self.intermediate_size * fraction_kept))
 
     @property
     def fp32_bytes(self) -> int:
@@ -219,7 +195,7 @@ def plan_stages(dense: ModelFootprint, work: Workload, machine: MachineMemory) -
 
     def add(stage: str, host: int, device: int, flops: float, counts: str) -> None:
         if on_gpu:  # the weights and activations move to the device; the host keeps the loading copy
-            host, device = base + W, device
+            host = base + W
         else:
             device = 0
         plans.append(StagePlan(stage, int(host), int(device), flops, counts, machine.time_class(flops)))

@@ -31,6 +31,13 @@ def layer_input_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
+def decoder_base(model: nn.Module) -> nn.Module:
+    """The module holding the decoder layers (`model.model` for Llama): it runs embeddings and layers but not the
+    LM head, which scoring from hidden states does not need."""
+    base_path = architecture_for(model.config).layers_path.rpartition(".")[0]
+    return get_submodule(model, base_path) if base_path else model
+
+
 @dataclass
 class DecoderTrace:
     """One forward pass seen at every decoder layer."""
@@ -67,8 +74,7 @@ def trace_decoder(model: nn.Module, input_ids: torch.Tensor, keep_kwargs: bool =
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(make_pre_hook(i), with_kwargs=True))
     handles.append(layers[-1].register_forward_hook(lambda m, a, out: final.append(layer_output_tensor(out).detach())))
-    base_path = architecture_for(model.config).layers_path.rpartition(".")[0]
-    base = get_submodule(model, base_path) if base_path else model
+    base = decoder_base(model)
     try:
         base(input_ids=input_ids, use_cache=False)  # the base model stops before the LM head, which we do not need
     finally:
@@ -158,8 +164,7 @@ def first_layer_inputs(
     """Per minibatch of `blocks`, the residual stream entering layer 0 (on the host) and the keyword arguments the
     layers are called with (rotary embeddings, mask): the embedding pass alone, no decoder layer runs."""
     layers = decoder_layers(model)
-    base_path = architecture_for(model.config).layers_path.rpartition(".")[0]
-    base = get_submodule(model, base_path) if base_path else model
+    base = decoder_base(model)
     embed_device = _module_device(model.get_input_embeddings(), torch.device("cpu"))
     inputs: list[torch.Tensor] = []
     kwargs_seen: list[dict] = []
