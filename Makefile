@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml Makefile
 	@ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
 		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip wheel --no-deps --no-cache-dir \
 			--wheel-dir $(LLAMA_WHEELS) "$(LLAMA_CPP)"
-	$(BIN)/python -m pip install --quiet --find-links $(LLAMA_WHEELS) -e ".[llama,genai,dev]"
+	$(BIN)/python -m pip install --quiet --find-links $(LLAMA_WHEELS) -e ".[llama,genai,gemma3,dev]"
 	@touch $@
 
 install: $(STAMP)

@@ -15,11 +15,16 @@ Merges, special-token ids, add_bos/add_eos and the chat template come from gguf-
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from slimllm.errors import ExportError
+
+SPACE = "\u2581"
+"""SentencePiece's visible space."""
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
 
 # tokenizers' own split regexes of the families llama.cpp knows; written here as data to recognise them.
 _CONTRACTIONS_AND_WORDS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
@@ -89,11 +94,15 @@ class GgufVocab:
     special: Any
     """gguf-py's SpecialVocab (merges, special ids, add_* flags, chat template)."""
     notes: list[str] = field(default_factory=list)
+    add_space_prefix: bool | None = None
+    """SentencePiece only: whether llama.cpp prepends a space to the text (None: its default, yes)."""
 
     def add_to(self, writer) -> None:
         writer.add_tokenizer_model(self.model)
         if self.pre is not None:
             writer.add_tokenizer_pre(self.pre)
+        if self.add_space_prefix is not None:
+            writer.add_add_space_prefix(self.add_space_prefix)
         writer.add_token_list(self.tokens)
         writer.add_token_types(self.token_types)
         if self.scores is not None:
@@ -131,9 +140,93 @@ def read_vocab(checkpoint_dir: Path, n_vocab: int) -> GgufVocab:
         return _bpe_vocab(checkpoint_dir, tokenizer_json, n_vocab, gguf)
     if (checkpoint_dir / "tokenizer.model").is_file():
         return _sentencepiece_vocab(checkpoint_dir, tokenizer_json, n_vocab, gguf)
+    if model.get("type") == "BPE" and model.get("byte_fallback") and _escapes_spaces(tokenizer_json):
+        return _sentencepiece_bpe_vocab(checkpoint_dir, tokenizer_json, n_vocab, gguf)
     raise ExportError(
-        f"the tokenizer in {checkpoint_dir} is neither byte-level BPE nor SentencePiece with a tokenizer.model; "
-        "slimllm writes GGUF vocabularies for those two kinds only"
+        f"the tokenizer in {checkpoint_dir} is neither byte-level BPE nor SentencePiece (a tokenizer.model, or "
+        "byte-fallback BPE over '▁'-escaped text); slimllm writes GGUF vocabularies for those kinds only"
+    )
+
+
+def _normalizer_steps(tokenizer_json: dict[str, Any]) -> list[dict[str, Any]]:
+    normalizer = tokenizer_json.get("normalizer") or {}
+    return list(normalizer.get("normalizers", [])) if normalizer.get("type") == "Sequence" else [normalizer]
+
+
+def _escapes_spaces(tokenizer_json: dict[str, Any]) -> bool:
+    """SentencePiece-style text handling: spaces become '▁' before BPE (a normalizer or a Metaspace step)."""
+    replaces = any(
+        step.get("type") == "Replace" and step.get("content") == SPACE and step.get("pattern", {}).get("String") == " "
+        for step in _normalizer_steps(tokenizer_json)
+    )
+    metaspace = any(c.get("type") == "Metaspace" for c in _components(tokenizer_json.get("pre_tokenizer")))
+    return replaces or metaspace
+
+
+def _adds_space_prefix(tokenizer_json: dict[str, Any]) -> bool:
+    prepends = any(
+        step.get("type") == "Prepend" and step.get("prepend") == SPACE for step in _normalizer_steps(tokenizer_json)
+    )
+    metaspace = any(
+        c.get("type") == "Metaspace" and c.get("prepend_scheme", "always") != "never"
+        for c in _components(tokenizer_json.get("pre_tokenizer"))
+    )
+    return prepends or metaspace
+
+
+def sentencepiece_scores(vocab: dict[str, int], merges: list) -> dict[int, float]:
+    """SentencePiece scores that make llama.cpp merge in the order of `merges`: a token produced by a merge scores
+    minus its rank among the merged tokens (first production counts); tokens no merge produces score below all."""
+    scores: dict[int, float] = {}
+    for merge in merges:
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        token_id = vocab.get(left + right)
+        if token_id is not None and token_id not in scores:
+            scores[token_id] = -float(len(scores))
+    rank = len(scores)
+    for token_id in sorted(vocab.values()):
+        if token_id not in scores:
+            scores[token_id] = -float(rank)
+            rank += 1
+    return scores
+
+
+def _sentencepiece_bpe_vocab(checkpoint_dir: Path, tokenizer_json: dict, n_vocab: int, gguf) -> GgufVocab:
+    """A SentencePiece vocabulary stored as byte-fallback BPE in tokenizer.json (Gemma's, or one slimllm rebuilt
+    from a GGUF file), written as llama.cpp's `llama` model with scores derived from the merge order."""
+    bpe = tokenizer_json["model"]
+    vocab: dict[str, int] = {token: int(i) for token, i in bpe["vocab"].items()}
+    scores_by_id = sentencepiece_scores(vocab, bpe.get("merges", []))
+    added = {int(a["id"]): a for a in tokenizer_json.get("added_tokens", [])}
+    id_to_token = {i: t for t, i in vocab.items()} | {i: a["content"] for i, a in added.items()}
+    size = max(id_to_token) + 1
+    if size > n_vocab:
+        raise ExportError(f"the tokenizer has {size} tokens but the embedding only {n_vocab} rows")
+    tokens: list[bytes] = []
+    types: list[int] = []
+    scores: list[float] = []
+    for token_id in range(size):
+        text = id_to_token.get(token_id)
+        entry = added.get(token_id)
+        if text is None:
+            tokens.append(f"[PAD{token_id}]".encode())
+            types.append(int(gguf.TokenType.UNUSED))
+            scores.append(-1000.0)
+            continue
+        tokens.append(text.encode("utf-8"))
+        if entry is not None:
+            types.append(int(gguf.TokenType.CONTROL if entry.get("special") else gguf.TokenType.USER_DEFINED))
+            scores.append(-1000.0)
+        elif _BYTE_TOKEN.fullmatch(text):
+            types.append(int(gguf.TokenType.BYTE))
+            scores.append(0.0)
+        else:
+            types.append(int(gguf.TokenType.NORMAL))
+            scores.append(scores_by_id[token_id])
+    _pad_vocab(tokens, types, scores, n_vocab, int(gguf.TokenType.UNUSED))
+    special = gguf.SpecialVocab(checkpoint_dir, load_merges=False, n_vocab=n_vocab)
+    return GgufVocab(
+        "llama", "default", tokens, types, scores, special, add_space_prefix=_adds_space_prefix(tokenizer_json)
     )
 
 

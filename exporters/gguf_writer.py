@@ -198,7 +198,23 @@ def _add_hyperparameters(writer, checkpoint: CheckpointInfo, outtype: GgufType, 
     if rope.scaling_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(rope.factor)
+    if checkpoint.architecture.gguf_extra_keys is not None and not attention_free:
+        _add_architecture_keys(writer, checkpoint.architecture.gguf_extra_keys(config))
     _add_pruning_metadata(writer, checkpoint)
+
+
+def _add_architecture_keys(writer, keys: dict) -> None:
+    """`<arch>.<key>` entries, typed as llama.cpp reads them: uint32, float32 or an array (of bools)."""
+    for key, value in keys.items():
+        name = f"{writer.arch}.{key}"
+        if isinstance(value, bool):
+            writer.add_bool(name, value)
+        elif isinstance(value, int):
+            writer.add_uint32(name, value)
+        elif isinstance(value, float):
+            writer.add_float32(name, value)
+        else:
+            writer.add_array(name, list(value))
 
 
 def write_gguf(
@@ -255,6 +271,8 @@ def write_gguf(
         name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise ExportError(f"no GGUF name for tensor {hf_name!r} of the {gguf_arch} architecture")
+        if arch.gguf_norm_offset and hf_name.endswith("norm.weight"):
+            array = array + np.float32(arch.gguf_norm_offset)
         if permute and (".attn_q." in name or ".attn_k." in name):
             array = permute_for_llama_rope(array, n_heads if ".attn_q." in name else n_kv_heads)
         ggml_type = _tensor_type(gguf, name, array, outtype, tied)

@@ -57,7 +57,7 @@ class _DecoderForExport(nn.Module):
         query = attention.q_proj(hidden).view(shape)
         key = attention.k_proj(hidden).view(shape)
         value = attention.v_proj(hidden).view(shape).transpose(1, 2)
-        if hasattr(attention, "q_norm"):  # Qwen3: RMSNorm per head before the rotation
+        if hasattr(attention, "q_norm"):  # Qwen3, Gemma 3: RMSNorm per head before the rotation
             query, key = attention.q_norm(query), attention.k_norm(key)
         query, key = apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
         key = torch.cat([past_key, key], dim=2)
@@ -68,11 +68,21 @@ class _DecoderForExport(nn.Module):
         output = torch.matmul(weights, repeat_kv(value, groups)).transpose(1, 2).reshape(batch, length, -1)
         return attention.o_proj(output), key, value
 
+    @staticmethod
+    def _ffn(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The block's FFN update: Llama-style (one norm before) or Gemma's sandwich (norms before and after)."""
+        if hasattr(block, "pre_feedforward_layernorm"):
+            return block.post_feedforward_layernorm(block.mlp(block.pre_feedforward_layernorm(hidden)))
+        return block.mlp(block.post_attention_layernorm(hidden))
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         decoder = self.model.model
-        hidden = decoder.embed_tokens(input_ids)
-        cos, sin = decoder.rotary_emb(hidden, position_ids)
+        hidden = decoder.embed_tokens(input_ids)  # Gemma's embedding scales itself
+        rotary = decoder.rotary_emb(hidden, position_ids)
+        # Gemma 3: the local (sliding-window) layers rotate with their own base frequency.
+        local = getattr(decoder, "rotary_emb_local", None)
+        rotary_local = local(hidden, position_ids) if local is not None else rotary
         length = input_ids.shape[1]
         biases = {
             window: self._bias(attention_mask, length, window, hidden.dtype)
@@ -83,13 +93,19 @@ class _DecoderForExport(nn.Module):
         for index, layer in enumerate(decoder.layers):
             if index not in self.free:
                 bias = biases[self.window if self.sliding[index] else None]
+                cos, sin = rotary_local if self.sliding[index] else rotary
                 out, key, value = self._attention(layer, layer.input_layernorm(hidden), cos, sin, past[2 * slot],
                                                   past[2 * slot + 1], bias)
+                if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma normalizes the attention output too
+                    out = layer.post_attention_layernorm(out)
                 hidden = hidden + out
                 presents += [key, value]
                 slot += 1
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = hidden + self._ffn(layer, hidden)
         logits = self.model.lm_head(decoder.norm(hidden))
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
         return (logits, *presents)
 
 

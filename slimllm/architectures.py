@@ -66,6 +66,35 @@ class Architecture:
     """Recomputes the range fields from a (cut) `layer_types` list, where they can express it."""
     has_qk_norm: bool = False
     """Attention normalizes queries and keys per head (llama.cpp's deci graph, for blocks without attention, cannot)."""
+    layer_returns_tuple: bool = False
+    """transformers' decoder layer returns `(hidden_states, ...)` and the model reads `[0]` (Gemma 3 in 4.57); a
+    module standing in for a layer must answer in the same form."""
+    gguf_norm_offset: float = 0.0
+    """Added to every RMSNorm weight in GGUF files: Gemma computes x * (1 + w), llama.cpp x * w."""
+    gguf_extra_keys: Callable | None = field(default=None, compare=False)
+    """`config -> {key: value}`: architecture keys beyond the common shape ones (without the `<arch>.` prefix)."""
+    describe_layer: Callable | None = field(default=None, compare=False)
+    """`(config, index) -> str`: what a report says of one decoder layer beyond its index (e.g. `global`)."""
+
+
+def _gemma3_gguf_keys(config) -> dict[str, object]:
+    """Gemma 3's attention layout for llama.cpp: the window, which layers use it (explicit, since removing layers
+    breaks the 5 local : 1 global rhythm llama.cpp assumes otherwise) and the local layers' rope base."""
+    keys: dict[str, object] = {}
+    window = getattr(config, "sliding_window", None)
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    if window and "sliding_attention" in layer_types:
+        keys["attention.sliding_window"] = int(window)
+        keys["attention.sliding_window_pattern"] = [t == "sliding_attention" for t in layer_types]
+        keys["rope.freq_base_swa"] = float(getattr(config, "rope_local_base_freq", 10000.0))
+    if getattr(config, "final_logit_softcapping", None):
+        keys["final_logit_softcapping"] = float(config.final_logit_softcapping)
+    return keys
+
+
+def _gemma3_layer(config, index: int) -> str:
+    layer_types = getattr(config, "layer_types", None) or []
+    return "global" if index < len(layer_types) and layer_types[index] == "full_attention" else "local"
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (
@@ -105,6 +134,19 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         range_fields_from_layer_types=_qwen_range_fields,
         has_qk_norm=True,
     ),
+    Architecture(
+        name="gemma3",
+        model_types=("gemma3_text", "slimllm_gemma3_text"),
+        gguf_arch="gemma3",
+        gguf_permute_qk=False,
+        gguf_sliding_window=True,
+        per_layer_config_fields=("layer_types",),
+        has_qk_norm=True,
+        layer_returns_tuple=True,
+        gguf_norm_offset=1.0,
+        gguf_extra_keys=_gemma3_gguf_keys,
+        describe_layer=_gemma3_layer,
+    ),
 )
 
 _BY_MODEL_TYPE = {model_type: arch for arch in ARCHITECTURES for model_type in arch.model_types}
@@ -121,7 +163,7 @@ def architecture_for(config) -> Architecture:
     if arch is None:
         raise UserInputError(
             f"model type {model_type!r} is not supported; slimllm handles decoder-only "
-            f"{', '.join(supported_model_types())} models (Llama, Mistral, SmolLM, Qwen2, Qwen3)"
+            f"{', '.join(supported_model_types())} models (Llama, Mistral, SmolLM, Qwen2, Qwen3, Gemma 3 text)"
         )
     return arch
 

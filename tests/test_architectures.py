@@ -17,7 +17,9 @@ def test_registry_entry_matches_config(arch_name):
     config = _tiny_config(arch_name, tied=True)
     arch = architecture_for(config)
     assert arch.name == arch_name
-    assert arch.gguf_arch in ("llama", "qwen2", "qwen3")
+    import gguf
+
+    assert arch.gguf_arch in gguf.MODEL_ARCH_NAMES.values()
 
 
 def test_unsupported_architecture_is_a_user_error():

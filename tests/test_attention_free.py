@@ -101,7 +101,7 @@ def test_gguf_writes_blocks_without_attention_as_deci_and_llama_cpp_agrees(arch,
     assert any(t.name == "blk.1.ffn_down.weight" for t in reader.tensors)
 
 
-@pytest.mark.parametrize("arch, window", [("llama", None), ("qwen3", None), ("mistral", 8)])
+@pytest.mark.parametrize("arch, window", [("llama", None), ("qwen3", None), ("mistral", 8), ("gemma3", 8)])
 def test_onnx_exports_blocks_without_attention_from_the_module(arch, window, tmp_path, smollm2_tokenizer):
     """Past key/values only for the blocks with attention; prefill, padded batch, cached decode and greedy match."""
     import onnx

@@ -40,7 +40,8 @@ def test_f32_export_matches_pytorch_in_llama_cpp(tiny_model_dir, tmp_path, arch_
     tokens = next(c for n, c in checks.items() if n.startswith("token ids identical"))
     assert tokens["passed"] and tokens["details"]["samples"] >= 50
     logits = next(c for n, c in checks.items() if n.startswith("logits on"))
-    assert logits["value"] < 1e-4
+    # ggml evaluates GELU (Gemma's FFN) from a table of fp16 inputs, so F32 files of GELU models differ by more.
+    assert logits["value"] < (1e-3 if arch_name == "gemma3" else 1e-4)
     assert result.files[name]["argmax_agreement"] >= 0.995
     assert abs(result.files[name]["ppl_ratio"] - 1) < 1e-3
     reader = GGUFReader(str(tmp_path / "gguf" / name))
@@ -367,3 +368,29 @@ def test_sliding_window_model_exports_only_with_full_attention_allowed(tiny_mode
     assert beyond["details"]["context"] == 64
     # The F32 file matches the full-attention model exactly, and so departs from the windowed one past 32 tokens.
     assert result.files[name]["argmax_agreement"] >= 0.995 and beyond["value"] < 0.99
+
+
+def test_gemma3_windowed_layers_after_pruning_match_llama_cpp(tmp_path, smollm2_tokenizer):
+    """Removing a global layer breaks the 2 local : 1 global rhythm; the file names each layer's kind, so llama.cpp
+    applies the 8-token window to exactly the layers transformers does, at 128 tokens."""
+    from conftest import build_tiny_model
+
+    from slimllm.pruning.surgery import remove_layers, save_pruned_checkpoint
+
+    dense = build_tiny_model("gemma3", num_layers=6, sliding_window=8)
+    pruned, _ = remove_layers(dense, [2])
+    assert pruned.config.layer_types == ["sliding_attention"] * 4 + ["full_attention"]
+    source = save_pruned_checkpoint(pruned, smollm2_tokenizer, tmp_path / "pruned", {"method": "test",
+                                                                                      "removed_layers": [2]})
+    result = export_gguf(source, tmp_path / "gguf", GgufExportSettings(outtypes=["f32"], **FAST))
+    (name,) = result.files
+    assert result.validation["passed"], _checks(result.validation, name)
+    assert result.files[name]["argmax_agreement"] >= 0.995
+    metadata = _metadata(tmp_path / "gguf" / name)
+    assert metadata["gemma3.attention.sliding_window"] == 8
+    assert metadata["gemma3.attention.sliding_window_pattern"] == [True, True, True, True, False]
+    assert metadata["gemma3.rope.freq_base_swa"] == pytest.approx(pruned.config.rope_local_base_freq)
+    norms = {t.name: np.asarray(t.data) for t in GGUFReader(str(tmp_path / "gguf" / name)).tensors if "norm" in t.name}
+    # llama.cpp multiplies by the stored weight; Gemma by (1 + weight).
+    expected = pruned.model.layers[0].input_layernorm.weight.detach().numpy() + 1
+    np.testing.assert_allclose(norms["blk.0.attn_norm.weight"], expected, rtol=1e-6)

@@ -10,6 +10,7 @@ from conftest import TINY_ARCHITECTURES, build_tiny_model
 
 from slimllm.architectures import decoder_layers
 from slimllm.errors import UserInputError
+from slimllm.pruning.layer_io import layer_output_tensor, lm_logits, trace_decoder
 from slimllm.pruning.surgery import PRUNING_RECORD_FILE, remove_layers, save_pruned_checkpoint
 
 REMOVED = [1, 3, 4]
@@ -51,26 +52,15 @@ def test_pruned_checkpoint_reloads_in_plain_transformers(arch_name, tied, tmp_pa
         expected = pruned(IDS).logits
     torch.testing.assert_close(torch.load(logits_file), expected, rtol=0, atol=0)
 
-    # The pruned logits really are those of the kept layers only, run in order.
+    # The pruned logits really are those of the kept layers only, run in order (each with the arguments the dense
+    # model gave it: position embeddings, and the mask of its attention type).
+    trace = trace_decoder(model, IDS, keep_kwargs=True)
+    dense_layers = decoder_layers(model)
     with torch.no_grad():
-        dense_layers = decoder_layers(model)
-        hidden = model.model.embed_tokens(IDS)
-        position_ids = torch.arange(IDS.shape[1])[None]
-        rotary = model.model.rotary_emb(hidden, position_ids)
-        from transformers.masking_utils import create_causal_mask
-
-        mask = create_causal_mask(
-            config=model.config,
-            input_embeds=hidden,
-            attention_mask=None,
-            cache_position=torch.arange(IDS.shape[1]),
-            past_key_values=None,
-            position_ids=position_ids,
-        )
+        hidden = trace.layer_inputs[0]
         for i in report.kept_layers:
-            hidden = dense_layers[i](hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=rotary)
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-        manual = model.lm_head(model.model.norm(hidden))
+            hidden = layer_output_tensor(dense_layers[i](hidden, **trace.layer_kwargs[i]))
+        manual = lm_logits(model, hidden)
     torch.testing.assert_close(manual, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -16,7 +16,7 @@ from enum import Enum
 import torch
 from torch import nn
 
-from slimllm.architectures import decoder_layers, set_decoder_layers
+from slimllm.architectures import architecture_for, decoder_layers, set_decoder_layers
 from slimllm.pruning.layer_io import layer_input_tensor, layer_output_tensor
 
 
@@ -30,10 +30,12 @@ class GateMode(str, Enum):
 class GatedLayer(nn.Module):
     """A decoder layer with a scalar gate. Attribute lookups fall through to the wrapped layer."""
 
-    def __init__(self, layer: nn.Module, mode: GateMode) -> None:
+    def __init__(self, layer: nn.Module, mode: GateMode, returns_tuple: bool = False) -> None:
         super().__init__()
         self.layer = layer
         self.mode = mode
+        self.returns_tuple = returns_tuple
+        """The wrapped layer answers `(hidden_states, ...)`; a switched-off layer answers `(x,)` then."""
         # fp32 master value even when the model runs in bf16/fp16: small gate updates must not round away.
         self.gate = nn.Parameter(torch.ones((), dtype=torch.float32, device=_device_of(layer)))
         self.switched_off = False
@@ -47,7 +49,7 @@ class GatedLayer(nn.Module):
     def forward(self, *args, **kwargs):
         x = layer_input_tensor(args, kwargs)
         if self.switched_off:
-            return x
+            return (x,) if self.returns_tuple else x
         output = self.layer(*args, **kwargs)
         y = layer_output_tensor(output)
         if self.record_delta:
@@ -118,10 +120,11 @@ class GateSet:
 
 def attach_gates(model: nn.Module, mode: GateMode = GateMode.DELTA) -> GateSet:
     """Wrap every decoder layer of `model` in a `GatedLayer` (gates at 1.0: the model's function is unchanged)."""
-    layers = decoder_layers(model)
+    arch = architecture_for(model.config)
+    layers = decoder_layers(model, arch)
     if any(isinstance(layer, GatedLayer) for layer in layers):
         raise RuntimeError("gates are already attached to this model")
-    wrapped = [GatedLayer(layer, GateMode(mode)) for layer in layers]
+    wrapped = [GatedLayer(layer, GateMode(mode), arch.layer_returns_tuple) for layer in layers]
     set_decoder_layers(model, nn.ModuleList(wrapped))
     return GateSet(wrapped, GateMode(mode))
 
