@@ -38,6 +38,7 @@ from slimllm.artifacts import (  # noqa: E402
 )
 from slimllm.data import (  # noqa: E402
     DataPurpose,
+    bos_prefix_id,
     load_calibration,
     load_corpus,
     split_development,
@@ -70,7 +71,7 @@ def development_scores(args, loaded: LoadedModel, rows: list[Row]) -> dict[str, 
         return {}
     corpus = load_corpus(args.calib, DataPurpose.CALIBRATION)
     _, dev_ids = split_development(tokenize_corpus(corpus, loaded.tokenizer), args.dev_fraction)
-    windows = split_windows(dev_ids, args.seq_len, args.max_windows)
+    windows = split_windows(dev_ids, args.seq_len, args.max_windows, bos_prefix_id(loaded.tokenizer))
     print(f"[quality] development slice: {windows.shape[0]} windows ...", file=sys.stderr, flush=True)
     dense, results = compare_with_reference(
         torch_logits_fn(loaded.model), {row.name: torch_logits_fn(row.model) for row in rows}, windows
@@ -620,7 +621,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
 
     corpus = load_corpus(args.eval_data, DataPurpose.EVALUATION)
-    windows = split_windows(tokenize_corpus(corpus, loaded.tokenizer), args.seq_len, args.max_windows)
+    windows = split_windows(
+        tokenize_corpus(corpus, loaded.tokenizer), args.seq_len, args.max_windows, bos_prefix_id(loaded.tokenizer)
+    )
     print(
         f"[quality] scoring dense + {len(rows)} rows on {windows.shape[0]} windows ...",
         file=sys.stderr,

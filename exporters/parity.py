@@ -324,15 +324,16 @@ class TorchReference:
 
 def eval_windows(tokenizer, data: str | None, seq_len: int, max_windows: int) -> tuple[torch.Tensor, str]:
     """Evaluation windows from a text source, or from the built-in paragraph when `data` is None."""
-    from slimllm.data import DataPurpose, load_corpus, tokenize_corpus
+    from slimllm.data import DataPurpose, bos_prefix_id, load_corpus, tokenize_corpus
     from slimllm.evaluate import split_windows
 
+    bos_id = bos_prefix_id(tokenizer)
     if data is None:
         ids = tokenizer(FALLBACK_EVAL_TEXT, return_tensors="pt", verbose=False)["input_ids"][0]
         seq_len = min(seq_len, ids.numel())
-        return split_windows(ids, seq_len, max_windows), "built-in paragraph"
+        return split_windows(ids, seq_len, max_windows, bos_id), "built-in paragraph"
     corpus = load_corpus(data, DataPurpose.EVALUATION)
-    return split_windows(tokenize_corpus(corpus, tokenizer), seq_len, max_windows), data
+    return split_windows(tokenize_corpus(corpus, tokenizer), seq_len, max_windows, bos_id), data
 
 
 def perplexity(logits_fn: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor) -> float:

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from slimllm.data import DataPurpose, load_corpus, tokenize_corpus
+from slimllm.data import DataPurpose, bos_prefix_id, load_corpus, token_rows, tokenize_corpus
 from slimllm.device import model_autocast
 from slimllm.errors import UserInputError
 
@@ -80,21 +80,22 @@ class PerplexityResult:
         return asdict(self)
 
 
-def split_windows(token_ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows of `seq_len` tokens, shape [n, seq_len]. A trailing partial window is dropped."""
+def split_windows(
+    token_ids: torch.Tensor, seq_len: int, max_windows: int | None = None, bos_id: int | None = None
+) -> torch.Tensor:
+    """Non-overlapping windows of `seq_len` tokens, shape [n, seq_len]. A trailing partial window is dropped. With
+    `bos_id` (`slimllm.data.bos_prefix_id`), every window is BOS and the next `seq_len - 1` tokens of the text."""
     if seq_len < 2:
         raise UserInputError(f"--seq-len must be at least 2, got {seq_len}")
     if max_windows is not None and max_windows < 1:
         raise UserInputError(f"--max-windows must be at least 1, got {max_windows}")
-    n = token_ids.numel() // seq_len
-    if n == 0:
+    windows = token_rows(token_ids, seq_len, bos_id)
+    if windows.shape[0] == 0:
         raise UserInputError(
             f"the evaluation text has {token_ids.numel()} tokens, fewer than one window of {seq_len}; "
             "use a smaller --seq-len or more text"
         )
-    if max_windows is not None:
-        n = min(n, max_windows)
-    return token_ids[: n * seq_len].view(n, seq_len)
+    return windows if max_windows is None else windows[:max_windows]
 
 
 Progress = Callable[[int, int], None]
@@ -150,7 +151,8 @@ def evaluate_model(loaded, settings: EvalSettings, progress: Progress | None = N
 def text_windows(tokenizer, settings: EvalSettings):
     """The evaluation windows of the settings' text, and the corpus they were cut from (for its hash)."""
     corpus = load_corpus(settings.data, DataPurpose.EVALUATION)
-    return split_windows(tokenize_corpus(corpus, tokenizer), settings.seq_len, settings.max_windows), corpus
+    ids = tokenize_corpus(corpus, tokenizer)
+    return split_windows(ids, settings.seq_len, settings.max_windows, bos_prefix_id(tokenizer)), corpus
 
 
 def perplexity_on_text(

@@ -42,14 +42,12 @@ class SentencePieceVocab:
     add_space_prefix: bool
     special_ids: dict[str, int]
     """`bos`, `eos`, `unk`, `pad` where the file declares them."""
-    add_bos: bool
-    add_eos: bool
 
 
 def read_sentencepiece_vocab(gguf_path: Path) -> SentencePieceVocab:
     from gguf import GGUFReader
 
-    from slimllm.models import gguf_field_value, gguf_special_token_ids
+    from slimllm.gguf_metadata import gguf_field_value, gguf_special_token_ids
 
     reader = GGUFReader(str(gguf_path))
 
@@ -61,8 +59,6 @@ def read_sentencepiece_vocab(gguf_path: Path) -> SentencePieceVocab:
     scores = [float(part[0]) for part in array("tokenizer.ggml.scores")]
     types = [int(part[0]) for part in array("tokenizer.ggml.token_type")]
     add_space_prefix = gguf_field_value(reader, "tokenizer.ggml.add_space_prefix")
-    add_bos = gguf_field_value(reader, "tokenizer.ggml.add_bos_token")
-    add_eos = gguf_field_value(reader, "tokenizer.ggml.add_eos_token")
     return SentencePieceVocab(
         tokens=tokens,
         scores=scores,
@@ -70,8 +66,6 @@ def read_sentencepiece_vocab(gguf_path: Path) -> SentencePieceVocab:
         # llama.cpp's default for SentencePiece vocabularies is to add the prefix space.
         add_space_prefix=True if add_space_prefix is None else bool(add_space_prefix),
         special_ids=gguf_special_token_ids(gguf_path),
-        add_bos=True if add_bos is None else bool(add_bos),
-        add_eos=False if add_eos is None else bool(add_eos),
     )
 
 
@@ -106,8 +100,6 @@ def build_sentencepiece_tokenizer(vocab: SentencePieceVocab):
     from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
 
-    from slimllm.models import set_special_token_insertion
-
     unk_id = vocab.special_ids.get("unk")
     model = BPE(
         vocab={token: i for i, token in enumerate(vocab.tokens)},
@@ -140,6 +132,5 @@ def build_sentencepiece_tokenizer(vocab: SentencePieceVocab):
         ]
     )
     names = {f"{name}_token": vocab.tokens[i] for name, i in vocab.special_ids.items() if 0 <= i < len(vocab.tokens)}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **names)
-    set_special_token_insertion(tokenizer, add_bos=vocab.add_bos, add_eos=vocab.add_eos)
-    return tokenizer
+    # BOS/EOS insertion follows the file's add_bos/add_eos flags: the GGUF loader sets it for every tokenizer.
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **names)

@@ -327,8 +327,10 @@ def training_blocks(source: str, loaded, settings: HealSettings, writer: nn.Modu
         SELF_SOURCE,
         DataPurpose,
         SelfTextSettings,
+        bos_prefix_id,
         calibration_blocks,
         load_corpus,
+        token_rows,
         tokenize_corpus,
     )
 
@@ -339,14 +341,15 @@ def training_blocks(source: str, loaded, settings: HealSettings, writer: nn.Modu
     corpus = load_corpus(source, DataPurpose.CALIBRATION, model=writer if writer is not None else loaded.model,
                          tokenizer=loaded.tokenizer, self_settings=self_settings)
     ids = tokenize_corpus(corpus, loaded.tokenizer)
-    available = ids.numel() // settings.block_len
+    bos_id = bos_prefix_id(loaded.tokenizer)
+    available = token_rows(ids, settings.block_len, bos_id).shape[0]
     if available < settings.batch_size:
         raise UserInputError(
             f"--calib {source} has {ids.numel()} tokens, fewer than one batch of {settings.batch_size} x "
             f"{settings.block_len}; use a larger text or shorter --block-len"
         )
     wanted = min(available, math.ceil(settings.tokens / settings.block_len))
-    return calibration_blocks(ids, wanted, settings.block_len, settings.seed), corpus
+    return calibration_blocks(ids, wanted, settings.block_len, settings.seed, bos_id), corpus
 
 
 def work_directory(out_dir: Path) -> Path:

@@ -25,6 +25,12 @@ from slimllm.architectures import Architecture, architecture_for
 from slimllm.artifacts import atomic_directory, cache_dir
 from slimllm.device import inference_precision, resolve_device, set_compute_dtype, training_precision
 from slimllm.errors import UserInputError
+from slimllm.gguf_metadata import (  # noqa: F401 - gguf_field_value and gguf_add_special_tokens are public here too
+    gguf_add_special_tokens,
+    gguf_field_value,
+    gguf_special_token_ids,
+    gguf_tokenizer_model,
+)
 from slimllm.gguf_tokenizer import sentencepiece_tokenizer_from_gguf
 
 log = logging.getLogger(__name__)
@@ -187,53 +193,6 @@ def _assembled_gguf(entry: EmbeddedModel) -> Path:
     finally:
         partial.unlink(missing_ok=True)
     return target
-
-
-def gguf_field_value(reader, key: str):
-    """The scalar value of a GGUF metadata key (None when the file lacks it)."""
-    field_ = reader.fields.get(key)
-    return None if field_ is None else field_.parts[field_.data[0]][0]
-
-
-def gguf_tokenizer_model(gguf_path: Path) -> str | None:
-    """`tokenizer.ggml.model`: `gpt2` (byte-level BPE), `llama` (SentencePiece), ..."""
-    from gguf import GGUFReader
-
-    value = gguf_field_value(GGUFReader(str(gguf_path)), "tokenizer.ggml.model")
-    return None if value is None else bytes(value).decode("utf-8")
-
-
-def gguf_add_special_tokens(gguf_path: Path) -> dict[str, bool]:
-    """`tokenizer.ggml.add_bos_token` / `add_eos_token` from a GGUF file's metadata (absent keys omitted)."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(gguf_path))
-    flags: dict[str, bool] = {}
-    for key, name in (
-        ("tokenizer.ggml.add_bos_token", "add_bos_token"),
-        ("tokenizer.ggml.add_eos_token", "add_eos_token"),
-    ):
-        value = gguf_field_value(reader, key)
-        if value is not None:
-            flags[name] = bool(value)
-    return flags
-
-
-GGUF_SPECIAL_TOKEN_KEYS = {
-    "bos": "tokenizer.ggml.bos_token_id",
-    "eos": "tokenizer.ggml.eos_token_id",
-    "unk": "tokenizer.ggml.unknown_token_id",
-    "pad": "tokenizer.ggml.padding_token_id",
-}
-
-
-def gguf_special_token_ids(gguf_path: Path) -> dict[str, int]:
-    """Special-token ids a GGUF file declares (`bos`, `eos`, `unk`, `pad`; absent keys omitted)."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(gguf_path))
-    ids = {name: gguf_field_value(reader, key) for name, key in GGUF_SPECIAL_TOKEN_KEYS.items()}
-    return {name: int(value) for name, value in ids.items() if value is not None}
 
 
 def set_special_tokens_from_ids(tokenizer, ids: dict[str, int]) -> list[str]:

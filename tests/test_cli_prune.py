@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import CALIB_FILE
 from test_cli import _assert_user_error, run_cli
 from transformers import AutoModelForCausalLM
 
@@ -63,6 +64,13 @@ def test_prune_text_summary(tiny_model_dir, tmp_path):
         "last",
         "--ratio",
         "0.34",
+        # The default calibration (the model writes 8k tokens itself) is measured elsewhere; a file keeps this fast.
+        "--calib",
+        str(CALIB_FILE),
+        "--calib-blocks",
+        "4",
+        "--block-len",
+        "32",
         "--out",
         str(tmp_path / "p"),
     )
