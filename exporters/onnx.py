@@ -48,6 +48,8 @@ from slimllm.exporters.parity import (
     eval_windows,
     hf_token_ids,
     left_padded_batch,
+    long_window,
+    past_window_length,
     perplexity,
     perplexity_check,
     tokens_check,
@@ -749,6 +751,29 @@ def validate_onnx(onnx_dir: Path, checkpoint_dir: Path, settings: OnnxExportSett
     return report
 
 
+def _beyond_window_checks(runner, reference, tokenizer, settings, tolerance: Tolerance) -> list[CheckResult]:
+    """For a model with a sliding attention window: logits on evaluation text well past it, where a graph that
+    ignored the window (or applied it to the wrong layers) departs."""
+    from slimllm.architectures import sliding_window
+
+    window = sliding_window(reference.model.config)
+    if window is None:
+        return []
+    windows, source = long_window(tokenizer, settings.eval_data, past_window_length(window))
+    ids = windows.numpy().astype(np.int64)
+    expected, _ = reference.forward(ids)
+    actual, _ = runner.forward(ids)
+    check = compare_logits(
+        f"logits at {ids.shape[1]} tokens (past the {window}-token window)",
+        expected,
+        actual,
+        tolerance.max_abs_logits,
+        relative=tolerance.relative_logits,
+    )
+    check.details.update({"data": source, "window": window})
+    return [check]
+
+
 def _logits_checks(runner, reference, tokenizer, pad_id, settings, tolerance: Tolerance) -> list[CheckResult]:
     checks: list[CheckResult] = []
     max_abs, relative = tolerance.max_abs_logits, tolerance.relative_logits
@@ -758,6 +783,7 @@ def _logits_checks(runner, reference, tokenizer, pad_id, settings, tolerance: To
         actual, _ = runner.forward(ids)
         checks.append(compare_logits(f"prefill prompt {index}", expected, actual, max_abs, relative=relative))
 
+    checks.extend(_beyond_window_checks(runner, reference, tokenizer, settings, tolerance))
     padded = settings.engine is OnnxEngine.OPTIMUM
     if padded:
         ids, mask = left_padded_batch(tokenizer, PARITY_PROMPTS, pad_id)

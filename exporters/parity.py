@@ -322,6 +322,24 @@ class TorchReference:
         return torch_logits_fn(self.model)
 
 
+def past_window_length(window: int) -> int:
+    """Tokens of text that checks past a sliding attention window use: twice the window, at least 256 beyond it."""
+    return max(2 * window, window + 256)
+
+
+def long_window(tokenizer, data: str | None, length: int) -> tuple[torch.Tensor, str]:
+    """One window of `length` tokens (shape [1, length]) from a text source; without one, the built-in paragraph
+    repeated as often as the length needs (checks past a sliding window need more text than it holds)."""
+    if data is not None:
+        return eval_windows(tokenizer, data, length, 1)
+    from slimllm.data import bos_prefix_id
+    from slimllm.evaluate import split_windows
+
+    repeats = 1 + length // max(1, len(FALLBACK_EVAL_TEXT.split()))
+    ids = tokenizer(" ".join([FALLBACK_EVAL_TEXT] * repeats), return_tensors="pt", verbose=False)["input_ids"][0]
+    return split_windows(ids, length, 1, bos_prefix_id(tokenizer)), "built-in paragraph (repeated)"
+
+
 def eval_windows(tokenizer, data: str | None, seq_len: int, max_windows: int) -> tuple[torch.Tensor, str]:
     """Evaluation windows from a text source, or from the built-in paragraph when `data` is None."""
     from slimllm.data import DataPurpose, bos_prefix_id, load_corpus, tokenize_corpus

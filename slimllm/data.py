@@ -266,8 +266,9 @@ def bos_prefix_id(tokenizer) -> int | None:
     """The BOS id when the tokenizer starts every text with it (Gemma, Llama 2/3), else None (SmolLM2, Qwen).
 
     Such a model has only ever seen sequences that start with BOS: a window cut from the middle of a text without
-    it is far outside its training (Gemma 3 270M: perplexity 266 instead of 15 on WikiText-2). Every evaluation
-    window and calibration block of such a model starts with BOS, as llama-perplexity's chunks do.
+    it is outside its training (Gemma 3 270M, four 512-token windows of WikiText-2 test: perplexity 49.9 without,
+    23.2 with). Every evaluation window and calibration block of such a model starts with BOS, as llama-perplexity's
+    chunks do.
     """
     bos = tokenizer.bos_token_id
     ids = tokenizer("a", add_special_tokens=True)["input_ids"]
