@@ -69,6 +69,9 @@ class Architecture:
     layer_returns_tuple: bool = False
     """transformers' decoder layer returns `(hidden_states, ...)` and the model reads `[0]` (Gemma 3 in 4.57); a
     module standing in for a layer must answer in the same form."""
+    mlp_output_is_linear: bool = True
+    """The MLP's down projection reaches the residual stream directly; Gemma normalizes it first, so a training-free
+    repair folded into `down_proj` (lsq, comp) cannot apply and is not the default there."""
     gguf_norm_offset: float = 0.0
     """Added to every RMSNorm weight in GGUF files: Gemma computes x * (1 + w), llama.cpp x * w."""
     gguf_extra_keys: Callable | None = field(default=None, compare=False)
@@ -143,6 +146,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         per_layer_config_fields=("layer_types",),
         has_qk_norm=True,
         layer_returns_tuple=True,
+        mlp_output_is_linear=False,
         gguf_norm_offset=1.0,
         gguf_extra_keys=_gemma3_gguf_keys,
         describe_layer=_gemma3_layer,

@@ -132,3 +132,20 @@ def test_prune_refuses_calibrating_on_test_split(tiny_model_dir, tmp_path):
         str(tmp_path / "p"),
     )
     _assert_user_error(result, "refusing to calibrate on wiki.test.raw")
+
+
+def test_prune_names_the_kind_of_each_removed_layer_and_its_share_of_the_compute(tiny_model_dir, tmp_path):
+    """Gemma 3 alternates local and global attention; the record says which kind went, and what share of a token's
+    compute the removed layers were, with and without the LM head (which pruning keeps)."""
+    result = run_cli("prune", str(tiny_model_dir("gemma3")), "--method", "last", "--remove", "2", "--protect-last", "0",
+                     "--calib", str(CALIB_FILE), "--calib-blocks", "4", "--block-len", "32",
+                     "--out", str(tmp_path / "p"))
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "p" / PRUNING_RECORD_FILE).read_text())
+    assert record["removed_layers"] == [4, 5]
+    assert record["removed_kinds"] == {"4": "local", "5": "global"}
+    compute = record["compute_removed"]
+    # Identical blocks: two of six are a third of the blocks' compute; the 49k-token LM head dilutes it.
+    assert compute["blocks"] == pytest.approx(2 / 6)
+    assert 0 < compute["with_lm_head"] < compute["blocks"]
+    assert "[4, 5] (local, global); 33.3 % of the blocks' compute" in result.stdout

@@ -20,6 +20,7 @@ from slimllm.cli.options import common_parameters, settings_command, settings_fl
 from slimllm.errors import UserInputError
 from slimllm.pruning.registry import method_settings_sections
 from slimllm.pruning.stage import PruneSettings
+from slimllm.report import describe_removal
 
 
 def _flags():
@@ -84,7 +85,7 @@ def _summary(result) -> list[str]:
         f"{result.method}: {result.summary}"
         if result.summary
         else f"removed {len(result.removed_layers)} of {result.original_num_layers} layers with {result.method}: "
-        f"{result.removed_layers}"
+        f"{describe_removal(result.removed_layers, result.removed_kinds, result.compute_removed)}"
     )
     return [
         removed,

@@ -49,6 +49,8 @@ def _run(ctx: CompileContext) -> tuple[dict[str, Any], dict[str, Any]]:
     summary = {
         "method": result.method,
         "removed_layers": result.removed_layers,
+        "removed_kinds": {str(i): kind for i, kind in result.removed_kinds.items()},
+        "compute_removed": result.compute_removed,
         "original_num_layers": result.original_num_layers,
         "params_before": result.params_before,
         "params_after": result.params_after,

@@ -50,8 +50,11 @@ class PruneSettings:
         if self.calib_blocks < 1 or self.block_len < 2 or self.batch_size < 1:
             raise UserInputError("--calib-blocks, --block-len and --batch-size must be positive (block-len >= 2)")
 
-    def resolved_repair(self, method_settings: Any = None) -> RepairMethod:
-        """The repair that runs: the one asked for, else the method's default (`PruningMethod.default_repair`)."""
+    def resolved_repair(self, method_settings: Any = None, architecture: Any = None) -> RepairMethod:
+        """The repair that runs: the one asked for, else the method's default (`PruningMethod.default_repair`),
+        which is none for an architecture whose MLP output is normalized before the residual (Gemma)."""
         if self.repair is not None:
             return self.repair
+        if architecture is not None and not architecture.mlp_output_is_linear:
+            return RepairMethod.NONE
         return self.method.spec.default_repair(method_settings)

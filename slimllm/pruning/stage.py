@@ -21,6 +21,7 @@ from slimllm.artifacts import check_output_directory, local_inputs, plain
 from slimllm.data import CalibrationData, load_calibration
 from slimllm.device import dtype_name
 from slimllm.errors import UserInputError
+from slimllm.flops import ModelShape
 from slimllm.models import LoadedModel, load_model
 from slimllm.pruning.candidates import candidate_layers, check_removable, layers_to_remove
 from slimllm.pruning.registry import (
@@ -55,11 +56,29 @@ class PruneResult:
     notes: list[str] = field(default_factory=list)
     summary: str = ""
     """What the method removed, in one line, where it is more than whole layers (2SSP)."""
+    removed_kinds: dict[int, str] = field(default_factory=dict)
+    """What each removed layer was (Gemma 3: `local` or `global` attention)."""
+    compute_removed: dict[str, float] = field(default_factory=dict)
+    """Share of the forward FLOPs per token removed (`compute_removed_shares`)."""
 
     def to_dict(self) -> dict:
         payload = asdict(self)
         payload["out_dir"] = str(self.out_dir) if self.out_dir else None
         return payload
+
+
+COMPUTE_CONTEXT = 512
+"""Context length at which the removed share of the compute is stated."""
+
+
+def compute_removed_shares(dense: ModelShape, pruned: ModelShape, context: int = COMPUTE_CONTEXT) -> dict[str, float]:
+    """The share of a generated token's forward FLOPs (at `context`) that pruning removed: of the decoder blocks,
+    and of the whole model with its LM head, which pruning keeps (for Gemma 3 270M the head is a large part)."""
+    return {
+        "context": context,
+        "blocks": 1 - pruned.blocks_flops(context) / dense.blocks_flops(context),
+        "with_lm_head": 1 - pruned.decode_flops(context) / dense.decode_flops(context),
+    }
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -99,7 +118,7 @@ def prune_in_memory(
     """
     k, candidates = resolve_k(loaded, settings)
     spec = get_method(settings.method)
-    repair_method = settings.resolved_repair(method_settings)
+    repair_method = settings.resolved_repair(method_settings, loaded.architecture)
     if repair_method is not RepairMethod.NONE and spec.transfers_removed_work(method_settings):
         raise UserInputError(
             f"--repair {repair_method.value} fits the removed layers' outputs, but {spec.name} has already trained "
@@ -214,9 +233,11 @@ def run_prune(
     )
     resolve_k(loaded, settings)  # validate k and protection before calibrating
     calibration = None
-    if settings.method.needs_calibration or settings.resolved_repair(method_settings) is not RepairMethod.NONE:
+    repair = settings.resolved_repair(method_settings, loaded.architecture)
+    if settings.method.needs_calibration or repair is not RepairMethod.NONE:
         args = (settings.calib, loaded.model, loaded.tokenizer, settings.calib_blocks, settings.block_len)
         calibration = load_calibration(*args, settings.seed)
+    dense_shape = ModelShape.from_config(loaded.model.config)  # before an in-place prune changes it
     params_before = count_parameters(loaded.model)
     pruned, report, selection, selection_seconds = prune_in_memory(
         loaded,
@@ -245,6 +266,8 @@ def run_prune(
         details=selection.details,
         notes=loaded.notes + report.notes,
         summary=selection.summary,
+        removed_kinds=report.removed_kinds,
+        compute_removed=compute_removed_shares(dense_shape, ModelShape.from_config(pruned.config)),
     )
     record = _pruning_record(loaded, settings, result, report)
     save_pruned_checkpoint(
@@ -261,6 +284,8 @@ def _pruning_record(loaded: LoadedModel, settings: PruneSettings, result: PruneR
         "original_num_layers": report.original_num_layers,
         "kept_layers": report.kept_layers,
         "removed_layers": report.removed_layers,
+        "removed_kinds": {str(i): kind for i, kind in report.removed_kinds.items()},
+        "compute_removed": result.compute_removed,
         "method": settings.method.value,
         "settings": plain(settings),
         "calibration": result.calibration,

@@ -36,6 +36,8 @@ class SurgeryReport:
     kept_layers: list[int]
     removed_layers: list[int]
     notes: list[str] = field(default_factory=list)
+    removed_kinds: dict[int, str] = field(default_factory=dict)
+    """What each removed layer was, where the architecture distinguishes layers (Gemma 3: `local`, `global`)."""
 
 
 def remove_layers(
@@ -53,6 +55,7 @@ def remove_layers(
     if not inplace:
         model = copy.deepcopy(model)
     config = model.config
+    kinds = {i: arch.describe_layer(config, i) for i in removed} if arch.describe_layer is not None else {}
     layers = decoder_layers(model, arch)
     kept = [i for i in range(num_layers) if i not in set(removed)]
     notes: list[str] = []
@@ -92,7 +95,7 @@ def remove_layers(
         if name not in known and isinstance(value, list) and len(value) == num_layers and num_layers > 1:
             notes.append(f"config field {name!r} has one entry per original layer but is not cut; check it")
             log.warning("config field %r looks per-layer but the registry does not list it", name)
-    return model, SurgeryReport(num_layers, kept, removed, notes)
+    return model, SurgeryReport(num_layers, kept, removed, notes, kinds)
 
 
 def save_checkpoint(
