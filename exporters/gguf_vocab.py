@@ -15,6 +15,7 @@ Merges, special-token ids, add_bos/add_eos and the chat template come from gguf-
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +125,9 @@ def read_vocab(checkpoint_dir: Path, n_vocab: int) -> GgufVocab:
     import gguf
 
     checkpoint_dir = Path(checkpoint_dir)
+    # gguf-py reads add_bos/add_eos from the post-processor and warns about a pair template it does not model
+    # (`<bos> A <bos> B`, transformers' own for BOS tokenizers); pairs are never written to GGUF, the flags are right.
+    logging.getLogger("gguf.vocab").setLevel(logging.ERROR)
     tokenizer_file = checkpoint_dir / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise ExportError(
