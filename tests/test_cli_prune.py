@@ -109,7 +109,8 @@ def test_prune_refuses_non_empty_out_without_force(tiny_model_dir, tmp_path):
     _assert_user_error(run_cli(*args, "--force"), "--force only replaces outputs slimllm wrote")
     assert (out / "keep.txt").read_text() == "precious"
     ours = tmp_path / "ours"
-    first = ["prune", str(tiny_model_dir("llama")), "--method", "last", "--remove", "1", "--out", str(ours)]
+    calib = ["--calib", str(CALIB_FILE), "--calib-blocks", "4", "--block-len", "32"]  # not 8k self-written tokens
+    first = ["prune", str(tiny_model_dir("llama")), *calib, "--method", "last", "--remove", "1", "--out", str(ours)]
     assert run_cli(*first).exit_code == 0
     result = run_cli(*first[:-4], "--method", "random", "--remove", "2", "--out", str(ours), "--force")
     assert result.exit_code == 0, result.output
