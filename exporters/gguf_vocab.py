@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from slimllm.errors import ExportError
+from slimllm.gguf_tokenizer import SPACE
 
-SPACE = "\u2581"
-"""SentencePiece's visible space."""
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
 
 # tokenizers' own split regexes of the families llama.cpp knows; written here as data to recognise them.

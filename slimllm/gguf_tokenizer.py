@@ -23,17 +23,6 @@ SPACE = "\u2581"
 """SentencePiece's visible space."""
 
 
-class TokenType:
-    """llama.cpp's token attributes as GGUF's `tokenizer.ggml.token_type` stores them."""
-
-    NORMAL = 1
-    UNKNOWN = 2
-    CONTROL = 3
-    USER_DEFINED = 4
-    UNUSED = 5
-    BYTE = 6
-
-
 @dataclass(frozen=True)
 class SentencePieceVocab:
     tokens: list[str]
@@ -75,6 +64,8 @@ def bpe_merges(tokens: list[str], scores: list[float], types: list[int]) -> list
     A token reachable by several splits gets one merge per split, all at its score: whichever pair the text holds
     produces it, as llama.cpp's bigram lookup would.
     """
+    from gguf import TokenType
+
     vocab = {token: i for i, token in enumerate(tokens)}
     ranked: list[tuple[float, int, int, str, str]] = []
     for token_id, (token, score, kind) in enumerate(zip(tokens, scores, types, strict=True)):
@@ -96,6 +87,7 @@ def sentencepiece_tokenizer_from_gguf(gguf_path: Path):
 
 
 def build_sentencepiece_tokenizer(vocab: SentencePieceVocab):
+    from gguf import TokenType
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers
     from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast

@@ -42,9 +42,10 @@ class AttentionFreeBlock(nn.Module):
         self.layer_idx = layer_idx
         layer_types = getattr(config, "layer_types", None)
         self.attention_type = layer_types[layer_idx] if layer_types else "full_attention"
-        # The FFN and its norm are built by the base architecture's own decoder layer, then taken from it.
+        # The FFN and its norms are built by the base architecture's own decoder layer, then taken from it.
         self.mlp = None
-        self.post_attention_layernorm = None
+        for name in self.ffn_norms:
+            setattr(self, name, None)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
@@ -56,12 +57,6 @@ class GemmaAttentionFreeBlock(AttentionFreeBlock):
 
     ffn_norms = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
     returns_tuple = True
-
-    def __init__(self, config, layer_idx: int) -> None:
-        super().__init__(config, layer_idx)
-        del self.post_attention_layernorm
-        self.pre_feedforward_layernorm = None
-        self.post_feedforward_layernorm = None
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor]:
         update = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(hidden_states)))

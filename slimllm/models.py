@@ -53,7 +53,6 @@ class EmbeddedModel:
     assembled: bool = False
     """The package ships the file in chunks and an `assemble(path)` that joins and checks them; slimllm assembles it
     once into its cache."""
-    license_note: str = ""
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -70,7 +69,6 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         description="Gemma 3 270M (gemma3 arch, 18 layers, hidden 640, 5 local : 1 global), dequantized from Q4_K_M",
         install_hint="pip install 'slimllm[gemma3]'",
         assembled=True,
-        license_note="Gemma is provided under the Gemma Terms of Use (ai.google.dev/gemma/terms)",
     ),
 }
 
