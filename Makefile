@@ -31,7 +31,7 @@ DATA_DIR ?= ../shared/data/wikitext2
 EVAL_DATA := $(if $(wildcard $(DATA_DIR)/wiki.test.raw),$(DATA_DIR)/wiki.test.raw,wikitext2)
 DEMO_OUT ?= runs/demo
 
-.PHONY: install install-gpu gpu-check test demo lint bench-quality bench-speed bench-eval-reference bench-hellaswag bench-heal-memory bench-scale bench-gemma3 llama-tools clean
+.PHONY: install install-gpu gpu-check test demo lint bench-quality bench-speed bench-eval-reference bench-hellaswag bench-heal-memory bench-scale bench-scale-3b bench-gemma3 llama-tools clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -106,6 +106,10 @@ bench-heal-memory: install
 # About 30 minutes on 2 cores; needs 16 GB of RAM and 25 GB of disk (a random-weight 1B model and its exports).
 bench-scale: install
 	$(BIN)/python bench/scale.py --models smollm2-135m,llama-3.2-1b --plan-models qwen2.5-3b,llama-3.1-8b,llama-3.1-70b --tag smollm2-llama1b
+
+# The 3B (Qwen2.5-3B-shaped) prune and fp32 ONNX export with external data (about 25 min; 23 GB of RAM, 35 GB of disk).
+bench-scale-3b: install
+	$(BIN)/python bench/scale.py --models qwen2.5-3b --steps prune,onnx-fp32 --tag qwen2.5-3b
 
 # Gemma 3 270M end to end with examples/recipes/gemma3-270m.toml, then HellaSwag of dense and pruned (about 25 min).
 bench-gemma3: install

@@ -8,12 +8,19 @@ Why random weights: no hub access here, and memory, file formats, external data 
 weights learned. The tokenizer is SmolLM2's (the embedded model's), its 49,152 ids inside the published vocabulary;
 the embedding keeps the published number of rows, so parameter counts and file sizes are the real ones.
 
-Steps (each a separate `slimllm` process; peaks are RSS of the process and its children, sampled every 50 ms):
+Steps (each a separate `slimllm` process; peaks are RSS of that process and its children,
+sampled every 0.1 s beside the process's own high-water mark; the benchmark's process is not counted):
 - `compile`: `slimllm compile MODEL --method shortgpt --remove K --target all --onnx-quant int4` (ONNX fp32 export
   quantized to int4, GGUF F16 + Q8_0 + Q4_K_M), no healing (LoRA or FSDP territory at this size), no latency profile
   and no multiple-choice task (hours on 2 cores); per stage from the run's manifest;
-- `onnx-fp32`: `slimllm export <pruned> --target onnx` (fp32, validated), on the pruned checkpoint of `compile`, or
-  on the dense model when `compile` is not among the steps.
+- `prune`: `slimllm prune MODEL --method shortgpt --remove K` alone (same calibration), for models whose whole
+  compile would take hours here; its checkpoint feeds `onnx-fp32`;
+- `onnx-fp32`: `slimllm export <pruned> --target onnx` (fp32, validated), on the pruned checkpoint of `compile` or
+  `prune`, or on the dense model when neither is among the steps.
+
+Two peaks per step: resident (RSS) and private (RSS less the pages of files the processes map: the checkpoints
+transformers reads in place). `plan` estimates both; its fit check holds the private figure against the machine.
+Models given the plan alone are described as published, in bf16 (their loading converts them, so nothing is mapped).
 
 Writes bench/results/scale-<models>.{json,md}.
 """
@@ -28,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -38,7 +46,7 @@ from slimllm.artifacts import (  # noqa: E402
     library_versions,
     machine_info,
 )
-from slimllm.memory import PeakMemory  # noqa: E402
+from slimllm.memory import process_tree_memory  # noqa: E402
 from slimllm.models import checkpoint_directory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,9 +95,11 @@ def _config(name: str):
 
 
 def config_only(name: str, out: Path) -> Path:
-    """A directory with the published configuration alone: all `slimllm plan` reads."""
+    """A directory with the published configuration alone (bf16, as published): all `slimllm plan` reads."""
     out.mkdir(parents=True, exist_ok=True)
-    _config(name).save_pretrained(str(out))
+    config = _config(name)
+    config.dtype = "bfloat16"
+    config.save_pretrained(str(out))
     return out
 
 
@@ -113,8 +123,34 @@ def build_model(name: str, out: Path, seed: int = 0) -> Path:
     return out
 
 
-def _run(command: list[str], log: Path, remeasure: bool) -> tuple[int, float, int]:
-    """Run a slimllm command; returns (exit code, seconds, peak RSS of its process tree).
+def _high_water_mark(pid: int) -> int:
+    """The kernel's peak RSS of a running process (VmHWM), 0 once it has ended."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:")), 0)
+
+
+def _sample_peaks(child: subprocess.Popen, interval: float = 0.1) -> dict:
+    """Peaks of the child's process tree until it ends: resident (sampled, and the child's own high-water mark) and
+    private. This benchmark's own process is left out: it built the model and keeps its heap."""
+    process = psutil.Process(child.pid)
+    resident = private = 0
+    while child.poll() is None:
+        try:
+            now_resident, now_private = process_tree_memory(process)
+        except psutil.NoSuchProcess:
+            break
+        resident = max(resident, now_resident, _high_water_mark(child.pid))
+        private = max(private, now_private)
+        time.sleep(interval)
+    child.wait()
+    return {"peak_host_bytes": resident, "peak_host_private_bytes": private}
+
+
+def _run(command: list[str], log: Path, remeasure: bool) -> tuple[int, float, dict]:
+    """Run a slimllm command; returns (exit code, seconds, peaks of its process tree: resident and private).
 
     The figures are kept beside the log; an unchanged command is not run again unless `remeasure`.
     """
@@ -122,13 +158,16 @@ def _run(command: list[str], log: Path, remeasure: bool) -> tuple[int, float, in
     if record.is_file() and not remeasure:
         kept = json.loads(record.read_text())
         if kept["command"] == command:
-            return kept["code"], kept["seconds"], kept["peak"]
+            peaks = kept["peak"] if isinstance(kept["peak"], dict) else {"peak_host_bytes": kept["peak"]}
+            return kept["code"], kept["seconds"], peaks
     started = time.perf_counter()
-    with open(log, "w") as handle, PeakMemory(interval=0.1) as peak:
-        code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    with open(log, "w") as handle:
+        child = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
+        peaks = _sample_peaks(child)
     seconds = time.perf_counter() - started
-    atomic_write_json(record, {"command": command, "code": code, "seconds": seconds, "peak": peak.host_bytes})
-    return code, seconds, peak.host_bytes
+    code = child.returncode
+    atomic_write_json(record, {"command": command, "code": code, "seconds": seconds, "peak": peaks})
+    return code, seconds, peaks
 
 
 def _plan(model_dir: Path, flags: list[str]) -> dict[str, dict]:
@@ -167,18 +206,36 @@ def compile_rows(name: str, model_dir: Path, run_dir: Path, work: Path, remeasur
     rows = []
     for stage, entry in manifest["stages"].items():
         rows.append(_row(name, f"compile: {stage}", entry.get("status") == "done", entry.get("seconds"),
-                         entry.get("peak_host_bytes"), plans.get(stage)))
+                         entry, plans.get(stage)))
     rows.append(_row(name, "compile (whole process)", code == 0, seconds, peak, None))
     return rows, manifest
 
 
-def _row(model: str, step: str, passed: bool, seconds, peak, plan: dict | None) -> dict:
-    row = {"model": model, "step": step, "passed": passed, "seconds": seconds, "peak_host_bytes": peak}
+def prune_row(name: str, model_dir: Path, out: Path, work: Path, remeasure: bool) -> dict:
+    """`slimllm prune` with the compile's pruning settings; the estimate is the compile plan's prune stage."""
+    flags = compile_flags(name, work)
+    prune_flags = ["--recipe", flags[1], "--method", "shortgpt", "--remove", str(REMOVE[name])]
+    command = [sys.executable, "-m", "slimllm", "prune", str(model_dir), "--out", str(out), "--force",
+               *prune_flags, "--json"]
+    code, seconds, peak = _run(command, work / f"{name}-prune.log", remeasure)
+    return _row(name, "prune", code == 0, seconds, peak, _plan(model_dir, flags)["prune"])
+
+
+def _row(model: str, step: str, passed: bool, seconds, peaks: dict, plan: dict | None) -> dict:
+    row = {"model": model, "step": step, "passed": passed, "seconds": seconds,
+           "peak_host_bytes": peaks.get("peak_host_bytes"),
+           "peak_host_private_bytes": peaks.get("peak_host_private_bytes")}
     if plan is not None:
         row["plan_host_bytes"] = plan["host_bytes"]
+        row["plan_private_bytes"] = plan["private_bytes"]
         row["plan_time_class"] = plan["time_class"]
-        row["plan_ratio"] = (plan["host_bytes"] / peak) if peak else None
+        row["plan_ratio"] = _ratio(plan["host_bytes"], row["peak_host_bytes"])
+        row["plan_private_ratio"] = _ratio(plan["private_bytes"], row["peak_host_private_bytes"])
     return row
+
+
+def _ratio(estimate: int | None, measured: int | None) -> float | None:
+    return estimate / measured if estimate and measured else None
 
 
 def onnx_fp32_row(name: str, checkpoint: Path, out: Path, work: Path, remeasure: bool) -> dict:
@@ -202,8 +259,9 @@ def plan_rows(name: str, work: Path) -> list[dict]:
     rows = []
     for stage, plan in _plan(config_dir, compile_flags(name, work)).items():
         rows.append({"model": name, "step": f"plan: {stage}", "passed": None, "seconds": None,
-                     "peak_host_bytes": None, "plan_host_bytes": plan["host_bytes"],
-                     "plan_time_class": plan["time_class"], "plan_ratio": None})
+                     "peak_host_bytes": None, "peak_host_private_bytes": None,
+                     "plan_host_bytes": plan["host_bytes"], "plan_private_bytes": plan["private_bytes"],
+                     "plan_time_class": plan["time_class"], "plan_ratio": None, "plan_private_ratio": None})
     return rows
 
 
@@ -227,20 +285,24 @@ def render(result: dict) -> str:
         "",
         f"Machine: {result['machine'].get('cpu', '')}, {result['machine'].get('cpu_count', '')} cores, "
         f"{result['machine'].get('memory_gib', '')} GiB. Command: `{result['command']}`.",
-        "Peaks are RSS of the process and its children (file pages mapped by safetensors and llama.cpp included). "
-        "`plan` is `slimllm plan`'s estimate for the same settings; ratio = estimate / measured.",
+        "Peaks are RSS of the process and its children (file pages mapped by safetensors and llama.cpp included) and "
+        "its private part (RSS less mapped file pages, sampled every 0.1 s). `plan` is `slimllm plan`'s estimate for "
+        "the same settings; ratio = estimate / measured.",
         "",
-        "| model | step | passed | seconds | peak RSS GiB | × fp32 weights | plan GiB | plan / measured | plan time |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|",
+        "| model | step | passed | seconds | peak RSS GiB | × fp32 weights | plan GiB | plan / measured "
+        "| private GiB | plan private GiB | plan / measured | plan time |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in result["rows"]:
         weights = result["weights_bytes"][row["model"]]
-        peak = row.get("peak_host_bytes")
-        plan = row.get("plan_host_bytes")
+        peak, private = row.get("peak_host_bytes"), row.get("peak_host_private_bytes")
+        plan, plan_private = row.get("plan_host_bytes"), row.get("plan_private_bytes")
         lines.append(
             f"| {row['model']} | {row['step']} | {_cell(row['passed'])} | {_cell(row['seconds'], '.0f')} | "
             f"{_cell(peak and peak / GIB)} | {_cell(peak and peak / weights)} | {_cell(plan and plan / GIB)} | "
-            f"{_cell(row.get('plan_ratio'))} | {row.get('plan_time_class') or '–'} |"
+            f"{_cell(row.get('plan_ratio'))} | {_cell(private and private / GIB)} | "
+            f"{_cell(plan_private and plan_private / GIB)} | {_cell(row.get('plan_private_ratio'))} | "
+            f"{row.get('plan_time_class') or '–'} |"
         )
     lines += ["", "fp32 weight sizes: " + ", ".join(
         f"{m} {b / GIB:.2f} GiB" for m, b in result["weights_bytes"].items())]
@@ -251,7 +313,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="llama-3.2-1b",
                         help=f"comma-separated: {', '.join([*EMBEDDED, *MODELS])}")
-    parser.add_argument("--steps", default="compile,onnx-fp32", help="compile, onnx-fp32, plan (estimates only)")
+    parser.add_argument("--steps", default="compile,onnx-fp32",
+                        help="compile, prune, onnx-fp32, plan (estimates only)")
     parser.add_argument("--plan-models", default="", help="models given the plan alone (their weights are never built)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "scale")
     parser.add_argument("--tag", default=None)
@@ -267,7 +330,7 @@ def main() -> None:
         sizes[name] = weights_bytes(name)
         if "plan" in steps or name in plan_models:
             rows += plan_rows(name, args.work)
-        if name in plan_models or not {"compile", "onnx-fp32"} & set(steps):
+        if name in plan_models or not {"compile", "prune", "onnx-fp32"} & set(steps):
             continue
         model_dir = checkpoint_directory(name) if name in EMBEDDED else build_model(name, args.work / f"{name}-random")
         onnx_source = model_dir
@@ -276,6 +339,9 @@ def main() -> None:
             compile_result, manifest = compile_rows(name, model_dir, run_dir, args.work, args.remeasure)
             rows += compile_result
             onnx_source = Path(manifest["stages"]["prune"]["outputs"]["path"])
+        elif "prune" in steps:
+            onnx_source = args.work / f"{name}-pruned"
+            rows.append(prune_row(name, model_dir, onnx_source, args.work, args.remeasure))
         if "onnx-fp32" in steps:
             rows.append(onnx_fp32_row(name, onnx_source, args.work / f"{name}-onnx-fp32", args.work, args.remeasure))
     result = {

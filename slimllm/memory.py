@@ -9,7 +9,8 @@ so a peak reached while a C extension holds the GIL is not missed. Child process
 onnxruntime-genai's builder, profiling workers) are sampled every `interval` seconds, with this process, as one
 tree; elsewhere than Linux the sampling is all there is. RSS includes file pages a
 process has touched through mmap (safetensors, llama.cpp's GGUF loading): memory that is resident while the stage
-runs, though the kernel can reclaim it.
+runs, though the kernel can reclaim it. The private peak leaves those pages out: it is what must fit in the machine's
+memory (sampled, so a peak shorter than `interval` can be missed).
 """
 
 from __future__ import annotations
@@ -22,16 +23,41 @@ import psutil
 import torch
 
 
-def process_tree_rss(process: psutil.Process | None = None) -> int:
-    """Resident bytes of a process and every process it started, now."""
+def _file_backed_bytes(pid: int) -> int:
+    """Resident pages of files `pid` maps (Linux's RssFile); 0 where /proc does not say."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def process_tree_memory(process: psutil.Process | None = None) -> tuple[int, int]:
+    """Resident and private bytes of a process and every process it started, now.
+
+    Resident (RSS) counts the pages of files the processes map, a safetensors checkpoint read in place or a GGUF
+    llama.cpp maps; the kernel can drop those and read them again. Private is the rest (RSS less its file-backed
+    pages): anonymous and shared memory, which the processes cannot give back while they run. Where /proc is
+    missing, private equals resident.
+    """
     process = process or psutil.Process()
-    total = 0
+    resident = private = 0
     for member in [process, *process.children(recursive=True)]:
         try:
-            total += member.memory_info().rss
+            rss = member.memory_info().rss
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue  # a child that ended between listing and reading
-    return total
+        resident += rss
+        private += rss - _file_backed_bytes(member.pid)
+    return resident, private
+
+
+def process_tree_rss(process: psutil.Process | None = None) -> int:
+    """Resident bytes of a process and every process it started, now."""
+    return process_tree_memory(process)[0]
 
 
 def reset_peak_rss() -> bool:
@@ -56,11 +82,14 @@ def peak_rss() -> int | None:
 
 
 class PeakMemory:
-    """Context manager recording the peak host RSS (process tree) and CUDA allocator peak of what runs inside."""
+    """Context manager recording the peak host RSS (process tree), its peak private part (`process_tree_memory`;
+    sampled only, while RSS also takes the kernel's own high-water mark) and the CUDA allocator's peak of what runs
+    inside."""
 
     def __init__(self, interval: float = 0.05) -> None:
         self.interval = interval
         self.host_bytes = 0
+        self.private_bytes = 0
         self.device_bytes: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -69,15 +98,19 @@ class PeakMemory:
     def _sample(self) -> None:
         process = psutil.Process()
         while True:
-            self.host_bytes = max(self.host_bytes, process_tree_rss(process))
+            self._record(process_tree_memory(process))
             if self._stop.wait(self.interval):
                 return
+
+    def _record(self, memory: tuple[int, int]) -> None:
+        self.host_bytes = max(self.host_bytes, memory[0])
+        self.private_bytes = max(self.private_bytes, memory[1])
 
     def __enter__(self) -> PeakMemory:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         self._exact = reset_peak_rss()
-        self.host_bytes = process_tree_rss()
+        self.host_bytes, self.private_bytes = process_tree_memory()
         self._thread = threading.Thread(target=self._sample, name="slimllm-peak-memory", daemon=True)
         self._thread.start()
         return self
@@ -88,7 +121,7 @@ class PeakMemory:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self.host_bytes = max(self.host_bytes, process_tree_rss())
+        self._record(process_tree_memory())
         own_peak = peak_rss() if self._exact else None
         if own_peak is not None:
             self.host_bytes = max(self.host_bytes, own_peak)
@@ -96,4 +129,8 @@ class PeakMemory:
             self.device_bytes = int(torch.cuda.max_memory_allocated())
 
     def to_dict(self) -> dict[str, int | None]:
-        return {"peak_host_bytes": self.host_bytes, "peak_device_bytes": self.device_bytes}
+        return {
+            "peak_host_bytes": self.host_bytes,
+            "peak_host_private_bytes": self.private_bytes,
+            "peak_device_bytes": self.device_bytes,
+        }

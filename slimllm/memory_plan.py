@@ -10,6 +10,12 @@ beyond the configuration. Each stage's estimate counts the copies of the weights
 peak, plus its largest activations; the coefficients are written out below with the code path they stand for, and
 `bench/scale.py` puts every estimate beside the measured peak (README, Scale). Host figures are resident memory of
 the process and its children; device figures are the CUDA allocator's peak.
+
+Resident memory includes the pages of checkpoints read in place: transformers maps a safetensors file stored in the
+dtype it loads (fp32 on CPU) instead of copying it, so those weights are page cache the kernel can drop and read
+again. Each stage's `private_bytes` leaves them out, and the fit check holds that figure against the machine: a
+stage whose resident peak exceeds memory still runs when its private part fits (slower, if the kernel must re-read
+pages). Checkpoints stored in another dtype (bf16 on the hub) are converted on loading and count as private.
 """
 
 from __future__ import annotations
@@ -96,6 +102,9 @@ class ModelFootprint:
 class StagePlan:
     stage: str
     host_bytes: int
+    """Resident memory at the stage's peak, mapped checkpoint pages included (what RSS measures)."""
+    private_bytes: int
+    """The part of `host_bytes` that is not a mapped checkpoint: what must fit in the machine's memory."""
     device_bytes: int
     flops: float
     """Arithmetic of the stage's forward and backward passes (time class from the machine's throughput)."""
@@ -163,6 +172,10 @@ class Workload:
     eval_artifacts: int
     task_tokens: int
     profile: bool
+    dense_mapped: bool = False
+    """The dense checkpoint is stored in fp32 and loads in place (its pages are the file's)."""
+    pruned_mapped: bool = False
+    """Likewise for the checkpoint the export and evaluation stages read (slimllm writes fp32 on CPU)."""
 
 
 def _logits(model: ModelFootprint, tokens: int) -> int:
@@ -193,12 +206,16 @@ def plan_stages(dense: ModelFootprint, work: Workload, machine: MachineMemory) -
     W, P = dense.fp32_bytes, pruned.fp32_bytes  # noqa: N806 - the weights' sizes, named as in the docs
     plans: list[StagePlan] = []
 
-    def add(stage: str, host: int, device: int, flops: float, counts: str) -> None:
+    W_map = W if work.dense_mapped and not on_gpu else 0  # noqa: N806
+    P_map = P if work.pruned_mapped and not on_gpu else 0  # noqa: N806
+
+    def add(stage: str, host: int, device: int, flops: float, counts: str, mapped: int = 0) -> None:
         if on_gpu:  # the weights and activations move to the device; the host keeps the loading copy
             host = base + W
         else:
             device = 0
-        plans.append(StagePlan(stage, int(host), int(device), flops, counts, machine.time_class(flops)))
+        plans.append(StagePlan(stage, int(host), int(host - mapped), int(device), flops, counts,
+                               machine.time_class(flops)))
 
     stream = 2 * FP32 * work.calib_blocks * work.block_len * dense.hidden_size
     select_flops = 2 * dense.parameters * work.selection_tokens
@@ -208,36 +225,45 @@ def plan_stages(dense: ModelFootprint, work: Workload, machine: MachineMemory) -
         add("prune", base + W + training + teacher + P, training + teacher,
             select_flops + 6 * dense.parameters * work.train_tokens,
             "the model and its training state (AdamW in fp32, activations for backward), the dense teacher, "
-            "the pruned copy while saving")
+            "the pruned copy while saving", mapped=W_map)
     else:
-        repair = 2 * FP32 * dense.hidden_size**2 * 2 if work.repair else 0
+        # The repair's calibration passes run the whole model, LM head included, one batch at a time, and
+        # accumulate float64 moments of the hidden size.
+        repair = (2 * 8 * dense.hidden_size**2 + _logits(dense, work.calib_batch * work.block_len)
+                  if work.repair else 0)
         add("prune", base + W + stream + repair, W + stream,
             select_flops,
             "the model (layers are removed in place and saved tensor by tensor), the calibration stream of one "
-            "layer for every block")
+            "layer for every block, the logits of one calibration batch while repairing", mapped=W_map)
     if work.heal_tokens and work.heal_scope:
         training = _training_bytes(pruned, work.heal_scope, work.heal_batch, work.heal_block_len)
         add("heal", base + training + W + P, training + W,
             6 * pruned.parameters * work.heal_tokens,
-            f"the pruned model's training state ({work.heal_scope}), the dense teacher, the healed copy while saving")
+            f"the pruned model's training state ({work.heal_scope}), the dense teacher, the healed copy while saving",
+            mapped=W_map)
     if work.onnx_quant is not None:
+        from slimllm.exporters.onnx import EXTERNAL_DATA_BYTES
+
+        # Above the external-data threshold onnxruntime maps the weights' side file rather than copying it, so at
+        # the validation peak both the session's and the reference's weights are file pages.
+        session_map = P if P > EXTERNAL_DATA_BYTES and not on_gpu else 0
         add("export_onnx", base + ONNX_RUNTIME_BYTES + 3 * P + _logits(pruned, work.eval_seq_len), P,
             2 * 2 * pruned.parameters * work.eval_tokens,
             "the model, its traced ONNX graph and the graph's serialization (export); the graph and its quantized "
-            "copy (quantization); the ONNX session and the PyTorch reference (validation)")
+            "copy (quantization); the ONNX session and the PyTorch reference (validation)", mapped=P_map + session_map)
     if work.gguf_types:
         add("export_gguf", base + P + _logits(pruned, work.eval_seq_len) * 2, P,
             2 * 2 * pruned.parameters * work.eval_tokens * len(work.gguf_types),
             "the PyTorch reference and the logits of one window from it and from llama.cpp (validation); the "
-            "writer streams one tensor at a time, and llama.cpp's mapped files are released pages")
+            "writer streams one tensor at a time, and llama.cpp's mapped files are released pages", mapped=P_map)
     add("evaluate", base + W + P + 6 * _logits(dense, work.eval_seq_len), W + P,
         2 * 2 * dense.parameters * work.eval_tokens * max(1, work.eval_artifacts),
         "the dense model and one evaluated artifact at a time; the logits of one window from each, with their "
-        "log-softmaxes and the KL terms")
+        "log-softmaxes and the KL terms", mapped=W_map + P_map)
     if work.task_tokens:
         add("accuracy", base + W + P + 6 * _logits(dense, work.eval_seq_len), W + P,
             2 * dense.parameters * work.task_tokens * (1 + work.eval_artifacts),
-            "the dense model and one scored artifact at a time")
+            "the dense model and one scored artifact at a time", mapped=W_map + P_map)
     if work.profile:
         add("profile", base + 2 * W, W, 2 * dense.parameters * 2048 * 2 * max(1, work.eval_artifacts),
             "one benchmark worker at a time, holding the model it times")
@@ -270,8 +296,9 @@ def check_fits(
     `replan` and `work`, the line names the first alternative setting under which the whole run fits."""
 
     def over(plan: StagePlan) -> str | None:
-        if plan.host_bytes > headroom * machine.host_bytes:
-            return f"{plan.host_bytes / GIB:.1f} GiB of memory and this machine has {machine.host_bytes / GIB:.1f} GiB"
+        if plan.private_bytes > headroom * machine.host_bytes:
+            return (f"{plan.private_bytes / GIB:.1f} GiB of memory it cannot page out and this machine has "
+                    f"{machine.host_bytes / GIB:.1f} GiB")
         if machine.device_bytes is not None and plan.device_bytes > headroom * machine.device_bytes:
             return (f"{plan.device_bytes / GIB:.1f} GiB on {machine.device}, which has "
                     f"{machine.device_bytes / GIB:.1f} GiB")
@@ -338,6 +365,13 @@ def workload_for(settings: dict[str, Any], dense: ModelFootprint) -> Workload:
     )
 
 
+def stored_in_fp32(config) -> bool:
+    """The checkpoint's config says its weights are stored in fp32 (`dtype`, or `torch_dtype` before
+    transformers 4.56), so that loading it on CPU maps the file instead of converting it."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return str(dtype).removeprefix("torch.") == "float32"
+
+
 @dataclass(frozen=True)
 class CompilePlan:
     dense: ModelFootprint
@@ -355,4 +389,7 @@ def plan_compile(config, settings: dict[str, Any], device: str, machine: Machine
     dense = ModelFootprint.from_config(config)
     machine = machine or MachineMemory.here(device)
     work = workload_for(settings, dense)
+    dense_mapped = stored_in_fp32(config)
+    writes_checkpoint = settings["prune"] is not None or settings["heal"] is not None
+    work = replace(work, dense_mapped=dense_mapped, pruned_mapped=writes_checkpoint or dense_mapped)
     return CompilePlan(dense, work, machine, plan_stages(dense, work, machine))

@@ -2,6 +2,7 @@
 a run that cannot fit refused up front in one line."""
 
 import json
+import time
 
 import pytest
 from conftest import build_tiny_model
@@ -131,3 +132,54 @@ def test_refusal_names_the_setting_that_would_fit(tmp_path):
     lora = resolve_compile_settings(None, {"compile": {"heal": True}, "heal": {"scope": "lora"}}, "all", None, "none",
                                     "shortgpt", 4, None, None)
     plan_compile(config, lora, "cpu", machine).check()
+
+
+def _llama_1b_config(dtype: str):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, dtype=dtype)
+
+
+def test_pages_of_an_fp32_checkpoint_are_not_counted_as_private():
+    """transformers reads an fp32 checkpoint in place on CPU: its pages are resident but the kernel can drop them, so
+    the fit check holds only the private part against the machine. A bf16 checkpoint is converted: all private."""
+    settings = resolve_compile_settings(None, {"compile": {"heal": False}}, "onnx", None, "none", "shortgpt", 4, None,
+                                        None)
+    mapped = {p.stage: p for p in plan_compile(_llama_1b_config("float32"), settings, "cpu").stages}
+    converted = {p.stage: p for p in plan_compile(_llama_1b_config("bfloat16"), settings, "cpu").stages}
+    pruned = 4 * ModelFootprint.from_config(_llama_1b_config("float32")).without_layers(4).parameters
+    assert mapped["export_onnx"].host_bytes == converted["export_onnx"].host_bytes
+    # the pruned checkpoint slimllm wrote, and the external-data file onnxruntime maps (the model is over 2 GB)
+    assert mapped["export_onnx"].host_bytes - mapped["export_onnx"].private_bytes == 2 * pruned
+    assert converted["prune"].private_bytes == converted["prune"].host_bytes
+    assert mapped["prune"].host_bytes == converted["prune"].host_bytes
+    assert mapped["prune"].private_bytes < converted["prune"].private_bytes - GIB
+    assert mapped["export_onnx"].private_bytes == converted["export_onnx"].private_bytes  # slimllm writes fp32
+    between = MachineMemory(host_bytes=int(converted["prune"].private_bytes / 0.9) - GIB // 4, device_bytes=None,
+                            device="cpu", cores=2)
+    check_fits([mapped["prune"]], between)  # resident peak above the machine, private part within it
+    with pytest.raises(UserInputError, match="cannot page out"):
+        check_fits([converted["prune"]], between)
+
+
+def test_peak_memory_tells_mapped_file_pages_from_private_memory(tmp_path):
+    import mmap
+
+    path = tmp_path / "weights.bin"
+    size = 96 * 2**20
+    with open(path, "wb") as handle:
+        handle.truncate(size)
+    with PeakMemory(interval=0.01) as mapped, open(path, "rb") as handle:
+        view = mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_READ)
+        checksum = sum(view[offset] for offset in range(0, size, mmap.PAGESIZE))
+        view.close()
+    assert checksum == 0
+    assert mapped.host_bytes - mapped.private_bytes >= 80 * 2**20  # resident, not private
+    with PeakMemory(interval=0.01) as anonymous:
+        block = mmap.mmap(-1, size)
+        for offset in range(0, size, mmap.PAGESIZE):
+            block[offset] = 1
+        time.sleep(0.1)  # private memory is sampled: hold it for a few samples
+        block.close()
+    assert anonymous.private_bytes >= mapped.private_bytes + 64 * 2**20

@@ -58,10 +58,12 @@ def _plan(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
         lines = [f"{model} on {device} ({machine.host_bytes / GIB:.1f} GiB host"
                  + (f", {machine.device_bytes / GIB:.1f} GiB device" if machine.device_bytes else "")
                  + f", {machine.cores} cores); {work.removed_layers} layers removed",
-                 f"{'stage':<12} {'host GiB':>9} {'device GiB':>11}  time"]
+                 f"{'stage':<12} {'host GiB':>9} {'private GiB':>12} {'device GiB':>11}  time"]
         for stage in plans:
-            lines.append(f"{stage.stage:<12} {stage.host_bytes / GIB:>9.1f} {stage.device_bytes / GIB:>11.1f}  "
-                         f"{stage.time_class}")
+            lines.append(f"{stage.stage:<12} {stage.host_bytes / GIB:>9.1f} {stage.private_bytes / GIB:>12.1f} "
+                         f"{stage.device_bytes / GIB:>11.1f}  {stage.time_class}")
+        lines.append("host: resident memory, pages of fp32 checkpoints read in place included; private: the part "
+                     "that must fit (the kernel can drop and re-read mapped pages)")
         emit(payload, fixed["as_json"], lines)
         plan.check()
 
