@@ -43,6 +43,18 @@ ONNX_RUNTIME_BYTES = int(0.4 * GIB)
 """onnxruntime's and optimum's fixed state beside the weights (arenas, graph, tokenizer): the part of the ONNX
 stage's peak that does not grow with the model (SmolLM2-135M and Llama-3.2-1B-shaped runs)."""
 
+LIBRARY_PAGES_BYTES = int(0.15 * GIB)
+"""Pages of the shared libraries (torch, onnxruntime, llama.cpp) in every process's resident memory: file pages, so
+not private (the difference between resident and private memory of the report stage, 135M and 1B runs alike)."""
+
+GGUF_REPACKED_BITS = {"q8_0": 8.5, "q4_0": 4.5, "q4_k_m": 4.5, "q4_k_s": 4.5, "iq4_nl": 4.5}
+"""Bits per weight of the GGUF types whose matrices llama.cpp's CPU backend repacks into interleaved rows when it
+loads them: a private copy beside the mapped file (other types run from the mapped pages)."""
+
+ONNX_QUANT_BITS = {"int8": 8.5, "int8-dynamic": 8.0, "int4": 4.5}
+"""Bits per weight of a quantized ONNX graph's matrices with their block scales; below the external-data threshold
+onnxruntime holds the whole graph in private memory."""
+
 CPU_FLOPS_PER_CORE = 40e9
 """Sustained fp32 matmul throughput per core in our forward passes (SmolLM2-135M: 4-6 s per forward+backward of
 1k tokens on 2 cores)."""
@@ -198,6 +210,17 @@ def _training_bytes(model: ModelFootprint, scope: str, batch: int, block_len: in
     return state + model.num_layers * per_layer + 4 * _logits(model, tokens)
 
 
+def _gguf_private_copy(model: ModelFootprint, gguf_types: tuple[str, ...]) -> int:
+    """The largest repacked copy llama.cpp makes of one of the GGUF files (loaded one at a time)."""
+    return int(max((GGUF_REPACKED_BITS.get(t, 0.0) for t in gguf_types), default=0.0) / 8 * model.parameters)
+
+
+def _onnx_quantized_copy(model: ModelFootprint, quant: str | None) -> int:
+    """The quantized ONNX graph in memory while it is written and validated; an fp32 graph is counted apart."""
+    bits = ONNX_QUANT_BITS.get(quant or "none")
+    return int(bits / 8 * model.parameters) if bits else 0
+
+
 def plan_stages(dense: ModelFootprint, work: Workload, machine: MachineMemory) -> list[StagePlan]:
     """Per compile stage, the peak host and device memory and the arithmetic, on `machine`."""
     pruned = dense.without_layers(work.removed_layers).with_ffn_width(work.ffn_kept)
@@ -214,6 +237,8 @@ def plan_stages(dense: ModelFootprint, work: Workload, machine: MachineMemory) -
             host = base + W
         else:
             device = 0
+        if not on_gpu:
+            mapped += LIBRARY_PAGES_BYTES
         plans.append(StagePlan(stage, int(host), int(host - mapped), int(device), flops, counts,
                                machine.time_class(flops)))
 
@@ -247,21 +272,25 @@ def plan_stages(dense: ModelFootprint, work: Workload, machine: MachineMemory) -
         # Above the external-data threshold onnxruntime maps the weights' side file rather than copying it, so at
         # the validation peak both the session's and the reference's weights are file pages.
         session_map = P if P > EXTERNAL_DATA_BYTES and not on_gpu else 0
-        add("export_onnx", base + ONNX_RUNTIME_BYTES + 3 * P + _logits(pruned, work.eval_seq_len), P,
+        quantized = _onnx_quantized_copy(pruned, work.onnx_quant)
+        add("export_onnx", base + ONNX_RUNTIME_BYTES + 3 * P + quantized + _logits(pruned, work.eval_seq_len), P,
             2 * 2 * pruned.parameters * work.eval_tokens,
             "the model, its traced ONNX graph and the graph's serialization (export); the graph and its quantized "
             "copy (quantization); the ONNX session and the PyTorch reference (validation)", mapped=P_map + session_map)
+    artifact_copy = max(_gguf_private_copy(pruned, work.gguf_types), _onnx_quantized_copy(pruned, work.onnx_quant))
     if work.gguf_types:
-        add("export_gguf", base + P + _logits(pruned, work.eval_seq_len) * 2, P,
+        add("export_gguf", base + P + _gguf_private_copy(pruned, work.gguf_types)
+            + _logits(pruned, work.eval_seq_len) * 2, P,
             2 * 2 * pruned.parameters * work.eval_tokens * len(work.gguf_types),
             "the PyTorch reference and the logits of one window from it and from llama.cpp (validation); the "
-            "writer streams one tensor at a time, and llama.cpp's mapped files are released pages", mapped=P_map)
-    add("evaluate", base + W + P + 6 * _logits(dense, work.eval_seq_len), W + P,
+            "writer streams one tensor at a time; llama.cpp maps each file and repacks its quantized matrices",
+            mapped=P_map)
+    add("evaluate", base + W + P + artifact_copy + 6 * _logits(dense, work.eval_seq_len), W + P,
         2 * 2 * dense.parameters * work.eval_tokens * max(1, work.eval_artifacts),
-        "the dense model and one evaluated artifact at a time; the logits of one window from each, with their "
-        "log-softmaxes and the KL terms", mapped=W_map + P_map)
+        "the dense model and one evaluated artifact at a time (a quantized one in private memory); the logits of "
+        "one window from each, with their log-softmaxes and the KL terms", mapped=W_map + P_map)
     if work.task_tokens:
-        add("accuracy", base + W + P + 6 * _logits(dense, work.eval_seq_len), W + P,
+        add("accuracy", base + W + P + artifact_copy + 6 * _logits(dense, work.eval_seq_len), W + P,
             2 * dense.parameters * work.task_tokens * (1 + work.eval_artifacts),
             "the dense model and one scored artifact at a time", mapped=W_map + P_map)
     if work.profile:

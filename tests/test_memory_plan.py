@@ -11,7 +11,14 @@ from test_cli import _assert_user_error, run_cli
 from slimllm.architectures import decoder_layers
 from slimllm.errors import UserInputError
 from slimllm.memory import PeakMemory
-from slimllm.memory_plan import GIB, MachineMemory, ModelFootprint, check_fits, plan_compile
+from slimllm.memory_plan import (
+    GIB,
+    LIBRARY_PAGES_BYTES,
+    MachineMemory,
+    ModelFootprint,
+    check_fits,
+    plan_compile,
+)
 from slimllm.pipeline import resolve_compile_settings
 
 
@@ -151,8 +158,9 @@ def test_pages_of_an_fp32_checkpoint_are_not_counted_as_private():
     pruned = 4 * ModelFootprint.from_config(_llama_1b_config("float32")).without_layers(4).parameters
     assert mapped["export_onnx"].host_bytes == converted["export_onnx"].host_bytes
     # the pruned checkpoint slimllm wrote, and the external-data file onnxruntime maps (the model is over 2 GB)
-    assert mapped["export_onnx"].host_bytes - mapped["export_onnx"].private_bytes == 2 * pruned
-    assert converted["prune"].private_bytes == converted["prune"].host_bytes
+    libraries = LIBRARY_PAGES_BYTES
+    assert mapped["export_onnx"].host_bytes - mapped["export_onnx"].private_bytes == 2 * pruned + libraries
+    assert converted["prune"].private_bytes == converted["prune"].host_bytes - libraries
     assert mapped["prune"].host_bytes == converted["prune"].host_bytes
     assert mapped["prune"].private_bytes < converted["prune"].private_bytes - GIB
     assert mapped["export_onnx"].private_bytes == converted["export_onnx"].private_bytes  # slimllm writes fp32
@@ -183,3 +191,23 @@ def test_peak_memory_tells_mapped_file_pages_from_private_memory(tmp_path):
         time.sleep(0.1)  # private memory is sampled: hold it for a few samples
         block.close()
     assert anonymous.private_bytes >= mapped.private_bytes + 64 * 2**20
+
+
+def test_quantized_artifacts_llama_cpp_repacks_count_as_private():
+    """llama.cpp maps a GGUF file but repacks Q8_0/Q4 matrices into private memory; an F16 file stays mapped. A
+    quantized ONNX graph below the external-data threshold is private too: the evaluation holds the larger copy."""
+    config = _llama_1b_config("float32")
+
+    def stages(gguf_types, onnx_quant):
+        settings = resolve_compile_settings(None, {"compile": {"heal": False}, "gguf": {"outtypes": gguf_types},
+                                                   "onnx": {"quant": onnx_quant}},
+                                            "all", None, "none", "shortgpt", 4, None, None)
+        return {p.stage: p for p in plan_compile(config, settings, "cpu").stages}
+
+    f16, q8 = stages(["f16"], "none"), stages(["f16", "q8_0"], "none")
+    pruned = ModelFootprint.from_config(config).without_layers(4).parameters
+    assert q8["export_gguf"].private_bytes - f16["export_gguf"].private_bytes == int(8.5 / 8 * pruned)
+    assert q8["evaluate"].private_bytes - f16["evaluate"].private_bytes == int(8.5 / 8 * pruned)
+    int4 = stages(["f16"], "int4")
+    assert int4["export_onnx"].private_bytes - f16["export_onnx"].private_bytes == int(4.5 / 8 * pruned)
+    assert int4["evaluate"].private_bytes - f16["evaluate"].private_bytes == int(4.5 / 8 * pruned)
