@@ -46,7 +46,7 @@ from slimllm.artifacts import (  # noqa: E402
     library_versions,
     machine_info,
 )
-from slimllm.memory import process_tree_memory  # noqa: E402
+from slimllm.memory import peak_rss, process_tree_memory  # noqa: E402
 from slimllm.models import checkpoint_directory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,15 +123,6 @@ def build_model(name: str, out: Path, seed: int = 0) -> Path:
     return out
 
 
-def _high_water_mark(pid: int) -> int:
-    """The kernel's peak RSS of a running process (VmHWM), 0 once it has ended."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0
-    return next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:")), 0)
-
-
 def _sample_peaks(child: subprocess.Popen, interval: float = 0.1) -> dict:
     """Peaks of the child's process tree until it ends: resident (sampled, and the child's own high-water mark) and
     private. This benchmark's own process is left out: it built the model and keeps its heap."""
@@ -142,7 +133,7 @@ def _sample_peaks(child: subprocess.Popen, interval: float = 0.1) -> dict:
             now_resident, now_private = process_tree_memory(process)
         except psutil.NoSuchProcess:
             break
-        resident = max(resident, now_resident, _high_water_mark(child.pid))
+        resident = max(resident, now_resident, peak_rss(child.pid) or 0)
         private = max(private, now_private)
         time.sleep(interval)
     child.wait()

@@ -23,16 +23,21 @@ import psutil
 import torch
 
 
-def _file_backed_bytes(pid: int) -> int:
-    """Resident pages of files `pid` maps (Linux's RssFile); 0 where /proc does not say."""
+def _status_bytes(pid: int | str, field: str) -> int | None:
+    """A size field of /proc/<pid>/status (Linux, in kB there), in bytes; None where /proc does not say."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
-        return 0
+        return None
     for line in status.splitlines():
-        if line.startswith("RssFile:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    return 0
+    return None
+
+
+def _file_backed_bytes(pid: int) -> int:
+    """Resident pages of files `pid` maps (Linux's RssFile); 0 where /proc does not say."""
+    return _status_bytes(pid, "RssFile") or 0
 
 
 def process_tree_memory(process: psutil.Process | None = None) -> tuple[int, int]:
@@ -55,11 +60,6 @@ def process_tree_memory(process: psutil.Process | None = None) -> tuple[int, int
     return resident, private
 
 
-def process_tree_rss(process: psutil.Process | None = None) -> int:
-    """Resident bytes of a process and every process it started, now."""
-    return process_tree_memory(process)[0]
-
-
 def reset_peak_rss() -> bool:
     """Reset this process's high-water mark to its current RSS (Linux); False where the kernel does not allow it."""
     try:
@@ -69,16 +69,10 @@ def reset_peak_rss() -> bool:
     return True
 
 
-def peak_rss() -> int | None:
-    """This process's high-water mark of resident memory since start or the last reset (Linux), in bytes."""
-    try:
-        status = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    for line in status.splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return None
+def peak_rss(pid: int | str = "self") -> int | None:
+    """A process's high-water mark of resident memory since start or the last reset (Linux), in bytes; this
+    process's by default."""
+    return _status_bytes(pid, "VmHWM")
 
 
 class PeakMemory:

@@ -237,7 +237,6 @@ def plan_stages(dense: ModelFootprint, work: Workload, machine: MachineMemory) -
             host = base + W
         else:
             device = 0
-        if not on_gpu:
             mapped += LIBRARY_PAGES_BYTES
         plans.append(StagePlan(stage, int(host), int(host - mapped), int(device), flops, counts,
                                machine.time_class(flops)))
@@ -266,21 +265,21 @@ def plan_stages(dense: ModelFootprint, work: Workload, machine: MachineMemory) -
             6 * pruned.parameters * work.heal_tokens,
             f"the pruned model's training state ({work.heal_scope}), the dense teacher, the healed copy while saving",
             mapped=W_map)
+    onnx_copy = _onnx_quantized_copy(pruned, work.onnx_quant)
+    gguf_copy = _gguf_private_copy(pruned, work.gguf_types)
+    artifact_copy = max(gguf_copy, onnx_copy)
     if work.onnx_quant is not None:
         from slimllm.exporters.onnx import EXTERNAL_DATA_BYTES
 
         # Above the external-data threshold onnxruntime maps the weights' side file rather than copying it, so at
         # the validation peak both the session's and the reference's weights are file pages.
         session_map = P if P > EXTERNAL_DATA_BYTES and not on_gpu else 0
-        quantized = _onnx_quantized_copy(pruned, work.onnx_quant)
-        add("export_onnx", base + ONNX_RUNTIME_BYTES + 3 * P + quantized + _logits(pruned, work.eval_seq_len), P,
+        add("export_onnx", base + ONNX_RUNTIME_BYTES + 3 * P + onnx_copy + _logits(pruned, work.eval_seq_len), P,
             2 * 2 * pruned.parameters * work.eval_tokens,
             "the model, its traced ONNX graph and the graph's serialization (export); the graph and its quantized "
             "copy (quantization); the ONNX session and the PyTorch reference (validation)", mapped=P_map + session_map)
-    artifact_copy = max(_gguf_private_copy(pruned, work.gguf_types), _onnx_quantized_copy(pruned, work.onnx_quant))
     if work.gguf_types:
-        add("export_gguf", base + P + _gguf_private_copy(pruned, work.gguf_types)
-            + _logits(pruned, work.eval_seq_len) * 2, P,
+        add("export_gguf", base + P + gguf_copy + _logits(pruned, work.eval_seq_len) * 2, P,
             2 * 2 * pruned.parameters * work.eval_tokens * len(work.gguf_types),
             "the PyTorch reference and the logits of one window from it and from llama.cpp (validation); the "
             "writer streams one tensor at a time; llama.cpp maps each file and repacks its quantized matrices",
