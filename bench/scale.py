@@ -15,6 +15,8 @@ sampled every 0.1 s beside the process's own high-water mark; the benchmark's pr
   and no multiple-choice task (hours on 2 cores); per stage from the run's manifest;
 - `prune`: `slimllm prune MODEL --method shortgpt --remove K` alone (same calibration), for models whose whole
   compile would take hours here; its checkpoint feeds `onnx-fp32`;
+- `prune-offload`: the same prune with the model spread by `--device-map auto --max-memory cpu=2GiB`: the layers
+  beyond 2 GiB stay on disk and are read as they run (the path of a model larger than its GPUs);
 - `onnx-fp32`: `slimllm export <pruned> --target onnx` (fp32, validated), on the pruned checkpoint of `compile` or
   `prune`, or on the dense model when neither is among the steps.
 
@@ -212,6 +214,24 @@ def prune_row(name: str, model_dir: Path, out: Path, work: Path, remeasure: bool
     return _row(name, "prune", code == 0, seconds, peak, _plan(model_dir, flags)["prune"])
 
 
+OFFLOAD_HOST = "2GiB"
+"""The host memory `prune-offload` gives accelerate; the layers beyond it are read from the checkpoint as they run."""
+
+
+def prune_offload_row(name: str, model_dir: Path, out: Path, work: Path, remeasure: bool) -> dict:
+    """`slimllm prune` as `prune_row`, with the model spread by `--device-map auto` over `OFFLOAD_HOST` of host
+    memory and disk (the least-squares repair edits weights, so `--repair none`). The plan does not model offload;
+    the row has no estimate."""
+    flags = compile_flags(name, work)
+    prune_flags = ["--recipe", flags[1], "--method", "shortgpt", "--remove", str(REMOVE[name]), "--repair", "none",
+                   "--device-map", "auto", "--max-memory", f"cpu={OFFLOAD_HOST}", "--offload-folder", str(work)]
+    command = [sys.executable, "-m", "slimllm", "prune", str(model_dir), "--out", str(out), "--force",
+               *prune_flags, "--json"]
+    code, seconds, peak = _run(command, work / f"{name}-prune-offload.log", remeasure)
+    return _row(name, f"prune, offloaded (--device-map auto --max-memory cpu={OFFLOAD_HOST})", code == 0, seconds,
+                peak, None)
+
+
 def _row(model: str, step: str, passed: bool, seconds, peaks: dict, plan: dict | None) -> dict:
     row = {"model": model, "step": step, "passed": passed, "seconds": seconds,
            "peak_host_bytes": peaks.get("peak_host_bytes"),
@@ -305,7 +325,7 @@ def main() -> None:
     parser.add_argument("--models", default="llama-3.2-1b",
                         help=f"comma-separated: {', '.join([*EMBEDDED, *MODELS])}")
     parser.add_argument("--steps", default="compile,onnx-fp32",
-                        help="compile, prune, onnx-fp32, plan (estimates only)")
+                        help="compile, prune, prune-offload, onnx-fp32, plan (estimates only)")
     parser.add_argument("--plan-models", default="", help="models given the plan alone (their weights are never built)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "scale")
     parser.add_argument("--tag", default=None)
@@ -321,7 +341,7 @@ def main() -> None:
         sizes[name] = weights_bytes(name)
         if "plan" in steps or name in plan_models:
             rows += plan_rows(name, args.work)
-        if name in plan_models or not {"compile", "prune", "onnx-fp32"} & set(steps):
+        if name in plan_models or not {"compile", "prune", "prune-offload", "onnx-fp32"} & set(steps):
             continue
         model_dir = checkpoint_directory(name) if name in EMBEDDED else build_model(name, args.work / f"{name}-random")
         onnx_source = model_dir
@@ -333,6 +353,9 @@ def main() -> None:
         elif "prune" in steps:
             onnx_source = args.work / f"{name}-pruned"
             rows.append(prune_row(name, model_dir, onnx_source, args.work, args.remeasure))
+        if "prune-offload" in steps:
+            rows.append(prune_offload_row(name, model_dir, args.work / f"{name}-pruned-offload", args.work,
+                                          args.remeasure))
         if "onnx-fp32" in steps:
             rows.append(onnx_fp32_row(name, onnx_source, args.work / f"{name}-onnx-fp32", args.work, args.remeasure))
     result = {

@@ -23,6 +23,7 @@ import torch
 
 from slimllm.artifacts import atomic_write_json, cache_dir, sha256_text
 from slimllm.errors import UserInputError
+from slimllm.placement import input_device, parameter_value
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +312,7 @@ def model_fingerprint(model) -> str:
     parts = [model.config.to_json_string(use_diff=False)]
     with torch.no_grad():
         for name, param in model.named_parameters():
-            head = param.detach().flatten()[:16].float().cpu()
+            head = parameter_value(model, name, param).detach().flatten()[:16].float().cpu()
             parts.append(f"{name}:{tuple(param.shape)}:{[round(v, 6) for v in head.tolist()]}")
     return sha256_text("\n".join(parts))
 
@@ -323,7 +324,7 @@ def generate_self_text(model, tokenizer, settings: SelfTextSettings) -> list[str
     cache_file = cache_dir() / "self-text" / f"{key}.json"
     if cache_file.is_file():
         return json.loads(cache_file.read_text())["documents"]
-    device = next(model.parameters()).device
+    device = input_device(model)
     log.info(
         "writing calibration text with the model itself (at least %d documents and %d tokens; cached for next time)",
         settings.n_samples,

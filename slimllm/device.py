@@ -113,7 +113,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 
 def model_autocast(model: torch.nn.Module) -> contextlib.AbstractContextManager:
     """Autocast to the compute dtype recorded on `model` (see `set_compute_dtype`), on the model's device."""
-    return autocast(next(model.parameters()).device, autocast_dtype(model))
+    from slimllm.placement import input_device
+
+    return autocast(input_device(model), autocast_dtype(model))
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -16,6 +16,7 @@ import torch
 
 from slimllm.accuracy import pad_token_id
 from slimllm.errors import UserInputError
+from slimllm.placement import Placement
 from slimllm.sequence_scoring import SequenceLogProbs, logits_fn_log_probs, torch_shared_prefix_log_probs
 
 
@@ -44,10 +45,14 @@ def resolve_backend(spec: str, backend: str) -> str:
 
 @contextlib.contextmanager
 def open_backend(
-    spec: str, backend: str = "auto", device: str = "auto", dtype: str = "auto", context: int = 4096
+    spec: str, backend: str = "auto", device: str = "auto", dtype: str = "auto", context: int = 4096,
+    placement: Placement | None = None,
 ) -> Iterator[Scorer]:
-    """Load `spec` in the chosen backend for scoring (llama.cpp with a `context`-token window); closes it on exit."""
+    """Load `spec` in the chosen backend for scoring (llama.cpp with a `context`-token window); closes it on exit.
+    A spreading `placement` (`--device-map auto`) places a PyTorch model with accelerate."""
     chosen = resolve_backend(spec, backend)
+    if placement is not None and placement.spread and chosen != "torch":
+        raise UserInputError(f"--device-map places PyTorch models, and {spec} runs in {chosen}; drop --device-map")
     if chosen == "onnxruntime":
         yield _onnx_scorer(Path(spec), device)
     elif chosen == "llama.cpp":
@@ -57,11 +62,12 @@ def open_backend(
         from slimllm.evaluate import torch_logits_fn
         from slimllm.models import load_model
 
-        loaded = load_model(spec, device=device, dtype=dtype)
+        loaded = load_model(spec, device=device, dtype=dtype, placement=placement)
+        where = (placement.describe() if placement is not None and placement.spread else str(loaded.device))
         yield Scorer(
             torch_logits_fn(loaded.model),
             loaded.tokenizer,
-            f"torch ({loaded.device})",
+            f"torch ({where})",
             loaded.source.spec,
             torch_shared_prefix_log_probs(loaded.model, pad_token_id(loaded.tokenizer)),
         )

@@ -20,6 +20,7 @@ import torch
 from slimllm.data import DataPurpose, bos_prefix_id, load_corpus, token_rows, tokenize_corpus
 from slimllm.device import model_autocast
 from slimllm.errors import UserInputError
+from slimllm.placement import input_device
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def torch_logits_fn(model) -> LogitsFn:
-    device = next(model.parameters()).device
+    device = input_device(model)
 
     def logits(input_ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), model_autocast(model):

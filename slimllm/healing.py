@@ -30,6 +30,7 @@ from torch import nn
 from slimllm.artifacts import check_output_directory, digest, library_versions, local_inputs, plain
 from slimllm.device import autocast_dtype, dtype_name, model_autocast
 from slimllm.errors import UserInputError, parse_choice
+from slimllm.placement import Placement, PlacementNeeds, check_placement_supports, input_device
 
 Progress = Callable[..., None]
 
@@ -153,8 +154,11 @@ def add_lora_adapters(model: nn.Module, settings: HealSettings) -> nn.Module:
         )
     config = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=0.0,
                         target_modules=targets, bias="none")
-    # peft keeps the adapters in fp32 over bf16/fp16 base weights (autocast_adapter_dtype).
-    return get_peft_model(model, config, autocast_adapter_dtype=True)
+    # peft keeps the adapters in fp32 over bf16/fp16 base weights (autocast_adapter_dtype). Their random A matrices
+    # come from the run's seed, so that a LoRA healing run is repeatable like a full one.
+    with torch.random.fork_rng():
+        torch.manual_seed(settings.seed)
+        return get_peft_model(model, config, autocast_adapter_dtype=True)
 
 
 def merge_lora_adapters(model: nn.Module) -> nn.Module:
@@ -267,7 +271,7 @@ def heal_model(
         raise UserInputError("healing with --distill > 0 needs a teacher model; pass --teacher or --distill 0")
     model = _prepare_model(model, settings)
     optimization = _Optimization(model, settings)
-    device = next(model.parameters()).device
+    device = input_device(model)
     state_file = _ResumableState(work_dir, state_key) if work_dir is not None else None
     schedule = batch_schedule(blocks.shape[0], settings.batch_size, settings.steps, settings.seed)
     result = HealResult(None, settings.scope.value, settings.steps, settings.steps * blocks.shape[1] *
@@ -357,6 +361,18 @@ def work_directory(out_dir: Path) -> Path:
     return out_dir.with_name(out_dir.name + ".partial") / "heal"
 
 
+def heal_placement_needs(settings: HealSettings) -> PlacementNeeds:
+    """Healing on a model spread with `--device-map`: LoRA only (full healing trains every weight), with every
+    layer resident on a device (the adapters are merged into the base weights before saving)."""
+    full = settings.scope is HealScope.FULL
+    return PlacementNeeds(
+        f"healing with --scope {settings.scope.value}",
+        trains_weights=full,
+        edits_weights=True,
+        alternatives=["--scope lora trains adapters beside frozen weights"] if full else [],
+    )
+
+
 def run_heal(
     checkpoint: str | Path,
     settings: HealSettings,
@@ -366,8 +382,12 @@ def run_heal(
     dtype: str = "auto",
     progress: Progress | None = None,
     resume: bool = False,
+    placement: Placement | None = None,
 ) -> HealResult:
-    """Load, heal and save `checkpoint` to `out_dir` (atomically), with `slimllm_healing.json` beside the weights."""
+    """Load, heal and save `checkpoint` to `out_dir` (atomically), with `slimllm_healing.json` beside the weights.
+
+    With a spreading `placement` (`--device-map auto`) the student and teacher are spread over the GPUs; LoRA
+    healing runs so when every layer is resident on a device, full-weight healing does not."""
     from slimllm.models import load_model
     from slimllm.pruning.surgery import PRUNING_RECORD_FILE, read_pruning_record, save_checkpoint
 
@@ -390,10 +410,11 @@ def run_heal(
             f"{checkpoint} records no source model; pass --teacher (the dense model it was pruned from) or --distill 0"
         )
     student = load_model(str(checkpoint), device=device, dtype=dtype,
-                         for_training=settings.scope is HealScope.FULL)
+                         for_training=settings.scope is HealScope.FULL, placement=placement)
+    check_placement_supports(student.model, heal_placement_needs(settings))
     teacher = None
     if settings.distill > 0:
-        teacher_loaded = load_model(teacher_name, device=device, dtype=dtype)
+        teacher_loaded = load_model(teacher_name, device=device, dtype=dtype, placement=placement)
         check_teacher_matches(student.tokenizer, teacher_loaded.tokenizer, student.model, teacher_loaded.model,
                               teacher_name)
         teacher = teacher_loaded.model.eval()

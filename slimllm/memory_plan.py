@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from slimllm.errors import UserInputError
+from slimllm.placement import Placement
 
 GIB = 2**30
 
@@ -132,20 +133,39 @@ class StagePlan:
 class MachineMemory:
     host_bytes: int
     device_bytes: int | None
+    """Memory of the one GPU a whole model runs on (None on the CPU)."""
     device: str
     cores: int
+    gpu_bytes: tuple[int, ...] = ()
+    """Memory of every GPU a `--device-map` model may use (after --max-memory), in index order."""
+    spread: bool = False
+    """The run spreads its PyTorch models over `gpu_bytes` with `--device-map`."""
 
     @classmethod
-    def here(cls, device: str) -> MachineMemory:
+    def here(cls, device: str, placement: Placement | None = None) -> MachineMemory:
         import os
 
         import psutil
 
         device_bytes = None
-        if device.startswith("cuda") and torch.cuda.is_available():
-            index = torch.device(device).index or 0
-            device_bytes = int(torch.cuda.get_device_properties(index).total_memory)
-        return cls(int(psutil.virtual_memory().total), device_bytes, device, os.cpu_count() or 1)
+        gpus: tuple[int, ...] = ()
+        if torch.cuda.is_available():
+            gpus = tuple(int(torch.cuda.get_device_properties(i).total_memory)
+                         for i in range(torch.cuda.device_count()))
+        if device.startswith("cuda") and gpus:
+            device_bytes = gpus[torch.device(device).index or 0]
+        spread = placement is not None and placement.spread and bool(gpus)
+        if spread and placement.max_memory:
+            gpus = tuple(min(total, placement.max_memory[i]) for i, total in enumerate(gpus)
+                         if i in placement.max_memory)
+        return cls(int(psutil.virtual_memory().total), device_bytes, device, os.cpu_count() or 1, gpus, spread)
+
+    def device_capacity(self, stage: str, work: Workload | None) -> int | None:
+        """What a stage may hold on its devices: every GPU of the map where the stage can run spread (no weight
+        training, see `spreads`), else the one GPU."""
+        if self.spread and work is not None and spreads(stage, work):
+            return sum(self.gpu_bytes)
+        return self.device_bytes
 
     def time_class(self, flops: float) -> str:
         rate = GPU_FLOPS if self.device.startswith("cuda") else CPU_FLOPS_PER_CORE * self.cores
@@ -313,6 +333,20 @@ ALTERNATIVES: dict[str, list[tuple[str, dict[str, Any]]]] = {
 """Per stage, the settings that lower its peak, in the order they are offered, as Workload changes."""
 
 
+SPREAD_STAGES = ("prune", "heal", "evaluate", "accuracy")
+"""Stages whose PyTorch models `--device-map` spreads over several GPUs."""
+
+
+def spreads(stage: str, work: Workload) -> bool:
+    """The stage runs on a model spread with `--device-map`: the evaluation stages, pruning that trains no weights
+    (scores, gates), healing with LoRA (frozen weights, adapters beside them)."""
+    if stage == "prune":
+        return work.train_scope in ("none", "gates")
+    if stage == "heal":
+        return work.heal_scope == "lora"
+    return stage in SPREAD_STAGES
+
+
 def check_fits(
     plans: list[StagePlan],
     machine: MachineMemory,
@@ -321,15 +355,18 @@ def check_fits(
     headroom: float = 0.9,
 ) -> None:
     """Refuse, in one line, a run whose estimated peak exceeds what the machine has (with 10 % headroom). With
-    `replan` and `work`, the line names the first alternative setting under which the whole run fits."""
+    `replan` and `work`, the line names the first alternative setting under which the whole run fits: spreading the
+    models over the machine's GPUs (`--device-map auto`) where that is enough, else a cheaper setting."""
 
-    def over(plan: StagePlan) -> str | None:
+    def over(plan: StagePlan, machine: MachineMemory = machine, work: Workload | None = work) -> str | None:
         if plan.private_bytes > headroom * machine.host_bytes:
             return (f"{plan.private_bytes / GIB:.1f} GiB of memory it cannot page out and this machine has "
                     f"{machine.host_bytes / GIB:.1f} GiB")
-        if machine.device_bytes is not None and plan.device_bytes > headroom * machine.device_bytes:
-            return (f"{plan.device_bytes / GIB:.1f} GiB on {machine.device}, which has "
-                    f"{machine.device_bytes / GIB:.1f} GiB")
+        capacity = machine.device_capacity(plan.stage, work)
+        if capacity is not None and plan.device_bytes > headroom * capacity:
+            where = (f"its {len(machine.gpu_bytes)} GPUs" if capacity != machine.device_bytes
+                     else machine.device)
+            return f"{plan.device_bytes / GIB:.1f} GiB on {where}, which has {capacity / GIB:.1f} GiB"
         return None
 
     for plan in plans:
@@ -337,13 +374,19 @@ def check_fits(
         if problem is None:
             continue
         advice = "no setting slimllm knows brings it under; use a machine with more memory"
-        for flag, change in ALTERNATIVES.get(plan.stage, []):
-            if replan is None or work is None:
-                advice = f"try {flag}"
-                break
-            if all(over(p) is None for p in replan(replace(work, **change))):
-                advice = f"{flag} would fit"
-                break
+        spread = replace(machine, spread=True)
+        if (replan is not None and work is not None and not machine.spread and len(machine.gpu_bytes) > 1
+                and all(over(p, spread) is None for p in plans)):
+            advice = f"--device-map auto would fit (it spreads the model over the {len(machine.gpu_bytes)} GPUs)"
+        else:
+            for flag, change in ALTERNATIVES.get(plan.stage, []):
+                if replan is None or work is None:
+                    advice = f"try {flag}"
+                    break
+                changed = replace(work, **change)
+                if all(over(p, work=changed) is None for p in replan(changed)):
+                    advice = f"{flag} would fit"
+                    break
         raise UserInputError(f"stage {plan.stage} needs about {problem}; {advice} (--no-memory-check runs it anyway)")
 
 
@@ -412,10 +455,12 @@ class CompilePlan:
         check_fits(self.stages, self.machine, lambda work: plan_stages(self.dense, work, self.machine), self.work)
 
 
-def plan_compile(config, settings: dict[str, Any], device: str, machine: MachineMemory | None = None) -> CompilePlan:
-    """Every stage's estimate for a compile of a model with `config` under `settings`, on this machine."""
+def plan_compile(config, settings: dict[str, Any], device: str, machine: MachineMemory | None = None,
+                 placement: Placement | None = None) -> CompilePlan:
+    """Every stage's estimate for a compile of a model with `config` under `settings`, on this machine (its models
+    spread over the GPUs with a spreading `placement`)."""
     dense = ModelFootprint.from_config(config)
-    machine = machine or MachineMemory.here(device)
+    machine = machine or MachineMemory.here(device, placement)
     work = workload_for(settings, dense)
     dense_mapped = stored_in_fp32(config)
     writes_checkpoint = settings["prune"] is not None or settings["heal"] is not None

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import re
+import shutil
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -32,6 +33,7 @@ from slimllm.gguf_metadata import (  # noqa: F401 - gguf_field_value and gguf_ad
     gguf_tokenizer_model,
 )
 from slimllm.gguf_tokenizer import sentencepiece_tokenizer_from_gguf
+from slimllm.placement import Placement, device_map_of, input_device, release_offload_folder_with
 
 log = logging.getLogger(__name__)
 
@@ -255,10 +257,13 @@ def _load_config(source: ModelSource, trust_remote_code: bool):
         raise UserInputError(f"could not read the model config from {source.spec} ({first_line})") from exc
 
 
-def _load_weights_and_tokenizer(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool):
+def _load_weights_and_tokenizer(
+    source: ModelSource, dtype: torch.dtype, trust_remote_code: bool, placement: Placement | None = None
+):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs: dict = {"dtype": dtype}
+    placed = placement.from_pretrained_kwargs() if placement is not None else {}
+    kwargs: dict = {"dtype": dtype, **placed}
     if source.kind is SourceKind.GGUF_FILE:
         assert source.path is not None
         location, kwargs["gguf_file"] = str(source.path.parent), source.path.name
@@ -267,12 +272,16 @@ def _load_weights_and_tokenizer(source: ModelSource, dtype: torch.dtype, trust_r
         kwargs["trust_remote_code"] = trust_remote_code
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        if "offload_folder" in placed:
+            release_offload_folder_with(model, Path(placed["offload_folder"]))
         if source.kind is SourceKind.GGUF_FILE and gguf_tokenizer_model(source.path) == "llama":
             tokenizer = sentencepiece_tokenizer_from_gguf(source.path)
         else:
             tok_kwargs = {"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}
             tokenizer = AutoTokenizer.from_pretrained(location, **tok_kwargs)
     except (OSError, ValueError) as exc:
+        if "offload_folder" in placed:
+            shutil.rmtree(placed["offload_folder"], ignore_errors=True)
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserInputError(f"could not load the model from {source.spec} ({first_line})") from exc
     notes: list[str] = []
@@ -364,12 +373,16 @@ def load_model(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     for_training: bool = False,
+    placement: Placement | None = None,
 ) -> LoadedModel:
     """Load a model and its tokenizer from any supported source, in eval mode on the chosen device.
 
     For inference the weights are held in `dtype`. With `for_training` they are held in fp32 (master weights) and
-    `dtype` is the compute dtype under autocast (auto: bf16 on CUDA, fp32 on CPU).
+    `dtype` is the compute dtype under autocast (auto: bf16 on CUDA, fp32 on CPU). A spreading `placement`
+    (`--device-map auto`) lets accelerate place the layers over the GPUs, host memory and disk instead of `device`;
+    the loaded model's `device` is then where its inputs go.
     """
+    placement = placement or Placement()
     source = resolve_model_source(spec)
     notes: list[str] = []
     if source.kind is SourceKind.EMBEDDED:
@@ -382,16 +395,30 @@ def load_model(
         load_source = source
     config = _load_config(load_source, trust_remote_code)
     architecture = architecture_for(config)  # fail on unsupported architectures before reading any weights
-    torch_device = resolve_device(device)
+    torch_device = resolve_device("auto" if placement.spread else device)
     precision = (training_precision if for_training else inference_precision)(dtype, torch_device)
-    model, tokenizer, load_notes = _load_weights_and_tokenizer(load_source, precision.weights, trust_remote_code)
+    model, tokenizer, load_notes = _load_weights_and_tokenizer(
+        load_source, precision.weights, trust_remote_code, placement
+    )
     set_compute_dtype(model, precision.compute)
     notes.extend(load_notes)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(torch_device)
+    if placement.spread:
+        torch_device = input_device(model)
+        notes.append(f"placed with {placement.describe()}: {_placement_summary(device_map_of(model))}")
+    else:
+        model.to(torch_device)
     model.eval()
     return LoadedModel(model, tokenizer, architecture, source, torch_device, precision.compute, notes)
+
+
+def _placement_summary(device_map: dict[str, str]) -> str:
+    """`16 modules on 0, 4 on cpu, 2 on disk`: how many of the map's modules each device got."""
+    counts: dict[str, int] = {}
+    for device in device_map.values():
+        counts[device] = counts.get(device, 0) + 1
+    return ", ".join(f"{count} modules on {device}" for device, count in counts.items())
 
 
 def model_config(spec: str):

@@ -30,7 +30,7 @@ import logging
 import shlex
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from slimllm.compile_settings import NO_PRUNING, CompileSettings, Target, resolv
 from slimllm.compile_stages import CompileContext, Progress, StageSpec, compile_stages, stage_inputs
 from slimllm.errors import SlimllmError, UserInputError, ValidationError
 from slimllm.memory import PeakMemory
+from slimllm.placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -162,13 +163,15 @@ def compile(  # noqa: A001 - the product's verb; `slimllm.compile(...)` mirrors 
     dtype: str = "auto",
     progress: Progress | None = None,
     command: str | None = None,
+    placement: Placement | None = None,
 ) -> CompileResult:
     """Run the whole pipeline into `out`. Settings: class defaults < `recipe` < `overrides` < explicit arguments.
 
     `target` is onnx, gguf or all (None: the recipe's, else all); `method` is a pruning method or `none` (export
     the dense model); `profile` is a profile name or path, None to skip the latency stage, or "default" (the
     recipe's, else cpu-x86); `overrides` maps a recipe section (`compile`, `prune`, `trsp`, `onnx`, `gguf`) to
-    setting values given as flags (None means "not given").
+    setting values given as flags (None means "not given"). A spreading `placement` (`--device-map auto`) places
+    the PyTorch models of the prune, heal, evaluate and accuracy stages with accelerate.
     """
     started = time.perf_counter()
     out_dir = Path(out)
@@ -177,8 +180,9 @@ def compile(  # noqa: A001 - the product's verb; `slimllm.compile(...)` mirrors 
     _prepare_output(out_dir, model, force, protected)
     context = _context(model, out_dir, settings, resume, device, progress)
     context.dtype = dtype
+    context.placement = placement
     protected.append(context.dense_dir)
-    _validate_before_work(context.dense_dir, settings, device)
+    _validate_before_work(context.dense_dir, settings, device, placement)
     if force:
         refuse_unsafe_replacement(out_dir, protected)
         _clear_compile_outputs(out_dir)
@@ -245,12 +249,15 @@ def _header(model: str, ctx: CompileContext, stages: list[StageSpec], command, r
         "command": command or _python_call(model, ctx.out_dir, settings["compile"], settings["method"].value, recipe),
         "settings": plain(recorded),
         "run_stages": [spec.name for spec in stages],
+        "placement": ctx.placement.describe() if ctx.placement is not None else "one device",
         "finished": False,
         "machine": machine_info(),
     }
 
 
-def _validate_before_work(dense_dir: Path, settings: dict[str, Any], device: str = "auto") -> None:
+def _validate_before_work(
+    dense_dir: Path, settings: dict[str, Any], device: str = "auto", placement: Placement | None = None
+) -> None:
     """Errors that would otherwise surface minutes into the run: k and protection, every backend a stage needs,
     a stage that cannot fit in memory."""
     from slimllm.architectures import architecture_for
@@ -278,11 +285,30 @@ def _validate_before_work(dense_dir: Path, settings: dict[str, Any], device: str
         from slimllm.profiles import load_profile
 
         check_backends_available(load_profile(compile_settings.profile))
+    if placement is not None and placement.spread:
+        _refuse_training_when_spread(config, settings)
     if compile_settings.memory_check:
         from slimllm.device import resolve_device
         from slimllm.memory_plan import plan_compile
 
-        plan_compile(config, settings, str(resolve_device(device))).check()
+        plan_compile(config, settings, str(resolve_device(device)), placement=placement).check()
+
+
+def _refuse_training_when_spread(config, settings: dict[str, Any]) -> None:
+    """A run with `--device-map` whose prune or heal stage trains weights fails before any work, not after the
+    stages before it."""
+    from slimllm.architectures import architecture_for
+    from slimllm.healing import heal_placement_needs
+    from slimllm.placement import refuse_weight_training
+    from slimllm.pruning.stage import prune_placement_needs
+
+    if settings["prune"] is not None:
+        refuse_weight_training(
+            prune_placement_needs(settings["prune"], settings["method_settings"], architecture_for(config))
+        )
+    if settings["heal"] is not None:
+        needs = heal_placement_needs(settings["heal"])
+        refuse_weight_training(replace(needs, alternatives=[*needs.alternatives, "--no-heal"]))
 
 
 def _python_call(model, out_dir, settings: CompileSettings, method: str, recipe) -> str:

@@ -79,10 +79,11 @@ def torch_shared_prefix_log_probs(model, pad_id: int) -> SequenceLogProbs:
     its own group's prefix and its own sequence; the output head runs only where a log-prob is wanted."""
     from slimllm.device import model_autocast
     from slimllm.evaluate import torch_logits_fn
+    from slimllm.placement import input_device
 
     if getattr(model.config, "_attn_implementation", "sdpa") not in MASKABLE_ATTENTION:
         return logits_fn_log_probs(torch_logits_fn(model), pad_id)
-    device = next(model.parameters()).device
+    device = input_device(model)
 
     @torch.no_grad()
     def log_probs(groups: list[SequenceGroup]) -> list[list[torch.Tensor]]:

@@ -80,7 +80,7 @@ def test_a_run_that_cannot_fit_is_refused_in_one_line(tmp_path):
 
 def test_compile_refuses_before_any_work(tmp_path, tiny_model_dir, monkeypatch):
     small = MachineMemory(host_bytes=64 * 2**20, device_bytes=None, device="cpu", cores=2)
-    monkeypatch.setattr(MachineMemory, "here", classmethod(lambda cls, device: small))
+    monkeypatch.setattr(MachineMemory, "here", classmethod(lambda cls, device, placement=None: small))
     out = tmp_path / "run"
     result = run_cli("compile", str(tiny_model_dir("llama", True)), "--out", str(out), "--method", "last", "-k", "1",
                      "--no-heal", "--profile", "none", "--eval-task", "none")

@@ -9,6 +9,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
@@ -40,6 +41,33 @@ ModelArg = Annotated[
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Same as the MODEL argument.", show_default=False)]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (fp32 on CPU, bf16 on CUDA), fp32, fp16, bf16.")]
+DeviceMapOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device-map",
+        help="Spread the model with accelerate over the GPUs, then host memory, then disk: auto, balanced, "
+        "balanced_low_0 or sequential; none (default) holds it on --device.",
+        show_default=False,
+    ),
+]
+MaxMemoryOpt = Annotated[
+    str | None,
+    typer.Option("--max-memory", help="With --device-map: what each device may hold, e.g. 0=20GiB,1=20GiB,cpu=64GiB.",
+                 show_default=False),
+]
+OffloadFolderOpt = Annotated[
+    Path | None,
+    typer.Option("--offload-folder", help="With --device-map: where weights that fit on no device are written "
+                 "(in a folder slimllm makes and removes; default: slimllm's cache).", show_default=False),
+]
+
+
+def placement_of(fixed: dict):
+    """The `Placement` the --device-map, --max-memory, --offload-folder and --device flags ask for."""
+    from slimllm.placement import Placement
+
+    return Placement.parse(fixed.get("device_map"), fixed.get("max_memory"), fixed.get("offload_folder"),
+                           fixed.get("device", "auto"))
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 DebugOpt = Annotated[
     bool, typer.Option("--debug", envvar="SLIMLLM_DEBUG", help="Show full tracebacks (also SLIMLLM_DEBUG=1).")

@@ -16,6 +16,7 @@ from slimllm.cli.app import (
     app,
     emit,
     pick_model,
+    placement_of,
     run_command,
 )
 from slimllm.cli.options import common_parameters, settings_command, settings_flags
@@ -57,6 +58,7 @@ FIXED = common_parameters(
     force_help="Replace another run slimllm wrote in --out.",
     resume_help="Continue a killed run (TRSP, DReSS and healing from their last checkpoints).",
     dtype=True,
+    placement=True,
 )
 
 
@@ -98,6 +100,7 @@ def _compile(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
                 resume=fixed["resume"],
                 force=fixed["force"],
                 device=fixed["device"],
+                placement=placement_of(fixed),
                 dtype=fixed["dtype"],
                 progress=bar,
                 command=shlex.join(["slimllm", *sys.argv[1:]]) if sys.argv[1:2] == ["compile"] else None,

@@ -9,18 +9,22 @@ import typer
 
 from slimllm.cli.app import (
     DebugOpt,
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
+    MaxMemoryOpt,
     ModelArg,
     ModelOpt,
+    OffloadFolderOpt,
     ProgressBar,
     app,
     emit,
     pick_model,
+    placement_of,
     run_command,
 )
-from slimllm.cli.options import fixed_option, flag_names, settings_command, settings_flags
+from slimllm.cli.options import fixed_option, flag_names, placement_parameters, settings_command, settings_flags
 from slimllm.evaluate import EvalSettings
 
 FLAGS = settings_flags(EvalSettings, "eval")
@@ -35,6 +39,7 @@ FIXED = [
         "recipe", Annotated[Path | None, typer.Option("--recipe", help="TOML recipe: an [eval] table.")]
     ),
     fixed_option("device", DeviceOpt, "auto"),
+    *placement_parameters(DeviceMapOpt, MaxMemoryOpt, OffloadFolderOpt),
     fixed_option("dtype", DtypeOpt, "auto"),
     fixed_option("as_json", JsonOpt, False),
     fixed_option("debug", DebugOpt, False),
@@ -53,9 +58,10 @@ def _eval(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
             EvalSettings, sections.get("eval"), given.get("eval", {}), "[eval]", flag_names(FLAGS, "eval")
         )
         model = pick_model(fixed["model"], fixed["model_option"])
+        placement = placement_of(fixed)
         bar = ProgressBar(settings.task or "eval")
         try:
-            with open_backend(model, settings.backend, fixed["device"], fixed["dtype"]) as scorer:
+            with open_backend(model, settings.backend, fixed["device"], fixed["dtype"], placement=placement) as scorer:
                 if settings.task:
                     payload, lines = _accuracy(scorer, settings, bar)
                 elif settings.kl_reference:
@@ -90,7 +96,8 @@ def _divergence(scorer, settings: EvalSettings, fixed: dict[str, Any], bar) -> t
     from slimllm.evaluate import text_windows
 
     windows, corpus = text_windows(scorer.tokenizer, settings)
-    with open_backend(settings.kl_reference, "auto", fixed["device"], fixed["dtype"]) as reference:
+    with open_backend(settings.kl_reference, "auto", fixed["device"], fixed["dtype"],
+                      placement=placement_of(fixed)) as reference:
         first = windows.shape[1] // 2 if settings.kl_second_half else 0
         stats = divergence_statistics(scorer.logits_fn, reference.logits_fn, windows, bar, first)
         stats |= {"reference": reference.model, "reference_backend": reference.backend}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from slimllm.cli.app import ProgressBar, app, emit, pick_model, run_command
+from slimllm.cli.app import ProgressBar, app, emit, pick_model, placement_of, run_command
 from slimllm.cli.options import common_parameters, flag_names, settings_command, settings_flags
 from slimllm.errors import UserInputError
 from slimllm.healing import HealSettings
@@ -21,6 +21,7 @@ FIXED = common_parameters(
     resume_help="Continue an interrupted healing run from its last checkpoint.",
     dtype=True,
     model_name="checkpoint",
+    placement=True,
 )
 
 RESUME_HINT = "rerun the same command with --resume to continue from the last saved step"
@@ -53,6 +54,7 @@ def _heal(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
                 fixed["out"],
                 force=fixed["force"],
                 device=fixed["device"],
+                placement=placement_of(fixed),
                 dtype=fixed["dtype"],
                 progress=bar,
                 resume=fixed["resume"],

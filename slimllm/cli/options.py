@@ -201,10 +201,22 @@ def common_parameters(
     device: bool = True,
     dtype: bool = False,
     model_name: str = "model",
+    placement: bool = False,
 ) -> list[inspect.Parameter]:
     """The hand-written parameters the settings commands share, in their usual order: the model (argument and
-    --model), --out, --recipe, --resume (where the command can resume), --force, --device, --dtype, --json, --debug."""
-    from slimllm.cli.app import DebugOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, ModelOpt
+    --model), --out, --recipe, --resume (where the command can resume), --force, --device, --device-map,
+    --max-memory, --offload-folder (where the command can spread a model), --dtype, --json, --debug."""
+    from slimllm.cli.app import (
+        DebugOpt,
+        DeviceMapOpt,
+        DeviceOpt,
+        DtypeOpt,
+        JsonOpt,
+        MaxMemoryOpt,
+        ModelArg,
+        ModelOpt,
+        OffloadFolderOpt,
+    )
 
     parameters = [
         fixed_option(model_name, ModelArg),
@@ -217,6 +229,14 @@ def common_parameters(
     parameters.append(fixed_option("force", Annotated[bool, typer.Option("--force", help=force_help)], False))
     if device:
         parameters.append(fixed_option("device", DeviceOpt, "auto"))
+    if placement:
+        parameters += placement_parameters(DeviceMapOpt, MaxMemoryOpt, OffloadFolderOpt)
     if dtype:
         parameters.append(fixed_option("dtype", DtypeOpt, "auto"))
     return parameters + [fixed_option("as_json", JsonOpt, False), fixed_option("debug", DebugOpt, False)]
+
+
+def placement_parameters(device_map: Any, max_memory: Any, offload_folder: Any) -> list[inspect.Parameter]:
+    """--device-map, --max-memory and --offload-folder (read back with `slimllm.cli.app.placement_of`)."""
+    return [fixed_option("device_map", device_map), fixed_option("max_memory", max_memory),
+            fixed_option("offload_folder", offload_folder)]

@@ -12,19 +12,29 @@ from typing import Annotated, Any
 
 import typer
 
-from slimllm.cli.app import app, emit, pick_model, run_command
+from slimllm.cli.app import app, emit, pick_model, placement_of, run_command
 from slimllm.cli.compile_command import FLAGS, split_compile_flags
-from slimllm.cli.options import fixed_option, settings_command
+from slimllm.cli.options import fixed_option, placement_parameters, settings_command
 
 
 def _fixed() -> list[inspect.Parameter]:
-    from slimllm.cli.app import DebugOpt, DeviceOpt, JsonOpt, ModelArg, ModelOpt
+    from slimllm.cli.app import (
+        DebugOpt,
+        DeviceMapOpt,
+        DeviceOpt,
+        JsonOpt,
+        MaxMemoryOpt,
+        ModelArg,
+        ModelOpt,
+        OffloadFolderOpt,
+    )
 
     return [
         fixed_option("model", ModelArg),
         fixed_option("model_option", ModelOpt),
         fixed_option("recipe", Annotated[Path | None, typer.Option("--recipe", help="The compile recipe to plan.")]),
         fixed_option("device", DeviceOpt, "auto"),
+        *placement_parameters(DeviceMapOpt, MaxMemoryOpt, OffloadFolderOpt),
         fixed_option("as_json", JsonOpt, False),
         fixed_option("debug", DebugOpt, False),
     ]
@@ -44,14 +54,15 @@ def _plan(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
             prune_flags.get("ratio"), prune_flags.get("calib"),
         )
         model = pick_model(fixed["model"], fixed["model_option"])
+        placement = placement_of(fixed)
         device = str(resolve_device(fixed["device"]))
-        plan = plan_compile(model_config(model), settings, device)
+        plan = plan_compile(model_config(model), settings, device, placement=placement)
         plans, machine, work = plan.stages, plan.machine, plan.work
         payload = {
             "model": model,
             "device": device,
             "machine": {"host_bytes": machine.host_bytes, "device_bytes": machine.device_bytes,
-                        "cores": machine.cores},
+                        "cores": machine.cores, "gpu_bytes": list(machine.gpu_bytes), "spread": machine.spread},
             "removed_layers": work.removed_layers,
             "stages": [stage.to_dict() for stage in plans],
         }

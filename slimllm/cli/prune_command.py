@@ -14,6 +14,7 @@ from slimllm.cli.app import (
     app,
     emit,
     pick_model,
+    placement_of,
     run_command,
 )
 from slimllm.cli.options import common_parameters, settings_command, settings_flags
@@ -48,6 +49,7 @@ FIXED = common_parameters(
     force_help="Replace output slimllm wrote earlier.",
     resume_help="Continue an interrupted TRSP or DReSS run from its last checkpoint.",
     dtype=True,
+    placement=True,
 )
 
 
@@ -67,6 +69,7 @@ def _prune(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
                 fixed["out"],
                 force=fixed["force"],
                 device=fixed["device"],
+                placement=placement_of(fixed),
                 dtype=fixed["dtype"],
                 progress=bar,
                 method_settings=method_settings,

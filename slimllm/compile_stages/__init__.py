@@ -47,6 +47,9 @@ class CompileContext:
     progress: Progress | None
     dtype: str = "auto"
     """Compute dtype of the stages that train (prune, heal): auto, fp32, fp16 or bf16."""
+    placement: Any = None
+    """How the PyTorch stages (prune, heal, evaluate, accuracy) place the model (`slimllm.placement.Placement`);
+    None: whole, on `device`."""
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Declared outputs of finished stages (path, sha256, files ...), by stage name."""
     results: dict[str, dict[str, Any]] = field(default_factory=dict)

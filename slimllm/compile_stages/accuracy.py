@@ -53,7 +53,9 @@ def _run(ctx: CompileContext) -> tuple[dict[str, Any], dict[str, Any]]:
     correct: dict[str, dict[str, list[int]]] = {}
     for index, model in enumerate(models):
         device = onnx_device(ctx) if model.backend == "onnxruntime" else ctx.device
-        with open_backend(model.spec, model.backend, device, "fp32", context=TASK_CONTEXT) as scorer:
+        placement = ctx.placement if model.backend == "torch" else None
+        with open_backend(model.spec, model.backend, device, "fp32", context=TASK_CONTEXT,
+                          placement=placement) as scorer:
             progress = _progress(ctx, f"{index + 1}/{len(models)}")
             result = evaluate_tasks(
                 scorer.sequence_log_probs, scorer.tokenizer, tasks, ctx.compile.eval_task,

@@ -59,7 +59,7 @@ def _run(ctx: CompileContext) -> tuple[dict[str, Any], dict[str, Any]]:
 
     perplexities: dict[str, float] = {}
     divergence: dict[str, dict[str, Any]] = {}
-    with open_backend(str(ctx.dense_dir), "torch", ctx.device, "fp32") as dense:
+    with open_backend(str(ctx.dense_dir), "torch", ctx.device, "fp32", placement=ctx.placement) as dense:
         windows, source = eval_windows(
             dense.tokenizer, ctx.compile.eval_data, ctx.compile.eval_seq_len, ctx.compile.eval_windows
         )
@@ -68,7 +68,9 @@ def _run(ctx: CompileContext) -> tuple[dict[str, Any], dict[str, Any]]:
         # holding every runtime's copy of the model at once (per_token_divergences can share one reference pass).
         for model in evaluated_models(ctx):
             device = onnx_device(ctx) if model.backend == "onnxruntime" else ctx.device
-            with open_backend(model.spec, model.backend, device, "fp32", context=int(windows.shape[1])) as scorer:
+            placement = ctx.placement if model.backend == "torch" else None
+            with open_backend(model.spec, model.backend, device, "fp32", context=int(windows.shape[1]),
+                              placement=placement) as scorer:
                 stats = divergence_statistics(scorer.logits_fn, dense.logits_fn, windows)
             perplexities[model.label] = stats["ppl"]
             divergence[model.label] = stats | {"backend": scorer.backend}

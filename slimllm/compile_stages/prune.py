@@ -45,6 +45,7 @@ def _run(ctx: CompileContext) -> tuple[dict[str, Any], dict[str, Any]]:
         progress=ctx.progress,
         method_settings=ctx.settings.get("method_settings"),
         resume=resume,
+        placement=ctx.placement,
     )
     summary = {
         "method": result.method,

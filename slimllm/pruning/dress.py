@@ -34,6 +34,7 @@ from slimllm.architectures import decoder_layers
 from slimllm.artifacts import plain
 from slimllm.device import model_autocast
 from slimllm.errors import UserInputError
+from slimllm.placement import input_device
 from slimllm.pruning.registry import PlannedWork, PruningMethod, Selection, SelectionRequest, register
 from slimllm.pruning.training import (
     MixedPrecisionStepper,
@@ -209,7 +210,7 @@ def selected_output_share(model: nn.Module, selected: Sequence[Sequence[int]], b
             handles.append(ffn_of(layer).down_proj.register_forward_pre_hook(hook_for(list(indices))))
     try:
         with model_autocast(model):
-            model(input_ids=batch.to(next(model.parameters()).device), use_cache=False)
+            model(input_ids=batch.to(input_device(model)), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -272,7 +273,7 @@ def regularize(
 ) -> DressInfo:
     """Train `model` in place on CE (+ KL) while shrinking the selected groups; checkpoints every `save_every`."""
     require_master_weights(model, "DReSS")
-    device = next(model.parameters()).device
+    device = input_device(model)
     steps = math.ceil(settings.reg_tokens / (batch_size * blocks.shape[1])) if settings.reg_tokens else 0
     reference = group_norms(model, settings.reg_norm)
     amounts = shrink_per_step(settings, steps)

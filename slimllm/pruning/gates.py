@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from slimllm.architectures import architecture_for, decoder_layers, set_decoder_layers
+from slimllm.placement import execution_device
 from slimllm.pruning.layer_io import layer_input_tensor, layer_output_tensor
 
 
@@ -37,7 +38,7 @@ class GatedLayer(nn.Module):
         self.returns_tuple = returns_tuple
         """The wrapped layer answers `(hidden_states, ...)`; a switched-off layer answers `(x,)` then."""
         # fp32 master value even when the model runs in bf16/fp16: small gate updates must not round away.
-        self.gate = nn.Parameter(torch.ones((), dtype=torch.float32, device=_device_of(layer)))
+        self.gate = nn.Parameter(torch.ones((), dtype=torch.float32, device=execution_device(layer)))
         self.switched_off = False
         self.record_delta = False
         self.delta_norm = "l2"
@@ -69,10 +70,6 @@ class GatedLayer(nn.Module):
         except AttributeError:
             # e.g. Qwen2's `attention_type`, read by the model's forward for every layer
             return getattr(self._modules["layer"], name)
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
 
 
 @dataclass

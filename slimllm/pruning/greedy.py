@@ -16,6 +16,7 @@ from torch import nn
 
 from slimllm.device import model_autocast
 from slimllm.evaluate import causal_lm_loss_sum
+from slimllm.placement import input_device
 from slimllm.pruning.layer_io import DecoderTrace, attention_skipped, layers_skipped, run_from_layer, trace_decoder
 
 CandidateLogits = Callable[[DecoderTrace, int], torch.Tensor]
@@ -44,7 +45,7 @@ def greedy_removal(
     progress: Callable[[int, int], None] | None = None,
 ) -> GreedySearch:
     """`count` rounds of greedy removal; ties go to the lower index."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     search = GreedySearch()
     for round_index in range(count):
         alive = [c for c in candidates if c not in search.removed]

@@ -20,6 +20,7 @@ from torch import nn
 
 from slimllm.architectures import architecture_for, decoder_layers, get_submodule, set_decoder_layers
 from slimllm.device import autocast, autocast_dtype
+from slimllm.placement import execution_device, input_device
 
 
 def layer_output_tensor(output) -> torch.Tensor:
@@ -152,11 +153,6 @@ def _to_device(value, device: torch.device):
     return value
 
 
-def _module_device(module: nn.Module, fallback: torch.device) -> torch.device:
-    parameter = next(module.parameters(), None)
-    return parameter.device if parameter is not None else fallback
-
-
 @torch.no_grad()
 def first_layer_inputs(
     model: nn.Module, blocks: torch.Tensor, batch_size: int
@@ -165,7 +161,7 @@ def first_layer_inputs(
     layers are called with (rotary embeddings, mask): the embedding pass alone, no decoder layer runs."""
     layers = decoder_layers(model)
     base = decoder_base(model)
-    embed_device = _module_device(model.get_input_embeddings(), torch.device("cpu"))
+    embed_device = input_device(model)
     inputs: list[torch.Tensor] = []
     kwargs_seen: list[dict] = []
 
@@ -209,7 +205,7 @@ def stream_layers(
     stream, layer_kwargs = first_layer_inputs(model, blocks, batch_size)
     dtype = autocast_dtype(model)
     for index, layer in enumerate(layers):
-        device = _module_device(layer, torch.device("cpu"))
+        device = execution_device(layer)
         for batch, (hidden, kwargs) in enumerate(zip(stream, layer_kwargs, strict=True)):
             x_in = hidden.to(device)
             with autocast(device, dtype):

@@ -108,6 +108,14 @@ class PruningMethod(ABC):
     def default_settings(self) -> Any:
         return self.settings_class() if self.settings_class is not None else None
 
+    spread_alternative: ClassVar[str] = ""
+    """A setting of the method under which it runs on a model spread with `--device-map` (one that trains no
+    weights), offered when the chosen settings cannot."""
+
+    def updates_weights(self, settings: Any) -> bool:
+        """The method's training updates weights under these settings (not only gates or scores)."""
+        return self.trains_weights
+
     def transfers_removed_work(self, settings: Any) -> bool:
         """True when selection already trains the kept layers to do without the removed ones (then a training-free
         repair, which fits the removed layers' outputs, would undo that work)."""

@@ -36,6 +36,7 @@ from torch import nn
 
 from slimllm.architectures import architecture_for, decoder_layers, get_submodule
 from slimllm.errors import UserInputError
+from slimllm.placement import input_device
 from slimllm.pruning.layer_io import layer_input_tensor, layer_output_tensor, layers_skipped
 
 Progress = Callable[..., None]
@@ -77,7 +78,7 @@ class _StopForward(Exception):
 def _calibration_pass(model: nn.Module, blocks: torch.Tensor, batch_size: int, skipped: Sequence[int]) -> None:
     """Run the calibration blocks through the model without the `skipped` layers; the caller's hooks gather what
     they need and may end each batch early with `_StopForward`."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     with layers_skipped(model, skipped):
         for start in range(0, blocks.shape[0], batch_size):
             try:

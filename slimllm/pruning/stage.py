@@ -23,6 +23,7 @@ from slimllm.device import dtype_name
 from slimllm.errors import UserInputError
 from slimllm.flops import ModelShape
 from slimllm.models import LoadedModel, load_model
+from slimllm.placement import Placement, PlacementNeeds, check_placement_supports, device_map_of
 from slimllm.pruning.candidates import candidate_layers, check_removable, layers_to_remove
 from slimllm.pruning.registry import (
     Selection,
@@ -101,6 +102,30 @@ def resolve_k(loaded: LoadedModel, settings: PruneSettings) -> tuple[int, list[i
     return k, candidates
 
 
+def prune_placement_needs(settings: PruneSettings, method_settings: Any, architecture) -> PlacementNeeds:
+    """What the chosen method and repair need of a model spread with `--device-map`: no weight training (TRSP
+    with stage 2 or full stage 1, DReSS), every weight resident where they edit weights (2SSP, the repair)."""
+    spec = get_method(settings.method)
+    repair = settings.resolved_repair(method_settings, architecture)
+    repairs = repair is not RepairMethod.NONE
+    trains = spec.updates_weights(method_settings)
+    alternatives = [spec.spread_alternative] if trains and spec.spread_alternative else []
+    return PlacementNeeds(
+        f"--method {spec.name}" + (f" with --repair {repair.value}" if repairs else ""),
+        trains_weights=trains,
+        edits_weights=spec.edits_model or repairs,
+        alternatives=alternatives + (["--repair none"] if repairs and not spec.edits_model else []),
+    )
+
+
+def check_prune_placement(loaded: LoadedModel, settings: PruneSettings, method_settings: Any = None) -> bool:
+    """Refuse, before any work, a method or repair that a model spread with `--device-map` cannot run (one that
+    trains weights, or edits offloaded ones); returns whether the run edits weights."""
+    needs = prune_placement_needs(settings, method_settings, loaded.architecture)
+    check_placement_supports(loaded.model, needs)
+    return needs.edits_weights
+
+
 def prune_in_memory(
     loaded: LoadedModel,
     settings: PruneSettings,
@@ -128,8 +153,9 @@ def prune_in_memory(
         raise UserInputError(
             f"--repair {repair_method.value} repairs removed layers, and {spec.name} removes none; use --repair none"
         )
+    edits = check_prune_placement(loaded, settings, method_settings)
     started = time.perf_counter()
-    changes_weights = spec.trains_weights or spec.edits_model or repair_method is not RepairMethod.NONE
+    changes_weights = spec.updates_weights(method_settings) or edits
     model = loaded.model if inplace or not changes_weights else copy.deepcopy(loaded.model)
     request = SelectionRequest(
         model,
@@ -208,12 +234,14 @@ def run_prune(
     method_settings: Any = None,
     resume: bool = False,
     recipe: Path | str | None = None,
+    placement: Placement | None = None,
 ) -> PruneResult:
     """The whole stage: load, calibrate, select, remove and save to `out_dir` (atomically).
 
     Pass `settings` (and the method's own `method_settings`), or `settings=None` with `recipe=` a TOML file whose
     `[prune]` and method sections give them (`resolve_prune_settings` combines a recipe with overrides).
     TRSP checkpoints to `<out_dir>.partial/` after every round; `resume=True` continues from there.
+    A spreading `placement` (`--device-map auto`) loads the model over the GPUs, host memory and disk.
     """
     started = time.perf_counter()
     if settings is None:
@@ -226,12 +254,10 @@ def run_prune(
     elif not work_dir.is_dir():
         raise UserInputError(f"nothing to resume: {work_dir} does not exist; run without --resume")
     owns_model = not isinstance(model, LoadedModel)
-    loaded = (
-        load_model(model, device=device, dtype=dtype, for_training=settings.method.trains_weights)
-        if owns_model
-        else model
-    )
+    loaded = model if not owns_model else load_model(
+        model, device=device, dtype=dtype, for_training=settings.method.trains_weights, placement=placement)
     resolve_k(loaded, settings)  # validate k and protection before calibrating
+    check_prune_placement(loaded, settings, method_settings)
     calibration = None
     repair = settings.resolved_repair(method_settings, loaded.architecture)
     if settings.method.needs_calibration or repair is not RepairMethod.NONE:
@@ -296,6 +322,7 @@ def _pruning_record(loaded: LoadedModel, settings: PruneSettings, result: PruneR
         "params_after": result.params_after,
         "timings": {"selection_s": round(result.selection_seconds, 3), "total_s": round(result.seconds, 3)},
         "device": str(loaded.device),
+        "device_map": device_map_of(loaded.model) or None,
         "dtype": dtype_name(loaded.dtype),
         "notes": result.notes,
         "summary": result.summary,

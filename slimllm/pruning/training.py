@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from slimllm.artifacts import atomic_write_bytes
 from slimllm.device import autocast_dtype, model_autocast
 from slimllm.errors import SlimllmError, UserInputError
+from slimllm.placement import input_device
 
 Progress = Callable[..., None]
 
@@ -113,7 +114,7 @@ class MixedPrecisionStepper:
 
     def __init__(self, model: torch.nn.Module, optimizers: torch.optim.Optimizer | list[torch.optim.Optimizer]):
         self.optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        device = next(model.parameters()).device
+        device = input_device(model)
         self.scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(model) == torch.float16)
 
     @property
@@ -170,7 +171,7 @@ def fine_tune(
     With a `teacher` and `distill` > 0 the loss is CE + distill * KL(teacher || model) (healing by distillation).
     """
     require_master_weights(model, "fine-tuning")
-    device = next(model.parameters()).device
+    device = input_device(model)
     trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     warmup = default_warmup(steps)

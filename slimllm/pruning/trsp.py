@@ -29,6 +29,7 @@ import torch
 from slimllm.artifacts import plain
 from slimllm.device import model_autocast
 from slimllm.errors import UserInputError
+from slimllm.placement import input_device
 from slimllm.pruning.gates import GateMode, GateSet, attach_gates, detach_gates
 from slimllm.pruning.registry import PlannedWork, PruningMethod, Selection, SelectionRequest, register
 from slimllm.pruning.training import (
@@ -195,7 +196,7 @@ def run_trsp(
     if k >= len(candidates):
         raise UserInputError(f"cannot select {k} layers from {len(candidates)} candidates")
     require_master_weights(model, "TRSP")
-    device = next(model.parameters()).device
+    device = input_device(model)
     fingerprint = run_fingerprint(model, blocks, settings, batch_size, seed, k=k, candidates=candidates)
     checkpoints = TrainingCheckpoints(work_dir, fingerprint, "TRSP")
     info = TrspInfo()
@@ -221,7 +222,7 @@ def run_trsp(
 
 def _stage1(model, gates, blocks, schedule, k, candidates, settings, checkpoints, resume, info, progress):
     started = time.perf_counter()
-    device = next(model.parameters()).device
+    device = input_device(model)
     gate_params = gates.parameters(candidates)
     gate_ids = {id(p) for p in gates.parameters()}
     weights = [p for p in model.parameters() if id(p) not in gate_ids]
@@ -390,6 +391,10 @@ class Trsp(PruningMethod):
     )
     trains_weights = True
     settings_class = TrspSettings
+    spread_alternative = "--train-scope gates --stage2 none trains only the gates"
+
+    def updates_weights(self, settings: TrspSettings | None) -> bool:
+        return self.transfers_removed_work(settings)
 
     def transfers_removed_work(self, settings: TrspSettings | None) -> bool:
         settings = settings or TrspSettings()
