@@ -220,16 +220,17 @@ OFFLOAD_HOST = "2GiB"
 
 def prune_offload_row(name: str, model_dir: Path, out: Path, work: Path, remeasure: bool) -> dict:
     """`slimllm prune` as `prune_row`, with the model spread by `--device-map auto` over `OFFLOAD_HOST` of host
-    memory and disk (the least-squares repair edits weights, so `--repair none`). The plan does not model offload;
-    the row has no estimate."""
+    memory and disk (the least-squares repair edits weights, so `--repair none`); the estimate is the plan's prune
+    stage under the same placement."""
     flags = compile_flags(name, work)
-    prune_flags = ["--recipe", flags[1], "--method", "shortgpt", "--remove", str(REMOVE[name]), "--repair", "none",
-                   "--device-map", "auto", "--max-memory", f"cpu={OFFLOAD_HOST}", "--offload-folder", str(work)]
+    spread = ["--repair", "none", "--device-map", "auto", "--max-memory", f"cpu={OFFLOAD_HOST}"]
+    prune_flags = ["--recipe", flags[1], "--method", "shortgpt", "--remove", str(REMOVE[name]), *spread,
+                   "--offload-folder", str(work)]
     command = [sys.executable, "-m", "slimllm", "prune", str(model_dir), "--out", str(out), "--force",
                *prune_flags, "--json"]
     code, seconds, peak = _run(command, work / f"{name}-prune-offload.log", remeasure)
     return _row(name, f"prune, offloaded (--device-map auto --max-memory cpu={OFFLOAD_HOST})", code == 0, seconds,
-                peak, None)
+                peak, _plan(model_dir, [*flags, *spread])["prune"])
 
 
 def _row(model: str, step: str, passed: bool, seconds, peaks: dict, plan: dict | None) -> dict:

@@ -140,6 +140,9 @@ class MachineMemory:
     """Memory of every GPU a `--device-map` model may use (after --max-memory), in index order."""
     spread: bool = False
     """The run spreads its PyTorch models over `gpu_bytes` with `--device-map`."""
+    host_weights_cap: int | None = None
+    """`--max-memory cpu=...` of a spread run on the CPU: the host memory a model's weights may take; accelerate
+    offloads the layers beyond it to disk and loads one at a time while it runs."""
 
     @classmethod
     def here(cls, device: str, placement: Placement | None = None) -> MachineMemory:
@@ -158,7 +161,9 @@ class MachineMemory:
         if spread and placement.max_memory:
             gpus = tuple(min(total, placement.max_memory[i]) for i, total in enumerate(gpus)
                          if i in placement.max_memory)
-        return cls(int(psutil.virtual_memory().total), device_bytes, device, os.cpu_count() or 1, gpus, spread)
+        cap = placement.max_memory.get("cpu") if placement is not None and placement.spread and placement.max_memory \
+            else None
+        return cls(int(psutil.virtual_memory().total), device_bytes, device, os.cpu_count() or 1, gpus, spread, cap)
 
     def device_capacity(self, stage: str, work: Workload | None) -> int | None:
         """What a stage may hold on its devices: every GPU of the map where the stage can run spread (no weight
@@ -252,6 +257,14 @@ def plan_stages(dense: ModelFootprint, work: Workload, machine: MachineMemory) -
     W_map = W if work.dense_mapped and not on_gpu else 0  # noqa: N806
     P_map = P if work.pruned_mapped and not on_gpu else 0  # noqa: N806
 
+    def held(stage: str, model: ModelFootprint, mapped: int) -> tuple[int, int]:
+        """(host bytes, mapped bytes) of a model's weights in a stage: all of them, or under a host budget for a
+        spread model, the budget and the one offloaded layer being run (read from disk into private memory)."""
+        cap = machine.host_weights_cap
+        if cap is None or on_gpu or not spreads(stage, work) or model.fp32_bytes <= cap:
+            return model.fp32_bytes, mapped
+        return cap + FP32 * model.layer_parameters, min(mapped, cap)
+
     def add(stage: str, host: int, device: int, flops: float, counts: str, mapped: int = 0) -> None:
         if on_gpu:  # the weights and activations move to the device; the host keeps the loading copy
             host = base + W
@@ -275,10 +288,12 @@ def plan_stages(dense: ModelFootprint, work: Workload, machine: MachineMemory) -
         # accumulate float64 moments of the hidden size.
         repair = (2 * 8 * dense.hidden_size**2 + _logits(dense, work.calib_batch * work.block_len)
                   if work.repair else 0)
-        add("prune", base + W + stream + repair, W + stream,
+        weights, weights_map = held("prune", dense, W_map)
+        add("prune", base + weights + stream + repair, W + stream,
             select_flops,
-            "the model (layers are removed in place and saved tensor by tensor), the calibration stream of one "
-            "layer for every block, the logits of one calibration batch while repairing", mapped=W_map)
+            "the model (layers are removed in place and saved tensor by tensor; offloaded layers are read one at a "
+            "time), the calibration stream of one layer for every block, the logits of one calibration batch while "
+            "repairing", mapped=weights_map)
     if work.heal_tokens and work.heal_scope:
         training = _training_bytes(pruned, work.heal_scope, work.heal_batch, work.heal_block_len)
         add("heal", base + training + W + P, training + W,
@@ -304,14 +319,16 @@ def plan_stages(dense: ModelFootprint, work: Workload, machine: MachineMemory) -
             "the PyTorch reference and the logits of one window from it and from llama.cpp (validation); the "
             "writer streams one tensor at a time; llama.cpp maps each file and repacks its quantized matrices",
             mapped=P_map)
-    add("evaluate", base + W + P + artifact_copy + 6 * _logits(dense, work.eval_seq_len), W + P,
-        2 * 2 * dense.parameters * work.eval_tokens * max(1, work.eval_artifacts),
-        "the dense model and one evaluated artifact at a time (a quantized one in private memory); the logits of "
-        "one window from each, with their log-softmaxes and the KL terms", mapped=W_map + P_map)
+    scoring = [("evaluate", 2 * 2 * dense.parameters * work.eval_tokens * max(1, work.eval_artifacts),
+                "the dense model and one evaluated artifact at a time (a quantized one in private memory); the "
+                "logits of one window from each, with their log-softmaxes and the KL terms")]
     if work.task_tokens:
-        add("accuracy", base + W + P + artifact_copy + 6 * _logits(dense, work.eval_seq_len), W + P,
-            2 * dense.parameters * work.task_tokens * (1 + work.eval_artifacts),
-            "the dense model and one scored artifact at a time", mapped=W_map + P_map)
+        scoring.append(("accuracy", 2 * dense.parameters * work.task_tokens * (1 + work.eval_artifacts),
+                        "the dense model and one scored artifact at a time"))
+    for stage, flops, counts in scoring:
+        (dense_held, dense_map), (pruned_held, pruned_map) = held(stage, dense, W_map), held(stage, pruned, P_map)
+        add(stage, base + dense_held + pruned_held + artifact_copy + 6 * _logits(dense, work.eval_seq_len), W + P,
+            flops, counts, mapped=dense_map + pruned_map)
     if work.profile:
         add("profile", base + 2 * W, W, 2 * dense.parameters * 2048 * 2 * max(1, work.eval_artifacts),
             "one benchmark worker at a time, holding the model it times")

@@ -82,6 +82,10 @@ def parse_max_memory(text: str | None) -> dict[int | str, int] | None:
     return limits
 
 
+def _size_text(size: int) -> str:
+    return f"{size / 2**30:.1f}GiB" if size >= 2**30 else f"{size / 2**20:.0f}MiB"
+
+
 @dataclass(frozen=True)
 class Placement:
     """How to place a model: `device_map` NONE keeps it whole on one device, the rest spread it with accelerate."""
@@ -122,7 +126,7 @@ class Placement:
     def describe(self) -> str:
         if not self.spread:
             return "one device"
-        limits = ", ".join(f"{key}={value / 2**30:.1f}GiB" for key, value in (self.max_memory or {}).items())
+        limits = ", ".join(f"{key}={_size_text(value)}" for key, value in (self.max_memory or {}).items())
         return f"device_map={self.device_map.value}" + (f" ({limits})" if limits else "")
 
     def from_pretrained_kwargs(self) -> dict:

@@ -209,3 +209,75 @@ def test_plan_offers_a_device_map_where_the_gpus_together_fit():
     training = Workload(**{**work.__dict__, "train_tokens": 1000, "train_scope": "full"})
     with pytest.raises(UserInputError, match="on cuda:0"):
         check_fits([_stage(30, "prune")], spread, lambda w: [_stage(30, "prune")], training)
+
+
+def test_plan_holds_a_spread_models_weights_to_the_host_budget():
+    """Under `--max-memory cpu=...` the plan counts the budget and the one offloaded layer being run, not the whole
+    model, in the stages that spread (pruning without repair, evaluation); the exports still hold the pruned model."""
+    from transformers import LlamaConfig
+
+    from slimllm.memory_plan import ModelFootprint, plan_compile
+    from slimllm.pipeline import resolve_compile_settings
+
+    config = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, dtype="bfloat16")
+    settings = resolve_compile_settings(None, {"compile": {"heal": False}, "prune": {"repair": "none"}}, "onnx",
+                                        None, "none", "shortgpt", 4, None, None)
+    budget = 2 * GIB
+    whole = MachineMemory(host_bytes=64 * GIB, device_bytes=None, device="cpu", cores=2)
+    capped = MachineMemory(host_bytes=64 * GIB, device_bytes=None, device="cpu", cores=2, host_weights_cap=budget)
+    plain = {p.stage: p for p in plan_compile(config, settings, "cpu", whole).stages}
+    offload = {p.stage: p for p in plan_compile(config, settings, "cpu", capped).stages}
+    dense = ModelFootprint.from_config(config)
+    layer = 4 * dense.layer_parameters
+    assert plain["prune"].private_bytes - offload["prune"].private_bytes == dense.fp32_bytes - budget - layer
+    # the dense (bf16, converted) model held to its budget; the pruned checkpoint slimllm wrote in fp32 is mapped
+    # either way, except the offloaded layer being read
+    assert plain["evaluate"].private_bytes - offload["evaluate"].private_bytes == \
+        dense.fp32_bytes - budget - 2 * layer
+    assert offload["export_onnx"] == plain["export_onnx"]
+    here = MachineMemory.here("cpu", Placement(DeviceMap.AUTO, {"cpu": budget}))
+    assert here.host_weights_cap == budget and MachineMemory.here("cpu").host_weights_cap is None
+
+
+SPREAD_RECIPE = """
+[compile]
+eval_seq_len = 64
+eval_windows = 2
+eval_task = "none"
+heal = false
+
+[prune]
+method = "shortgpt"
+calib_blocks = 4
+block_len = 64
+repair = "none"
+
+[gguf]
+outtypes = ["q8_0"]
+tokenizer_lines = 20
+"""
+
+
+def test_compile_with_a_device_map_prunes_and_evaluates_the_offloaded_model(tiny_model_dir, tmp_path, offload_root):
+    import slimllm
+
+    directory = tiny_model_dir("llama")
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(SPREAD_RECIPE)
+    placement = _half_on_disk(directory)
+    result = slimllm.compile(str(directory), out=tmp_path / "run", target="gguf", remove=2, calib=str(CALIB_FILE),
+                             eval_data=str(EVAL_FILE), profile=None, recipe=recipe, placement=placement)
+    assert result.manifest["placement"].startswith("device_map=auto")
+    record = json.loads((tmp_path / "run" / "pruned" / "slimllm_pruning.json").read_text())
+    assert "disk" in record["device_map"].values()
+    evaluation = json.loads((tmp_path / "run" / "evaluation.json").read_text())
+    whole = load_model(str(directory), device="cpu")
+    from slimllm.compile_stages.evaluate import DENSE_LABEL
+    from slimllm.evaluate import torch_logits_fn
+    from slimllm.exporters.parity import eval_windows, perplexity
+
+    windows, _ = eval_windows(whole.tokenizer, str(EVAL_FILE), 64, 2)
+    assert evaluation["perplexity"][DENSE_LABEL] == pytest.approx(perplexity(torch_logits_fn(whole.model), windows),
+                                                                  rel=1e-5)
+    assert evaluation["divergence"] and all(stats["ppl"] > 1 for stats in evaluation["divergence"].values())

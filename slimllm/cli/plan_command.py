@@ -62,13 +62,16 @@ def _plan(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
             "model": model,
             "device": device,
             "machine": {"host_bytes": machine.host_bytes, "device_bytes": machine.device_bytes,
-                        "cores": machine.cores, "gpu_bytes": list(machine.gpu_bytes), "spread": machine.spread},
+                        "cores": machine.cores, "gpu_bytes": list(machine.gpu_bytes), "spread": machine.spread,
+                        "host_weights_cap": machine.host_weights_cap},
             "removed_layers": work.removed_layers,
             "stages": [stage.to_dict() for stage in plans],
         }
         lines = [f"{model} on {device} ({machine.host_bytes / GIB:.1f} GiB host"
                  + (f", {machine.device_bytes / GIB:.1f} GiB device" if machine.device_bytes else "")
-                 + f", {machine.cores} cores); {work.removed_layers} layers removed",
+                 + f", {machine.cores} cores); {work.removed_layers} layers removed"
+                 + (f"; spread models hold {machine.host_weights_cap / GIB:.1f} GiB of weights in host memory, the "
+                    "rest on disk" if machine.host_weights_cap else ""),
                  f"{'stage':<12} {'host GiB':>9} {'private GiB':>12} {'device GiB':>11}  time"]
         for stage in plans:
             lines.append(f"{stage.stage:<12} {stage.host_bytes / GIB:>9.1f} {stage.private_bytes / GIB:>12.1f} "
