@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -61,6 +62,10 @@ CPU_FLOPS_PER_CORE = 40e9
 1k tokens on 2 cores)."""
 GPU_FLOPS = 150e12
 """Sustained bf16 throughput of a data-centre GPU in training and scoring (about a third of an H100's peak)."""
+
+SAVE_SHARD_BYTES = 5 * 10**9
+"""transformers' default `max_shard_size`: saving a model with offloaded modules reads one shard's worth of them
+back (pages of the checkpoint they are read from) before writing it."""
 
 FP32 = 4
 
@@ -246,6 +251,27 @@ def _onnx_quantized_copy(model: ModelFootprint, quant: str | None) -> int:
     return int(bits / 8 * model.parameters) if bits else 0
 
 
+def _weights_held(machine: MachineMemory, work: Workload, stage: str, model: ModelFootprint,
+                  mapped: int) -> tuple[int, int]:
+    """(host bytes, mapped bytes) of a model's fp32 weights in a stage on the CPU: all of them, or under a host budget
+    for a spread model, the budget and the one offloaded layer being run (read from disk into private memory)."""
+    cap = machine.host_weights_cap
+    if cap is None or machine.device.startswith("cuda") or not spreads(stage, work) or model.fp32_bytes <= cap:
+        return model.fp32_bytes, mapped
+    return cap + FP32 * model.layer_parameters, min(mapped, cap)
+
+
+def _scoring_stages(dense: ModelFootprint, work: Workload) -> list[tuple[str, float, str]]:
+    """(stage, arithmetic, what it holds) of the stages that score the dense model beside each artifact."""
+    stages = [("evaluate", 2 * 2 * dense.parameters * work.eval_tokens * max(1, work.eval_artifacts),
+               "the dense model and one evaluated artifact at a time (a quantized one in private memory); the logits "
+               "of one window from each, with their log-softmaxes and the KL terms")]
+    if work.task_tokens:
+        stages.append(("accuracy", 2 * dense.parameters * work.task_tokens * (1 + work.eval_artifacts),
+                       "the dense model and one scored artifact at a time"))
+    return stages
+
+
 def plan_stages(dense: ModelFootprint, work: Workload, machine: MachineMemory) -> list[StagePlan]:
     """Per compile stage, the peak host and device memory and the arithmetic, on `machine`."""
     pruned = dense.without_layers(work.removed_layers).with_ffn_width(work.ffn_kept)
@@ -256,14 +282,7 @@ def plan_stages(dense: ModelFootprint, work: Workload, machine: MachineMemory) -
 
     W_map = W if work.dense_mapped and not on_gpu else 0  # noqa: N806
     P_map = P if work.pruned_mapped and not on_gpu else 0  # noqa: N806
-
-    def held(stage: str, model: ModelFootprint, mapped: int) -> tuple[int, int]:
-        """(host bytes, mapped bytes) of a model's weights in a stage: all of them, or under a host budget for a
-        spread model, the budget and the one offloaded layer being run (read from disk into private memory)."""
-        cap = machine.host_weights_cap
-        if cap is None or on_gpu or not spreads(stage, work) or model.fp32_bytes <= cap:
-            return model.fp32_bytes, mapped
-        return cap + FP32 * model.layer_parameters, min(mapped, cap)
+    held = partial(_weights_held, machine, work)
 
     def add(stage: str, host: int, device: int, flops: float, counts: str, mapped: int = 0) -> None:
         if on_gpu:  # the weights and activations move to the device; the host keeps the loading copy
@@ -289,11 +308,13 @@ def plan_stages(dense: ModelFootprint, work: Workload, machine: MachineMemory) -
         repair = (2 * 8 * dense.hidden_size**2 + _logits(dense, work.calib_batch * work.block_len)
                   if work.repair else 0)
         weights, weights_map = held("prune", dense, W_map)
-        add("prune", base + weights + stream + repair, W + stream,
+        # Saving an offloaded model gathers one shard of its offloaded modules, read from the checkpoint in place.
+        gathered = min(SAVE_SHARD_BYTES, P) if weights < W else 0
+        add("prune", base + weights + stream + repair + gathered, W + stream,
             select_flops,
             "the model (layers are removed in place and saved tensor by tensor; offloaded layers are read one at a "
-            "time), the calibration stream of one layer for every block, the logits of one calibration batch while "
-            "repairing", mapped=weights_map)
+            "time, and one shard of them while saving), the calibration stream of one layer for every block, the "
+            "logits of one calibration batch while repairing", mapped=weights_map + gathered)
     if work.heal_tokens and work.heal_scope:
         training = _training_bytes(pruned, work.heal_scope, work.heal_batch, work.heal_block_len)
         add("heal", base + training + W + P, training + W,
@@ -319,13 +340,7 @@ def plan_stages(dense: ModelFootprint, work: Workload, machine: MachineMemory) -
             "the PyTorch reference and the logits of one window from it and from llama.cpp (validation); the "
             "writer streams one tensor at a time; llama.cpp maps each file and repacks its quantized matrices",
             mapped=P_map)
-    scoring = [("evaluate", 2 * 2 * dense.parameters * work.eval_tokens * max(1, work.eval_artifacts),
-                "the dense model and one evaluated artifact at a time (a quantized one in private memory); the "
-                "logits of one window from each, with their log-softmaxes and the KL terms")]
-    if work.task_tokens:
-        scoring.append(("accuracy", 2 * dense.parameters * work.task_tokens * (1 + work.eval_artifacts),
-                        "the dense model and one scored artifact at a time"))
-    for stage, flops, counts in scoring:
+    for stage, flops, counts in _scoring_stages(dense, work):
         (dense_held, dense_map), (pruned_held, pruned_map) = held(stage, dense, W_map), held(stage, pruned, P_map)
         add(stage, base + dense_held + pruned_held + artifact_copy + 6 * _logits(dense, work.eval_seq_len), W + P,
             flops, counts, mapped=dense_map + pruned_map)

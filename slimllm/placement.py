@@ -16,6 +16,8 @@ import re
 import shutil
 import tempfile
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -238,6 +240,26 @@ def input_device(model: nn.Module) -> torch.device:
     """Where a model's input ids go: the device its embedding runs on (for a model on one device, that device)."""
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     return execution_device(embeddings if embeddings is not None else model)
+
+
+@contextmanager
+def weights_held(module: nn.Module) -> Iterator[None]:
+    """Load an offloaded module's weights once for several forward calls, and offload them again after.
+
+    accelerate reads an offloaded module's weights back (from host memory or disk) at every call and drops them after
+    it; a layer that runs over every calibration minibatch in turn would read them once per minibatch. A module with
+    nothing offloaded is left as it is."""
+    held = [(part, part._hf_hook) for part in module.modules()
+            if getattr(getattr(part, "_hf_hook", None), "offload", False) is True]
+    for part, hook in held:
+        hook.pre_forward(part)
+        hook.offload = False
+    try:
+        yield
+    finally:
+        for part, hook in held:
+            hook.offload = True
+            hook.post_forward(part, None)
 
 
 def parameter_value(model: nn.Module, name: str, parameter: torch.Tensor) -> torch.Tensor:

@@ -93,6 +93,35 @@ def test_an_offloaded_model_computes_what_the_whole_model_computes(tiny_model_di
     assert not any(offload_root.iterdir())  # slimllm removes the offload folder it made once the model is freed
 
 
+def test_block_by_block_scoring_reads_each_offloaded_layer_once(tiny_model_dir, offload_root, monkeypatch):
+    """Every calibration minibatch goes through a layer in turn; an offloaded layer is read from disk once for all of
+    them (not once per minibatch), then dropped again, and the stream is what the whole model computes."""
+    from accelerate.utils.offload import OffloadedWeightsLoader
+
+    from slimllm.pruning.layer_io import stream_layers
+
+    directory = tiny_model_dir("llama")
+    reads: dict[str, int] = {}
+    original = OffloadedWeightsLoader.__getitem__
+
+    def counted(self, key):
+        reads[key] = reads.get(key, 0) + 1
+        return original(self, key)
+
+    monkeypatch.setattr(OffloadedWeightsLoader, "__getitem__", counted)
+    spread = load_model(str(directory), placement=_half_on_disk(directory))
+    whole = load_model(str(directory), device="cpu")
+    blocks = torch.randint(0, 49152, (4, 32), generator=torch.Generator().manual_seed(0))
+    outputs: dict[str, list[torch.Tensor]] = {"spread": [], "whole": []}
+    reads.clear()
+    stream_layers(spread.model, blocks, 1, lambda i, b, x_in, x_out: outputs["spread"].append(x_out.clone()))
+    stream_layers(whole.model, blocks, 1, lambda i, b, x_in, x_out: outputs["whole"].append(x_out.clone()))
+    offloaded_layer_weights = [key for key in reads if ".layers." in key]
+    assert offloaded_layer_weights and all(reads[key] == 1 for key in offloaded_layer_weights)
+    assert spread.model.model.layers[-1].mlp.down_proj.weight.device.type == "meta"  # offloaded again after
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(outputs["spread"], outputs["whole"], strict=True))
+
+
 @pytest.mark.parametrize("method", ["shortgpt", "sleb"])  # block by block; a greedy search re-running suffixes
 def test_pruning_an_offloaded_model_matches_the_whole_model(method, tiny_model_dir, tmp_path, offload_root):
     directory = tiny_model_dir("llama")
@@ -216,7 +245,7 @@ def test_plan_holds_a_spread_models_weights_to_the_host_budget():
     model, in the stages that spread (pruning without repair, evaluation); the exports still hold the pruned model."""
     from transformers import LlamaConfig
 
-    from slimllm.memory_plan import ModelFootprint, plan_compile
+    from slimllm.memory_plan import SAVE_SHARD_BYTES, ModelFootprint, plan_compile
     from slimllm.pipeline import resolve_compile_settings
 
     config = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -231,6 +260,9 @@ def test_plan_holds_a_spread_models_weights_to_the_host_budget():
     dense = ModelFootprint.from_config(config)
     layer = 4 * dense.layer_parameters
     assert plain["prune"].private_bytes - offload["prune"].private_bytes == dense.fp32_bytes - budget - layer
+    # saving reads one shard of the offloaded layers back in place: resident, not private
+    gathered = min(SAVE_SHARD_BYTES, dense.without_layers(4).fp32_bytes)
+    assert offload["prune"].host_bytes - plain["prune"].host_bytes == budget + layer + gathered - dense.fp32_bytes
     # the dense (bf16, converted) model held to its budget; the pruned checkpoint slimllm wrote in fp32 is mapped
     # either way, except the offloaded layer being read
     assert plain["evaluate"].private_bytes - offload["evaluate"].private_bytes == \

@@ -20,7 +20,7 @@ from torch import nn
 
 from slimllm.architectures import architecture_for, decoder_layers, get_submodule, set_decoder_layers
 from slimllm.device import autocast, autocast_dtype
-from slimllm.placement import execution_device, input_device
+from slimllm.placement import execution_device, input_device, weights_held
 
 
 def layer_output_tensor(output) -> torch.Tensor:
@@ -206,11 +206,12 @@ def stream_layers(
     dtype = autocast_dtype(model)
     for index, layer in enumerate(layers):
         device = execution_device(layer)
-        for batch, (hidden, kwargs) in enumerate(zip(stream, layer_kwargs, strict=True)):
-            x_in = hidden.to(device)
-            with autocast(device, dtype):
-                x_out = layer_output_tensor(layer(x_in, **_to_device(kwargs, device)))
-            visit(index, batch, x_in, x_out)
-            stream[batch] = x_out.detach().cpu()
+        with weights_held(layer):  # an offloaded layer is read once, not once per minibatch
+            for batch, (hidden, kwargs) in enumerate(zip(stream, layer_kwargs, strict=True)):
+                x_in = hidden.to(device)
+                with autocast(device, dtype):
+                    x_out = layer_output_tensor(layer(x_in, **_to_device(kwargs, device)))
+                visit(index, batch, x_in, x_out)
+                stream[batch] = x_out.detach().cpu()
         if progress:
             progress(index + 1, len(layers))
