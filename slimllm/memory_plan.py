@@ -254,11 +254,13 @@ def _onnx_quantized_copy(model: ModelFootprint, quant: str | None) -> int:
 def _weights_held(machine: MachineMemory, work: Workload, stage: str, model: ModelFootprint,
                   mapped: int) -> tuple[int, int]:
     """(host bytes, mapped bytes) of a model's fp32 weights in a stage on the CPU: all of them, or under a host budget
-    for a spread model, the budget and the one offloaded layer being run (read from disk into private memory)."""
+    for a spread model, the budget and the one offloaded layer being run. accelerate reads that layer in place from
+    the checkpoint's safetensors (or from the memory-mapped files of its offload folder), so its pages are mapped."""
     cap = machine.host_weights_cap
     if cap is None or machine.device.startswith("cuda") or not spreads(stage, work) or model.fp32_bytes <= cap:
         return model.fp32_bytes, mapped
-    return cap + FP32 * model.layer_parameters, min(mapped, cap)
+    layer = FP32 * model.layer_parameters
+    return cap + layer, min(mapped, cap) + layer
 
 
 def _scoring_stages(dense: ModelFootprint, work: Workload) -> list[tuple[str, float, str]]:
