@@ -248,18 +248,20 @@ def weights_held(module: nn.Module) -> Iterator[None]:
 
     accelerate reads an offloaded module's weights back (from host memory or disk) at every call and drops them after
     it; a layer that runs over every calibration minibatch in turn would read them once per minibatch. A module with
-    nothing offloaded is left as it is."""
-    held = [(part, part._hf_hook) for part in module.modules()
-            if getattr(getattr(part, "_hf_hook", None), "offload", False) is True]
-    for part, hook in held:
-        hook.pre_forward(part)
-        hook.offload = False
+    nothing offloaded is left as it is; a load that fails offloads again what was already loaded."""
+    from accelerate.utils import has_offloaded_params
+
+    loaded = []
     try:
+        for part in [part for part in module.modules() if has_offloaded_params(part)]:
+            part._hf_hook.pre_forward(part)
+            part._hf_hook.offload = False
+            loaded.append(part)
         yield
     finally:
-        for part, hook in held:
-            hook.offload = True
-            hook.post_forward(part, None)
+        for part in loaded:
+            part._hf_hook.offload = True
+            part._hf_hook.post_forward(part, None)
 
 
 def parameter_value(model: nn.Module, name: str, parameter: torch.Tensor) -> torch.Tensor:
