@@ -110,6 +110,15 @@ def sha256_tree(path: Path) -> str:
     return digest.hexdigest()
 
 
+def content_id(source: str | Path | None) -> str | None:
+    """What identifies an input by content: the hash of a local file or directory, else the name itself (a hub id,
+    `self`, a dataset name), which is all there is to key on before it is fetched."""
+    if source is None:
+        return None
+    path = Path(str(source)).expanduser()
+    return sha256_tree(path) if path.exists() else str(source)
+
+
 def _temp_sibling(target: Path, suffix: str = "") -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", suffix=suffix, dir=target.parent)

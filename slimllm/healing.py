@@ -14,6 +14,7 @@ the same weights as an uninterrupted run (the batch order is a pure function of 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import shutil
@@ -27,10 +28,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimllm.artifacts import check_output_directory, digest, library_versions, local_inputs, plain
+from slimllm.artifacts import check_output_directory, content_id, digest, library_versions, local_inputs, plain
 from slimllm.device import autocast_dtype, dtype_name, model_autocast
 from slimllm.errors import UserInputError, parse_choice
 from slimllm.placement import Placement, PlacementNeeds, check_placement_supports, input_device
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[..., None]
 
@@ -180,6 +183,12 @@ class _ResumableState:
         self.path = work_dir / "state.pt"
         self.key = key
 
+    def matches(self) -> bool:
+        """Whether a saved state exists and was written for this key."""
+        if not self.path.is_file():
+            return False
+        return torch.load(self.path, map_location="cpu", weights_only=False, mmap=True).get("key") == self.key
+
     def load(self) -> dict | None:
         if not self.path.is_file():
             return None
@@ -229,8 +238,8 @@ class _Optimization:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: warmup_constant(s, warmup))
         self.stepper = MixedPrecisionStepper(model, self.optimizer)
 
-    def step(self, loss: torch.Tensor) -> None:
-        self.stepper.step(loss)
+    def step(self, loss: torch.Tensor, where: str, terms: dict[str, torch.Tensor | None]) -> None:
+        self.stepper.step(loss, where, "--lr", terms)
         self.scheduler.step()
 
     def state(self) -> dict:
@@ -265,7 +274,7 @@ def heal_model(
     With `work_dir`, the state is saved every `settings.save_every` steps and, with `resume`, training continues from
     the last save. The model must hold fp32 weights for scope full (load it with `for_training=True`).
     """
-    from slimllm.pruning.training import batch_schedule, finite_loss, training_losses
+    from slimllm.pruning.training import batch_schedule, training_losses
 
     if settings.distill > 0 and teacher is None:
         raise UserInputError("healing with --distill > 0 needs a teacher model; pass --teacher or --distill 0")
@@ -291,8 +300,7 @@ def heal_model(
             with model_autocast(model):
                 ce, kl = training_losses(model, batch, teacher if settings.distill > 0 else None)
             loss = ce if kl is None else ce + settings.distill * kl
-            finite_loss(loss, f"healing step {step}", "--lr")
-            optimization.step(loss)
+            optimization.step(loss, f"healing step {step}", {"CE": ce, "KL": kl})
             result.losses.append(float(ce.detach()))
             if kl is not None:
                 result.kl.append(float(kl.detach()))
@@ -383,8 +391,13 @@ def run_heal(
     progress: Progress | None = None,
     resume: bool = False,
     placement: Placement | None = None,
+    restart_stale: bool = False,
 ) -> HealResult:
     """Load, heal and save `checkpoint` to `out_dir` (atomically), with `slimllm_healing.json` beside the weights.
+
+    A resumed run continues only a state written for the same checkpoint content, teacher, text and settings; another
+    state is refused (`slimllm heal --resume`) or, with `restart_stale` (compile, which owns its work directory),
+    discarded.
 
     With a spreading `placement` (`--device-map auto`) the student and teacher are spread over the GPUs; LoRA
     healing runs so when every layer is resident on a device, full-weight healing does not."""
@@ -421,8 +434,14 @@ def run_heal(
         for p in teacher.parameters():
             p.requires_grad_(False)
     blocks, corpus = training_blocks(settings.calib, student, settings, writer=teacher)
-    key = digest({"checkpoint": str(checkpoint), "settings": plain(settings), "teacher": teacher_name,
+    # Keyed by what the checkpoint and the teacher hold, not where they are: a rerun of pruning rewrites the same
+    # directory with other weights, and its resume must not restore the old run's trained weights into it.
+    key = digest({"checkpoint_sha256": content_id(checkpoint_path), "settings": plain(settings),
+                  "teacher": content_id(teacher_name),
                   "text": corpus.sha256, "device": str(student.device), "dtype": dtype_name(student.dtype)})
+    if resume and restart_stale and not _ResumableState(work_dir, key).matches():
+        log.warning("the healing state in %s is from other inputs or settings; healing starts again", work_dir)
+        resume = False
     if not resume:
         shutil.rmtree(work_dir, ignore_errors=True)
     healed, result = heal_model(student.model, blocks, settings, teacher, progress, work_dir, resume, key)

@@ -172,6 +172,35 @@ def pruned_dir(tiny_model_dir, tmp_path_factory, text_file):
     return out
 
 
+def test_resume_is_keyed_by_the_checkpoints_content_not_its_path(pruned_dir, tiny_model_dir, tmp_path, text_file):
+    """A rerun of pruning rewrites the same directory with other weights: the old healing state must not be restored
+    into it. `slimllm heal --resume` refuses it; compile (restart_stale) starts healing again."""
+    import shutil
+
+    from slimllm.errors import UserInputError
+    from slimllm.healing import run_heal
+    from slimllm.pruning.settings import PruneSettings
+    from slimllm.pruning.stage import run_prune
+
+    checkpoint = tmp_path / "pruned"
+    shutil.copytree(pruned_dir, checkpoint)
+    settings = _settings(calib=str(text_file), save_every=1, distill=0.0)
+    out = tmp_path / "healed"
+
+    def stop_after_two(done, total, **_):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_heal(checkpoint, settings, out, device="cpu", progress=stop_after_two)
+    run_prune(str(tiny_model_dir("llama")), PruneSettings(method="last", remove=3), checkpoint, device="cpu",
+              force=True)
+    with pytest.raises(UserInputError, match="other settings or inputs"):
+        run_heal(checkpoint, settings, out, device="cpu", resume=True)
+    result = run_heal(checkpoint, settings, out, device="cpu", resume=True, restart_stale=True)
+    assert result.resumed_from_step == 0 and len(result.losses) == settings.steps
+
+
 def test_heal_command_writes_a_plain_checkpoint_with_both_records(pruned_dir, tmp_path, text_file):
     from test_cli import run_cli
     from transformers import AutoModelForCausalLM

@@ -108,9 +108,6 @@ def stage_inputs(spec: StageSpec, ctx: CompileContext) -> dict[str, Any]:
 
 def source_hash(source: str | None) -> str | None:
     """Content hash of a local calibration or evaluation file; the name itself for hub sources and `self`."""
-    if source is None:
-        return None
-    from slimllm.artifacts import sha256_tree
+    from slimllm.artifacts import content_id
 
-    path = Path(str(source)).expanduser()
-    return sha256_tree(path) if path.is_file() else str(source)
+    return content_id(source)

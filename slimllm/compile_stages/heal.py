@@ -27,7 +27,7 @@ def _run(ctx: CompileContext) -> tuple[dict[str, Any], dict[str, Any]]:
     target = ctx.out_dir / "healed"
     resume = ctx.resume and work_directory(target).is_dir()
     result = run_heal(pruned_checkpoint(ctx), settings, target, force=True, device=ctx.device, dtype=ctx.dtype,
-                      progress=ctx.progress, resume=resume, placement=ctx.placement)
+                      progress=ctx.progress, resume=resume, placement=ctx.placement, restart_stale=True)
     summary = result.to_dict()
     summary["resumed"] = resume
     return {"path": str(target)}, summary
