@@ -95,16 +95,22 @@ def resolve_settings(
 ) -> dict[str, Any]:
     """Every stage's settings: class defaults < recipe < flags actually given (None is "not given").
 
-    Returns compile, method (the chosen `MethodChoice`), prune (None for `--method none`), method_settings (the
-    method's own, or None), method_section (its recipe section), heal (None when not healing), onnx and gguf.
+    Returns compile, method (the chosen `MethodChoice`), method_source (argument, recipe or default), prune (None for
+    `--method none`), method_settings (the method's own, or None), method_section (its recipe section), heal (None
+    when not healing), onnx and gguf.
     """
     compile_settings = build_settings(CompileSettings, recipe_sections.get("compile"), compile_flags, "[compile]")
     merged = {
         section: {**recipe_sections.get(section, {}), **flag_sections.get(section, {})}
         for section in set(recipe_sections) | set(flag_sections)
     }
+    from slimllm.pruning.settings import PruneSettings
+
     choices = method_choices()
-    chosen = method or merged.get("prune", {}).get("method") or "trsp"  # argument > recipe > TRSP
+    # argument > recipe > the settings class's default: the one default every entry point shares
+    recipe_method = merged.get("prune", {}).get("method")
+    chosen = method or recipe_method or PruneSettings.method.value
+    method_source = "argument" if method else "recipe" if recipe_method else "default"
     method_value = parse_choice(choices, str(chosen), "--method")
     prune_settings, method_settings, method_section = _prune_settings(merged, method_value, remove, ratio, calib)
     # The exports' own evaluation settings: compile's (from its recipe section or flags) unless the [onnx]/[gguf]
@@ -115,6 +121,7 @@ def resolve_settings(
     return {
         "compile": compile_settings,
         "method": method_value,
+        "method_source": method_source,
         "prune": prune_settings,
         "method_settings": method_settings,
         "method_section": method_section,
@@ -155,7 +162,11 @@ def _heal_settings(sections, flag_sections, compile_settings: CompileSettings, p
     the training text defaults to the pruning calibration."""
     from slimllm.healing import HealSettings
 
-    if not (compile_settings.heal or flag_sections.get("heal")):
+    heal_flags = flag_sections.get("heal") or {}
+    if flag_sections.get("compile", {}).get("heal") is False and heal_flags:
+        given = ", ".join(f"--heal-{name.replace('_', '-')}" for name in sorted(heal_flags))
+        raise UserInputError(f"--no-heal conflicts with {given}; drop --no-heal to heal with them, or drop them")
+    if not (compile_settings.heal or heal_flags):
         return None
     if prune_settings is None:
         raise UserInputError(

@@ -67,11 +67,15 @@ def _plan(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
             "removed_layers": work.removed_layers,
             "stages": [stage.to_dict() for stage in plans],
         }
+        assumed = _assumptions(settings, plans)
+        payload["assumed"] = assumed
         lines = [f"{model} on {device} ({machine.host_bytes / GIB:.1f} GiB host"
                  + (f", {machine.device_bytes / GIB:.1f} GiB device" if machine.device_bytes else "")
                  + f", {machine.cores} cores); {work.removed_layers} layers removed"
                  + (f"; spread models hold {machine.host_weights_cap / GIB:.1f} GiB of weights in host memory, the "
                     "rest on disk" if machine.host_weights_cap else ""),
+                 f"method {assumed['method']} ({assumed['method_from']}), budget {assumed['budget']}; "
+                 f"stages: {', '.join(assumed['stages'])}",
                  f"{'stage':<12} {'host GiB':>9} {'private GiB':>12} {'device GiB':>11}  time"]
         for stage in plans:
             lines.append(f"{stage.stage:<12} {stage.host_bytes / GIB:>9.1f} {stage.private_bytes / GIB:>12.1f} "
@@ -82,6 +86,20 @@ def _plan(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
         plan.check()
 
     run_command(fixed["debug"], action)
+
+
+def _assumptions(settings: dict[str, Any], plans) -> dict[str, Any]:
+    """What the plan assumed where the user said nothing: the method (and where it came from), its budget and the
+    stages that run."""
+    prune = settings["prune"]
+    if prune is None:
+        budget = "none (the dense model)"
+    elif not prune.method.spec.removes_layers:
+        budget = f"set in [{settings['method_section']}]"
+    else:
+        budget = f"--remove {prune.remove}" if prune.remove is not None else f"--ratio {prune.ratio}"
+    return {"method": settings["method"].value, "method_from": settings["method_source"], "budget": budget,
+            "stages": [stage.stage for stage in plans]}
 
 
 plan_command = settings_command(
