@@ -4,7 +4,8 @@
     >>> report.passed
 
 The settings of the original export (engine, precision, evaluation text) are read from its `slimllm_export.json`,
-so the same bounds apply; `--reference` may point at another checkpoint to compare against.
+so the same bounds apply. The reference (the recorded source checkpoint, or `--reference`) must hold the content the
+export was made from (its recorded `source_sha256`): a copy elsewhere is fine, another checkpoint is refused.
 """
 
 from __future__ import annotations
@@ -20,12 +21,25 @@ def _record(directory: Path) -> dict:
     return read_export_record(directory) or {}
 
 
-def _reference_dir(record: dict, reference: Path | None) -> Path:
-    if reference is not None:
-        return Path(reference)
-    if record.get("source_checkpoint"):
-        return Path(record["source_checkpoint"])
-    raise UserInputError("the artifact records no source checkpoint; pass --reference CHECKPOINT_DIR")
+def _reference(record: dict, reference: Path | None, artifact: Path):
+    """The checkpoint to compare with, refused unless it holds what the export was made from: a check against
+    another checkpoint (one rewritten since, another run's) would pass or fail for the wrong reason."""
+    from slimllm.exporters.checkpoint import inspect_checkpoint
+
+    if reference is None and not record.get("source_checkpoint"):
+        raise UserInputError("the artifact records no source checkpoint; pass --reference CHECKPOINT_DIR")
+    directory = Path(reference if reference is not None else record["source_checkpoint"]).expanduser()
+    if not directory.is_dir():
+        raise UserInputError(f"reference checkpoint {directory} does not exist; pass --reference CHECKPOINT_DIR")
+    expected = record.get("source_sha256")
+    checkpoint = inspect_checkpoint(directory, hash_files=expected is not None)
+    if expected is not None and checkpoint.sha256 != expected:
+        raise UserInputError(
+            f"{artifact} was exported from another checkpoint than {directory} (source sha256 {expected[:12]}, "
+            f"found {checkpoint.sha256[:12]}); export it again from this checkpoint, or pass --reference with the "
+            "checkpoint it was exported from"
+        )
+    return checkpoint
 
 
 def validate_artifact(artifact: Path, reference: Path | None = None, eval_data: str | None = None) -> ParityReport:
@@ -41,7 +55,6 @@ def validate_artifact(artifact: Path, reference: Path | None = None, eval_data: 
 
 
 def _validate_onnx(directory: Path, reference: Path | None, eval_data: str | None) -> ParityReport:
-    from slimllm.exporters.checkpoint import inspect_checkpoint
     from slimllm.exporters.onnx import OnnxExportSettings, validate_onnx
 
     record = _record(directory)
@@ -49,22 +62,19 @@ def _validate_onnx(directory: Path, reference: Path | None, eval_data: str | Non
     if eval_data is not None:
         values["eval_data"] = eval_data
     settings = OnnxExportSettings(**values)
-    checkpoint = inspect_checkpoint(_reference_dir(record, reference), hash_files=False)
+    checkpoint = _reference(record, reference, directory)
     report = validate_onnx(directory, checkpoint.path, settings)
     report.context["reference_checkpoint"] = str(checkpoint.path)
     return report
 
 
 def _validate_gguf(path: Path, reference: Path | None, eval_data: str | None) -> ParityReport:
-    from gguf import GGUFReader
-
-    from slimllm.exporters.checkpoint import inspect_checkpoint
     from slimllm.exporters.gguf import GgufExportSettings, validate_gguf_files
     from slimllm.exporters.gguf_writer import GgufType, llama_file_type
-    from slimllm.models import gguf_field_value
+    from slimllm.gguf_metadata import gguf_field_value, gguf_reader
 
     record = _record(path.parent)
-    reader = GGUFReader(str(path))
+    reader = gguf_reader(path)
     file_type = gguf_field_value(reader, "general.file_type")
     file_type = int(file_type) if file_type is not None else None
     outtype = next((t for t in GgufType if llama_file_type(t) == file_type), None)
@@ -74,7 +84,7 @@ def _validate_gguf(path: Path, reference: Path | None, eval_data: str | None) ->
     if eval_data is not None:
         values["eval_data"] = eval_data
     settings = GgufExportSettings(outtypes=[outtype], **values)
-    checkpoint = inspect_checkpoint(_reference_dir(record, reference), hash_files=False)
+    checkpoint = _reference(record, reference, path)
     reports, _, _ = validate_gguf_files({outtype: path}, checkpoint.path, settings)
     report = reports[path.name]
     report.context["reference_checkpoint"] = str(checkpoint.path)

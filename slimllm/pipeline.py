@@ -31,6 +31,7 @@ import shlex
 import shutil
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,26 @@ def _prepare_output(out_dir: Path, model_spec: str, force: bool, protected: list
     check_output_directory(out_dir, force=force, protected=protected)
 
 
+def _drop_stale_stages(out_dir: Path, manifest: Manifest, stages: list[StageSpec]) -> None:
+    """An earlier run's outputs of a stage this run does not run (another --target, no profile, no healing) are
+    removed with their manifest entries: nothing left in the directory can be mistaken for this run's."""
+    running = {spec.name for spec in stages}
+    for spec in compile_stages():
+        if spec.name in running:
+            continue
+        if manifest.data["stages"].pop(spec.name, None) is not None:
+            log.info("stage %s does not run this time; removing its earlier outputs", spec.name)
+        for name in spec.writes:
+            _remove_output(out_dir / name)
+
+
+def _remove_output(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 def _clear_compile_outputs(out_dir: Path) -> None:
     """Remove what an earlier compile wrote into `out_dir` (and its leftovers), keeping anything else."""
     if not out_dir.is_dir():
@@ -137,12 +158,8 @@ def _clear_compile_outputs(out_dir: Path) -> None:
     names = _compile_outputs()
     for entry in out_dir.iterdir():
         leftover = any(entry.name.startswith((f".{name}.tmp-", f".{name}.old-")) for name in names)
-        if entry.name not in names and not leftover:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
+        if entry.name in names or leftover:
+            _remove_output(entry)
 
 
 def compile(  # noqa: A001 - the product's verb; `slimllm.compile(...)` mirrors `slimllm compile`
@@ -190,6 +207,7 @@ def compile(  # noqa: A001 - the product's verb; `slimllm.compile(...)` mirrors 
     mark_output(out_dir)
     stages = [spec for spec in compile_stages() if spec.enabled(context)]
     context.manifest = Manifest(out_dir, _header(model, context, stages, command, recipe))
+    _drop_stale_stages(out_dir, context.manifest, stages)
     context.manifest.save()
     reused: list[str] = []
     ran: list[str] = []
@@ -330,8 +348,6 @@ def _run_stage(spec: StageSpec, ctx: CompileContext) -> bool:
             manifest.update(spec.name, reused_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
             log.info("stage %s: inputs unchanged, reusing %s", spec.name, outputs.get("path"))
             return False
-    if ctx.progress:
-        ctx.progress(0, 1, stage=spec.name)
     manifest.update(
         spec.name,
         status="running",
@@ -343,8 +359,15 @@ def _run_stage(spec: StageSpec, ctx: CompileContext) -> bool:
         error=None,
     )
     started = time.perf_counter()
-    with PeakMemory() as peak:
-        outputs, result = _run_body(spec, ctx, started)
+    sink = ctx.progress
+    if sink is not None:  # one bar per stage: every callback of the stage's work is labelled with the stage
+        ctx.progress = partial(_stage_progress, sink, spec.name)
+        ctx.progress(0, 1)
+    try:
+        with PeakMemory() as peak:
+            outputs, result = _run_body(spec, ctx, started)
+    finally:
+        ctx.progress = sink
     if "path" in outputs and "sha256" not in outputs:
         outputs["sha256"] = sha256_tree(Path(outputs["path"]))
     ctx.outputs[spec.name], ctx.results[spec.name] = outputs, plain(result)
@@ -359,6 +382,10 @@ def _run_stage(spec: StageSpec, ctx: CompileContext) -> bool:
         **peak.to_dict(),
     )
     return True
+
+
+def _stage_progress(sink: Progress, stage_name: str, done: int, total: int, /, **postfix: Any) -> None:
+    sink(done, total, bar=stage_name, **postfix)
 
 
 def _run_body(spec: StageSpec, ctx: CompileContext, started: float) -> tuple[dict, dict]:

@@ -17,11 +17,14 @@ def run_cli(*args: str):
     return runner.invoke(app, list(args))
 
 
-def test_help_lists_commands():
+def test_help_lists_commands_and_says_what_the_product_does():
     result = run_cli("--help")
     assert result.exit_code == 0
-    for command in ("eval", "prune"):
-        assert command in result.output
+    output = " ".join(result.output.split())  # rich wraps the text to the terminal's width
+    for command in ("compile", "prune", "heal", "export", "validate", "eval", "profile", "plan", "inspect"):
+        assert command in output
+    for capability in ("2SSP", "DReSS", "repair", "heal", "HellaSwag", "plan"):
+        assert capability in output.split("Commands")[0], capability
 
 
 def test_console_script_runs():

@@ -13,6 +13,7 @@ from conftest import EVAL_FILE, REPO_ROOT
 from test_cli import _assert_user_error, run_cli
 
 import slimllm
+from slimllm.cli.app import ProgressBar
 from slimllm.compile_stages import compile_stages
 from slimllm.pipeline import MANIFEST_FILE
 
@@ -158,7 +159,21 @@ def test_a_stage_whose_computation_changed_is_not_reused(tiny_model_dir, tmp_pat
     args = {"remove": 2, "calib": str(text_file), "eval_data": str(EVAL_FILE), "profile": None, "recipe": recipe,
             "target": "onnx"}
     out = tmp_path / "run"
-    slimllm.compile(str(tiny_model_dir("llama")), out=out, **args)
+    bar, calls = ProgressBar("compile"), []
+
+    def record(done, total, **postfix):
+        calls.append((postfix.get("bar"), postfix.get("stage"), done, total))
+        bar(done, total, **postfix)
+
+    first = slimllm.compile(str(tiny_model_dir("llama")), out=out, progress=record, **args)
+    bar.close()
+    # One bar per stage, in order, and inside a bar one total per step (no total borrowed from another stage).
+    assert bar.opened == first.ran_stages == ["prune", "export_onnx", "evaluate", "accuracy", "report"]
+    for stage in first.ran_stages:
+        steps = {}
+        for _, step, done, total in (c for c in calls[1:] if c[0] == stage and c[2:] != (0, 1)):
+            assert 0 <= done <= total and steps.setdefault(step, total) == total, (stage, step, done, total)
+    assert {step for name, step, *_ in calls if name == "prune"} >= {"select 1/2", "transfer"}
     evaluate = _STAGES["evaluate"]
     monkeypatch.setitem(_STAGES, "evaluate", dataclasses.replace(evaluate, version=evaluate.version + 1))
     again = slimllm.compile(str(tiny_model_dir("llama")), out=out, **args)
@@ -329,6 +344,9 @@ def test_recipe_target_and_export_settings_are_used_and_reports_show_only_this_r
     assert "ONNX `" not in report and "GGUF files in llama.cpp" in report
     assert "running" not in report.split("## Stages", 1)[1]
     assert "export_onnx" not in report.split("## Stages", 1)[1]
+    # The first run's ONNX export is gone with its manifest entry: nothing stale can be validated by mistake.
+    assert not (out / "onnx").exists() and "export_onnx" not in manifest["stages"]
+    assert (out / "gguf").is_dir()
 
 
 def test_compile_2ssp_exports_blocks_without_attention_to_both_targets(tiny_model_dir, tmp_path, text_file):

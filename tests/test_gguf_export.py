@@ -259,6 +259,11 @@ def test_pruning_metadata_and_inspect(tiny_model_dir, tmp_path):
     revalidated = run_cli("validate", str(path), "--json")
     assert revalidated.exit_code == 0, revalidated.output
     assert json.loads(revalidated.stdout)["passed"]
+    other, _ = remove_layers(loaded.model, [1, 2])  # the checkpoint rewritten in place by another prune
+    save_pruned_checkpoint(other, loaded.tokenizer, tmp_path / "pruned", record | {"removed_layers": [1, 2]},
+                           force=True)
+    stale = run_cli("validate", str(path))
+    assert stale.exit_code == 2 and "exported from another checkpoint" in stale.output, stale.output
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,9 @@ from slimllm.errors import (
 
 app = typer.Typer(
     name="slimllm",
-    help="Prune decoder-only LLMs (TRSP and baselines), export them to ONNX and GGUF, and check them.",
+    help="Compile decoder-only LLMs for edge devices: prune (ShortGPT, TRSP, 2SSP, DReSS and baselines), repair and "
+    "heal, export to ONNX and GGUF with parity checks, measure perplexity, divergence and HellaSwag accuracy, "
+    "profile latency, and plan memory before any work.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -180,25 +182,38 @@ def emit(payload: dict[str, Any], as_json: bool, lines: list[str]) -> None:
 
 
 class ProgressBar:
-    """A tqdm bar on stderr driven by (done, total) callbacks."""
+    """tqdm bars on stderr driven by (done, total) callbacks: one bar per `bar=` name (compile's stages), whose count
+    follows the callbacks' totals; a `stage=` label (a step inside it: TRSP's rounds, the repair) restarts the count
+    at that step's own total."""
 
     def __init__(self, description: str) -> None:
         self.description = description
         self.bar = None
+        self.bar_name: str | None = None
         self.stage: str | None = None
+        self.opened: list[str] = []
+        """The names of the bars opened so far, in order."""
 
     def __call__(self, done: int, total: int, **postfix: Any) -> None:
         from tqdm.auto import tqdm
 
-        if self.bar is None:
-            self.bar = tqdm(total=total, desc=self.description, file=sys.stderr, leave=False)
+        bar_name = postfix.pop("bar", None)
+        if self.bar is None or (bar_name is not None and bar_name != self.bar_name):
+            self.close()  # the finished stage's bar stays on screen with its final count
+            self.bar_name, self.stage = bar_name, None
+            self.opened.append(bar_name or self.description)
+            description = f"{self.description} {bar_name}" if bar_name else self.description
+            self.bar = tqdm(total=total, desc=description, file=sys.stderr, leave=bar_name is not None)
+        label = f"{self.description} {bar_name}" if bar_name else self.description
         if "stage" in postfix:
             stage = postfix.pop("stage")
-            if stage != self.stage:  # a new stage starts its own count and clears the last stage's figures
+            if stage != self.stage:  # a new step starts its own count and clears the last step's figures
                 self.stage = stage
                 self.bar.reset(total=total)
                 self.bar.set_postfix({}, refresh=False)
-            self.bar.set_description(f"{self.description} {stage}", refresh=False)
+            self.bar.set_description(f"{label} {stage}", refresh=False)
+        elif total != self.bar.total:  # the stage's work is now known (its first callback announced 1)
+            self.bar.reset(total=total)
         self.bar.n = done
         if postfix:
             self.bar.set_postfix(
@@ -209,3 +224,4 @@ class ProgressBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None

@@ -143,5 +143,6 @@ compile_command = settings_command(
     FIXED,
     FLAGS,
     _compile,
-    "Prune, export, check parity, evaluate and profile; writes DIR/report.md, report.html and manifest.json.",
+    "The whole pipeline: prune, repair and heal, export to ONNX and GGUF with parity checks, evaluate (perplexity, "
+    "divergence, HellaSwag), profile; writes DIR/report.md, report.html and manifest.json.",
 )

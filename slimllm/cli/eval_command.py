@@ -139,5 +139,6 @@ eval_command = settings_command(
     FIXED,
     FLAGS,
     _eval,
-    "Perplexity of a model on a text source (non-overlapping windows, every predicted token scored).",
+    "Perplexity (and with --task, multiple-choice accuracy such as HellaSwag) of a checkpoint, ONNX export or GGUF "
+    "file.",
 )

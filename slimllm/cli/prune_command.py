@@ -104,5 +104,6 @@ prune_command = settings_command(
     FIXED,
     FLAGS,
     _prune,
-    "Remove transformer layers chosen by a pruning method and save a checkpoint plain transformers loads.",
+    "Prune layers (ShortGPT, TRSP, baselines) or FFN neurons and attention (2SSP, DReSS), repair what was removed, "
+    "and save a checkpoint plain transformers loads.",
 )

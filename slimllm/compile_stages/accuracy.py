@@ -56,7 +56,7 @@ def _run(ctx: CompileContext) -> tuple[dict[str, Any], dict[str, Any]]:
         placement = ctx.placement if model.backend == "torch" else None
         with open_backend(model.spec, model.backend, device, "fp32", context=TASK_CONTEXT,
                           placement=placement) as scorer:
-            progress = _progress(ctx, f"{index + 1}/{len(models)}")
+            progress = _progress(ctx, index, len(models))
             result = evaluate_tasks(
                 scorer.sequence_log_probs, scorer.tokenizer, tasks, ctx.compile.eval_task,
                 limit=ctx.compile.eval_tasks, progress=progress,
@@ -75,10 +75,11 @@ def _run(ctx: CompileContext) -> tuple[dict[str, Any], dict[str, Any]]:
     return {"path": str(target)}, result_record
 
 
-def _progress(ctx: CompileContext, label: str):
+def _progress(ctx: CompileContext, index: int, models: int):
+    """The stage's count over every model's tasks: model `index` of `models` is at `done` of its `total`."""
     if ctx.progress is None:
         return None
-    return lambda done, total: ctx.progress(done, total, model=label)
+    return lambda done, total: ctx.progress(index * total + done, models * total, model=f"{index + 1}/{models}")
 
 
 ACCURACY = register_stage(
