@@ -42,7 +42,6 @@ from slimllm.pruning.training import (
     batch_schedule,
     cpu_state_dict,
     default_warmup,
-    finite_loss,
     frozen_teacher,
     require_master_weights,
     run_fingerprint,
@@ -304,8 +303,8 @@ def regularize(
             with model_autocast(model):
                 ce, kl = training_losses(model, batch, teacher)
             loss = ce if kl is None else ce + settings.distill * kl
-            info.losses.append(finite_loss(ce, f"DReSS step {step}", "--lr"))
-            stepper.step(loss)
+            stepper.step(loss, f"DReSS step {step}", "--lr", {"CE": ce, "KL": kl})
+            info.losses.append(float(ce.detach()))
             scheduler.step()
             shrink_groups(model, selected, reference, amounts[step], settings.reg_norm)
             if kl is not None:

@@ -83,7 +83,10 @@ class TrainingDivergedError(SlimllmError):
     """A loss became NaN or infinite; training stopped before the weights were corrupted."""
 
 
-def finite_loss(loss: torch.Tensor, where: str, lr_flags: str = "--gate-lr, --weight-lr, --stage2-lr") -> float:
+TRSP_LR_FLAGS = "--gate-lr, --weight-lr, --stage2-lr"
+
+
+def finite_loss(loss: torch.Tensor, where: str, lr_flags: str = TRSP_LR_FLAGS) -> float:
     """The loss as a float; a NaN or infinite loss stops training instead of corrupting the weights."""
     value = float(loss.detach())
     if not math.isfinite(value):
@@ -121,7 +124,18 @@ class MixedPrecisionStepper:
     def enabled(self) -> bool:
         return self.scaler.is_enabled()
 
-    def step(self, loss: torch.Tensor) -> None:
+    def step(
+        self,
+        loss: torch.Tensor,
+        where: str = "training",
+        lr_flags: str = TRSP_LR_FLAGS,
+        terms: dict[str, torch.Tensor | None] | None = None,
+    ) -> None:
+        """One update from `loss`. The loss and each of its `terms` (CE, KL, ...) are checked first: a NaN or infinite
+        value stops training here, before backward, so that nothing non-finite ever reaches the weights."""
+        for name, value in {**(terms or {}), "total": loss}.items():
+            if value is not None:
+                finite_loss(value, f"{where} {name}", lr_flags)
         self.scaler.scale(loss).backward()
         for optimizer in self.optimizers:
             self.scaler.step(optimizer)
@@ -187,11 +201,11 @@ def fine_tune(
             with model_autocast(model):
                 ce, kl = training_losses(model, batch, teacher if distill > 0 else None)
             loss = ce if kl is None else ce + distill * kl
-            stepper.step(loss)
+            stepper.step(loss, f"training step {step}", "--lr", {"CE": ce, "KL": kl})
             scheduler.step()
             log.steps += 1
             log.tokens += batch.numel()
-            log.losses.append(finite_loss(ce, f"training step {step}"))
+            log.losses.append(float(ce.detach()))
             if progress:
                 progress(step + 1, steps, loss=log.losses[-1])
     finally:

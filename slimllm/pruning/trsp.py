@@ -39,7 +39,6 @@ from slimllm.pruning.training import (
     causal_lm_loss,
     cpu_state_dict,
     default_warmup,
-    finite_loss,
     frozen_teacher,
     require_master_weights,
     run_fingerprint,
@@ -272,8 +271,8 @@ def _stage1(model, gates, blocks, schedule, k, candidates, settings, checkpoints
                 ce = causal_lm_loss(model, batch)
             penalty = torch.stack([gates.layers[i].gate.abs() for i in alive]).sum()
             loss = ce + settings.lambda1 * penalty
-            stepper.step(loss)
-            info.stage1_losses.append(finite_loss(ce, "stage-1"))
+            stepper.step(loss, "stage-1", terms={"CE": ce})
+            info.stage1_losses.append(float(ce.detach()))
             info.training_tokens += batch.numel()
             if progress:
                 progress(global_step + 1, total, stage=f"select {round_index + 1}/{k}", loss=info.stage1_losses[-1])
@@ -366,13 +365,14 @@ def _stage2(model, gates, blocks, schedule, order, settings, checkpoints, resume
         loss = ce
         if kl is not None:
             loss = loss + settings.distill * kl
-            info.stage2_kl.append(finite_loss(kl, "stage-2 distillation"))
         if active and settings.lambda2 > 0:
             reg = torch.stack([gates.layers[i].last_delta.mean() for i in active]).sum()
             loss = loss + settings.lambda2 * reg
-        stepper.step(loss)
+        stepper.step(loss, "stage-2", terms={"CE": ce, "KL": kl})
         scheduler.step()
-        info.stage2_losses.append(finite_loss(ce, "stage-2"))
+        if kl is not None:
+            info.stage2_kl.append(float(kl.detach()))
+        info.stage2_losses.append(float(ce.detach()))
         info.training_tokens += batch.numel()
         if progress:
             progress(offset + step + 1, total, stage="transfer", loss=info.stage2_losses[-1])
@@ -407,6 +407,8 @@ class Trsp(PruningMethod):
             selection_tokens=0,
             train_tokens=settings.training_steps(k) * batch_size * block_len,
             train_scope="full" if full else "gates",
+            teacher=settings.distill > 0 and settings.stage2 is not Stage2Mode.NONE,
+            activation_checkpointing=settings.gradient_checkpointing,
         )
 
     def select(self, request: SelectionRequest) -> Selection:

@@ -1,0 +1,61 @@
+"""Every training loop (healing, fine-tuning, TRSP's two stages, DReSS) stops on a non-finite loss term before the
+optimizer step, so that no NaN or infinity ever reaches the weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import build_tiny_model
+
+import slimllm.pruning.training as training
+from slimllm.pruning.training import TrainingDivergedError
+
+
+def _blocks() -> torch.Tensor:
+    return torch.randint(3, 2000, (8, 16), generator=torch.Generator().manual_seed(0))
+
+
+def _heal(model, teacher):
+    from slimllm.healing import HealSettings, heal_model
+
+    heal_model(model, _blocks(), HealSettings(tokens=4 * 2 * 16, block_len=16, batch_size=2, distill=1.0), teacher)
+
+
+def _fine_tune(model, teacher):
+    training.fine_tune(model, _blocks(), steps=4, lr=1e-3, batch_size=2, teacher=teacher, distill=1.0)
+
+
+def _trsp(model, teacher):
+    from slimllm.pruning.trsp import Stage2Mode, TrspSettings, run_trsp
+
+    settings = TrspSettings(steps_per_round=2, stage2=Stage2Mode.FADE, stage2_steps=4, distill=1.0)
+    run_trsp(model, _blocks(), 1, range(3), settings, batch_size=2)
+
+
+def _dress(model, teacher):
+    from slimllm.pruning.dress import DressSettings, regularize
+
+    selected = [list(range(16)) for _ in range(3)]
+    regularize(model, _blocks(), selected, DressSettings(reg_lambda=1.0, reg_tokens=4 * 2 * 16, distill=1.0))
+
+
+LOOPS = {"healing": _heal, "fine-tuning": _fine_tune, "TRSP": _trsp, "DReSS": _dress}
+
+
+@pytest.mark.parametrize("term", ["CE", "KL"])
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_a_non_finite_loss_term_stops_training_before_the_weights_change(loop, term, monkeypatch):
+    teacher = build_tiny_model("llama", num_layers=3)
+    model = copy.deepcopy(teacher).train()
+    if term == "CE":
+        real_ce = torch.nn.functional.cross_entropy
+        monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda *a, **k: real_ce(*a, **k) * float("nan"))
+    else:
+        real_kl = training.distillation_kl
+        monkeypatch.setattr(training, "distillation_kl", lambda *a, **k: real_kl(*a, **k) * float("inf"))
+    with pytest.raises(TrainingDivergedError, match=term):
+        LOOPS[loop](model, teacher)
+    poisoned = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    assert not poisoned, f"{loop}: non-finite weights after a non-finite {term}: {poisoned[:3]}"
