@@ -34,6 +34,15 @@ class Scorer:
         if self.sequence_log_probs is None:
             self.sequence_log_probs = logits_fn_log_probs(self.logits_fn, pad_token_id(self.tokenizer))
 
+    def close(self) -> None:
+        """Drop the model behind the scorer: a caller that keeps the `Scorer` (for its `backend` text) does not keep
+        the model alive while the next one loads."""
+        self.logits_fn = self.sequence_log_probs = _closed
+
+
+def _closed(*_args, **_kwargs):
+    raise RuntimeError("this scorer's model was released when its open_backend block ended")
+
 
 def resolve_backend(spec: str, backend: str) -> str:
     """`auto`: onnxruntime for an ONNX export directory, PyTorch for everything else (a .gguf input is dequantized
@@ -53,24 +62,41 @@ def open_backend(
     chosen = resolve_backend(spec, backend)
     if placement is not None and placement.spread and chosen != "torch":
         raise UserInputError(f"--device-map places PyTorch models, and {spec} runs in {chosen}; drop --device-map")
-    if chosen == "onnxruntime":
-        yield _onnx_scorer(Path(spec), device)
-    elif chosen == "llama.cpp":
+    if chosen == "llama.cpp":
         with _llama_cpp_scorer(spec, context) as scorer:
             yield scorer
-    else:
-        from slimllm.evaluate import torch_logits_fn
-        from slimllm.models import load_model
+        return
+    scorer = _onnx_scorer(Path(spec), device) if chosen == "onnxruntime" else _torch_scorer(spec, device, dtype,
+                                                                                             placement)
+    try:
+        yield scorer
+    finally:
+        scorer.close()
+        _release_memory()
 
-        loaded = load_model(spec, device=device, dtype=dtype, placement=placement)
-        where = (placement.describe() if placement is not None and placement.spread else str(loaded.device))
-        yield Scorer(
-            torch_logits_fn(loaded.model),
-            loaded.tokenizer,
-            f"torch ({where})",
-            loaded.source.spec,
-            torch_shared_prefix_log_probs(loaded.model, pad_token_id(loaded.tokenizer)),
-        )
+
+def _torch_scorer(spec: str, device: str, dtype: str, placement: Placement | None) -> Scorer:
+    from slimllm.evaluate import torch_logits_fn
+    from slimllm.models import load_model
+
+    loaded = load_model(spec, device=device, dtype=dtype, placement=placement)
+    where = (placement.describe() if placement is not None and placement.spread else str(loaded.device))
+    return Scorer(
+        torch_logits_fn(loaded.model),
+        loaded.tokenizer,
+        f"torch ({where})",
+        loaded.source.spec,
+        torch_shared_prefix_log_probs(loaded.model, pad_token_id(loaded.tokenizer)),
+    )
+
+
+def _release_memory() -> None:
+    """Collect the released model now (its closures form cycles), and hand its GPU blocks back to the device."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _onnx_scorer(directory: Path, device: str) -> Scorer:
@@ -104,9 +130,13 @@ def _llama_cpp_scorer(spec: str, context: int) -> Iterator[Scorer]:
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     model = LlamaCppModel(path, n_ctx=context)
     try:
-        yield Scorer(
+        scorer = Scorer(
             model.logits_fn(), tokenizer, "llama.cpp (llama-cpp-python, CPU)", str(path), model.sequence_log_probs()
         )
+        try:
+            yield scorer
+        finally:
+            scorer.close()
     finally:
         model.close()
 

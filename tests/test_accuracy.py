@@ -214,6 +214,32 @@ def test_onnx_and_gguf_backends_agree_with_pytorch(tiny_model_dir, tmp_path):
     assert sums["llama.cpp"] == pytest.approx(sums["torch"], abs=5e-2)
 
 
+def test_a_scorer_releases_its_model_when_its_block_ends(tiny_model_dir, monkeypatch):
+    """The evaluate and accuracy stages keep each `Scorer` after its block (for its backend text): the model behind
+    it must be gone by then, so that two artifacts are never held at once while the next one loads."""
+    import gc
+    import weakref
+
+    import slimllm.models
+    from slimllm.eval_backends import open_backend
+
+    loaded_models = []
+    real_load = slimllm.models.load_model
+
+    def tracked_load(*args, **kwargs):
+        loaded = real_load(*args, **kwargs)
+        loaded_models.append(weakref.ref(loaded.model))
+        return loaded
+
+    monkeypatch.setattr(slimllm.models, "load_model", tracked_load)
+    with open_backend(str(tiny_model_dir("llama")), "torch", device="cpu") as scorer:
+        assert scorer.logits_fn(torch.tensor([[5, 6, 7]])).shape[-1] == 49152
+    gc.collect()
+    assert len(loaded_models) == 1 and loaded_models[0]() is None
+    with pytest.raises(RuntimeError, match="released"):
+        scorer.logits_fn(torch.tensor([[5, 6, 7]]))
+
+
 def test_divergence_of_a_model_from_itself_is_zero(tiny):
     from slimllm.divergence import divergence_statistics
 
