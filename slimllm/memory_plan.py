@@ -68,6 +68,7 @@ SAVE_SHARD_BYTES = 5 * 10**9
 back (pages of the checkpoint they are read from) before writing it."""
 
 FP32 = 4
+BF16 = 2
 
 
 @dataclass(frozen=True)
@@ -218,26 +219,34 @@ class Workload:
     """The dense checkpoint is stored in fp32 and loads in place (its pages are the file's)."""
     pruned_mapped: bool = False
     """Likewise for the checkpoint the export and evaluation stages read (slimllm writes fp32 on CPU)."""
+    train_teacher: bool = True
+    """The pruning method's training runs a frozen dense teacher beside the student."""
+    train_checkpointed: bool = False
+    """The pruning method's training recomputes activations in backward (gradient checkpointing)."""
 
 
 def _logits(model: ModelFootprint, tokens: int) -> int:
     return FP32 * tokens * model.vocab_size
 
 
-def _training_bytes(model: ModelFootprint, scope: str, batch: int, block_len: int) -> int:
-    """Student state for AdamW in fp32 (weights, gradients, two moments; LoRA: frozen weights + rank-16 adapters),
-    and the activations kept for backward: about 16 hidden-sized and 3 FFN-sized tensors per layer and token, and
-    the logits four times (student, teacher, both log-softmaxes for the KL term)."""
+def _training_bytes(model: ModelFootprint, scope: str, batch: int, block_len: int, frozen_bytes: int = FP32,
+                    checkpointed: bool = False) -> int:
+    """Student state for AdamW in fp32 (weights, gradients, two moments; LoRA and gates: the frozen weights, at
+    `frozen_bytes` a parameter, + rank-16 adapters), and the activations kept for backward: about 16 hidden-sized and
+    3 FFN-sized tensors per layer and token (with checkpointing, each layer's input and one layer's recomputed
+    activations), and the logits four times (student, teacher, both log-softmaxes for the KL term)."""
     tokens = batch * block_len
+    frozen = frozen_bytes * model.parameters
     if scope == "full":
         state = 4 * model.fp32_bytes
     elif scope == "lora":
         adapters = model.num_layers * 16 * (4 * model.hidden_size + 3 * (model.hidden_size + model.intermediate_size))
-        state = model.fp32_bytes + 4 * FP32 * adapters
+        state = frozen + 4 * FP32 * adapters
     else:  # gates: the weights are frozen, a few scalars train
-        state = model.fp32_bytes
-    per_layer = FP32 * tokens * (16 * model.hidden_size + 3 * model.intermediate_size)
-    return state + model.num_layers * per_layer + 4 * _logits(model, tokens)
+        state = frozen
+    layer = FP32 * tokens * (16 * model.hidden_size + 3 * model.intermediate_size)
+    kept = model.num_layers * FP32 * tokens * model.hidden_size + layer if checkpointed else model.num_layers * layer
+    return state + kept + 4 * _logits(model, tokens)
 
 
 def _gguf_private_copy(model: ModelFootprint, gguf_types: tuple[str, ...]) -> int:
@@ -270,7 +279,7 @@ def _scoring_stages(dense: ModelFootprint, work: Workload) -> list[tuple[str, fl
                "of one window from each, with their log-softmaxes and the KL terms")]
     if work.task_tokens:
         stages.append(("accuracy", 2 * dense.parameters * work.task_tokens * (1 + work.eval_artifacts),
-                       "the dense model and one scored artifact at a time"))
+                       "one scored model at a time: the dense model, then each artifact"))
     return stages
 
 
@@ -297,9 +306,13 @@ def plan_stages(dense: ModelFootprint, work: Workload, machine: MachineMemory) -
 
     stream = 2 * FP32 * work.calib_blocks * work.block_len * dense.hidden_size
     select_flops = 2 * dense.parameters * work.selection_tokens
+    # On a GPU, weights that do not train (a teacher, LoRA's and the gates' frozen base) are held in the compute
+    # dtype, bf16; the trained ones keep fp32 masters. On the CPU everything is fp32.
+    frozen_bytes = BF16 if on_gpu else FP32
     if work.train_tokens:
-        training = _training_bytes(dense, work.train_scope, work.calib_batch, work.block_len)
-        teacher = W
+        training = _training_bytes(dense, work.train_scope, work.calib_batch, work.block_len, frozen_bytes,
+                                   work.train_checkpointed)
+        teacher = frozen_bytes * dense.parameters if work.train_teacher else 0
         add("prune", base + W + training + teacher + P, training + teacher,
             select_flops + 6 * dense.parameters * work.train_tokens,
             "the model and its training state (AdamW in fp32, activations for backward), the dense teacher, "
@@ -318,8 +331,9 @@ def plan_stages(dense: ModelFootprint, work: Workload, machine: MachineMemory) -
             "time, and one shard of them while saving), the calibration stream of one layer for every block, the "
             "logits of one calibration batch while repairing", mapped=weights_map + gathered)
     if work.heal_tokens and work.heal_scope:
-        training = _training_bytes(pruned, work.heal_scope, work.heal_batch, work.heal_block_len)
-        add("heal", base + training + W + P, training + W,
+        training = _training_bytes(pruned, work.heal_scope, work.heal_batch, work.heal_block_len, frozen_bytes)
+        teacher = frozen_bytes * dense.parameters
+        add("heal", base + training + W + P, training + teacher,
             6 * pruned.parameters * work.heal_tokens,
             f"the pruned model's training state ({work.heal_scope}), the dense teacher, the healed copy while saving",
             mapped=W_map)
@@ -344,7 +358,13 @@ def plan_stages(dense: ModelFootprint, work: Workload, machine: MachineMemory) -
             mapped=P_map)
     for stage, flops, counts in _scoring_stages(dense, work):
         (dense_held, dense_map), (pruned_held, pruned_map) = held(stage, dense, W_map), held(stage, pruned, P_map)
-        add(stage, base + dense_held + pruned_held + artifact_copy + 6 * _logits(dense, work.eval_seq_len), W + P,
+        logits = 6 * _logits(dense, work.eval_seq_len)
+        if stage == "accuracy":  # one model at a time: the dense model's answers, then each artifact's
+            dense_side, artifact_side = dense_held, pruned_held + artifact_copy
+            add(stage, base + max(dense_side, artifact_side) + logits, max(W, P), flops, counts,
+                mapped=dense_map if dense_side >= artifact_side else pruned_map)
+            continue
+        add(stage, base + dense_held + pruned_held + artifact_copy + logits, W + P,
             flops, counts, mapped=dense_map + pruned_map)
     if work.profile:
         add("profile", base + 2 * W, W, 2 * dense.parameters * 2048 * 2 * max(1, work.eval_artifacts),
@@ -445,7 +465,8 @@ def workload_for(settings: dict[str, Any], dense: ModelFootprint) -> Workload:
 
         work_kwargs.update(
             removed_layers=k, ffn_kept=planned.ffn_kept, selection_tokens=planned.selection_tokens,
-            train_tokens=planned.train_tokens, train_scope=planned.train_scope,
+            train_tokens=planned.train_tokens, train_scope=planned.train_scope, train_teacher=planned.teacher,
+            train_checkpointed=planned.activation_checkpointing,
             repair=prune.resolved_repair(settings["method_settings"]) is not RepairMethod.NONE,
             calib_batch=prune.batch_size, block_len=prune.block_len, calib_blocks=prune.calib_blocks,
         )

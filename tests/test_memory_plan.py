@@ -5,7 +5,7 @@ import json
 import time
 
 import pytest
-from conftest import build_tiny_model
+from conftest import REPO_ROOT, build_tiny_model
 from test_cli import _assert_user_error, run_cli
 
 from slimllm.architectures import decoder_layers
@@ -211,3 +211,49 @@ def test_quantized_artifacts_llama_cpp_repacks_count_as_private():
     int4 = stages(["f16"], "int4")
     assert int4["export_onnx"].private_bytes - f16["export_onnx"].private_bytes == int(4.5 / 8 * pruned)
     assert int4["evaluate"].private_bytes - f16["evaluate"].private_bytes == int(4.5 / 8 * pruned)
+
+
+RECIPES_DIR = REPO_ROOT / "examples" / "recipes"
+_SMOLLM2 = dict(model_type="llama", hidden_size=576, num_hidden_layers=30, intermediate_size=1536,
+                num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
+                max_position_embeddings=8192, torch_dtype="bfloat16")
+_GEMMA3_270M = dict(model_type="gemma3_text", hidden_size=640, num_hidden_layers=18, intermediate_size=2048,
+                    num_attention_heads=4, num_key_value_heads=1, head_dim=256, vocab_size=262144,
+                    sliding_window=512, query_pre_attn_scalar=256, max_position_embeddings=32768,
+                    layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(18)],
+                    torch_dtype="bfloat16")
+_LLAMA3_8B = dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
+                  num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+                  tie_word_embeddings=False, max_position_embeddings=8192, torch_dtype="bfloat16")
+_TWO_CORES = MachineMemory(24 * GIB, None, "cpu", 2)
+_ONE_H100 = MachineMemory(128 * GIB, 80 * GIB, "cuda:0", 16, gpu_bytes=(80 * GIB,))
+RECIPE_MACHINES = {
+    # recipe: (the model's published shape, the machine its header names)
+    "smollm2-135m-demo.toml": (_SMOLLM2, _TWO_CORES),
+    "smollm2-135m-cpu.toml": (_SMOLLM2, _TWO_CORES),
+    "smollm2-135m-dress.toml": (_SMOLLM2, _TWO_CORES),
+    "smollm2-135m-recovery.toml": (_SMOLLM2, _TWO_CORES),
+    "gemma3-270m.toml": (_GEMMA3_270M, _TWO_CORES),
+    "llama3-8b-gpu.toml": (_LLAMA3_8B, _ONE_H100),
+}
+
+
+def test_every_shipped_recipe_has_a_machine_here():
+    assert sorted(RECIPE_MACHINES) == sorted(p.name for p in RECIPES_DIR.glob("*.toml"))
+
+
+@pytest.mark.parametrize("name", sorted(RECIPE_MACHINES))
+def test_shipped_recipe_resolves_and_fits_the_machine_it_names(name):
+    """Every recipe a user can copy resolves (no unknown key, every value valid) and its whole compile fits the
+    machine its header names, GPU machines included (the plan reads only the configuration)."""
+    from transformers import AutoConfig
+
+    shape, machine = RECIPE_MACHINES[name]
+    values = dict(shape)
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    settings = resolve_compile_settings(RECIPES_DIR / name, None, None, None, "default", None, None, None, None)
+    plan = plan_compile(config, settings, machine.device, machine)
+    plan.check()
+    assert plan.work.removed_layers > 0 or settings["prune"].method.value in ("2ssp", "dress")
+    if settings["heal"] is not None:  # what the recipe heals is what the plan counted
+        assert "heal" in [stage.stage for stage in plan.stages]

@@ -87,6 +87,10 @@ class PlannedWork:
     """full, gates, lora or none: what the method's own training updates."""
     ffn_kept: float = 1.0
     """Fraction of every FFN the method keeps (width pruning)."""
+    teacher: bool = True
+    """The method's training runs a frozen copy of the unpruned model beside the student (distillation)."""
+    activation_checkpointing: bool = False
+    """Backward recomputes each layer's activations, keeping only the layers' inputs."""
 
 
 class PruningMethod(ABC):
