@@ -15,7 +15,6 @@ Merges, special-token ids, add_bos/add_eos and the chat template come from gguf-
 from __future__ import annotations
 
 import json
-import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 from slimllm.errors import ExportError
 from slimllm.gguf_tokenizer import SPACE
+from slimllm.logs import quiet_loggers
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
 
@@ -119,14 +119,14 @@ def _pad_vocab(tokens: list[bytes], types: list[int], scores: list[float] | None
             scores.append(-1000.0)
 
 
+# gguf-py reads add_bos/add_eos from the post-processor and warns about a pair template it does not model
+# (`<bos> A <bos> B`, transformers' own for BOS tokenizers); pairs are never written to GGUF, the flags are right.
+@quiet_loggers("gguf.vocab")
 def read_vocab(checkpoint_dir: Path, n_vocab: int) -> GgufVocab:
     """Tokenizer metadata for a checkpoint whose embedding has `n_vocab` rows."""
     import gguf
 
     checkpoint_dir = Path(checkpoint_dir)
-    # gguf-py reads add_bos/add_eos from the post-processor and warns about a pair template it does not model
-    # (`<bos> A <bos> B`, transformers' own for BOS tokenizers); pairs are never written to GGUF, the flags are right.
-    logging.getLogger("gguf.vocab").setLevel(logging.ERROR)
     tokenizer_file = checkpoint_dir / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise ExportError(

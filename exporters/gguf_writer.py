@@ -21,6 +21,7 @@ import numpy as np
 from slimllm.errors import ExportError
 from slimllm.exporters.checkpoint import CheckpointInfo
 from slimllm.exporters.gguf_vocab import read_vocab
+from slimllm.logs import quiet_loggers
 
 
 class GgufType(str, Enum):
@@ -217,6 +218,7 @@ def _add_architecture_keys(writer, keys: dict) -> None:
             writer.add_array(name, list(value))
 
 
+@quiet_loggers("gguf", level=logging.WARNING)  # gguf-py logs every file it writes at INFO
 def write_gguf(
     checkpoint: CheckpointInfo,
     path: Path,
@@ -252,7 +254,6 @@ def write_gguf(
     rope = rope_settings(config)
     tied = checkpoint.tied_embeddings
 
-    logging.getLogger("gguf").setLevel(logging.WARNING)  # gguf-py logs every file it writes at INFO
     writer = gguf.GGUFWriter(str(path), gguf_arch, use_temp_file=True)
     _add_hyperparameters(writer, checkpoint, outtype, head_dim, n_kv_heads, rope, attention_free)
     vocab = read_vocab(checkpoint.path, n_vocab)

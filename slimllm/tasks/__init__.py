@@ -9,7 +9,6 @@ or WinoGrande plug in by writing their reader. Scoring (`slimllm.accuracy`) is t
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import import_module
@@ -53,10 +52,12 @@ def task_formats() -> dict[str, TaskFormat]:
 
 
 def default_task_file(name: str) -> Path:
-    """The task's file under the shared data directory (`SLIMLLM_DATA_DIR` points at its wikitext2 folder)."""
-    data_dir = os.environ.get("SLIMLLM_DATA_DIR")
-    root = Path(data_dir).parent if data_dir else Path("../shared/data")
-    return root / task_formats()[name].default_file
+    """The task's file under the shared data directory, found like the text data (`slimllm.data.shared_data_dir`:
+    `SLIMLLM_DATA_DIR`, which points at its wikitext2 folder, else beside the installed package), whatever the
+    working directory."""
+    from slimllm.data import shared_data_dir
+
+    return shared_data_dir().parent / task_formats()[name].default_file
 
 
 def read_task(name: str, path: Path | str | None = None) -> list[MultipleChoiceTask]:
