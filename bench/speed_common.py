@@ -41,29 +41,31 @@ def arguments(description: str) -> argparse.ArgumentParser:
 
 
 def pruned_checkpoint(args) -> Path:
+    """The ShortGPT k-layer prune of `--model` on `--calib`, made once per content: its directory is named by a hash
+    of the model's and the calibration text's content and the settings, so another model or text never reuses it."""
     if args.pruned is not None:
         return args.pruned
+    from slimllm.artifacts import content_id, digest
     from slimllm.pruning.stage import PruneSettings, run_prune
 
-    target = args.work_dir / f"pruned-shortgpt-k{args.remove}"
+    settings = PruneSettings(method="shortgpt", remove=args.remove, calib=args.calib, calib_blocks=16, block_len=512)
+    key = digest({"model": content_id(checkpoint_directory(args.model)), "calib": content_id(args.calib),
+                  "settings": settings})
+    target = args.work_dir / f"pruned-shortgpt-k{args.remove}-{key[:12]}"
     if not (target / "config.json").is_file():
-        run_prune(
-            args.model,
-            PruneSettings(method="shortgpt", remove=args.remove, calib=args.calib, calib_blocks=16, block_len=512),
-            target,
-            force=True,
-        )
+        run_prune(args.model, settings, target, force=True)
     return target
 
 
 def exported_gguf(checkpoint: Path, target: Path, gguf_types: list[str], eval_data: str | None = None) -> dict:
     """The checkpoint's GGUF files by type (F16, Q8_0 ...), exported and checked by slimllm into `target` unless an
-    earlier export is already there."""
+    earlier export of this checkpoint's content with the same settings is there."""
+    from slimllm.artifacts import sha256_tree
     from slimllm.exporters.gguf import GgufExportSettings, export_gguf
-    from slimllm.exporters.records import EXPORT_RECORD_FILE
+    from slimllm.exporters.records import reusable_export
 
-    if not (target / EXPORT_RECORD_FILE).is_file():
-        settings = GgufExportSettings(outtypes=gguf_types, eval_data=eval_data, eval_windows=2)
+    settings = GgufExportSettings(outtypes=gguf_types, eval_data=eval_data, eval_windows=2)
+    if reusable_export(target, sha256_tree(checkpoint), settings) is None:
         export_gguf(checkpoint, target, settings, force=True)
     return {t.upper(): next(target.glob(f"*-{t.upper()}.gguf")) for t in gguf_types}
 

@@ -20,3 +20,14 @@ def read_export_record(directory: Path) -> dict[str, Any] | None:
     """The export record of a directory, or None where there is none (not an export, or not a finished one)."""
     path = Path(directory) / EXPORT_RECORD_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def reusable_export(directory: Path, source_sha256: str, settings: Any) -> dict[str, Any] | None:
+    """The export record in `directory` if it was made from the checkpoint with this content hash and these very
+    settings, else None: an export is reused by what it was made from, never by where it lies."""
+    from slimllm.artifacts import plain
+
+    record = read_export_record(directory)
+    if record is None or record.get("source_sha256") != source_sha256 or not record.get("validation_passed", True):
+        return None
+    return record if record.get("settings") == json.loads(json.dumps(plain(settings))) else None

@@ -15,7 +15,6 @@ parity checks, into `<out>/artifacts/`.
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import statistics
@@ -31,7 +30,6 @@ from slimllm.artifacts import (
     library_versions,
     machine_info,
     mark_output,
-    plain,
     sha256_tree,
 )
 from slimllm.errors import SlimllmError, UserInputError
@@ -131,16 +129,6 @@ def check_backends_available(profile: TargetProfile) -> None:
             resolve_device(spec.device)
 
 
-def _reusable_export(target: Path, source_sha256: str, settings: Any) -> dict[str, Any] | None:
-    """The export record in `target` if it was made from this very checkpoint with these settings, else None."""
-    from slimllm.exporters.records import read_export_record
-
-    record = read_export_record(target)
-    if record is None or record.get("source_sha256") != source_sha256:
-        return None
-    return record if record.get("settings") == json.loads(json.dumps(plain(settings))) else None
-
-
 def prepare_artifacts(
     profile: TargetProfile,
     models: dict[str, ModelArtifacts],
@@ -156,7 +144,7 @@ def prepare_artifacts(
     """
     from slimllm.exporters.gguf import GgufExportSettings, export_gguf
     from slimllm.exporters.onnx import OnnxExportSettings, export_onnx
-    from slimllm.exporters.records import read_export_record
+    from slimllm.exporters.records import read_export_record, reusable_export
 
     notes: list[str] = []
     for name, model in models.items():
@@ -176,7 +164,7 @@ def prepare_artifacts(
                     eval_data=eval_data,
                     eval_windows=2,
                 )
-                if rebuild or _reusable_export(target, model.checkpoint_sha256(), settings) is None:
+                if rebuild or reusable_export(target, model.checkpoint_sha256(), settings) is None:
                     if progress:
                         progress(0, 1, stage=f"export {name} {variant}")
                     export_onnx(model.checkpoint, target, settings, force=True)
@@ -188,7 +176,7 @@ def prepare_artifacts(
                     continue
                 target = work_dir / name / f"gguf-{'-'.join(t.lower() for t in missing)}"
                 settings = GgufExportSettings(outtypes=missing, eval_data=eval_data, eval_windows=2, tokenizer_lines=50)
-                if rebuild or _reusable_export(target, model.checkpoint_sha256(), settings) is None:
+                if rebuild or reusable_export(target, model.checkpoint_sha256(), settings) is None:
                     if progress:
                         progress(0, 1, stage=f"export {name} GGUF {','.join(missing)}")
                     export_gguf(model.checkpoint, target, settings, force=True)
