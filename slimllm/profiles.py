@@ -1,4 +1,4 @@
-"""Hardware target profiles: what to measure on a device class, read from the built-in `slimllm/target_profiles/*.toml`.
+"""Hardware target profiles: what to measure on a device class, read from the built-in `profiles/*.toml`.
 
     >>> profile = load_profile("cpu-x86")            # a built-in name, or a path to a TOML file
     >>> [b.kind for b in profile.backends]
@@ -14,6 +14,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass, field
 from enum import Enum
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-PROFILES_DIR = Path(__file__).resolve().parent / "target_profiles"
-"""The built-in profiles, shipped inside the package (so a plain wheel install has them)."""
+PROFILES_DIR = Path(str(resources.files("slimllm.target_profiles")))
+"""The built-in profiles: `profiles/` at the top of the repository, installed as the package
+`slimllm.target_profiles` (the package-dir mapping `exporters/` uses), so a plain wheel install has them."""
 
 
 class BackendKind(str, Enum):
@@ -138,7 +140,7 @@ def _unknown_keys(values: dict[str, Any], cls: type, where: str) -> list[str]:
 
 
 def load_profile(name_or_path: str | Path) -> TargetProfile:
-    """A profile by name (a file in slimllm/target_profiles/) or by path."""
+    """A profile by name (a file in profiles/, installed as slimllm.target_profiles) or by path."""
     path = Path(name_or_path).expanduser()
     if not path.is_file():
         candidate = PROFILES_DIR / f"{name_or_path}.toml"

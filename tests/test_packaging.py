@@ -33,6 +33,9 @@ def test_wheel_installs_one_top_level_package_with_its_profiles(wheel):
     top_level = {name.split("/", 1)[0] for name in names if not name.split("/", 1)[0].endswith(".dist-info")}
     assert top_level == {"slimllm"}
     assert "slimllm/exporters/onnx.py" in names and "slimllm/target_profiles/cpu-x86.toml" in names
+    # The sources keep the project's layout: exporters/ and profiles/ beside slimllm/, mapped into it by the wheel.
+    shipped = {f"slimllm/target_profiles/{p.name}" for p in (REPO_ROOT / "profiles").glob("*.toml")}
+    assert shipped and shipped <= set(names) and not (REPO_ROOT / "slimllm" / "target_profiles").is_dir()
     source_modules = {
         "slimllm/" + path.relative_to(REPO_ROOT / "slimllm").as_posix()
         for path in (REPO_ROOT / "slimllm").rglob("*.py")
