@@ -31,9 +31,9 @@ def _gguf_value(field) -> Any:
 
 
 def inspect_gguf(path: Path) -> dict[str, Any]:
-    from gguf import GGUFReader
+    from slimllm.gguf_metadata import gguf_reader
 
-    reader = GGUFReader(str(path))
+    reader = gguf_reader(path)
     metadata = {name: _gguf_value(field) for name, field in reader.fields.items() if not name.startswith("GGUF.")}
     types = Counter(t.tensor_type.name for t in reader.tensors)
     blocks = {int(t.name.split(".")[1]) for t in reader.tensors if t.name.startswith("blk.")}

@@ -34,11 +34,9 @@ class SentencePieceVocab:
 
 
 def read_sentencepiece_vocab(gguf_path: Path) -> SentencePieceVocab:
-    from gguf import GGUFReader
+    from slimllm.gguf_metadata import gguf_field_value, gguf_reader, gguf_special_token_ids
 
-    from slimllm.gguf_metadata import gguf_field_value, gguf_special_token_ids
-
-    reader = GGUFReader(str(gguf_path))
+    reader = gguf_reader(gguf_path)
 
     def array(key: str) -> list:
         field_ = reader.fields[key]
