@@ -16,39 +16,34 @@ from slimllm.exporters.records import read_export_record
 _LONG_ARRAY = 16
 
 
-def _gguf_value(field) -> Any:
-    """A readable value for one GGUF metadata field (long arrays are summarized)."""
-    from gguf import GGUFValueType
-
-    if field.types and field.types[0] == GGUFValueType.ARRAY:
-        if len(field.data) > _LONG_ARRAY:
-            return f"[{len(field.data)} items]"
-        return field.contents()
-    value = field.contents()
+def _gguf_value(value: Any) -> Any:
+    """A readable value for one GGUF metadata field (long arrays and long strings are summarized)."""
+    if isinstance(value, list) and len(value) > _LONG_ARRAY:
+        return f"[{len(value)} items]"
     if isinstance(value, str) and len(value) > 200:
         return value[:200] + f"... ({len(value)} chars)"
     return value
 
 
 def inspect_gguf(path: Path) -> dict[str, Any]:
-    from slimllm.gguf_metadata import gguf_reader
+    from slimllm.gguf_metadata import read_gguf_header
 
-    reader = gguf_reader(path)
-    metadata = {name: _gguf_value(field) for name, field in reader.fields.items() if not name.startswith("GGUF.")}
-    types = Counter(t.tensor_type.name for t in reader.tensors)
-    blocks = {int(t.name.split(".")[1]) for t in reader.tensors if t.name.startswith("blk.")}
+    header = read_gguf_header(path)
+    metadata = {name: _gguf_value(value) for name, value in header.metadata.items()}
+    types = Counter(t.type for t in header.tensors)
+    blocks = {int(t.name.split(".")[1]) for t in header.tensors if t.name.startswith("blk.")}
     return {
         "kind": "gguf",
         "path": str(path),
         "bytes": path.stat().st_size,
         "metadata": metadata,
-        "tensor_count": len(reader.tensors),
+        "tensor_count": len(header.tensors),
         "tensor_types": dict(types),
         "blocks": len(blocks),
-        "parameters": int(sum(int(t.n_elements) for t in reader.tensors)),
+        "parameters": int(sum(t.n_elements for t in header.tensors)),
         "tensors": [
-            {"name": t.name, "type": t.tensor_type.name, "shape": [int(d) for d in t.shape]}
-            for t in reader.tensors
+            {"name": t.name, "type": t.type, "shape": list(t.shape)}
+            for t in header.tensors
             if not t.name.startswith("blk.") or t.name.startswith("blk.0.")
         ],
     }

@@ -71,11 +71,10 @@ def _validate_onnx(directory: Path, reference: Path | None, eval_data: str | Non
 def _validate_gguf(path: Path, reference: Path | None, eval_data: str | None) -> ParityReport:
     from slimllm.exporters.gguf import GgufExportSettings, validate_gguf_files
     from slimllm.exporters.gguf_writer import GgufType, llama_file_type
-    from slimllm.gguf_metadata import gguf_field_value, gguf_reader
+    from slimllm.gguf_metadata import read_gguf_header
 
     record = _record(path.parent)
-    reader = gguf_reader(path)
-    file_type = gguf_field_value(reader, "general.file_type")
+    file_type = read_gguf_header(path).metadata.get("general.file_type")
     file_type = int(file_type) if file_type is not None else None
     outtype = next((t for t in GgufType if llama_file_type(t) == file_type), None)
     if outtype is None:

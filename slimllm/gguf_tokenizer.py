@@ -34,22 +34,14 @@ class SentencePieceVocab:
 
 
 def read_sentencepiece_vocab(gguf_path: Path) -> SentencePieceVocab:
-    from slimllm.gguf_metadata import gguf_field_value, gguf_reader, gguf_special_token_ids
+    from slimllm.gguf_metadata import gguf_special_token_ids, read_gguf_header
 
-    reader = gguf_reader(gguf_path)
-
-    def array(key: str) -> list:
-        field_ = reader.fields[key]
-        return [field_.parts[i] for i in field_.data]
-
-    tokens = [bytes(part).decode("utf-8") for part in array("tokenizer.ggml.tokens")]
-    scores = [float(part[0]) for part in array("tokenizer.ggml.scores")]
-    types = [int(part[0]) for part in array("tokenizer.ggml.token_type")]
-    add_space_prefix = gguf_field_value(reader, "tokenizer.ggml.add_space_prefix")
+    metadata = read_gguf_header(gguf_path).metadata
+    add_space_prefix = metadata.get("tokenizer.ggml.add_space_prefix")
     return SentencePieceVocab(
-        tokens=tokens,
-        scores=scores,
-        types=types,
+        tokens=list(metadata["tokenizer.ggml.tokens"]),
+        scores=[float(score) for score in metadata["tokenizer.ggml.scores"]],
+        types=[int(kind) for kind in metadata["tokenizer.ggml.token_type"]],
         # llama.cpp's default for SentencePiece vocabularies is to add the prefix space.
         add_space_prefix=True if add_space_prefix is None else bool(add_space_prefix),
         special_ids=gguf_special_token_ids(gguf_path),

@@ -26,12 +26,7 @@ from slimllm.architectures import Architecture, architecture_for
 from slimllm.artifacts import atomic_directory, cache_dir
 from slimllm.device import inference_precision, resolve_device, set_compute_dtype, training_precision
 from slimllm.errors import UserInputError
-from slimllm.gguf_metadata import (  # noqa: F401 - gguf_field_value and gguf_add_special_tokens are public here too
-    gguf_add_special_tokens,
-    gguf_field_value,
-    gguf_special_token_ids,
-    gguf_tokenizer_model,
-)
+from slimllm.gguf_metadata import gguf_add_special_tokens, gguf_special_token_ids, gguf_tokenizer_model
 from slimllm.gguf_tokenizer import sentencepiece_tokenizer_from_gguf
 from slimllm.placement import Placement, device_map_of, input_device, release_offload_folder_with
 
@@ -318,9 +313,12 @@ def materialize_gguf(gguf_path: Path, name: str | None = None) -> Path:
     """Dequantize a GGUF file once into a cached HF directory (weights, fixed tokenizer) and return it."""
     gguf_path = Path(gguf_path)
     label = name or re.sub(r"[^A-Za-z0-9._-]+", "-", gguf_path.stem)
-    target = cache_dir() / "models" / f"{label}-{_file_key(gguf_path)}-{_CONVERSION_RECIPE}"
-    if (target / "config.json").is_file():
-        return target
+    key = f"{_file_key(gguf_path)}-{_CONVERSION_RECIPE}"
+    target = cache_dir() / "models" / f"{label}-{key}"
+    # The same file is converted once, whatever it was called by (the embedded name, or its path and stem).
+    done = [path for path in (target, *sorted(target.parent.glob(f"*-{key}"))) if (path / "config.json").is_file()]
+    if done:
+        return done[0]
     log.info("dequantizing %s once into %s", gguf_path.name, target)
     source = ModelSource(str(gguf_path), SourceKind.GGUF_FILE, gguf_path)
     model, tokenizer, notes = _load_weights_and_tokenizer(source, torch.float32, trust_remote_code=False)

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 from conftest import EVAL_FILE
-from gguf import GGUFReader
 from test_cli import run_cli
 
+from slimllm.gguf_metadata import read_gguf_header, read_gguf_tensor
 from slimllm.models import embedded_gguf_path, load_model
 
 pytestmark = pytest.mark.integration
@@ -72,22 +72,23 @@ def test_gemma3_gguf_export_matches_llama_cpps_own_file(gemma3_gguf, tmp_path):
     checks = {c["name"]: c for c in result.validation["files"][name]["checks"]}
     assert result.validation["passed"], checks
     assert checks["argmax agreement at 1024 tokens (past the 512-token window)"]["passed"]
-    ours, theirs = GGUFReader(str(tmp_path / "gguf" / name)), GGUFReader(str(gemma3_gguf))
+    ours_path = tmp_path / "gguf" / name
+    ours, theirs = read_gguf_header(ours_path), read_gguf_header(gemma3_gguf)
     for key in ("context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
                 "attention.head_count_kv", "attention.key_length", "attention.value_length", "rope.freq_base",
                 "attention.layer_norm_rms_epsilon", "attention.sliding_window"):
-        assert ours.fields[f"gemma3.{key}"].contents() == pytest.approx(theirs.fields[f"gemma3.{key}"].contents()), key
+        assert ours.metadata[f"gemma3.{key}"] == pytest.approx(theirs.metadata[f"gemma3.{key}"]), key
     # llama.cpp's default rhythm (5 local, 1 global), written out per layer.
-    pattern = ours.fields["gemma3.attention.sliding_window_pattern"].contents()
+    pattern = ours.metadata["gemma3.attention.sliding_window_pattern"]
     assert pattern == [(i + 1) % 6 != 0 for i in range(18)]
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
                 "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_space_prefix"):
-        assert ours.fields[key].contents() == theirs.fields[key].contents(), key
+        assert ours.metadata[key] == theirs.metadata[key], key
     # Scores only order the merges: normal tokens must rank the same.
-    types = np.array(theirs.fields["tokenizer.ggml.token_type"].contents())
+    types = np.array(theirs.metadata["tokenizer.ggml.token_type"])
     normal = types == 1
-    our_scores = np.array(ours.fields["tokenizer.ggml.scores"].contents())[normal]
-    their_scores = np.array(theirs.fields["tokenizer.ggml.scores"].contents())[normal]
+    our_scores = np.array(ours.metadata["tokenizer.ggml.scores"])[normal]
+    their_scores = np.array(theirs.metadata["tokenizer.ggml.scores"])[normal]
     assert np.array_equal(np.argsort(-our_scores, kind="stable"), np.argsort(-their_scores, kind="stable"))
     our_tensors = {t.name: t for t in ours.tensors}
     their_tensors = {t.name: t for t in theirs.tensors}
@@ -95,5 +96,6 @@ def test_gemma3_gguf_export_matches_llama_cpps_own_file(gemma3_gguf, tmp_path):
     for tensor_name, tensor in their_tensors.items():
         assert list(our_tensors[tensor_name].shape) == list(tensor.shape), tensor_name
         if "norm" in tensor_name:  # F32 in both files: the dequantized weight plus one is the original value
-            np.testing.assert_allclose(np.asarray(our_tensors[tensor_name].data), np.asarray(tensor.data), rtol=1e-6,
-                                       atol=1e-6, err_msg=tensor_name)
+            np.testing.assert_allclose(read_gguf_tensor(ours_path, tensor_name),
+                                       read_gguf_tensor(gemma3_gguf, tensor_name), rtol=1e-6, atol=1e-6,
+                                       err_msg=tensor_name)

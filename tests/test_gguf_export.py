@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import CALIB_FILE, EVAL_FILE, TINY_ARCHITECTURES
-from gguf import GGUFReader
 from test_cli import _assert_user_error, run_cli
 
 import slimllm.exporters.gguf as gguf_exporter
@@ -16,6 +15,8 @@ from slimllm.exporters.gguf import VALIDATION_FILE, GgufExportSettings, export_g
 from slimllm.exporters.gguf_vocab import BPE_PRE_TOKENIZERS, identify_bpe_pre_tokenizer
 from slimllm.exporters.gguf_writer import GgufType, permute_for_llama_rope, write_gguf
 from slimllm.exporters.llama_cpp_runner import LlamaCppModel
+from slimllm.gguf_metadata import read_gguf_header, read_gguf_tensor
+from slimllm.models import embedded_gguf_path
 
 FAST = {"eval_seq_len": 128, "eval_windows": 2, "tokenizer_lines": 50, "eval_data": str(EVAL_FILE)}
 
@@ -25,8 +26,8 @@ def _checks(validation: dict, file_name: str) -> dict[str, dict]:
 
 
 def _metadata(path) -> dict:
-    reader = GGUFReader(str(path))
-    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("tokenizer.ggml.")}
+    metadata = read_gguf_header(path).metadata
+    return {name: value for name, value in metadata.items() if not name.startswith("tokenizer.ggml.")}
 
 
 @pytest.mark.parametrize("arch_name", TINY_ARCHITECTURES)
@@ -44,11 +45,31 @@ def test_f32_export_matches_pytorch_in_llama_cpp(tiny_model_dir, tmp_path, arch_
     assert logits["value"] < (1e-3 if arch_name == "gemma3" else 1e-4)
     assert result.files[name]["argmax_agreement"] >= 0.995
     assert abs(result.files[name]["ppl_ratio"] - 1) < 1e-3
-    reader = GGUFReader(str(tmp_path / "gguf" / name))
-    names = {t.name for t in reader.tensors}
+    names = {t.name for t in read_gguf_header(tmp_path / "gguf" / name).tensors}
     assert ("output.weight" in names) == (not tied)
     expected_arch = {"mistral": "llama"}.get(arch_name, arch_name)
     assert _metadata(tmp_path / "gguf" / name)["general.architecture"] == expected_arch
+
+
+def test_header_reader_matches_gguf_py(tiny_model_dir, tmp_path):
+    """slimllm reads GGUF headers itself (gguf-py's reader takes seconds per file); on one file of each kind of
+    vocabulary it must give gguf-py's values for every key and every tensor's name, shape, type and offset."""
+    from gguf import GGUFReader
+
+    source = tiny_model_dir("qwen3", False)
+    result = export_gguf(source, tmp_path / "gguf", GgufExportSettings(outtypes=["q8_0"], **FAST))
+    for path in (result.path_of("q8_0"), embedded_gguf_path("smollm2-135m")):
+        header, reader = read_gguf_header(path), GGUFReader(str(path))
+        expected = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+        assert header.metadata.keys() == expected.keys()
+        for name, value in expected.items():
+            assert header.metadata[name] == pytest.approx(value) if isinstance(value, float) else \
+                header.metadata[name] == value, name
+        assert [(t.name, list(t.shape), t.type, t.offset) for t in header.tensors] == [
+            (t.name, [int(d) for d in t.shape], t.tensor_type.name, int(t.data_offset) - reader.data_offset)
+            for t in reader.tensors
+        ]
+        assert header.data_offset == reader.data_offset
 
 
 def test_all_types_in_one_call(tiny_model_dir, tmp_path):
@@ -59,7 +80,7 @@ def test_all_types_in_one_call(tiny_model_dir, tmp_path):
     assert sorted(info["type"] for info in result.files.values()) == sorted(t.upper() for t in types)
     assert not list((tmp_path / "gguf").glob(".intermediate*")), "the F32 intermediate of the K-quant is left over"
     tensor_types = {
-        info["type"]: {t.name: t.tensor_type.name for t in GGUFReader(str(tmp_path / "gguf" / name)).tensors}
+        info["type"]: {t.name: t.type for t in read_gguf_header(tmp_path / "gguf" / name).tensors}
         for name, info in result.files.items()
     }
     assert tensor_types["Q8_0"]["blk.0.attn_q.weight"] == "Q8_0"
@@ -92,7 +113,7 @@ def test_rows_that_do_not_split_into_blocks_stay_f16(tmp_path, smollm2_tokenizer
     LlamaForCausalLM(config).save_pretrained(directory)
     smollm2_tokenizer.save_pretrained(directory)
     result = export_gguf(directory, tmp_path / "gguf", GgufExportSettings(outtypes=["q8_0"], **FAST))
-    types = {t.name: t.tensor_type.name for t in GGUFReader(str(tmp_path / "gguf" / "odd-Q8_0.gguf")).tensors}
+    types = {t.name: t.type for t in read_gguf_header(tmp_path / "gguf" / "odd-Q8_0.gguf").tensors}
     assert types["blk.0.attn_q.weight"] == "F16"  # rows of 48 do not split into blocks of 32
     assert types["blk.0.ffn_down.weight"] == "F16"  # rows of 80
     assert result.validation["passed"]
@@ -178,7 +199,7 @@ def test_each_known_pre_tokenizer_tokenizes_like_hugging_face(tiny_model_dir, tm
     assert identify_bpe_pre_tokenizer(json.loads((source / "tokenizer.json").read_text())) == pre_name
     path = tmp_path / "model.gguf"
     write_gguf(inspect_checkpoint(source), path, GgufType.F32)
-    assert GGUFReader(str(path)).fields["tokenizer.ggml.pre"].contents() == pre_name
+    assert read_gguf_header(path).metadata["tokenizer.ggml.pre"] == pre_name
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = LlamaCppModel(path, n_ctx=64, vocab_only=True)
     try:
@@ -233,9 +254,9 @@ def test_sentencepiece_tokenizer_is_written_as_llama_model(sentencepiece_model_d
     result = export_gguf(sentencepiece_model_dir, tmp_path / "gguf", GgufExportSettings(outtypes=["f32"], **FAST))
     assert result.validation["passed"]
     name = next(iter(result.files))
-    reader = GGUFReader(str(tmp_path / "gguf" / name))
-    assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
-    assert len(reader.fields["tokenizer.ggml.scores"].data) == 1000
+    metadata = read_gguf_header(tmp_path / "gguf" / name).metadata
+    assert metadata["tokenizer.ggml.model"] == "llama"
+    assert len(metadata["tokenizer.ggml.scores"]) == 1000
 
 
 def test_pruning_metadata_and_inspect(tiny_model_dir, tmp_path):
@@ -292,7 +313,7 @@ def test_rope_scaling_is_carried_over(tmp_path, smollm2_tokenizer, rope_scaling)
     smollm2_tokenizer.save_pretrained(directory)
     result = export_gguf(directory, tmp_path / "gguf", GgufExportSettings(outtypes=["f32"], **FAST))
     assert result.validation["passed"]
-    names = {t.name for t in GGUFReader(str(result.path_of("f32"))).tensors}
+    names = {t.name for t in read_gguf_header(result.path_of("f32")).tensors}
     assert ("rope_freqs.weight" in names) == (rope_scaling["rope_type"] == "llama3")
 
 
@@ -343,15 +364,15 @@ def test_gguf_py_quantizers_match_llama_cpp(tiny_model_dir, tmp_path, outtype):
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(gguf.LlamaFileType[f"MOSTLY_{outtype.upper()}"])
     assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
-    our_tensors = {t.name: t for t in GGUFReader(str(ours)).tensors}
+    our_tensors = {t.name: t for t in read_gguf_header(ours).tensors}
     compared = 0
-    for tensor in GGUFReader(str(theirs)).tensors:
+    for tensor in read_gguf_header(theirs).tensors:
         mine = our_tensors[tensor.name]
-        if tensor.tensor_type != mine.tensor_type:
+        if tensor.type != mine.type:
             # llama.cpp's mixes keep output.weight at Q6_K in Q4_0 files (we keep it at Q8_0); the rest must agree.
-            assert tensor.name == "output.weight", (tensor.name, tensor.tensor_type, mine.tensor_type)
+            assert tensor.name == "output.weight", (tensor.name, tensor.type, mine.type)
             continue
-        assert np.array_equal(np.asarray(tensor.data), np.asarray(mine.data)), tensor.name
+        assert np.array_equal(read_gguf_tensor(theirs, tensor.name), read_gguf_tensor(ours, tensor.name)), tensor.name
         compared += 1
     assert compared >= 6 * 9  # every layer's matrices and norms
 
@@ -395,7 +416,8 @@ def test_gemma3_windowed_layers_after_pruning_match_llama_cpp(tmp_path, smollm2_
     assert metadata["gemma3.attention.sliding_window"] == 8
     assert metadata["gemma3.attention.sliding_window_pattern"] == [True, True, True, True, False]
     assert metadata["gemma3.rope.freq_base_swa"] == pytest.approx(pruned.config.rope_local_base_freq)
-    norms = {t.name: np.asarray(t.data) for t in GGUFReader(str(tmp_path / "gguf" / name)).tensors if "norm" in t.name}
+    path = tmp_path / "gguf" / name
+    norms = {t.name: read_gguf_tensor(path, t.name) for t in read_gguf_header(path).tensors if "norm" in t.name}
     # llama.cpp multiplies by the stored weight; Gemma by (1 + weight).
     expected = pruned.model.layers[0].input_layernorm.weight.detach().numpy() + 1
     np.testing.assert_allclose(norms["blk.0.attn_norm.weight"], expected, rtol=1e-6)
