@@ -150,3 +150,36 @@ def test_self_text_is_seeded_and_cached(tiny_model_dir, tmp_path, monkeypatch):
 def test_self_text_is_not_for_evaluation():
     with pytest.raises(UserInputError, match="calibration only"):
         load_corpus("self", DataPurpose.EVALUATION)
+
+
+def test_a_text_is_tokenized_once_per_tokenizer(tiny_model_dir, text_file, monkeypatch):
+    """The ids of one text under one tokenizer are reused within a process; a tokenizer that inserts BOS (another
+    post-processor) or another text is tokenized anew."""
+    from transformers import AutoTokenizer
+
+    import slimllm.data
+    from slimllm.data import DataPurpose, load_corpus, tokenize_corpus
+    from slimllm.models import set_special_token_insertion
+
+    monkeypatch.setattr(slimllm.data, "_TOKENIZED", {})  # what earlier tests tokenized
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
+    corpus = load_corpus(str(text_file), DataPurpose.CALIBRATION)
+    calls = []
+    real_call = type(tokenizer).__call__
+
+    def counted(self, *args, **kwargs):
+        calls.append(self)
+        return real_call(self, *args, **kwargs)
+
+    type(tokenizer).__call__ = counted
+    try:
+        first = tokenize_corpus(corpus, tokenizer)
+        first[:5] = -1  # a caller changing its copy does not change what the next caller gets
+        again = tokenize_corpus(corpus, AutoTokenizer.from_pretrained(tiny_model_dir("llama")))
+        assert len(calls) == 1 and again.min() >= 0
+        with_bos = AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
+        set_special_token_insertion(with_bos, add_bos=True)
+        bos_ids = tokenize_corpus(corpus, with_bos)
+        assert len(calls) == 2 and bos_ids[0] == with_bos.bos_token_id and torch.equal(bos_ids[1:], again)
+    finally:
+        type(tokenizer).__call__ = real_call
