@@ -21,7 +21,7 @@ TINY_RECIPE = """
 [compile]
 eval_seq_len = 64
 eval_windows = 2
-eval_tasks = 12
+eval_task = "none"
 heal = false
 
 [prune]
@@ -68,6 +68,14 @@ def recipe(tmp_path):
 
 
 @pytest.fixture
+def recipe_with_tasks(tmp_path):
+    """The tiny recipe with HellaSwag on (12 tasks), for the tests that check the accuracy stage."""
+    path = tmp_path / "recipe-tasks.toml"
+    path.write_text(TINY_RECIPE.replace('eval_task = "none"', "eval_tasks = 12"))
+    return path
+
+
+@pytest.fixture
 def tiny_profile(tmp_path):
     path = tmp_path / "tiny-profile.toml"
     path.write_text(TINY_PROFILE)
@@ -81,8 +89,8 @@ def _compile_args(model, out, recipe, text_file, *extra):
     ]
 
 
-def test_compile_all_end_to_end_then_reuse(tiny_model_dir, tmp_path, recipe, tiny_profile, text_file):
-    out = tmp_path / "run"
+def test_compile_all_end_to_end_then_reuse(tiny_model_dir, tmp_path, recipe_with_tasks, tiny_profile, text_file):
+    out, recipe = tmp_path / "run", recipe_with_tasks
     result = slimllm.compile(
         str(tiny_model_dir("llama")), out=out, target="all", remove=2, calib=str(text_file),
         eval_data=str(EVAL_FILE), profile=str(tiny_profile), recipe=recipe,
@@ -145,19 +153,20 @@ def test_changed_setting_reruns_that_stage_and_later_ones(tiny_model_dir, tmp_pa
         profile=None, recipe=recipe, overrides={"gguf": {"outtypes": ["q4_0"]}},
     )
     assert second.reused_stages == ["prune", "export_onnx"]
-    assert second.ran_stages == ["export_gguf", "evaluate", "accuracy", "report"]
+    assert second.ran_stages == ["export_gguf", "evaluate", "report"]
     assert (out / "gguf" / "pruned-Q4_0.gguf").is_file() and not (out / "gguf" / "pruned-Q8_0.gguf").exists()
 
 
-def test_a_stage_whose_computation_changed_is_not_reused(tiny_model_dir, tmp_path, recipe, text_file, monkeypatch):
+def test_a_stage_whose_computation_changed_is_not_reused(tiny_model_dir, tmp_path, recipe_with_tasks, text_file,
+                                                         monkeypatch):
     """A new version of a stage (what it computes changed) reruns it; the others are reused (the report too, here,
     because the rerun wrote the same evaluation.json: stages are keyed by the content they read)."""
     import dataclasses
 
     from slimllm.compile_stages import _STAGES
 
-    args = {"remove": 2, "calib": str(text_file), "eval_data": str(EVAL_FILE), "profile": None, "recipe": recipe,
-            "target": "onnx"}
+    args = {"remove": 2, "calib": str(text_file), "eval_data": str(EVAL_FILE), "profile": None,
+            "recipe": recipe_with_tasks, "target": "onnx"}
     out = tmp_path / "run"
     bar, calls = ProgressBar("compile"), []
 
@@ -181,12 +190,13 @@ def test_a_stage_whose_computation_changed_is_not_reused(tiny_model_dir, tmp_pat
     assert again.reused_stages == ["prune", "export_onnx", "accuracy", "report"]
 
 
-def test_method_none_exports_the_dense_model(tiny_model_dir, tmp_path, recipe, monkeypatch):
+def test_method_none_exports_the_dense_model(tiny_model_dir, tmp_path, recipe_with_tasks, monkeypatch):
     """Also: without a HellaSwag file where the shared data would be, accuracy is skipped and the report says why."""
     monkeypatch.setenv("SLIMLLM_DATA_DIR", str(tmp_path / "no-data" / "wikitext2"))
     out = tmp_path / "dense"
     result = run_cli(
-        "compile", str(tiny_model_dir("mistral")), "--method", "none", "--target", "gguf", "--recipe", str(recipe),
+        "compile", str(tiny_model_dir("mistral")), "--method", "none", "--target", "gguf", "--recipe",
+        str(recipe_with_tasks),
         "--profile", "none", "--out", str(out), "--json",
     )
     assert result.exit_code == 0, result.output
@@ -338,7 +348,7 @@ def test_recipe_target_and_export_settings_are_used_and_reports_show_only_this_r
     second = run_cli(*base, "--target", "gguf", "--eval-seq-len", "40")
     assert second.exit_code == 0, second.output
     manifest = json.loads((out / MANIFEST_FILE).read_text())
-    assert manifest["run_stages"] == ["prune", "export_gguf", "evaluate", "accuracy", "report"]
+    assert manifest["run_stages"] == ["prune", "export_gguf", "evaluate", "report"]
     assert manifest["settings"]["gguf"]["eval_seq_len"] == 40  # a flag that was given wins over every recipe value
     report = (out / "report.md").read_text()
     assert "ONNX `" not in report and "GGUF files in llama.cpp" in report

@@ -19,38 +19,52 @@ IDS = torch.tensor([[11, 250, 3000, 17, 42, 9, 1200, 5]])
 RELOAD_SCRIPT = """
 import sys, torch
 from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+for checkpoint, logits_file in zip(sys.argv[1::2], sys.argv[2::2]):
+    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    with torch.no_grad():
+        torch.save(model(torch.tensor([[11, 250, 3000, 17, 42, 9, 1200, 5]])).logits, logits_file)
 assert 'slimllm' not in sys.modules
-with torch.no_grad():
-    torch.save(model(torch.tensor([[11, 250, 3000, 17, 42, 9, 1200, 5]])).logits, sys.argv[2])
 """
+CASES = [(arch_name, tied) for tied in (True, False) for arch_name in TINY_ARCHITECTURES]
 
 
-@pytest.mark.parametrize("arch_name", TINY_ARCHITECTURES)
-@pytest.mark.parametrize("tied", [True, False])
-def test_pruned_checkpoint_reloads_in_plain_transformers(arch_name, tied, tmp_path, smollm2_tokenizer):
-    model = build_tiny_model(arch_name, tied)
-    pruned, report = remove_layers(model, REMOVED)
+@pytest.fixture(scope="module")
+def reloaded(tmp_path_factory, smollm2_tokenizer):
+    """Every architecture's pruned checkpoint, saved, then reloaded in one fresh interpreter that never imports
+    slimllm (one process start for all of them). Per case: the model, its pruned copy, the report, the saved
+    directory and the logits plain transformers computed from it."""
+    cases, args = {}, []
+    for arch_name, tied in CASES:
+        model = build_tiny_model(arch_name, tied)
+        pruned, report = remove_layers(model, REMOVED)
+        out = save_pruned_checkpoint(
+            pruned, smollm2_tokenizer, tmp_path_factory.mktemp(f"{arch_name}-{tied}") / "pruned",
+            {"method": "test", "removed_layers": REMOVED},
+        )
+        cases[arch_name, tied] = (model, pruned, report, out)
+        args += [str(out), str(out.parent / "logits.pt")]
+    subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, *args], check=True)
+    return {key: (*value, torch.load(value[3].parent / "logits.pt")) for key, value in cases.items()}
+
+
+@pytest.mark.parametrize("arch_name, tied", CASES)
+def test_pruned_checkpoint_reloads_in_plain_transformers(arch_name, tied, reloaded):
+    model, pruned, report, out, reloaded_logits = reloaded[arch_name, tied]
     assert report.kept_layers == [0, 2, 5] and report.removed_layers == REMOVED
     assert len(decoder_layers(model)) == 6, "the input model must be left untouched"
     assert pruned.config.num_hidden_layers == 3
     assert [layer.self_attn.layer_idx for layer in decoder_layers(pruned)] == [0, 1, 2]
     if getattr(pruned.config, "layer_types", None) is not None:
         assert len(pruned.config.layer_types) == 3
-    out = save_pruned_checkpoint(
-        pruned, smollm2_tokenizer, tmp_path / "pruned", {"method": "test", "removed_layers": REMOVED}
-    )
     record = json.loads((out / PRUNING_RECORD_FILE).read_text())
     assert record["removed_layers"] == REMOVED and "transformers" in record["versions"]
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert (out / "generation_config.json").is_file()
 
-    # Reload in a fresh interpreter that never imports slimllm.
-    logits_file = tmp_path / "logits.pt"
-    subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, str(out), str(logits_file)], check=True)
+    # Reloaded in a fresh interpreter that never imports slimllm: the same logits, bit for bit.
     with torch.no_grad():
         expected = pruned(IDS).logits
-    torch.testing.assert_close(torch.load(logits_file), expected, rtol=0, atol=0)
+    torch.testing.assert_close(reloaded_logits, expected, rtol=0, atol=0)
 
     # The pruned logits really are those of the kept layers only, run in order (each with the arguments the dense
     # model gave it: position embeddings, and the mask of its attention type).
