@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from slimllm.architectures import Architecture, architecture_for
-from slimllm.artifacts import atomic_directory, cache_dir
+from slimllm.artifacts import atomic_directory, cache_dir, cache_lock
 from slimllm.device import inference_precision, resolve_device, set_compute_dtype, training_precision
 from slimllm.errors import UserInputError
 from slimllm.gguf_metadata import gguf_add_special_tokens, gguf_special_token_ids, gguf_tokenizer_model
@@ -315,19 +315,26 @@ def materialize_gguf(gguf_path: Path, name: str | None = None) -> Path:
     label = name or re.sub(r"[^A-Za-z0-9._-]+", "-", gguf_path.stem)
     key = f"{_file_key(gguf_path)}-{_CONVERSION_RECIPE}"
     target = cache_dir() / "models" / f"{label}-{key}"
-    # The same file is converted once, whatever it was called by (the embedded name, or its path and stem).
-    done = [path for path in (target, *sorted(target.parent.glob(f"*-{key}"))) if (path / "config.json").is_file()]
-    if done:
-        return done[0]
-    log.info("dequantizing %s once into %s", gguf_path.name, target)
-    source = ModelSource(str(gguf_path), SourceKind.GGUF_FILE, gguf_path)
-    model, tokenizer, notes = _load_weights_and_tokenizer(source, torch.float32, trust_remote_code=False)
-    with atomic_directory(target, force=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "slimllm_source.json").write_text(
-            json.dumps({"embedded": name, "gguf_file": str(gguf_path), "notes": notes}, indent=2)
-        )
+
+    def converted() -> Path | None:
+        # The same file is converted once, whatever it was called by (the embedded name, or its path and stem).
+        candidates = (target, *sorted(target.parent.glob(f"*-{key}")))
+        return next((path for path in candidates if (path / "config.json").is_file()), None)
+
+    if (done := converted()) is not None:
+        return done
+    with cache_lock(f"gguf-{key}"):  # another process may be converting the same file right now
+        if (done := converted()) is not None:
+            return done
+        log.info("dequantizing %s once into %s", gguf_path.name, target)
+        source = ModelSource(str(gguf_path), SourceKind.GGUF_FILE, gguf_path)
+        model, tokenizer, notes = _load_weights_and_tokenizer(source, torch.float32, trust_remote_code=False)
+        with atomic_directory(target, force=True) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "slimllm_source.json").write_text(
+                json.dumps({"embedded": name, "gguf_file": str(gguf_path), "notes": notes}, indent=2)
+            )
     return target
 
 
