@@ -31,7 +31,7 @@ DATA_DIR ?= ../shared/data/wikitext2
 EVAL_DATA := $(if $(wildcard $(DATA_DIR)/wiki.test.raw),$(DATA_DIR)/wiki.test.raw,wikitext2)
 DEMO_OUT ?= runs/demo
 
-.PHONY: install install-gpu gpu-check test demo lint bench-quality bench-speed bench-eval-reference bench-hellaswag bench-heal-memory bench-scale bench-scale-3b bench-gemma3 llama-tools clean
+.PHONY: install install-gpu gpu-check test test-fast demo lint bench-quality bench-speed bench-eval-reference bench-export-parity bench-hellaswag bench-heal-memory bench-scale bench-scale-3b bench-gemma3 llama-tools clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,12 @@ gpu-check: install-gpu
 test: install
 	$(BIN)/ruff check slimllm exporters tests bench examples
 	$(BIN)/python -m pytest
+
+# The tier to run while working: everything but the integration tests (real SmolLM2-135M and Gemma 3) and the
+# slow end-to-end ones. `make test` (CI) runs the whole suite.
+test-fast: install
+	$(BIN)/ruff check slimllm exporters tests bench examples
+	$(BIN)/python -m pytest -m "not integration and not slow"
 
 demo: install
 	$(BIN)/slimllm compile smollm2-135m --recipe examples/recipes/smollm2-135m-demo.toml \
@@ -99,6 +105,10 @@ llama-tools: $(LLAMA_TOOLS)/bin/llama-perplexity
 # slimllm's HellaSwag and KL-divergence figures against llama-perplexity's on the same GGUF files.
 bench-eval-reference: install llama-tools
 	$(BIN)/python bench/eval_reference.py --llama-tools $(LLAMA_TOOLS)/bin
+
+# Every ONNX variant and GGUF type of SmolLM2-135M, dense and pruned, against PyTorch (about 15 min).
+bench-export-parity: install
+	$(BIN)/python bench/export_parity.py
 
 bench-heal-memory: install
 	$(BIN)/python bench/heal_memory.py
