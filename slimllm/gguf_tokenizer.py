@@ -52,22 +52,77 @@ def bpe_merges(tokens: list[str], scores: list[float], types: list[int]) -> list
     """Every split of a normal token into two vocabulary entries, ranked by the merged token's score (highest first).
 
     A token reachable by several splits gets one merge per split, all at its score: whichever pair the text holds
-    produces it, as llama.cpp's bigram lookup would.
+    produces it, as llama.cpp's bigram lookup would. Merges of equal score (a tie group) are ordered as llama.cpp
+    breaks the tie, by the leftmost pair (`leftmost_first`).
     """
+    groups = _tie_groups(tokens, scores, types)
+    return [merge for score in sorted(groups, reverse=True) for merge in leftmost_first(groups[score])[0]]
+
+
+def tie_cycles(tokens: list[str], scores: list[float], types: list[int]) -> int:
+    """How many tie groups of a vocabulary no merge order can rank as llama.cpp breaks their ties (see
+    `leftmost_first`)."""
+    return sum(leftmost_first(group)[1] for group in _tie_groups(tokens, scores, types).values())
+
+
+Split = tuple[int, int, str, str]
+"""(token id, cut, left, right): one way to build a normal token from two vocabulary entries."""
+
+
+def _tie_groups(tokens: list[str], scores: list[float], types: list[int]) -> dict[float, list[Split]]:
+    """Per score, every (token id, cut, left, right) split of a normal token into two vocabulary entries, in token-id
+    order."""
     from gguf import TokenType
 
     vocab = {token: i for i, token in enumerate(tokens)}
-    ranked: list[tuple[float, int, int, str, str]] = []
+    groups: dict[float, list[Split]] = {}
     for token_id, (token, score, kind) in enumerate(zip(tokens, scores, types, strict=True)):
         if kind != TokenType.NORMAL or len(token) < 2:
             continue
         for cut in range(1, len(token)):
             left, right = token[:cut], token[cut:]
-            left_id, right_id = vocab.get(left), vocab.get(right)
-            if left_id is not None and right_id is not None:
-                ranked.append((-score, token_id, cut, left, right))
-    ranked.sort()
-    return [(left, right) for *_, left, right in ranked]
+            if left in vocab and right in vocab:
+                groups.setdefault(score, []).append((token_id, cut, left, right))
+    return groups
+
+
+def leftmost_first(group: list[Split]) -> tuple[list[tuple[str, str]], bool]:
+    """One tie group's merges in the order that reproduces llama.cpp's leftmost rule, and whether the group holds a
+    cycle that no order resolves.
+
+    llama.cpp takes, among equal scores, the pair that starts furthest left; a BPE merge list takes the lower rank.
+    The two choices differ only where two tied pairs overlap in a text, A = (x, y) just left of B = (y, z): then
+    llama.cpp merges A, so A must rank before B whenever A's right symbol is B's left symbol. A topological order of
+    that relation gives such a ranking. Where the relation has a cycle (the two splits (a, aa) and (aa, a) of `aaa`
+    can each sit left of the other), no ranking matches both arrangements; the cycle's members keep token-id order.
+    """
+    import heapq
+
+    starting_with: dict[str, list[int]] = {}
+    for index, (_, _, left, _) in enumerate(group):
+        starting_with.setdefault(left, []).append(index)
+    followers = [[j for j in starting_with.get(right, []) if j != i] for i, (*_, right) in enumerate(group)]
+    waiting = [0] * len(group)
+    for targets in followers:
+        for j in targets:
+            waiting[j] += 1
+    ready = [i for i, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    placed, order, cyclic = [False] * len(group), [], False
+    while len(order) < len(group):
+        if not ready:  # every remaining merge waits on another: a cycle
+            cyclic = True
+            ready = [placed.index(False)]
+        i = heapq.heappop(ready)
+        if placed[i]:
+            continue
+        placed[i] = True
+        order.append(i)
+        for j in followers[i]:
+            waiting[j] -= 1
+            if waiting[j] == 0 and not placed[j]:
+                heapq.heappush(ready, j)
+    return [(group[i][2], group[i][3]) for i in order], cyclic
 
 
 def sentencepiece_tokenizer_from_gguf(gguf_path: Path):

@@ -296,7 +296,7 @@ def _load_weights_and_tokenizer(
     return model, tokenizer, notes
 
 
-_CONVERSION_RECIPE = "v3"
+_CONVERSION_RECIPE = "v4"
 """Names how GGUF files are converted to cached HF directories; bump it when that changes so caches are redone."""
 
 

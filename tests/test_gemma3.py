@@ -18,6 +18,9 @@ SAMPLES = [
     "<start_of_turn>user\nWhat is 2 + 2?<end_of_turn>\n<start_of_turn>model\n",
     "   leading spaces, trailing spaces   ",
     "</div> <br> HTML-ish tags and \n\n\n\n runs of newlines",
+    # Runs of one unit: their tokens split several ways at one score (ties that no merge order can rank as llama.cpp
+    # does in every arrangement; see slimllm.gguf_tokenizer.leftmost_first).
+    "=" * 17 + " heading " + "-" * 33 + "|" + "ab" * 9 + " " + "x" * 40 + " hahahahaha ......",
 ]
 
 
