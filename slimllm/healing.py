@@ -381,6 +381,18 @@ def heal_placement_needs(settings: HealSettings) -> PlacementNeeds:
     )
 
 
+def _frozen_teacher(name: str, student, device: str, dtype: str, placement: Placement | None) -> nn.Module:
+    """The dense model the student is distilled from, checked to share the student's tokenizer and vocabulary."""
+    from slimllm.models import load_model
+
+    loaded = load_model(name, device=device, dtype=dtype, placement=placement)
+    check_teacher_matches(student.tokenizer, loaded.tokenizer, student.model, loaded.model, name)
+    teacher = loaded.model.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
 def run_heal(
     checkpoint: str | Path,
     settings: HealSettings,
@@ -425,14 +437,7 @@ def run_heal(
     student = load_model(str(checkpoint), device=device, dtype=dtype,
                          for_training=settings.scope is HealScope.FULL, placement=placement)
     check_placement_supports(student.model, heal_placement_needs(settings))
-    teacher = None
-    if settings.distill > 0:
-        teacher_loaded = load_model(teacher_name, device=device, dtype=dtype, placement=placement)
-        check_teacher_matches(student.tokenizer, teacher_loaded.tokenizer, student.model, teacher_loaded.model,
-                              teacher_name)
-        teacher = teacher_loaded.model.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+    teacher = _frozen_teacher(teacher_name, student, device, dtype, placement) if settings.distill > 0 else None
     blocks, corpus = training_blocks(settings.calib, student, settings, writer=teacher)
     # Keyed by what the checkpoint and the teacher hold, not where they are: a rerun of pruning rewrites the same
     # directory with other weights, and its resume must not restore the old run's trained weights into it.

@@ -283,6 +283,19 @@ def _scoring_stages(dense: ModelFootprint, work: Workload) -> list[tuple[str, fl
     return stages
 
 
+def _scoring_weights(
+    stage: str, dense: tuple[int, int], pruned: tuple[int, int], artifact_copy: int
+) -> tuple[int, int]:
+    """(weights' host bytes, their mapped part) in a scoring stage, from the (held, mapped) bytes of each model:
+    evaluation holds the dense model beside one artifact; accuracy scores one model at a time (the dense model, then
+    each artifact)."""
+    (dense_bytes, dense_map), (pruned_bytes, pruned_map) = dense, pruned
+    if stage == "accuracy":
+        artifact = pruned_bytes + artifact_copy
+        return (dense_bytes, dense_map) if dense_bytes >= artifact else (artifact, pruned_map)
+    return dense_bytes + pruned_bytes + artifact_copy, dense_map + pruned_map
+
+
 def plan_stages(dense: ModelFootprint, work: Workload, machine: MachineMemory) -> list[StagePlan]:
     """Per compile stage, the peak host and device memory and the arithmetic, on `machine`."""
     pruned = dense.without_layers(work.removed_layers).with_ffn_width(work.ffn_kept)
@@ -306,9 +319,7 @@ def plan_stages(dense: ModelFootprint, work: Workload, machine: MachineMemory) -
 
     stream = 2 * FP32 * work.calib_blocks * work.block_len * dense.hidden_size
     select_flops = 2 * dense.parameters * work.selection_tokens
-    # On a GPU, weights that do not train (a teacher, LoRA's and the gates' frozen base) are held in the compute
-    # dtype, bf16; the trained ones keep fp32 masters. On the CPU everything is fp32.
-    frozen_bytes = BF16 if on_gpu else FP32
+    frozen_bytes = BF16 if on_gpu else FP32  # weights that do not train, in the compute dtype (design notes)
     if work.train_tokens:
         training = _training_bytes(dense, work.train_scope, work.calib_batch, work.block_len, frozen_bytes,
                                    work.train_checkpointed)
@@ -318,8 +329,7 @@ def plan_stages(dense: ModelFootprint, work: Workload, machine: MachineMemory) -
             "the model and its training state (AdamW in fp32, activations for backward), the dense teacher, "
             "the pruned copy while saving", mapped=W_map)
     else:
-        # The repair's calibration passes run the whole model, LM head included, one batch at a time, and
-        # accumulate float64 moments of the hidden size.
+        # The repair runs the whole model, LM head included, one batch at a time; float64 moments of the hidden size.
         repair = (2 * 8 * dense.hidden_size**2 + _logits(dense, work.calib_batch * work.block_len)
                   if work.repair else 0)
         weights, weights_map = held("prune", dense, W_map)
@@ -332,8 +342,7 @@ def plan_stages(dense: ModelFootprint, work: Workload, machine: MachineMemory) -
             "logits of one calibration batch while repairing", mapped=weights_map + gathered)
     if work.heal_tokens and work.heal_scope:
         training = _training_bytes(pruned, work.heal_scope, work.heal_batch, work.heal_block_len, frozen_bytes)
-        teacher = frozen_bytes * dense.parameters
-        add("heal", base + training + W + P, training + teacher,
+        add("heal", base + training + W + P, training + frozen_bytes * dense.parameters,
             6 * pruned.parameters * work.heal_tokens,
             f"the pruned model's training state ({work.heal_scope}), the dense teacher, the healed copy while saving",
             mapped=W_map)
@@ -357,15 +366,9 @@ def plan_stages(dense: ModelFootprint, work: Workload, machine: MachineMemory) -
             "writer streams one tensor at a time; llama.cpp maps each file and repacks its quantized matrices",
             mapped=P_map)
     for stage, flops, counts in _scoring_stages(dense, work):
-        (dense_held, dense_map), (pruned_held, pruned_map) = held(stage, dense, W_map), held(stage, pruned, P_map)
-        logits = 6 * _logits(dense, work.eval_seq_len)
-        if stage == "accuracy":  # one model at a time: the dense model's answers, then each artifact's
-            dense_side, artifact_side = dense_held, pruned_held + artifact_copy
-            add(stage, base + max(dense_side, artifact_side) + logits, max(W, P), flops, counts,
-                mapped=dense_map if dense_side >= artifact_side else pruned_map)
-            continue
-        add(stage, base + dense_held + pruned_held + artifact_copy + logits, W + P,
-            flops, counts, mapped=dense_map + pruned_map)
+        weights, mapped = _scoring_weights(stage, held(stage, dense, W_map), held(stage, pruned, P_map), artifact_copy)
+        add(stage, base + weights + 6 * _logits(dense, work.eval_seq_len), max(W, P) if stage == "accuracy" else W + P,
+            flops, counts, mapped=mapped)
     if work.profile:
         add("profile", base + 2 * W, W, 2 * dense.parameters * 2048 * 2 * max(1, work.eval_artifacts),
             "one benchmark worker at a time, holding the model it times")

@@ -144,3 +144,35 @@ def pytest_configure(config):
 
 def registered_architecture_names() -> list[str]:
     return [arch.name for arch in ARCHITECTURES]
+
+
+IDENTITY_LAYER = 2
+"""The layer of `model_with_identity_layer` that computes nothing."""
+
+
+@pytest.fixture(scope="session")
+def model_with_identity_layer(smollm2_tokenizer):
+    """A tiny Llama trained on real text in which layer 2 is an exact identity (zero output projections); trained
+    once for the baseline and TRSP tests, which must not change it (copy it first)."""
+    from slimllm.architectures import decoder_layers
+
+    model = build_tiny_model("llama", num_layers=5, seed=1).train()
+    layer = decoder_layers(model)[IDENTITY_LAYER]
+    with torch.no_grad():
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    for param in layer.parameters():
+        param.requires_grad_(False)
+    text = "\n\n".join(CALIB_FILE.read_text(encoding="utf-8-sig").splitlines()[:300])
+    ids = smollm2_tokenizer(text, return_tensors="pt").input_ids[0]
+    blocks = ids[: (ids.numel() // 64) * 64].view(-1, 64)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(80):
+        batch = blocks[torch.randint(0, blocks.shape[0], (8,), generator=generator)]
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return model, blocks[:8]

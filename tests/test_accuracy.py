@@ -297,3 +297,16 @@ def test_cli_kl_reference(tiny_model_dir, tmp_path):
                    "--max-windows", "2", "--kl-reference", str(tiny_model_dir("qwen2")), "--kl-second-half", "--json")
     assert half.exit_code == 0, half.output
     assert json.loads(half.stdout)["tokens"] == 2 * 15
+
+
+def test_the_task_file_is_found_beside_the_package_from_any_directory(tmp_path, monkeypatch):
+    """Run from another working directory, the shared HellaSwag file is still found (it was looked up relative to
+    the working directory, and compile's accuracy stage then skipped silently)."""
+    from conftest import DATA_DIR
+
+    from slimllm.tasks import default_task_file
+
+    monkeypatch.delenv("SLIMLLM_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    expected = DATA_DIR.parent / "hellaswag" / "hellaswag_val_full.txt"
+    assert default_task_file("hellaswag").resolve() == expected.resolve() and expected.is_file()

@@ -99,6 +99,7 @@ def test_gguf_writes_blocks_without_attention_as_deci_and_llama_cpp_agrees(arch,
     assert any(t.name == "blk.1.ffn_down.weight" for t in header.tensors)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch, window", [("llama", None), ("qwen3", None), ("mistral", 8), ("gemma3", 8)])
 def test_onnx_exports_blocks_without_attention_from_the_module(arch, window, tmp_path, smollm2_tokenizer):
     """Past key/values only for the blocks with attention; prefill, padded batch, cached decode and greedy match."""
@@ -154,6 +155,7 @@ def _block_params(checkpoint) -> int:
     return sum(p.numel() for layer in decoder_layers(model) for p in layer.parameters())
 
 
+@pytest.mark.slow
 def test_2ssp_width_only_is_a_standard_checkpoint_every_exporter_takes(tiny_model_dir, tmp_path):
     """`--stage width` keeps the original architecture: GGUF in llama.cpp and ONNX in onnxruntime pass parity."""
     from slimllm.exporters.gguf import GgufExportSettings, export_gguf

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TINY_ARCHITECTURES, build_tiny_model
+from conftest import IDENTITY_LAYER, TINY_ARCHITECTURES, build_tiny_model
 
 from slimllm.architectures import decoder_layers
 from slimllm.errors import UserInputError
@@ -13,7 +13,6 @@ from slimllm.pruning.methods import BASELINE_METHODS, PruneMethod
 from slimllm.pruning.surgery import remove_layers
 
 SCORE_METHODS = (PruneMethod.SHORTGPT, PruneMethod.ANGULAR, PruneMethod.SLEB)
-IDENTITY_LAYER = 2
 
 
 def _blocks(seed: int = 0, n: int = 4, length: int = 32) -> torch.Tensor:
@@ -24,33 +23,6 @@ def _loss(model, blocks) -> float:
     with torch.no_grad():
         total, count = causal_lm_loss_sum(model(blocks).logits, blocks)
     return total / count
-
-
-@pytest.fixture(scope="module")
-def model_with_identity_layer(smollm2_tokenizer):
-    """A tiny Llama trained on real text in which layer 2 is an exact identity (zero output projections)."""
-    from conftest import CALIB_FILE
-
-    model = build_tiny_model("llama", num_layers=5, seed=1).train()
-    layer = decoder_layers(model)[IDENTITY_LAYER]
-    with torch.no_grad():
-        layer.self_attn.o_proj.weight.zero_()
-        layer.mlp.down_proj.weight.zero_()
-    for param in layer.parameters():
-        param.requires_grad_(False)
-    text = "\n\n".join(CALIB_FILE.read_text(encoding="utf-8-sig").splitlines()[:300])
-    ids = smollm2_tokenizer(text, return_tensors="pt").input_ids[0]
-    blocks = ids[: (ids.numel() // 64) * 64].view(-1, 64)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(80):
-        batch = blocks[torch.randint(0, blocks.shape[0], (8,), generator=generator)]
-        loss = model(batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-    return model, blocks[:8]
 
 
 @pytest.mark.parametrize("method", SCORE_METHODS)

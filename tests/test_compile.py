@@ -89,6 +89,7 @@ def _compile_args(model, out, recipe, text_file, *extra):
     ]
 
 
+@pytest.mark.slow
 def test_compile_all_end_to_end_then_reuse(tiny_model_dir, tmp_path, recipe_with_tasks, tiny_profile, text_file):
     out, recipe = tmp_path / "run", recipe_with_tasks
     result = slimllm.compile(
@@ -141,6 +142,7 @@ def test_compile_all_end_to_end_then_reuse(tiny_model_dir, tmp_path, recipe_with
     assert reused in again.output
 
 
+@pytest.mark.slow
 def test_changed_setting_reruns_that_stage_and_later_ones(tiny_model_dir, tmp_path, recipe, text_file):
     out = tmp_path / "run"
     first = slimllm.compile(
@@ -157,6 +159,7 @@ def test_changed_setting_reruns_that_stage_and_later_ones(tiny_model_dir, tmp_pa
     assert (out / "gguf" / "pruned-Q4_0.gguf").is_file() and not (out / "gguf" / "pruned-Q8_0.gguf").exists()
 
 
+@pytest.mark.slow
 def test_a_stage_whose_computation_changed_is_not_reused(tiny_model_dir, tmp_path, recipe_with_tasks, text_file,
                                                          monkeypatch):
     """A new version of a stage (what it computes changed) reruns it; the others are reused (the report too, here,
@@ -190,6 +193,20 @@ def test_a_stage_whose_computation_changed_is_not_reused(tiny_model_dir, tmp_pat
     assert again.reused_stages == ["prune", "export_onnx", "accuracy", "report"]
 
 
+@pytest.mark.slow
+def test_compile_without_a_method_prunes_with_the_settings_default(tiny_model_dir, tmp_path, text_file):
+    """Neither a flag nor the recipe names a method: compile uses PruneSettings' default, as prune, plan and the
+    README say (compile used to fall back to TRSP)."""
+    from slimllm.pruning.settings import PruneSettings
+
+    recipe = tmp_path / "no-method.toml"
+    recipe.write_text(TINY_RECIPE.replace('method = "trsp"\n', "").split("[trsp]")[0])
+    result = slimllm.compile(str(tiny_model_dir("llama")), out=tmp_path / "run", remove=2, calib=str(text_file),
+                             eval_data=str(EVAL_FILE), profile=None, recipe=recipe, target="gguf")
+    prune = result.manifest["stages"]["prune"]["result"]
+    assert prune["method"] == PruneSettings().method.value == "shortgpt" and len(prune["removed_layers"]) == 2
+
+
 def test_method_none_exports_the_dense_model(tiny_model_dir, tmp_path, recipe_with_tasks, monkeypatch):
     """Also: without a HellaSwag file where the shared data would be, accuracy is skipped and the report says why."""
     monkeypatch.setenv("SLIMLLM_DATA_DIR", str(tmp_path / "no-data" / "wikitext2"))
@@ -209,6 +226,7 @@ def test_method_none_exports_the_dense_model(tiny_model_dir, tmp_path, recipe_wi
     assert "Not measured: no hellaswag file at" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_foreign_out_is_refused_without_force(tiny_model_dir, tmp_path, recipe, text_file):
     out = tmp_path / "run"
     args = _compile_args(tiny_model_dir("llama"), out, recipe, text_file, "--target", "onnx", "--profile", "none")
@@ -257,6 +275,7 @@ def test_parity_failure_fails_the_command_naming_stage_and_figure(
     assert not (out / "report.md").exists()
 
 
+@pytest.mark.slow
 def test_disk_full_is_said_plainly(tiny_model_dir, tmp_path, recipe, text_file, monkeypatch):
     import dataclasses
 
@@ -275,6 +294,7 @@ def test_disk_full_is_said_plainly(tiny_model_dir, tmp_path, recipe, text_file, 
     assert json.loads((out / MANIFEST_FILE).read_text())["stages"]["evaluate"]["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_interrupt_then_resume(tiny_model_dir, tmp_path, text_file):
     """Ctrl-C in TRSP leaves a manifest saying what finished; --resume continues from the round checkpoint."""
     recipe = tmp_path / "slow.toml"
@@ -328,6 +348,7 @@ def test_compile_user_errors(tiny_model_dir, tmp_path, recipe):
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
+@pytest.mark.slow
 def test_recipe_target_and_export_settings_are_used_and_reports_show_only_this_run(tiny_model_dir, tmp_path):
     """[compile] target and [onnx] eval settings from a recipe are used unless a flag is given; a rerun with another
     --target reports exactly its own stages, with no leftover ONNX section and no stage still 'running'."""
@@ -359,6 +380,7 @@ def test_recipe_target_and_export_settings_are_used_and_reports_show_only_this_r
     assert (out / "gguf").is_dir()
 
 
+@pytest.mark.slow
 def test_compile_2ssp_exports_blocks_without_attention_to_both_targets(tiny_model_dir, tmp_path, text_file):
     """2SSP through the whole pipeline: a checkpoint with narrower FFNs and blocks without attention, a deci GGUF
     and an ONNX export that pass parity, evaluation, and a report that says what was removed."""

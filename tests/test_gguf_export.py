@@ -72,6 +72,22 @@ def test_header_reader_matches_gguf_py(tiny_model_dir, tmp_path):
         assert header.data_offset == reader.data_offset
 
 
+def test_export_leaves_other_libraries_log_levels_as_they_were(tiny_model_dir, tmp_path):
+    """gguf-py logs at INFO and warns about pair templates; slimllm quiets them only while it writes."""
+    import logging
+
+    names = ("gguf", "gguf.vocab")
+    previous = {name: logging.getLogger(name).level for name in names}
+    try:
+        for name in names:
+            logging.getLogger(name).setLevel(logging.DEBUG)
+        write_gguf(inspect_checkpoint(tiny_model_dir("llama")), tmp_path / "m.gguf", GgufType.F32)
+        assert {name: logging.getLogger(name).level for name in names} == dict.fromkeys(names, logging.DEBUG)
+    finally:
+        for name, level in previous.items():
+            logging.getLogger(name).setLevel(level)
+
+
 def test_all_types_in_one_call(tiny_model_dir, tmp_path):
     # 256-wide rows split into K-quant super-blocks, so Q4_K_M is a real K-quant, not llama.cpp's Q5_0 fallback.
     source = tiny_model_dir("llama", True, hidden=256)

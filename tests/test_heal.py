@@ -168,7 +168,9 @@ def pruned_dir(tiny_model_dir, tmp_path_factory, text_file):
     from slimllm.pruning.stage import run_prune
 
     out = tmp_path_factory.mktemp("pruned") / "pruned"
-    run_prune(str(tiny_model_dir("llama")), PruneSettings(method="last", remove=2), out, device="cpu")
+    # A text file to calibrate the repair on: the default, text the tiny model writes itself, takes 20 s.
+    run_prune(str(tiny_model_dir("llama")), PruneSettings(method="last", remove=2, calib=str(text_file)), out,
+              device="cpu")
     return out
 
 
@@ -193,8 +195,8 @@ def test_resume_is_keyed_by_the_checkpoints_content_not_its_path(pruned_dir, tin
 
     with pytest.raises(KeyboardInterrupt):
         run_heal(checkpoint, settings, out, device="cpu", progress=stop_after_two)
-    run_prune(str(tiny_model_dir("llama")), PruneSettings(method="last", remove=3), checkpoint, device="cpu",
-              force=True)
+    rewritten = PruneSettings(method="last", remove=3, calib=str(text_file))
+    run_prune(str(tiny_model_dir("llama")), rewritten, checkpoint, device="cpu", force=True)
     with pytest.raises(UserInputError, match="other settings or inputs"):
         run_heal(checkpoint, settings, out, device="cpu", resume=True)
     result = run_heal(checkpoint, settings, out, device="cpu", resume=True, restart_stale=True)
@@ -269,6 +271,7 @@ def test_heal_refuses_a_teacher_with_another_vocabulary(pruned_dir, tmp_path, te
     assert result.exit_code == 2 and "predicts 1000 tokens" in result.output
 
 
+@pytest.mark.slow
 def test_compile_heals_before_exporting(tiny_model_dir, tmp_path, text_file):
     from conftest import EVAL_FILE
     from test_cli import run_cli

@@ -69,6 +69,33 @@ def test_plan_cli_prints_every_stage(tmp_path):
     assert weights < stages["prune"]["host_bytes"] < 3 * weights
 
 
+def test_plan_says_what_it_assumed_and_uses_the_one_default_method(tmp_path):
+    """No --method and no recipe: compile, plan and the Python API all fall back to PruneSettings' default, and plan
+    prints the method, where it came from, the budget and the stages."""
+    from slimllm.pruning.settings import PruneSettings
+
+    config_dir = _write_config(tmp_path, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)
+    settings = resolve_compile_settings(None, None, None, None, "none", None, 2, None, None)
+    assert settings["method"].value == PruneSettings().method.value == "shortgpt"
+    assert settings["prune"].method.value == "shortgpt" and settings["method_source"] == "default"
+    result = run_cli("plan", str(config_dir), "-k", "2", "--profile", "none")
+    assert result.exit_code == 0, result.output
+    assert "method shortgpt (default), budget --remove 2; stages: prune, heal, export_onnx" in result.output
+    payload = json.loads(run_cli("plan", str(config_dir), "--method", "trsp", "-k", "2", "--json").stdout)
+    assert payload["assumed"]["method"] == "trsp" and payload["assumed"]["method_from"] == "argument"
+
+
+def test_no_heal_with_a_heal_flag_is_refused(tmp_path):
+    config_dir = _write_config(tmp_path, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)
+    for command in ("plan", "compile"):
+        args = [command, str(config_dir), "-k", "2", "--no-heal", "--heal-tokens", "4096", "--out", str(tmp_path / "o")]
+        result = run_cli(*(args if command == "compile" else args[:-2]))
+        _assert_user_error(result, "--no-heal conflicts with --heal-tokens")
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_run_that_cannot_fit_is_refused_in_one_line(tmp_path):
     """A 70B-shaped configuration on this machine: plan says which stage and what would fit, exit 2."""
     config_dir = _write_config(tmp_path, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,

@@ -93,6 +93,7 @@ def test_materialize_transposed_weights_is_exact(tiny_model_dir, tmp_path):
     np.testing.assert_array_equal(before, after)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quant", ["none", "int4"])
 def test_genai_engine_builds_fused_attention(tiny_model_dir, tmp_path, quant):
     out = tmp_path / f"genai-{quant}"
@@ -201,6 +202,7 @@ def test_bound_decoding_keeps_the_cache_on_the_device_and_decodes_like_the_numpy
     assert session.decode_bound(1, 6) == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quant", ["none", "int8", "int8-dynamic", "int4"])
 def test_large_model_path_keeps_tensors_outside_the_graph(tiny_model_dir, tmp_path, monkeypatch, quant):
     """Above the size threshold (protobuf's 2 GB, lowered here to zero) the export, its quantization and the parity

@@ -44,6 +44,7 @@ def test_wheel_installs_one_top_level_package_with_its_profiles(wheel):
     assert not missing, f"modules left out of the wheel (add their package to pyproject.toml): {missing}"
 
 
+@pytest.mark.slow
 def test_wheel_runs_from_a_fresh_environment_without_the_source_tree(wheel, tmp_path):
     """A new virtual environment gets the wheel alone; the dependencies come from this environment's
     site-packages through a path file, so nothing is downloaded and nothing of the source tree is visible."""

@@ -293,6 +293,7 @@ tokenizer_lines = 20
 """
 
 
+@pytest.mark.slow
 def test_compile_with_a_device_map_prunes_and_evaluates_the_offloaded_model(tiny_model_dir, tmp_path, offload_root):
     import slimllm
 

@@ -133,6 +133,7 @@ def _tiny_profile() -> TargetProfile:
     )
 
 
+@pytest.mark.slow
 def test_short_profile_on_every_backend(tiny_model_dir, pruned_tiny, tmp_path):
     out = tmp_path / "latency"
     result = run_profile(ModelArtifacts(tiny_model_dir("llama")), ModelArtifacts(pruned_tiny), _tiny_profile(), out)
@@ -168,6 +169,7 @@ def _onnx_only_profile() -> TargetProfile:
     )
 
 
+@pytest.mark.slow
 def test_exports_left_by_a_profile_of_another_model_are_not_reused(tiny_model_dir, pruned_tiny, tmp_path):
     """A second profile into the same directory with another pruned model measures that model, not the first."""
     from slimllm.artifacts import sha256_tree
@@ -189,6 +191,7 @@ def test_exports_left_by_a_profile_of_another_model_are_not_reused(tiny_model_di
     assert json.loads((out / "latency.json").read_text())["models"]["pruned"]["shape"]["layers"] == 3
 
 
+@pytest.mark.slow
 def test_a_failed_backend_leaves_a_partial_report_that_names_it(tiny_model_dir, pruned_tiny, tmp_path):
     """One backend failing (here a corrupt ONNX file) does not hide the others, and the report says what failed."""
     from slimllm.profiler import ProfileIncompleteError
@@ -208,6 +211,7 @@ def test_a_failed_backend_leaves_a_partial_report_that_names_it(tiny_model_dir, 
     assert "backend onnxruntime fp32 (cpu) failed" in (out / "latency.md").read_text()
 
 
+@pytest.mark.slow
 def test_interrupt_leaves_a_partial_report(tiny_model_dir, pruned_tiny, tmp_path, monkeypatch):
     import slimllm.profiler as profiler
 

@@ -192,6 +192,7 @@ def test_repair_settings_errors():
     assert PruneSettings(method="2ssp").resolved_repair() is RepairMethod.NONE
 
 
+@pytest.mark.slow
 def test_compile_passes_repair_to_the_prune_stage(tiny_model_dir, tmp_path, text_file):
     from conftest import EVAL_FILE
     from test_cli import run_cli

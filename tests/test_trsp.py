@@ -4,8 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_ARCHITECTURES, build_tiny_model
-from test_baselines import IDENTITY_LAYER, model_with_identity_layer  # noqa: F401  (fixture)
+from conftest import IDENTITY_LAYER, TINY_ARCHITECTURES, build_tiny_model
 from test_cli import _assert_user_error, run_cli
 
 from slimllm.architectures import decoder_layers
@@ -80,7 +79,7 @@ def test_gates_stay_fp32_under_cuda_autocast():
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in gates.parameters())
 
 
-def test_stage1_selects_the_useless_layer(model_with_identity_layer):  # noqa: F811
+def test_stage1_selects_the_useless_layer(model_with_identity_layer):
     import copy
 
     model, blocks = model_with_identity_layer
