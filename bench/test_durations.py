@@ -1,9 +1,9 @@
 """The test suite's time, per file and for the slowest tests, before and after a change, from pytest's JUnit XML.
 
-    python -m pytest --junitxml=after.xml && python bench/test_durations.py before.xml after.xml
+    python -m pytest --junitxml=after.xml && python bench/test_durations.py before=before.xml after=after.xml
 
-Writes bench/results/test-durations.md (and .json): per test file, the seconds of the first and the second run and
-their ratio, the slowest tests of each, and how many tests and assertion subjects each run counted.
+Writes bench/results/test-durations.md (and .json): per test file, the seconds of each run and the second run's over
+the first's, the 50 slowest tests of each run, and how many tests each run passed, skipped and failed.
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ def by_file(tests: dict) -> dict[str, float]:
     return dict(totals)
 
 
-def markdown(runs: list[tuple[str, dict]], command: str) -> str:
+def markdown(runs: list[tuple[str, dict]], command: str, note: str = "") -> str:
     labels = [label for label, _ in runs]
     files = sorted(set().union(*(by_file(tests) for _, tests in runs)),
                    key=lambda f: -by_file(runs[0][1]).get(f, 0.0))
-    lines = ["# Test-suite durations", "", f"Command: `{command}`", "",
+    lines = ["# Test-suite durations", "", f"Command: `{command}`", "", *([note, ""] if note else []),
              "| run | tests | passed | skipped | failed | seconds |", "|---|---:|---:|---:|---:|---:|"]
     for label, tests in runs:
         count = defaultdict(int)
@@ -52,11 +52,12 @@ def markdown(runs: list[tuple[str, dict]], command: str) -> str:
             count[test["outcome"]] += 1
         lines.append(f"| {label} | {len(tests)} | {count['passed']} | {count['skipped']} | {count['failed']} | "
                      f"{sum(t['seconds'] for t in tests.values()):.0f} |")
-    header = "| file | " + " | ".join(labels) + (" | ratio |" if len(runs) == 2 else " |")
-    lines += ["", "Per file (seconds):", "", header, "|---|" + "---:|" * (len(runs) + (len(runs) == 2))]
+    compared = len(runs) >= 2
+    header = "| file | " + " | ".join(labels) + (f" | {labels[1]} / {labels[0]} |" if compared else " |")
+    lines += ["", "Per file (seconds):", "", header, "|---|" + "---:|" * (len(runs) + compared)]
     for file in files:
         values = [by_file(tests).get(file, 0.0) for _, tests in runs]
-        ratio = f" | {values[1] / values[0]:.2f}" if len(runs) == 2 and values[0] else (" | " if len(runs) == 2 else "")
+        ratio = (f" | {values[1] / values[0]:.2f}" if values[0] else " | ") if compared else ""
         lines.append(f"| {file} | " + " | ".join(f"{v:.1f}" for v in values) + ratio + " |")
     for label, tests in runs:
         lines += ["", f"The 50 slowest tests, {label}:", "", "| test | seconds |", "|---|---:|"]
@@ -69,14 +70,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="LABEL=JUNIT.xml, in order (e.g. before=base.xml after=new.xml)")
     parser.add_argument("--name", default="test-durations")
+    parser.add_argument("--note", default="", help="How the runs were made (machine state, caches, commands).")
     args = parser.parse_args()
     runs = [(label, read_run(Path(path))) for label, path in (run.split("=", 1) for run in args.runs)]
     command = shlex.join(["python", *sys.argv])
-    payload = {"command": command, "machine": machine_info(), "versions": library_versions(),
+    payload = {"command": command, "note": args.note, "machine": machine_info(), "versions": library_versions(),
                "runs": {label: tests for label, tests in runs}}
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     atomic_write_json(RESULTS_DIR / f"{args.name}.json", payload)
-    text = markdown(runs, command)
+    text = markdown(runs, command, args.note)
     atomic_write_text(RESULTS_DIR / f"{args.name}.md", text)
     print(text)
 
