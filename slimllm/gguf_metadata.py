@@ -9,7 +9,7 @@ them (the tokenizer model, special-token ids and insertion flags).
 gguf-py's `GGUFReader` builds a numpy view for every element of every metadata array: about 19 s on 2 cores to
 open Gemma 3 (a 262k-token vocabulary) and 3-6 s for any file with SmolLM2's 49k-token vocabulary. The header is
 a simple format (GGUF v2/v3: counts, then typed key-value pairs, then tensor infos), so it is read here in one pass
-(a fraction of a second for either), and once per unchanged file (keyed by path, size and modification time).
+(a fraction of a second for either), and once per file content.
 """
 
 from __future__ import annotations
@@ -88,14 +88,21 @@ class _Cursor:
 
 
 def read_gguf_header(gguf_path: Path) -> GgufHeader:
-    """The metadata and tensor table of a GGUF file, read once per unchanged file."""
-    path = Path(gguf_path).resolve()
+    """The metadata and tensor table of a GGUF file, read once per content (the file's size, modification time and
+    a hash of its first MiB, as the conversion cache keys GGUF files; not its path)."""
+    import hashlib
+
+    path = Path(gguf_path)
     stat = path.stat()
-    return _cached_header(str(path), stat.st_size, stat.st_mtime_ns)
+    with open(path, "rb") as handle:
+        head = hashlib.sha256(handle.read(1 << 20)).hexdigest()
+    return _cached_header(stat.st_size, stat.st_mtime_ns, head, str(path))
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_header(path: str, size: int, mtime_ns: int) -> GgufHeader:
+def _cached_header(size: int, mtime_ns: int, head: str, path: str) -> GgufHeader:
+    """Keyed by the first three arguments; `path` is where to read it from (lru_cache keys on every argument, so a
+    copy elsewhere is read again, never a changed file served from the cache)."""
     import mmap
 
     from gguf import GGMLQuantizationType
