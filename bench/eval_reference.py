@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from speed_common import DATA_DIR, HELLASWAG_FILE, RESULTS_DIR, WORK_DIR, exported_gguf  # noqa: E402
 
-from slimllm.artifacts import atomic_write_json, atomic_write_text, library_versions, machine_info  # noqa: E402
+from slimllm.core.artifacts import atomic_write_json, atomic_write_text, library_versions, machine_info  # noqa: E402
 
 HELLASWAG_POINTS = 0.5
 KLD_RELATIVE = 0.02
@@ -78,9 +78,9 @@ def llama_perplexity(args, *flags: str) -> tuple[str, float]:
 
 
 def hellaswag(args, files: dict[str, Path], task_file: Path) -> dict[str, dict]:
-    from slimllm.accuracy import evaluate_tasks
-    from slimllm.eval_backends import open_backend
-    from slimllm.tasks import read_task
+    from slimllm.evaluation.accuracy import evaluate_tasks
+    from slimllm.evaluation.tasks import read_task
+    from slimllm.exporters.scorers import open_backend
 
     tasks = read_task("hellaswag", task_file)
     rows = {}
@@ -124,10 +124,10 @@ def _kld_figures(log: str) -> dict[str, float]:
 
 
 def divergence(args, files: dict[str, Path], text_file: Path, base: Path) -> tuple[dict[str, dict], dict]:
-    from slimllm.divergence import divergence_statistics
-    from slimllm.eval_backends import open_backend
-    from slimllm.evaluate import split_windows
+    from slimllm.evaluation.divergence import divergence_statistics
+    from slimllm.evaluation.perplexity import split_windows
     from slimllm.exporters.llama_cpp_runner import LlamaCppModel
+    from slimllm.exporters.scorers import open_backend
 
     reference_path = files["dense F16"]
     llama_perplexity(args, "-m", str(reference_path), "-f", str(text_file), "-c", str(args.ctx), "-b", str(args.ctx),
@@ -223,9 +223,9 @@ def write_markdown(path: Path, payload: dict) -> None:
 def main() -> int:
     from speed_common import pruned_checkpoint
 
-    from slimllm.data import DataPurpose, load_corpus
-    from slimllm.models import checkpoint_directory
-    from slimllm.tasks import read_task
+    from slimllm.core.data import DataPurpose, load_corpus
+    from slimllm.evaluation.tasks import read_task
+    from slimllm.models.loading import checkpoint_directory
 
     args = arguments()
     started = time.perf_counter()

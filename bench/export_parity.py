@@ -22,13 +22,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from slimllm.artifacts import atomic_write_json, atomic_write_text, library_versions, machine_info  # noqa: E402
-from slimllm.errors import ValidationError  # noqa: E402
-from slimllm.models import checkpoint_directory  # noqa: E402
+from slimllm.core.artifacts import atomic_write_json, atomic_write_text, library_versions, machine_info  # noqa: E402
+from slimllm.core.data import shared_data_dir  # noqa: E402
+from slimllm.core.errors import ValidationError  # noqa: E402
+from slimllm.models.loading import checkpoint_directory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
-DATA_DIR = ROOT.parent / "shared" / "data" / "wikitext2"
+DATA_DIR = shared_data_dir()
 ONNX_VARIANTS = {
     # label: (which model, engine, quant)
     "dense, optimum fp32": ("dense", "optimum", "none"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from speed_common import arguments, run
 
-from slimllm.profiles import BackendSpec, TargetProfile
+from slimllm.latency.profiles import BackendSpec, TargetProfile
 
 
 def main() -> None:

@@ -19,8 +19,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from slimllm.core.data import shared_data_dir  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
-DATA = Path(ROOT.parent / "shared" / "data" / "wikitext2")
+DATA = shared_data_dir()
 
 
 def _pytest_gpu() -> str:
@@ -37,9 +39,10 @@ def _pytest_gpu() -> str:
 def _trsp(out: Path) -> str:
     import torch
 
-    from slimllm.data import load_calibration
-    from slimllm.models import load_model
-    from slimllm.pruning.surgery import remove_layers, save_pruned_checkpoint
+    from slimllm.core.data import load_calibration
+    from slimllm.models.checkpoints import save_pruned_checkpoint
+    from slimllm.models.loading import load_model
+    from slimllm.pruning.surgery import remove_layers
     from slimllm.pruning.trsp import TrspSettings, run_trsp
 
     loaded = load_model("smollm2-135m", device="cuda", for_training=True)
@@ -69,9 +72,9 @@ def _onnx_cuda(out: Path) -> str:
 
 
 def _profile(out: Path) -> str:
-    from slimllm.models import checkpoint_directory
-    from slimllm.profiler import ModelArtifacts, run_profile
-    from slimllm.profiles import load_profile
+    from slimllm.latency.profiler import ModelArtifacts, run_profile
+    from slimllm.latency.profiles import load_profile
+    from slimllm.models.loading import checkpoint_directory
 
     profile = load_profile("cuda")
     profile.repeats, profile.warmup = 2, 1

@@ -26,8 +26,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from slimllm.artifacts import atomic_write_json, atomic_write_text, library_versions, machine_info  # noqa: E402
-from slimllm.healing import LORA_TARGETS  # noqa: E402
+from slimllm.core.artifacts import atomic_write_json, atomic_write_text, library_versions, machine_info  # noqa: E402
+from slimllm.recovery.healing import LORA_TARGETS  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from speed_common import HELLASWAG_FILE, RESULTS_DIR, WORK_DIR, exported_gguf  # noqa: E402
 
-from slimllm.accuracy import AccuracyResult, evaluate_tasks  # noqa: E402
-from slimllm.artifacts import atomic_write_json, atomic_write_text, library_versions, machine_info  # noqa: E402
-from slimllm.eval_backends import open_backend  # noqa: E402
-from slimllm.tasks import read_task  # noqa: E402
+from slimllm.core.artifacts import atomic_write_json, atomic_write_text, library_versions, machine_info  # noqa: E402
+from slimllm.evaluation.accuracy import AccuracyResult, evaluate_tasks  # noqa: E402
+from slimllm.evaluation.tasks import read_task  # noqa: E402
+from slimllm.exporters.scorers import open_backend  # noqa: E402
 
 TIMING_TASKS = 1000
 TIMING_TARGET_SECONDS = 180.0
@@ -96,7 +96,7 @@ def write_markdown(path: Path, payload: dict) -> None:
 
 
 def main() -> int:
-    from slimllm.models import checkpoint_directory
+    from slimllm.models.loading import checkpoint_directory
 
     args = arguments()
     args.work_dir.mkdir(parents=True, exist_ok=True)

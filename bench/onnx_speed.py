@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from speed_common import arguments, run
 
-from slimllm.profiles import BackendSpec, TargetProfile
+from slimllm.latency.profiles import BackendSpec, TargetProfile
 
 BACKENDS = "torch-fp32,onnxruntime-fp32,onnxruntime-int4,genai-fp32,genai-int4"
 

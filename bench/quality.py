@@ -28,15 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from speed_common import HELLASWAG_FILE  # noqa: E402
 
-from slimllm.accuracy import evaluate_tasks, pad_token_id  # noqa: E402
-from slimllm.artifacts import (  # noqa: E402
+from slimllm.core.artifacts import (  # noqa: E402
     atomic_write_json,
     atomic_write_text,
     digest,
     library_versions,
     machine_info,
 )
-from slimllm.data import (  # noqa: E402
+from slimllm.core.data import (  # noqa: E402
     DataPurpose,
     bos_prefix_id,
     load_calibration,
@@ -44,20 +43,21 @@ from slimllm.data import (  # noqa: E402
     split_development,
     tokenize_corpus,
 )
-from slimllm.evaluate import compare_with_reference, split_windows, torch_logits_fn  # noqa: E402
-from slimllm.healing import HealScope, HealSettings, heal_model  # noqa: E402
-from slimllm.models import LoadedModel, load_model  # noqa: E402
+from slimllm.evaluation.accuracy import evaluate_tasks, pad_token_id  # noqa: E402
+from slimllm.evaluation.perplexity import compare_with_reference, split_windows, torch_logits_fn  # noqa: E402
+from slimllm.evaluation.sequence_scoring import torch_shared_prefix_log_probs  # noqa: E402
+from slimllm.evaluation.tasks import read_task  # noqa: E402
+from slimllm.models.loading import LoadedModel, load_model  # noqa: E402
+from slimllm.pipeline.recipes import build_settings, load_recipe  # noqa: E402
 from slimllm.pruning.dress import DressSettings, NeuronScore  # noqa: E402
 from slimllm.pruning.methods import BASELINE_METHODS, PruneMethod  # noqa: E402
-from slimllm.pruning.repair import RepairMethod, repair_before_removal  # noqa: E402
 from slimllm.pruning.stage import PruneSettings, count_parameters, prune_in_memory  # noqa: E402
 from slimllm.pruning.surgery import remove_layers  # noqa: E402
-from slimllm.pruning.training import fine_tune, frozen_teacher  # noqa: E402
 from slimllm.pruning.trsp import Stage2Mode, TrainScope, TrspSettings  # noqa: E402
 from slimllm.pruning.two_ssp import TwoSspSettings  # noqa: E402
-from slimllm.recipes import build_settings, load_recipe  # noqa: E402
-from slimllm.sequence_scoring import torch_shared_prefix_log_probs  # noqa: E402
-from slimllm.tasks import read_task  # noqa: E402
+from slimllm.recovery.healing import HealScope, HealSettings, heal_model  # noqa: E402
+from slimllm.recovery.repair import RepairMethod, repair_before_removal  # noqa: E402
+from slimllm.recovery.training import fine_tune, frozen_teacher  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"

@@ -42,18 +42,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from slimllm.artifacts import (  # noqa: E402
+from slimllm.core.artifacts import (  # noqa: E402
     atomic_write_json,
     atomic_write_text,
     library_versions,
     machine_info,
 )
-from slimllm.memory import peak_rss, process_tree_memory  # noqa: E402
-from slimllm.models import checkpoint_directory  # noqa: E402
+from slimllm.core.data import shared_data_dir  # noqa: E402
+from slimllm.core.memory import peak_rss, process_tree_memory  # noqa: E402
+from slimllm.models.loading import checkpoint_directory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = shared_data_dir().parent
 GIB = 2**30
 
 MODELS = {
@@ -278,7 +279,7 @@ def plan_rows(name: str, work: Path) -> list[dict]:
 
 
 def weights_bytes(name: str) -> int:
-    from slimllm.memory_plan import ModelFootprint
+    from slimllm.pipeline.plan import ModelFootprint
 
     return ModelFootprint.from_config(_config(name)).fp32_bytes
 

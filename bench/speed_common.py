@@ -14,15 +14,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from slimllm.artifacts import atomic_write_json, atomic_write_text  # noqa: E402
-from slimllm.models import checkpoint_directory  # noqa: E402
-from slimllm.profiler import ModelArtifacts, run_profile  # noqa: E402
-from slimllm.profiles import TargetProfile  # noqa: E402
+from slimllm.core.artifacts import atomic_write_json, atomic_write_text  # noqa: E402
+from slimllm.core.data import shared_data_dir  # noqa: E402
+from slimllm.latency.profiler import ModelArtifacts, run_profile  # noqa: E402
+from slimllm.latency.profiles import TargetProfile  # noqa: E402
+from slimllm.models.loading import checkpoint_directory  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 WORK_DIR = REPO_ROOT / "runs" / "bench"
-DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "wikitext2"
+DATA_DIR = shared_data_dir()
 HELLASWAG_FILE = DATA_DIR.parent / "hellaswag" / "hellaswag_val_full.txt"
 
 
@@ -45,7 +46,7 @@ def pruned_checkpoint(args) -> Path:
     of the model's and the calibration text's content and the settings, so another model or text never reuses it."""
     if args.pruned is not None:
         return args.pruned
-    from slimllm.artifacts import content_id, digest
+    from slimllm.core.artifacts import content_id, digest
     from slimllm.pruning.stage import PruneSettings, run_prune
 
     settings = PruneSettings(method="shortgpt", remove=args.remove, calib=args.calib, calib_blocks=16, block_len=512)
@@ -60,7 +61,7 @@ def pruned_checkpoint(args) -> Path:
 def exported_gguf(checkpoint: Path, target: Path, gguf_types: list[str], eval_data: str | None = None) -> dict:
     """The checkpoint's GGUF files by type (F16, Q8_0 ...), exported and checked by slimllm into `target` unless an
     earlier export of this checkpoint's content with the same settings is there."""
-    from slimllm.artifacts import sha256_tree
+    from slimllm.core.artifacts import sha256_tree
     from slimllm.exporters.gguf import GgufExportSettings, export_gguf
     from slimllm.exporters.records import reusable_export
 

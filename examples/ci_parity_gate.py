@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from slimllm.errors import SlimllmError
+from slimllm.core.errors import SlimllmError
 from slimllm.exporters.validate import validate_artifact
 
 

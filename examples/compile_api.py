@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 import slimllm
-from slimllm.data import shared_data_dir
+from slimllm.core.data import shared_data_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slimllm.architectures import Architecture, architecture_for
-from slimllm.artifacts import sha256_tree
-from slimllm.errors import UserInputError
-from slimllm.pruning.surgery import read_pruning_record
+from slimllm.core.artifacts import sha256_tree
+from slimllm.core.errors import UserInputError
+from slimllm.models.architectures import Architecture, architecture_for
+from slimllm.models.checkpoints import read_pruning_record
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class CheckpointInfo:
 
 def inspect_checkpoint(checkpoint_dir: Path, hash_files: bool = True) -> CheckpointInfo:
     """Validate a checkpoint directory and read its config and pruning record."""
-    from slimllm.attention_free import read_config
+    from slimllm.models.attention_free import read_config
 
     path = Path(checkpoint_dir).expanduser()
     if not path.exists():

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from slimllm.artifacts import atomic_directory, atomic_write_json, library_versions, plain
-from slimllm.errors import UserInputError, parse_choice
-from slimllm.evaluate import causal_lm_loss_sum
+from slimllm.core.artifacts import atomic_directory, atomic_write_json, library_versions, plain
+from slimllm.core.errors import UserInputError, parse_choice
+from slimllm.evaluation.perplexity import causal_lm_loss_sum
 from slimllm.exporters.checkpoint import CheckpointInfo, inspect_checkpoint
 from slimllm.exporters.gguf_writer import GgufType, quantize_with_llama_cpp, write_gguf
 from slimllm.exporters.llama_cpp_runner import LlamaCppModel, import_llama_cpp
@@ -160,9 +160,9 @@ def gguf_file_name(checkpoint: CheckpointInfo, outtype: GgufType) -> str:
 
 def gguf_architecture(config) -> str:
     """`general.architecture` of the export: the registry's, or `deci` for a model with blocks without attention."""
-    from slimllm.architectures import architecture_for
-    from slimllm.attention_free import attention_free_layers
     from slimllm.exporters.gguf_writer import DECI_ARCH
+    from slimllm.models.architectures import architecture_for
+    from slimllm.models.attention_free import attention_free_layers
 
     return DECI_ARCH if attention_free_layers(config) else architecture_for(config).gguf_arch
 
@@ -172,8 +172,8 @@ def check_gguf_supports(config, settings: GgufExportSettings) -> int | None:
 
     Returns the window that is exported as full attention (`--allow-full-attention`), else None.
     """
-    from slimllm.architectures import architecture_for, sliding_window
-    from slimllm.attention_free import attention_free_layers
+    from slimllm.models.architectures import architecture_for, sliding_window
+    from slimllm.models.attention_free import attention_free_layers
 
     window = sliding_window(config)
     architecture = architecture_for(config)
@@ -255,7 +255,7 @@ def export_gguf(
         )
         failed = [r for r in reports.values() if not r.passed]
         if failed:
-            from slimllm.errors import ValidationError
+            from slimllm.core.errors import ValidationError
 
             raise ValidationError(
                 "GGUF parity check failed",
@@ -282,7 +282,7 @@ def _tokenizer_texts(settings: GgufExportSettings) -> list[str]:
         return []
     if settings.eval_data is None:
         return [p for p in FALLBACK_EVAL_TEXT.split("\n") if p.strip()]
-    from slimllm.data import DataPurpose, load_corpus
+    from slimllm.core.data import DataPurpose, load_corpus
 
     corpus = load_corpus(settings.eval_data, DataPurpose.EVALUATION)
     return list(corpus.documents[: settings.tokenizer_lines])
@@ -310,7 +310,7 @@ class _Reference:
 
 
 def _reference(checkpoint_dir: Path, settings: GgufExportSettings, full_attention_window: int | None) -> _Reference:
-    from slimllm.architectures import sliding_window
+    from slimllm.models.architectures import sliding_window
 
     reference = TorchReference.load(checkpoint_dir, full_attention=full_attention_window is not None)
     tokenizer = reference.tokenizer

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slimllm.errors import ExportError
-from slimllm.gguf_tokenizer import SPACE
-from slimllm.logs import quiet_loggers
+from slimllm.core.errors import ExportError
+from slimllm.core.logs import quiet_loggers
+from slimllm.models.gguf_tokenizer import SPACE
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
 

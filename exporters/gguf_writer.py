@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from slimllm.errors import ExportError
+from slimllm.core.errors import ExportError
+from slimllm.core.logs import quiet_loggers
 from slimllm.exporters.checkpoint import CheckpointInfo
 from slimllm.exporters.gguf_vocab import read_vocab
-from slimllm.logs import quiet_loggers
 
 
 class GgufType(str, Enum):
@@ -233,7 +233,7 @@ def write_gguf(
     """
     import gguf
 
-    from slimllm.attention_free import attention_free_layers
+    from slimllm.models.attention_free import attention_free_layers
 
     if not outtype.written_by_gguf_py:
         raise ValueError(f"{outtype.value} is made by llama.cpp's quantizer, not written directly")

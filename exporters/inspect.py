@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from slimllm.errors import UserInputError
+from slimllm.core.errors import UserInputError
 from slimllm.exporters.records import read_export_record
 
 _LONG_ARRAY = 16
@@ -26,7 +26,7 @@ def _gguf_value(value: Any) -> Any:
 
 
 def inspect_gguf(path: Path) -> dict[str, Any]:
-    from slimllm.gguf_metadata import read_gguf_header
+    from slimllm.models.gguf_metadata import read_gguf_header
 
     header = read_gguf_header(path)
     metadata = {name: _gguf_value(value) for name, value in header.metadata.items()}

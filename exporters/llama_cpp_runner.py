@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slimllm.errors import MissingDependencyError
+from slimllm.core.errors import MissingDependencyError
 
 
 def import_llama_cpp():
@@ -125,8 +125,8 @@ class LlamaCppModel:
 
     def sequence_log_probs(self):
         """Multiple-choice scoring with each group's shared prefix evaluated once: the remainders continue from it
-        on the key/value cache (`slimllm.sequence_scoring.SequenceLogProbs`)."""
-        from slimllm.sequence_scoring import SequenceGroup, gather_log_probs
+        on the key/value cache (`slimllm.evaluation.sequence_scoring.SequenceLogProbs`)."""
+        from slimllm.evaluation.sequence_scoring import SequenceGroup, gather_log_probs
 
         def log_probs(groups: list[SequenceGroup]) -> list[list[torch.Tensor]]:
             results = []

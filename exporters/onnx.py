@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from slimllm.artifacts import atomic_directory, atomic_write_json, library_versions, plain
-from slimllm.attention_free import attention_free_layers
-from slimllm.errors import ExportError, MissingDependencyError, UserInputError, parse_choice
+from slimllm.core.artifacts import atomic_directory, atomic_write_json, library_versions, plain
+from slimllm.core.errors import ExportError, MissingDependencyError, UserInputError, parse_choice
+from slimllm.core.logs import quiet_loggers
 from slimllm.exporters.checkpoint import CheckpointInfo, inspect_checkpoint
 from slimllm.exporters.ort_session import OrtCausalLM, Provider, resolve_provider
 from slimllm.exporters.parity import (
@@ -55,7 +55,7 @@ from slimllm.exporters.parity import (
     tokens_check,
 )
 from slimllm.exporters.records import EXPORT_RECORD_FILE, VALIDATION_FILE
-from slimllm.logs import quiet_loggers
+from slimllm.models.attention_free import attention_free_layers
 
 log = logging.getLogger(__name__)
 
@@ -748,7 +748,7 @@ def validate_onnx(onnx_dir: Path, checkpoint_dir: Path, settings: OnnxExportSett
 def _beyond_window_checks(runner, reference, tokenizer, settings, tolerance: Tolerance) -> list[CheckResult]:
     """For a model with a sliding attention window: logits on evaluation text well past it, where a graph that
     ignored the window (or applied it to the wrong layers) departs."""
-    from slimllm.architectures import sliding_window
+    from slimllm.models.architectures import sliding_window
 
     window = sliding_window(reference.model.config)
     if window is None:

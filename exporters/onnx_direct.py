@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimllm.architectures import sliding_window
-from slimllm.attention_free import attention_free_layers
+from slimllm.models.architectures import sliding_window
+from slimllm.models.attention_free import attention_free_layers
 
 
 class _DecoderForExport(nn.Module):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slimllm.errors import ExportError, MissingDependencyError, UserInputError
+from slimllm.core.errors import ExportError, MissingDependencyError, UserInputError
 from slimllm.exporters.parity import position_ids_from_mask
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from slimllm.errors import ValidationError
+from slimllm.core.errors import ValidationError
 
 # Prompts for logits and generation parity: prose, code, digits and punctuation, unicode.
 PARITY_PROMPTS: tuple[str, ...] = (
@@ -305,8 +305,8 @@ class TorchReference:
         """`full_attention` turns a sliding attention window off (the model an export without one computes)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from slimllm.architectures import without_sliding_window
-        from slimllm.attention_free import read_config
+        from slimllm.models.architectures import without_sliding_window
+        from slimllm.models.attention_free import read_config
 
         config = read_config(str(checkpoint_dir))
         if full_attention:
@@ -371,7 +371,7 @@ class TorchReference:
         return output[0, input_ids.shape[1] :].tolist()
 
     def logits_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        from slimllm.evaluate import torch_logits_fn
+        from slimllm.evaluation.perplexity import torch_logits_fn
 
         return torch_logits_fn(self.model)
 
@@ -386,8 +386,8 @@ def long_window(tokenizer, data: str | None, length: int) -> tuple[torch.Tensor,
     repeated as often as the length needs (checks past a sliding window need more text than it holds)."""
     if data is not None:
         return eval_windows(tokenizer, data, length, 1)
-    from slimllm.data import bos_prefix_id
-    from slimllm.evaluate import split_windows
+    from slimllm.core.data import bos_prefix_id
+    from slimllm.evaluation.perplexity import split_windows
 
     repeats = 1 + length // max(1, len(FALLBACK_EVAL_TEXT.split()))
     ids = tokenizer(" ".join([FALLBACK_EVAL_TEXT] * repeats), return_tensors="pt", verbose=False)["input_ids"][0]
@@ -396,8 +396,8 @@ def long_window(tokenizer, data: str | None, length: int) -> tuple[torch.Tensor,
 
 def eval_windows(tokenizer, data: str | None, seq_len: int, max_windows: int) -> tuple[torch.Tensor, str]:
     """Evaluation windows from a text source, or from the built-in paragraph when `data` is None."""
-    from slimllm.data import DataPurpose, bos_prefix_id, load_corpus, tokenize_corpus
-    from slimllm.evaluate import split_windows
+    from slimllm.core.data import DataPurpose, bos_prefix_id, load_corpus, tokenize_corpus
+    from slimllm.evaluation.perplexity import split_windows
 
     bos_id = bos_prefix_id(tokenizer)
     if data is None:
@@ -409,7 +409,7 @@ def eval_windows(tokenizer, data: str | None, seq_len: int, max_windows: int) ->
 
 
 def perplexity(logits_fn: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor) -> float:
-    from slimllm.evaluate import perplexity_of_windows
+    from slimllm.evaluation.perplexity import perplexity_of_windows
 
     nll, tokens = perplexity_of_windows(logits_fn, windows)
     return math.exp(nll / tokens)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slimllm.errors import UserInputError
+from slimllm.core.errors import UserInputError
 from slimllm.exporters.parity import ParityReport
 from slimllm.exporters.records import read_export_record
 
@@ -71,7 +71,7 @@ def _validate_onnx(directory: Path, reference: Path | None, eval_data: str | Non
 def _validate_gguf(path: Path, reference: Path | None, eval_data: str | None) -> ParityReport:
     from slimllm.exporters.gguf import GgufExportSettings, validate_gguf_files
     from slimllm.exporters.gguf_writer import GgufType, llama_file_type
-    from slimllm.gguf_metadata import read_gguf_header
+    from slimllm.models.gguf_metadata import read_gguf_header
 
     record = _record(path.parent)
     file_type = read_gguf_header(path).metadata.get("general.file_type")

@@ -17,15 +17,15 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_model": "slimllm.models",
+    "load_model": "slimllm.models.loading",
     "run_prune": "slimllm.pruning.stage",
     "PruneSettings": "slimllm.pruning.stage",
-    "evaluate_model": "slimllm.evaluate",
-    "EvalSettings": "slimllm.evaluate",
-    "compile": "slimllm.pipeline",
-    "CompileSettings": "slimllm.pipeline",
-    "run_profile": "slimllm.profiler",
-    "load_profile": "slimllm.profiles",
+    "evaluate_model": "slimllm.evaluation.perplexity",
+    "EvalSettings": "slimllm.evaluation.perplexity",
+    "compile": "slimllm.pipeline.compiler",
+    "CompileSettings": "slimllm.pipeline.compiler",
+    "run_profile": "slimllm.latency.profiler",
+    "load_profile": "slimllm.latency.profiles",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimllm.architectures import ARCHITECTURES
+from slimllm.models.architectures import ARCHITECTURES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("SLIMLLM_DATA_DIR", REPO_ROOT.parent / "shared" / "data" / "wikitext2"))
@@ -90,7 +90,7 @@ def build_tiny_model(
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct as a cached HF directory (dequantized once per machine)."""
-    from slimllm.models import materialize_embedded
+    from slimllm.models.loading import materialize_embedded
 
     return materialize_embedded("smollm2-135m")
 
@@ -154,7 +154,7 @@ IDENTITY_LAYER = 2
 def model_with_identity_layer(smollm2_tokenizer):
     """A tiny Llama trained on real text in which layer 2 is an exact identity (zero output projections); trained
     once for the baseline and TRSP tests, which must not change it (copy it first)."""
-    from slimllm.architectures import decoder_layers
+    from slimllm.models.architectures import decoder_layers
 
     model = build_tiny_model("llama", num_layers=5, seed=1).train()
     layer = decoder_layers(model)[IDENTITY_LAYER]

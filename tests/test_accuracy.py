@@ -9,12 +9,12 @@ import pytest
 import torch
 from test_cli import _assert_user_error, run_cli
 
-from slimllm.accuracy import encode_pair, encode_task, evaluate_tasks, pad_token_id, score_task, task_scores
-from slimllm.errors import UserInputError
-from slimllm.evaluate import torch_logits_fn
-from slimllm.sequence_scoring import logits_fn_log_probs, shared_prefix_length, torch_shared_prefix_log_probs
-from slimllm.tasks import MultipleChoiceTask, read_task
-from slimllm.tasks.hellaswag import read_hellaswag
+from slimllm.core.errors import UserInputError
+from slimllm.evaluation.accuracy import encode_pair, encode_task, evaluate_tasks, pad_token_id, score_task, task_scores
+from slimllm.evaluation.perplexity import torch_logits_fn
+from slimllm.evaluation.sequence_scoring import logits_fn_log_probs, shared_prefix_length, torch_shared_prefix_log_probs
+from slimllm.evaluation.tasks import MultipleChoiceTask, read_task
+from slimllm.evaluation.tasks.hellaswag import read_hellaswag
 
 TASKS = [
     MultipleChoiceTask("Baking: She puts the tray in the oven. she", (
@@ -47,7 +47,7 @@ def _write(path, tasks) -> None:
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from slimllm.models import load_model
+    from slimllm.models.loading import load_model
 
     return load_model(str(tiny_model_dir("llama")), device="cpu")
 
@@ -191,9 +191,9 @@ def test_cli_hellaswag_on_a_tiny_model_and_its_errors(tiny_model_dir, tmp_path):
 
 def test_onnx_and_gguf_backends_agree_with_pytorch(tiny_model_dir, tmp_path):
     """The same tasks scored from the ONNX export in onnxruntime and the F32 GGUF in llama.cpp."""
-    from slimllm.eval_backends import open_backend
     from slimllm.exporters.gguf import GgufExportSettings, export_gguf
     from slimllm.exporters.onnx import OnnxExportSettings, export_onnx
+    from slimllm.exporters.scorers import open_backend
 
     source = tiny_model_dir("llama")
     export_onnx(source, tmp_path / "onnx", OnnxExportSettings(eval_seq_len=32, eval_windows=1))
@@ -220,18 +220,18 @@ def test_a_scorer_releases_its_model_when_its_block_ends(tiny_model_dir, monkeyp
     import gc
     import weakref
 
-    import slimllm.models
-    from slimllm.eval_backends import open_backend
+    import slimllm.models.loading
+    from slimllm.exporters.scorers import open_backend
 
     loaded_models = []
-    real_load = slimllm.models.load_model
+    real_load = slimllm.models.loading.load_model
 
     def tracked_load(*args, **kwargs):
         loaded = real_load(*args, **kwargs)
         loaded_models.append(weakref.ref(loaded.model))
         return loaded
 
-    monkeypatch.setattr(slimllm.models, "load_model", tracked_load)
+    monkeypatch.setattr(slimllm.models.loading, "load_model", tracked_load)
     with open_backend(str(tiny_model_dir("llama")), "torch", device="cpu") as scorer:
         assert scorer.logits_fn(torch.tensor([[5, 6, 7]])).shape[-1] == 49152
     gc.collect()
@@ -241,7 +241,7 @@ def test_a_scorer_releases_its_model_when_its_block_ends(tiny_model_dir, monkeyp
 
 
 def test_divergence_of_a_model_from_itself_is_zero(tiny):
-    from slimllm.divergence import divergence_statistics
+    from slimllm.evaluation.divergence import divergence_statistics
 
     windows = torch.randint(3, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
     logits_fn = torch_logits_fn(tiny.model)
@@ -257,7 +257,7 @@ def test_divergence_statistics_match_a_direct_computation(tiny):
 
     import numpy as np
 
-    from slimllm.divergence import divergence_statistics
+    from slimllm.evaluation.divergence import divergence_statistics
 
     perturbed = copy.deepcopy(tiny.model)
     with torch.no_grad():
@@ -304,7 +304,7 @@ def test_the_task_file_is_found_beside_the_package_from_any_directory(tmp_path, 
     the working directory, and compile's accuracy stage then skipped silently)."""
     from conftest import DATA_DIR
 
-    from slimllm.tasks import default_task_file
+    from slimllm.evaluation.tasks import default_task_file
 
     monkeypatch.delenv("SLIMLLM_DATA_DIR", raising=False)
     monkeypatch.chdir(tmp_path)

@@ -3,9 +3,9 @@ import torch
 from conftest import TINY_ARCHITECTURES, _tiny_config, registered_architecture_names
 from transformers import GPT2Config
 
-from slimllm.architectures import architecture_for, decoder_layers
-from slimllm.errors import UserInputError
-from slimllm.models import load_model
+from slimllm.core.errors import UserInputError
+from slimllm.models.architectures import architecture_for, decoder_layers
+from slimllm.models.loading import load_model
 
 
 def test_registry_has_tiny_fixtures():

@@ -9,10 +9,10 @@ import torch
 from conftest import CALIB_FILE, TINY_ARCHITECTURES, build_tiny_model
 from test_cli import _assert_user_error, run_cli
 
-from slimllm.architectures import decoder_layers
-from slimllm.attention_free import attention_free_layers, remove_attention
-from slimllm.errors import UserInputError
-from slimllm.pruning.layer_io import attention_skipped
+from slimllm.core.errors import UserInputError
+from slimllm.models.architectures import decoder_layers
+from slimllm.models.attention_free import attention_free_layers, remove_attention
+from slimllm.models.layer_io import attention_skipped
 from slimllm.pruning.surgery import remove_layers
 
 
@@ -44,7 +44,7 @@ def test_a_block_without_attention_equals_zeroing_its_attention(arch):
 def test_checkpoint_loads_in_plain_transformers_with_remote_code_and_in_slimllm_without(tmp_path, smollm2_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from slimllm.models import load_model
+    from slimllm.models.loading import load_model
 
     slim = remove_attention(build_tiny_model("llama", num_layers=4), [2]).eval()
     slim.save_pretrained(tmp_path)
@@ -84,7 +84,7 @@ def _save_slim(arch: str, path, tokenizer, hidden: int = 64):
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 def test_gguf_writes_blocks_without_attention_as_deci_and_llama_cpp_agrees(arch, tmp_path, smollm2_tokenizer):
     from slimllm.exporters.gguf import GgufExportSettings, export_gguf
-    from slimllm.gguf_metadata import read_gguf_header
+    from slimllm.models.gguf_metadata import read_gguf_header
 
     source = _save_slim(arch, tmp_path / "slim", smollm2_tokenizer, hidden=256 if arch == "llama" else 64)
     types = ["f32", "q4_k_m"] if arch == "llama" else ["f32"]
@@ -149,7 +149,7 @@ def test_2ssp_prune_stage_records_both_stages(tiny_model_dir, tmp_path):
 
 
 def _block_params(checkpoint) -> int:
-    from slimllm.models import load_model
+    from slimllm.models.loading import load_model
 
     model = load_model(str(checkpoint), device="cpu").model
     return sum(p.numel() for layer in decoder_layers(model) for p in layer.parameters())

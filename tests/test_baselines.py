@@ -4,9 +4,9 @@ import pytest
 import torch
 from conftest import IDENTITY_LAYER, TINY_ARCHITECTURES, build_tiny_model
 
-from slimllm.architectures import decoder_layers
-from slimllm.errors import UserInputError
-from slimllm.evaluate import causal_lm_loss_sum
+from slimllm.core.errors import UserInputError
+from slimllm.evaluation.perplexity import causal_lm_loss_sum
+from slimllm.models.architectures import decoder_layers
 from slimllm.pruning.baselines import select_layers
 from slimllm.pruning.candidates import candidate_layers, check_removable, layers_to_remove
 from slimllm.pruning.methods import BASELINE_METHODS, PruneMethod
@@ -119,8 +119,8 @@ def test_block_by_block_scores_equal_whole_model_passes(arch_name):
 
     import torch.nn.functional as F
 
+    from slimllm.models.layer_io import trace_decoder
     from slimllm.pruning.baselines import angular_distances, block_influence
-    from slimllm.pruning.layer_io import trace_decoder
     from slimllm.pruning.width import ffn_neuron_scores, ffn_of
 
     model = build_tiny_model(arch_name, num_layers=5, seed=3).eval()

@@ -8,7 +8,7 @@ from conftest import CALIB_FILE
 from test_cli import _assert_user_error, run_cli
 from transformers import AutoModelForCausalLM
 
-from slimllm.pruning.surgery import PRUNING_RECORD_FILE
+from slimllm.models.checkpoints import PRUNING_RECORD_FILE
 
 
 def test_prune_writes_a_loadable_checkpoint(tiny_model_dir, text_file, tmp_path):

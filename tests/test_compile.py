@@ -14,8 +14,8 @@ from test_cli import _assert_user_error, run_cli
 
 import slimllm
 from slimllm.cli.app import ProgressBar
-from slimllm.compile_stages import compile_stages
-from slimllm.pipeline import MANIFEST_FILE
+from slimllm.pipeline.compiler import MANIFEST_FILE
+from slimllm.pipeline.stages import compile_stages
 
 TINY_RECIPE = """
 [compile]
@@ -166,7 +166,7 @@ def test_a_stage_whose_computation_changed_is_not_reused(tiny_model_dir, tmp_pat
     because the rerun wrote the same evaluation.json: stages are keyed by the content they read)."""
     import dataclasses
 
-    from slimllm.compile_stages import _STAGES
+    from slimllm.pipeline.stages import _STAGES
 
     args = {"remove": 2, "calib": str(text_file), "eval_data": str(EVAL_FILE), "profile": None,
             "recipe": recipe_with_tasks, "target": "onnx"}
@@ -279,7 +279,7 @@ def test_parity_failure_fails_the_command_naming_stage_and_figure(
 def test_disk_full_is_said_plainly(tiny_model_dir, tmp_path, recipe, text_file, monkeypatch):
     import dataclasses
 
-    from slimllm.compile_stages import _STAGES, compile_stages
+    from slimllm.pipeline.stages import _STAGES, compile_stages
 
     def no_space(ctx):
         raise OSError(errno.ENOSPC, "No space left on device", str(ctx.out_dir / "evaluation.json"))

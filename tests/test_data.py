@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import CALIB_FILE, EVAL_FILE
 
-from slimllm.data import (
+from slimllm.core.data import (
     DataPurpose,
     SelfTextSettings,
     calibration_blocks,
@@ -12,8 +12,8 @@ from slimllm.data import (
     load_corpus,
     tokenize_corpus,
 )
-from slimllm.errors import UserInputError
-from slimllm.models import load_model
+from slimllm.core.errors import UserInputError
+from slimllm.models.loading import load_model
 
 
 def test_wikitext_files_read_as_documents():
@@ -84,7 +84,7 @@ def test_blocks_are_seeded_and_distinct():
 
 
 def test_development_slice_is_held_apart_from_calibration(tiny_model_dir, text_file):
-    from slimllm.data import split_development
+    from slimllm.core.data import split_development
 
     head, tail = split_development(torch.arange(1000), 0.1)
     assert head.numel() == 900 and torch.equal(tail, torch.arange(900, 1000))
@@ -157,11 +157,11 @@ def test_a_text_is_tokenized_once_per_tokenizer(tiny_model_dir, text_file, monke
     post-processor) or another text is tokenized anew."""
     from transformers import AutoTokenizer
 
-    import slimllm.data
-    from slimllm.data import DataPurpose, load_corpus, tokenize_corpus
-    from slimllm.models import set_special_token_insertion
+    import slimllm.core.data
+    from slimllm.core.data import DataPurpose, load_corpus, tokenize_corpus
+    from slimllm.models.loading import set_special_token_insertion
 
-    monkeypatch.setattr(slimllm.data, "_TOKENIZED", {})  # what earlier tests tokenized
+    monkeypatch.setattr(slimllm.core.data, "_TOKENIZED", {})  # what earlier tests tokenized
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
     corpus = load_corpus(str(text_file), DataPurpose.CALIBRATION)
     calls = []

@@ -10,8 +10,8 @@ import torch
 from conftest import CALIB_FILE, build_tiny_model
 from test_cli import _assert_user_error, run_cli
 
-from slimllm.architectures import decoder_layers
-from slimllm.errors import UserInputError
+from slimllm.core.errors import UserInputError
+from slimllm.models.architectures import decoder_layers
 from slimllm.pruning.dress import (
     DressSettings,
     NeuronScore,
@@ -24,10 +24,10 @@ from slimllm.pruning.dress import (
     shrink_groups,
     shrink_per_step,
 )
-from slimllm.pruning.training import TrainingCheckpoints
 from slimllm.pruning.trsp import RegNorm
 from slimllm.pruning.two_ssp import WidthRounding
 from slimllm.pruning.width import keep_ffn_neurons
+from slimllm.recovery.training import TrainingCheckpoints
 
 IDS = torch.randint(3, 49152, (2, 16), generator=torch.Generator().manual_seed(5))
 
@@ -187,7 +187,7 @@ def test_dress_bad_input_is_one_line(tiny_model_dir, tmp_path):
 
 def test_healing_trains_a_model_an_earlier_stage_left_frozen():
     """DReSS (like healing itself) leaves its weights frozen; the recovery fine-tune must still train every one."""
-    from slimllm.healing import HealSettings, heal_model
+    from slimllm.recovery.healing import HealSettings, heal_model
 
     model = build_tiny_model("llama", num_layers=2)
     regularize(model, _blocks(), _selection(model), DressSettings(reg_tokens=32), batch_size=2)

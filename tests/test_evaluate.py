@@ -4,15 +4,15 @@ import pytest
 import torch
 from conftest import EVAL_FILE
 
-from slimllm.errors import UserInputError
-from slimllm.evaluate import (
+from slimllm.core.errors import UserInputError
+from slimllm.evaluation.perplexity import (
     EvalSettings,
     compare_with_reference,
     evaluate_model,
     split_windows,
     torch_logits_fn,
 )
-from slimllm.models import load_model
+from slimllm.models.loading import load_model
 
 
 def test_perplexity_matches_transformers_loss(tiny_model_dir, tmp_path):

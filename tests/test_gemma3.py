@@ -8,8 +8,8 @@ import pytest
 from conftest import EVAL_FILE
 from test_cli import run_cli
 
-from slimllm.gguf_metadata import read_gguf_header, read_gguf_tensor
-from slimllm.models import embedded_gguf_path, load_model
+from slimllm.models.gguf_metadata import read_gguf_header, read_gguf_tensor
+from slimllm.models.loading import embedded_gguf_path, load_model
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +19,7 @@ SAMPLES = [
     "   leading spaces, trailing spaces   ",
     "</div> <br> HTML-ish tags and \n\n\n\n runs of newlines",
     # Runs of one unit: their tokens split several ways at one score (ties that no merge order can rank as llama.cpp
-    # does in every arrangement; see slimllm.gguf_tokenizer.leftmost_first).
+    # does in every arrangement; see slimllm.models.gguf_tokenizer.leftmost_first).
     "=" * 17 + " heading " + "-" * 33 + "|" + "ab" * 9 + " " + "x" * 40 + " hahahahaha ......",
 ]
 
@@ -66,7 +66,7 @@ def test_gemma3_gguf_export_matches_llama_cpps_own_file(gemma3_gguf, tmp_path):
     the same architecture keys, vocabulary and tensors, norms stored as (1 + w); and it passes parity, including
     the graded check past the sliding window."""
     from slimllm.exporters.gguf import GgufExportSettings, export_gguf
-    from slimllm.models import checkpoint_directory
+    from slimllm.models.loading import checkpoint_directory
 
     settings = GgufExportSettings(outtypes=["f16"], eval_seq_len=128, eval_windows=1, tokenizer_lines=20,
                                   eval_data=str(EVAL_FILE))

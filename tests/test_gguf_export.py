@@ -9,14 +9,14 @@ from conftest import CALIB_FILE, EVAL_FILE, TINY_ARCHITECTURES
 from test_cli import _assert_user_error, run_cli
 
 import slimllm.exporters.gguf as gguf_exporter
-from slimllm.errors import ExportError, UserInputError
+from slimllm.core.errors import ExportError, UserInputError
 from slimllm.exporters.checkpoint import inspect_checkpoint
 from slimllm.exporters.gguf import VALIDATION_FILE, GgufExportSettings, export_gguf, validate_gguf_files
 from slimllm.exporters.gguf_vocab import BPE_PRE_TOKENIZERS, identify_bpe_pre_tokenizer
 from slimllm.exporters.gguf_writer import GgufType, permute_for_llama_rope, write_gguf
 from slimllm.exporters.llama_cpp_runner import LlamaCppModel
-from slimllm.gguf_metadata import read_gguf_header, read_gguf_tensor
-from slimllm.models import embedded_gguf_path
+from slimllm.models.gguf_metadata import read_gguf_header, read_gguf_tensor
+from slimllm.models.loading import embedded_gguf_path
 
 FAST = {"eval_seq_len": 128, "eval_windows": 2, "tokenizer_lines": 50, "eval_data": str(EVAL_FILE)}
 
@@ -276,8 +276,9 @@ def test_sentencepiece_tokenizer_is_written_as_llama_model(sentencepiece_model_d
 
 
 def test_pruning_metadata_and_inspect(tiny_model_dir, tmp_path):
-    from slimllm.models import load_model
-    from slimllm.pruning.surgery import remove_layers, save_pruned_checkpoint
+    from slimllm.models.checkpoints import save_pruned_checkpoint
+    from slimllm.models.loading import load_model
+    from slimllm.pruning.surgery import remove_layers
 
     loaded = load_model(str(tiny_model_dir("qwen3")), device="cpu")
     pruned, _ = remove_layers(loaded.model, [0, 3])
@@ -417,7 +418,8 @@ def test_gemma3_windowed_layers_after_pruning_match_llama_cpp(tmp_path, smollm2_
     applies the 8-token window to exactly the layers transformers does, at 128 tokens."""
     from conftest import build_tiny_model
 
-    from slimllm.pruning.surgery import remove_layers, save_pruned_checkpoint
+    from slimllm.models.checkpoints import save_pruned_checkpoint
+    from slimllm.pruning.surgery import remove_layers
 
     dense = build_tiny_model("gemma3", num_layers=6, sliding_window=8)
     pruned, _ = remove_layers(dense, [2])

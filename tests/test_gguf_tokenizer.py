@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from slimllm.gguf_tokenizer import leftmost_first, sentencepiece_tokenizer_from_gguf, tie_cycles
+from slimllm.models.gguf_tokenizer import leftmost_first, sentencepiece_tokenizer_from_gguf, tie_cycles
 
 SPACE = "\u2581"
 # (token, score). "ab", "bc" and "cd" tie; by token id "bc" would be merged before "ab" wherever both could merge.
@@ -52,7 +52,7 @@ def _write_vocab_gguf(path: Path, normal: list[tuple[str, float]]) -> Path:
 def test_tied_merges_tokenize_as_llama_cpp(tmp_path, text):
     from llama_cpp import Llama
 
-    from slimllm.models import set_special_token_insertion
+    from slimllm.models.loading import set_special_token_insertion
 
     path = _write_vocab_gguf(tmp_path / "ties.gguf", NORMAL)
     tokenizer = sentencepiece_tokenizer_from_gguf(path)

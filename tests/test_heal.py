@@ -8,15 +8,15 @@ import json
 import pytest
 import torch
 
-from slimllm.healing import (
+from slimllm.pruning.surgery import remove_layers
+from slimllm.recovery.healing import (
     HealScope,
     HealSettings,
     add_lora_adapters,
     heal_model,
     merge_lora_adapters,
 )
-from slimllm.pruning.surgery import remove_layers
-from slimllm.pruning.training import distillation_kl
+from slimllm.recovery.training import distillation_kl
 
 
 def _blocks(n: int = 8, length: int = 32) -> torch.Tensor:
@@ -25,7 +25,7 @@ def _blocks(n: int = 8, length: int = 32) -> torch.Tensor:
 
 @pytest.fixture
 def teacher_and_student(tiny_model_dir):
-    from slimllm.models import load_model
+    from slimllm.models.loading import load_model
 
     teacher = load_model(str(tiny_model_dir("llama")), device="cpu", for_training=True).model
     student, _ = remove_layers(copy.deepcopy(teacher), [2, 3])
@@ -106,8 +106,8 @@ def test_resume_reaches_the_weights_of_an_uninterrupted_run(teacher_and_student,
 def test_weights_loaded_in_bf16_keep_fp32_master_copies_that_change(tiny_model_dir):
     """--dtype bf16 on CPU: the trainer computes under bf16 autocast but updates fp32 master weights, so updates far
     below bf16's resolution (2^-8 relative) still land; stored in bf16 they would round away."""
-    from slimllm.device import autocast_dtype
-    from slimllm.models import load_model
+    from slimllm.core.device import autocast_dtype
+    from slimllm.models.loading import load_model
 
     loaded = load_model(str(tiny_model_dir("llama")), device="cpu", dtype="bf16", for_training=True)
     model = loaded.model
@@ -129,7 +129,7 @@ def test_weights_loaded_in_bf16_keep_fp32_master_copies_that_change(tiny_model_d
 def test_cuda_bf16_healing_changes_fp32_master_weights(tiny_model_dir):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU: bf16 autocast over fp32 master weights is the CUDA training path")
-    from slimllm.models import load_model
+    from slimllm.models.loading import load_model
 
     loaded = load_model(str(tiny_model_dir("llama")), device="cuda", for_training=True)
     start = loaded.model.model.layers[0].mlp.down_proj.weight.detach().clone()
@@ -140,9 +140,9 @@ def test_cuda_bf16_healing_changes_fp32_master_weights(tiny_model_dir):
 
 
 def test_fp16_compute_scales_the_loss_and_bf16_does_not(tiny_model_dir):
-    from slimllm.device import set_compute_dtype
-    from slimllm.models import load_model
-    from slimllm.pruning.training import MixedPrecisionStepper
+    from slimllm.core.device import set_compute_dtype
+    from slimllm.models.loading import load_model
+    from slimllm.recovery.training import MixedPrecisionStepper
 
     model = load_model(str(tiny_model_dir("llama")), device="cpu", for_training=True).model
     optimizer = torch.optim.AdamW(model.parameters())
@@ -153,7 +153,7 @@ def test_fp16_compute_scales_the_loss_and_bf16_does_not(tiny_model_dir):
 
 
 def test_settings_refuse_an_empty_budget():
-    from slimllm.errors import UserInputError
+    from slimllm.core.errors import UserInputError
 
     with pytest.raises(UserInputError, match="--tokens"):
         HealSettings(tokens=0)
@@ -179,10 +179,10 @@ def test_resume_is_keyed_by_the_checkpoints_content_not_its_path(pruned_dir, tin
     into it. `slimllm heal --resume` refuses it; compile (restart_stale) starts healing again."""
     import shutil
 
-    from slimllm.errors import UserInputError
-    from slimllm.healing import run_heal
+    from slimllm.core.errors import UserInputError
     from slimllm.pruning.settings import PruneSettings
     from slimllm.pruning.stage import run_prune
+    from slimllm.recovery.healing import run_heal
 
     checkpoint = tmp_path / "pruned"
     shutil.copytree(pruned_dir, checkpoint)

@@ -16,8 +16,9 @@ REMOVED = [3, 12, 13, 14, 15, 17, 25, 26]
 
 @pytest.fixture(scope="module")
 def smollm2_pruned(smollm2_dir, tmp_path_factory):
-    from slimllm.models import load_model
-    from slimllm.pruning.surgery import remove_layers, save_pruned_checkpoint
+    from slimllm.models.checkpoints import save_pruned_checkpoint
+    from slimllm.models.loading import load_model
+    from slimllm.pruning.surgery import remove_layers
 
     loaded = load_model(str(smollm2_dir), device="cpu")
     pruned, report = remove_layers(loaded.model, REMOVED, inplace=True)

@@ -8,10 +8,11 @@ import pytest
 from conftest import REPO_ROOT, build_tiny_model
 from test_cli import _assert_user_error, run_cli
 
-from slimllm.architectures import decoder_layers
-from slimllm.errors import UserInputError
-from slimllm.memory import PeakMemory
-from slimllm.memory_plan import (
+from slimllm.core.errors import UserInputError
+from slimllm.core.memory import PeakMemory
+from slimllm.models.architectures import decoder_layers
+from slimllm.pipeline.compiler import resolve_compile_settings
+from slimllm.pipeline.plan import (
     GIB,
     LIBRARY_PAGES_BYTES,
     MachineMemory,
@@ -19,7 +20,6 @@ from slimllm.memory_plan import (
     check_fits,
     plan_compile,
 )
-from slimllm.pipeline import resolve_compile_settings
 
 
 def _settings(method="shortgpt", **compile_overrides):

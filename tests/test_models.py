@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from slimllm.errors import UserInputError
-from slimllm.models import (
+from slimllm.core.errors import UserInputError
+from slimllm.models.loading import (
     SourceKind,
     embedded_gguf_path,
     gguf_add_special_tokens,

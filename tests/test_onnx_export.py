@@ -10,7 +10,7 @@ from conftest import TINY_ARCHITECTURES
 from test_cli import _assert_user_error, run_cli
 
 import slimllm.exporters.onnx as onnx_exporter
-from slimllm.errors import UserInputError
+from slimllm.core.errors import UserInputError
 from slimllm.exporters.onnx import (
     EXPORT_RECORD_FILE,
     VALIDATION_FILE,
@@ -44,8 +44,9 @@ def test_optimum_export_matches_pytorch(tiny_model_dir, tmp_path, arch_name, tie
 
 
 def test_pruned_checkpoint_exports_with_its_layer_count(tiny_model_dir, tmp_path):
-    from slimllm.models import load_model
-    from slimllm.pruning.surgery import remove_layers, save_pruned_checkpoint
+    from slimllm.models.checkpoints import save_pruned_checkpoint
+    from slimllm.models.loading import load_model
+    from slimllm.pruning.surgery import remove_layers
 
     loaded = load_model(str(tiny_model_dir("qwen2")), device="cpu")
     pruned, report = remove_layers(loaded.model, [1, 4])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT
 
-from slimllm.recipes import build_settings, load_recipe, recipe_sections
+from slimllm.pipeline.recipes import build_settings, load_recipe, recipe_sections
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_wheel_runs_from_a_fresh_environment_without_the_source_tree(wheel, tmp_
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
     check = (
-        "import slimllm, slimllm.exporters.gguf, sys; from slimllm.profiles import load_profile; "
+        "import slimllm, slimllm.exporters.gguf, sys; from slimllm.latency.profiles import load_profile; "
         "assert 'site-packages' in slimllm.__file__ or 'venv' in slimllm.__file__, slimllm.__file__; "
         "print(load_profile('cpu-x86').name, slimllm.__file__)"
     )

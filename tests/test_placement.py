@@ -15,10 +15,8 @@ from conftest import CALIB_FILE, EVAL_FILE
 from safetensors.torch import load_file
 from test_cli import _assert_user_error, run_cli
 
-from slimllm.errors import UserInputError
-from slimllm.memory_plan import MachineMemory, StagePlan, check_fits
-from slimllm.models import load_model
-from slimllm.placement import (
+from slimllm.core.errors import UserInputError
+from slimllm.core.placement import (
     DeviceMap,
     Placement,
     device_map_of,
@@ -28,6 +26,8 @@ from slimllm.placement import (
     parse_max_memory,
     parse_size,
 )
+from slimllm.models.loading import load_model
+from slimllm.pipeline.plan import MachineMemory, StagePlan, check_fits
 from slimllm.pruning.stage import PruneSettings, run_prune
 from slimllm.pruning.trsp import TrspSettings
 
@@ -98,7 +98,7 @@ def test_block_by_block_scoring_reads_each_offloaded_layer_once(tiny_model_dir, 
     them (not once per minibatch), then dropped again, and the stream is what the whole model computes."""
     from accelerate.utils.offload import OffloadedWeightsLoader
 
-    from slimllm.pruning.layer_io import stream_layers
+    from slimllm.models.layer_io import stream_layers
 
     directory = tiny_model_dir("llama")
     reads: dict[str, int] = {}
@@ -168,7 +168,7 @@ def test_what_an_offloaded_model_cannot_do_is_refused_before_any_work(tiny_model
 
 def test_a_spread_model_with_every_layer_resident_repairs_and_heals_with_lora(tiny_model_dir, tmp_path,
                                                                                 offload_root):
-    from slimllm.healing import HealSettings, run_heal
+    from slimllm.recovery.healing import HealSettings, run_heal
 
     directory = tiny_model_dir("llama")
     settings = PruneSettings(method="shortgpt", remove=2, calib=str(CALIB_FILE), calib_blocks=4, block_len=64)
@@ -220,7 +220,7 @@ def _stage(device_gib: float, stage: str = "evaluate") -> StagePlan:
 
 
 def test_plan_offers_a_device_map_where_the_gpus_together_fit():
-    from slimllm.memory_plan import Workload
+    from slimllm.pipeline.plan import Workload
 
     work = Workload(removed_layers=2, ffn_kept=1.0, selection_tokens=0, calib_batch=1, block_len=512, calib_blocks=8,
                     train_tokens=0, train_scope="none", repair=False, heal_tokens=0, heal_scope=None, heal_batch=0,
@@ -245,8 +245,8 @@ def test_plan_holds_a_spread_models_weights_to_the_host_budget():
     model, in the stages that spread (pruning without repair, evaluation); the exports still hold the pruned model."""
     from transformers import LlamaConfig
 
-    from slimllm.memory_plan import SAVE_SHARD_BYTES, ModelFootprint, plan_compile
-    from slimllm.pipeline import resolve_compile_settings
+    from slimllm.pipeline.compiler import resolve_compile_settings
+    from slimllm.pipeline.plan import SAVE_SHARD_BYTES, ModelFootprint, plan_compile
 
     config = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, dtype="bfloat16")
@@ -308,9 +308,9 @@ def test_compile_with_a_device_map_prunes_and_evaluates_the_offloaded_model(tiny
     assert "disk" in record["device_map"].values()
     evaluation = json.loads((tmp_path / "run" / "evaluation.json").read_text())
     whole = load_model(str(directory), device="cpu")
-    from slimllm.compile_stages.evaluate import DENSE_LABEL
-    from slimllm.evaluate import torch_logits_fn
+    from slimllm.evaluation.perplexity import torch_logits_fn
     from slimllm.exporters.parity import eval_windows, perplexity
+    from slimllm.pipeline.stages.evaluate import DENSE_LABEL
 
     windows, _ = eval_windows(whole.tokenizer, str(EVAL_FILE), 64, 2)
     assert evaluation["perplexity"][DENSE_LABEL] == pytest.approx(perplexity(torch_logits_fn(whole.model), windows),

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from slimllm.errors import UserInputError
-from slimllm.flops import ModelShape, ideal_speedup
-from slimllm.profiler import ModelArtifacts, run_profile
-from slimllm.profiles import BackendSpec, TargetProfile, available_profiles, load_profile
+from slimllm.core.errors import UserInputError
+from slimllm.latency.profiler import ModelArtifacts, run_profile
+from slimllm.latency.profiles import BackendSpec, TargetProfile, available_profiles, load_profile
+from slimllm.models.flops import ModelShape, ideal_speedup
 
 # Hand-computed: per layer 8*4*(2*2 + 2*1) + 3*8*16 = 576 weights; LM head 2*10*8 = 160 FLOPs per position.
 DENSE = ModelShape(layers=4, hidden=8, intermediate=16, heads=2, kv_heads=1, head_dim=4, vocab=10)
@@ -49,7 +49,7 @@ def test_blocks_without_attention_and_narrower_ffns_by_hand():
 def test_shape_reads_blocks_without_attention_from_the_config(tmp_path):
     from conftest import build_tiny_model
 
-    from slimllm.attention_free import remove_attention
+    from slimllm.models.attention_free import remove_attention
 
     slim = remove_attention(build_tiny_model("llama", num_layers=4), [2, 3])
     assert ModelShape.from_config(slim.config).attention_free == 2
@@ -108,8 +108,9 @@ def test_backend_that_cannot_run_here_is_a_clear_error(tiny_model_dir, tmp_path)
 
 @pytest.fixture(scope="module")
 def pruned_tiny(tiny_model_dir, tmp_path_factory):
-    from slimllm.models import load_model
-    from slimllm.pruning.surgery import remove_layers, save_pruned_checkpoint
+    from slimllm.models.checkpoints import save_pruned_checkpoint
+    from slimllm.models.loading import load_model
+    from slimllm.pruning.surgery import remove_layers
 
     loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
     pruned, _ = remove_layers(loaded.model, [1, 3])
@@ -172,10 +173,11 @@ def _onnx_only_profile() -> TargetProfile:
 @pytest.mark.slow
 def test_exports_left_by_a_profile_of_another_model_are_not_reused(tiny_model_dir, pruned_tiny, tmp_path):
     """A second profile into the same directory with another pruned model measures that model, not the first."""
-    from slimllm.artifacts import sha256_tree
+    from slimllm.core.artifacts import sha256_tree
     from slimllm.exporters.records import read_export_record
-    from slimllm.models import load_model
-    from slimllm.pruning.surgery import remove_layers, save_pruned_checkpoint
+    from slimllm.models.checkpoints import save_pruned_checkpoint
+    from slimllm.models.loading import load_model
+    from slimllm.pruning.surgery import remove_layers
 
     out = tmp_path / "latency"
     dense = tiny_model_dir("llama")
@@ -194,7 +196,7 @@ def test_exports_left_by_a_profile_of_another_model_are_not_reused(tiny_model_di
 @pytest.mark.slow
 def test_a_failed_backend_leaves_a_partial_report_that_names_it(tiny_model_dir, pruned_tiny, tmp_path):
     """One backend failing (here a corrupt ONNX file) does not hide the others, and the report says what failed."""
-    from slimllm.profiler import ProfileIncompleteError
+    from slimllm.latency.profiler import ProfileIncompleteError
 
     corrupt = tmp_path / "corrupt-onnx"
     corrupt.mkdir()
@@ -213,7 +215,7 @@ def test_a_failed_backend_leaves_a_partial_report_that_names_it(tiny_model_dir, 
 
 @pytest.mark.slow
 def test_interrupt_leaves_a_partial_report(tiny_model_dir, pruned_tiny, tmp_path, monkeypatch):
-    import slimllm.profiler as profiler
+    import slimllm.latency.profiler as profiler
 
     calls = {"n": 0}
     real_measure = profiler._Worker.measure
@@ -244,12 +246,12 @@ def test_torch_backend_loads_blocks_without_attention_in_a_fresh_process(tmp_pat
 
     from conftest import build_tiny_model
 
-    from slimllm.attention_free import remove_attention
+    from slimllm.models.attention_free import remove_attention
 
     remove_attention(build_tiny_model("llama", num_layers=4), [2]).save_pretrained(tmp_path / "m")
     code = (
-        "import sys; from pathlib import Path; from slimllm.backends import TorchRunner; "
-        "from slimllm.profiles import BackendSpec; "
+        "import sys; from pathlib import Path; from slimllm.latency.backends import TorchRunner; "
+        "from slimllm.latency.profiles import BackendSpec; "
         "runner = TorchRunner(BackendSpec(kind='torch'), Path(sys.argv[1]), 1); "
         "print(runner.prefill([5, 6, 7, 8]) > 0)"
     )

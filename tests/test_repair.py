@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from slimllm.architectures import decoder_layers
-from slimllm.errors import UserInputError
-from slimllm.pruning.repair import (
+from slimllm.core.errors import UserInputError
+from slimllm.models.architectures import decoder_layers
+from slimllm.recovery.repair import (
     RepairMethod,
     _Moments,
     comp_repair,
@@ -24,7 +24,7 @@ from slimllm.pruning.repair import (
 
 @pytest.fixture
 def tiny(tiny_model_dir):
-    from slimllm.models import load_model
+    from slimllm.models.loading import load_model
 
     return load_model(str(tiny_model_dir("llama")), device="cpu")
 
@@ -164,7 +164,7 @@ def test_comp_before_any_removal_keeps_the_logits_up_to_the_norm_eps(tiny):
 def test_comp_scale_is_the_mean_channel_magnitude_ratio_across_the_removed_layer(tiny):
     """α for the first removed layer matches a direct trace: mean over channels of mean|x_3| / mean|x_2|; the
     recorded error at α is ‖α·x_2 − x_3‖ / ‖x_3‖."""
-    from slimllm.pruning.layer_io import trace_decoder
+    from slimllm.models.layer_io import trace_decoder
 
     blocks = _blocks()
     trace = trace_decoder(tiny.model, blocks)
@@ -228,7 +228,7 @@ def test_prune_with_comp_saves_an_untied_checkpoint_that_reloads(tiny_model_dir,
 def test_repair_after_trsp_stage2_is_refused_before_any_work(tiny_model_dir):
     """Stage 2 trains the kept layers to do without the removed ones; fitting the removed layers' outputs afterwards
     would undo it. TRSP with --stage2 none (gates-only stage 1) may be repaired."""
-    from slimllm.models import load_model
+    from slimllm.models.loading import load_model
     from slimllm.pruning.settings import PruneSettings
     from slimllm.pruning.stage import prune_in_memory
     from slimllm.pruning.trsp import TrspSettings

@@ -80,7 +80,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_import_graph_has_no_cycles():
     graph = _import_graph()
-    assert "slimllm.pipeline" in graph and "slimllm.exporters.onnx" in graph  # the walk sees both trees
+    assert "slimllm.pipeline.compiler" in graph and "slimllm.exporters.onnx" in graph  # the walk sees both trees
     assert _cycles(graph) == []
 
 
@@ -88,17 +88,58 @@ def test_a_cycle_would_be_found():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-def test_exporters_and_pipeline_import_no_cli():
-    graph = _import_graph()
+PIPELINE_STEPS = ["pruning", "recovery", "exporters", "evaluation", "latency"]
+"""The pipeline's steps as packages, in the order a model goes through them."""
+FOUNDATIONS = {"core": set(), "models": {"core"}}
+"""Packages beneath every step, and the only packages each of them may import."""
+TOP_LEVEL = {"__init__.py", "__main__.py", "cli", "pipeline", *FOUNDATIONS, *PIPELINE_STEPS} - {"exporters"}
+
+
+def _package(module: str) -> str:
+    """`slimllm.recovery.healing` -> `recovery`; `slimllm.exporters.onnx` -> `exporters`."""
+    return module.split(".")[1]
+
+
+def _package_edges(graph: dict[str, set[str]]) -> dict[tuple[str, str], list[str]]:
+    edges: dict[tuple[str, str], list[str]] = {}
     for module, imported in graph.items():
-        if module.startswith(("slimllm.exporters", "slimllm.pipeline", "slimllm.compile_stages", "slimllm.pruning")):
-            assert not {name for name in imported if name.startswith("slimllm.cli")}, module
-        if module.startswith("slimllm.exporters"):
-            assert not {name for name in imported if name.startswith(("slimllm.pipeline", "slimllm.compile"))}
+        for name in imported:
+            if _package(module) != _package(name):
+                edges.setdefault((_package(module), _package(name)), []).append(f"{module} -> {name}")
+    return edges
+
+
+def test_the_top_level_reads_as_the_pipeline():
+    entries = {p.name for p in (REPO_ROOT / "slimllm").iterdir() if p.name != "__pycache__"}
+    assert entries == TOP_LEVEL
+
+
+def test_no_two_way_dependency_between_packages():
+    """Imports inside functions count: a step that reaches back into another step at run time is still tied to it."""
+    edges = _package_edges(_import_graph())
+    two_way = {pair: edges[pair] + edges[pair[::-1]] for pair in edges if pair[::-1] in edges and pair[0] < pair[1]}
+    assert two_way == {}
+
+
+def test_a_two_way_dependency_would_be_found():
+    graph = {"slimllm.pruning.a": {"slimllm.recovery.b"}, "slimllm.recovery.b": {"slimllm.pruning.c"}}
+    edges = _package_edges(graph)
+    assert ("pruning", "recovery") in edges and ("recovery", "pruning") in edges
+
+
+def test_foundations_import_no_pipeline_step_and_nothing_imports_the_cli():
+    edges = _package_edges(_import_graph())
+    for (importer, imported), why in edges.items():
+        if importer in FOUNDATIONS:
+            assert imported in FOUNDATIONS[importer], why
+        if importer in {*PIPELINE_STEPS, *FOUNDATIONS, "pipeline"}:
+            assert imported != "cli", why
+        if importer in PIPELINE_STEPS:
+            assert imported != "pipeline", why
 
 
 def test_importing_the_pipeline_loads_no_cli_module():
-    code = "import sys, slimllm.pipeline; print(sorted(m for m in sys.modules if m.startswith('slimllm.cli')))"
+    code = "import sys, slimllm.pipeline.compiler; print(sorted(m for m in sys.modules if m.startswith('slimllm.cli')))"
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert completed.stdout.strip() == "[]"
 
@@ -119,9 +160,9 @@ def test_method_registry_drives_choices_recipes_and_benchmark_rows():
     import quality
 
     from slimllm.cli.prune_command import FLAGS
+    from slimllm.pipeline.recipes import recipe_sections
     from slimllm.pruning.methods import PruneMethod
     from slimllm.pruning.registry import all_methods, method_settings_sections
-    from slimllm.recipes import recipe_sections
 
     names = list(all_methods())
     assert names == ["trsp", "2ssp", "dress", "shortgpt", "angular", "sleb", "last", "random"]
@@ -139,8 +180,8 @@ def test_every_settings_field_is_a_flag_and_a_recipe_key_with_help():
     from slimllm.cli.eval_command import FLAGS as EVAL_FLAGS
     from slimllm.cli.export_command import GGUF_FLAGS, ONNX_FLAGS
     from slimllm.cli.prune_command import FLAGS as PRUNE_FLAGS
-    from slimllm.recipes import recipe_sections
-    from slimllm.settings import field_docs
+    from slimllm.core.settings import field_docs
+    from slimllm.pipeline.recipes import recipe_sections
 
     sections = recipe_sections()
     for flags, section in ((PRUNE_FLAGS, "prune"), (PRUNE_FLAGS, "trsp"), (ONNX_FLAGS, "onnx"), (EVAL_FLAGS, "eval")):
@@ -160,8 +201,8 @@ def test_benchmark_rows_do_not_depend_on_their_order(tiny_model_dir, text_file):
     sys.path.insert(0, str(REPO_ROOT / "bench"))
     import quality
 
-    from slimllm.data import load_calibration
-    from slimllm.models import load_model
+    from slimllm.core.data import load_calibration
+    from slimllm.models.loading import load_model
     from slimllm.pruning.stage import PruneSettings
     from slimllm.pruning.trsp import TrspSettings
 

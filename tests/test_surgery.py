@@ -8,10 +8,11 @@ import pytest
 import torch
 from conftest import TINY_ARCHITECTURES, build_tiny_model
 
-from slimllm.architectures import decoder_layers
-from slimllm.errors import UserInputError
-from slimllm.pruning.layer_io import layer_output_tensor, lm_logits, trace_decoder
-from slimllm.pruning.surgery import PRUNING_RECORD_FILE, remove_layers, save_pruned_checkpoint
+from slimllm.core.errors import UserInputError
+from slimllm.models.architectures import decoder_layers
+from slimllm.models.checkpoints import PRUNING_RECORD_FILE, save_pruned_checkpoint
+from slimllm.models.layer_io import layer_output_tensor, lm_logits, trace_decoder
+from slimllm.pruning.surgery import remove_layers
 
 REMOVED = [1, 3, 4]
 IDS = torch.tensor([[11, 250, 3000, 17, 42, 9, 1200, 5]])

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import build_tiny_model
 
-import slimllm.pruning.training as training
-from slimllm.pruning.training import TrainingDivergedError
+import slimllm.recovery.training as training
+from slimllm.recovery.training import TrainingDivergedError
 
 
 def _blocks() -> torch.Tensor:
@@ -18,7 +18,7 @@ def _blocks() -> torch.Tensor:
 
 
 def _heal(model, teacher):
-    from slimllm.healing import HealSettings, heal_model
+    from slimllm.recovery.healing import HealSettings, heal_model
 
     heal_model(model, _blocks(), HealSettings(tokens=4 * 2 * 16, block_len=16, batch_size=2, distill=1.0), teacher)
 

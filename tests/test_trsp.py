@@ -7,13 +7,14 @@ import torch
 from conftest import IDENTITY_LAYER, TINY_ARCHITECTURES, build_tiny_model
 from test_cli import _assert_user_error, run_cli
 
-from slimllm.architectures import decoder_layers
-from slimllm.errors import UserInputError
+from slimllm.core.errors import UserInputError
+from slimllm.models.architectures import decoder_layers
+from slimllm.models.checkpoints import PRUNING_RECORD_FILE
+from slimllm.pipeline.recipes import build_settings, load_recipe
 from slimllm.pruning.gates import GateMode, attach_gates, detach_gates
-from slimllm.pruning.surgery import PRUNING_RECORD_FILE, remove_layers
-from slimllm.pruning.training import distillation_kl, fine_tune, frozen_teacher
+from slimllm.pruning.surgery import remove_layers
 from slimllm.pruning.trsp import Stage2Mode, TrspSettings, run_trsp
-from slimllm.recipes import build_settings, load_recipe
+from slimllm.recovery.training import distillation_kl, fine_tune, frozen_teacher
 
 IDS = torch.tensor([[7, 300, 25, 4000, 12, 9, 77, 1500]])
 
@@ -69,7 +70,7 @@ def test_gates_stay_fp32_with_a_bf16_model():
 def test_gates_stay_fp32_under_cuda_autocast():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU: bf16 autocast is only used on CUDA")
-    from slimllm.device import autocast
+    from slimllm.core.device import autocast
 
     model = build_tiny_model("llama", num_layers=3).cuda()
     gates = attach_gates(model)
@@ -304,8 +305,8 @@ def test_resume_with_other_settings_or_data_is_refused(tmp_path, change):
 
 def test_training_keeps_fp32_master_weights_and_computes_in_the_requested_dtype(tiny_model_dir):
     """--dtype bf16 for TRSP: weights stay fp32 (updates do not round away), the forward runs under bf16 autocast."""
-    from slimllm.device import autocast_dtype, model_autocast
-    from slimllm.models import load_model
+    from slimllm.core.device import autocast_dtype, model_autocast
+    from slimllm.models.loading import load_model
 
     loaded = load_model(str(tiny_model_dir("llama")), device="cpu", dtype="bf16", for_training=True)
     model = loaded.model
@@ -322,8 +323,8 @@ def test_training_keeps_fp32_master_weights_and_computes_in_the_requested_dtype(
 
 
 def test_inference_in_fp32_runs_without_autocast(tiny_model_dir):
-    from slimllm.device import autocast_dtype, model_autocast
-    from slimllm.models import load_model
+    from slimllm.core.device import autocast_dtype, model_autocast
+    from slimllm.models.loading import load_model
 
     loaded = load_model(str(tiny_model_dir("llama")), device="cpu", dtype="fp32")
     assert autocast_dtype(loaded.model) is None
@@ -342,8 +343,8 @@ def test_training_refuses_half_precision_weights():
 def test_cuda_bf16_training_changes_fp32_weights_and_eval_fp32_uses_no_autocast(tiny_model_dir):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU: bf16 autocast over fp32 master weights is the CUDA training path")
-    from slimllm.device import model_autocast
-    from slimllm.models import load_model
+    from slimllm.core.device import model_autocast
+    from slimllm.models.loading import load_model
 
     loaded = load_model(str(tiny_model_dir("llama")), device="cuda", for_training=True)
     model = loaded.model

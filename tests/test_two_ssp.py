@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import TINY_ARCHITECTURES, build_tiny_model
 
-from slimllm.architectures import decoder_layers
-from slimllm.errors import UserInputError
-from slimllm.pruning.layer_io import attention_skipped
+from slimllm.core.errors import UserInputError
+from slimllm.models.architectures import decoder_layers
+from slimllm.models.layer_io import attention_skipped
 from slimllm.pruning.two_ssp import (
     BlockParameters,
     TwoSspStage,

@@ -14,7 +14,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
-from slimllm.errors import (
+from slimllm.core.errors import (
     EXIT_FAILURE,
     EXIT_USER_ERROR,
     MissingDependencyError,
@@ -66,7 +66,7 @@ OffloadFolderOpt = Annotated[
 
 def placement_of(fixed: dict):
     """The `Placement` the --device-map, --max-memory, --offload-folder and --device flags ask for."""
-    from slimllm.placement import Placement
+    from slimllm.core.placement import Placement
 
     return Placement.parse(fixed.get("device_map"), fixed.get("max_memory"), fixed.get("offload_folder"),
                            fixed.get("device", "auto"))
@@ -95,7 +95,7 @@ def _root(
 
 
 def pick_model(positional: str | None, option: str | None) -> str:
-    from slimllm.models import DEFAULT_MODEL
+    from slimllm.models.loading import DEFAULT_MODEL
 
     if positional and option and positional != option:
         raise UserInputError(f"two different models given ({positional!r} and --model {option!r}); pass one")

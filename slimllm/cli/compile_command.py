@@ -20,12 +20,12 @@ from slimllm.cli.app import (
     run_command,
 )
 from slimllm.cli.options import common_parameters, settings_command, settings_flags
-from slimllm.compile_settings import COMPILE_GGUF_TYPES, CompileSettings
-from slimllm.errors import UserInputError
+from slimllm.core.errors import UserInputError
 from slimllm.exporters.gguf import GgufExportSettings
 from slimllm.exporters.onnx import OnnxExportSettings
-from slimllm.healing import HealSettings
+from slimllm.pipeline.settings import COMPILE_GGUF_TYPES, CompileSettings
 from slimllm.pruning.stage import PruneSettings
+from slimllm.recovery.healing import HealSettings
 
 HEAL_FLAGS = ("tokens", "scope", "lr", "distill", "calib")
 """The [heal] settings compile takes as flags, each as --heal-<name>."""
@@ -78,7 +78,7 @@ def split_compile_flags(given: dict[str, dict[str, Any]]) -> tuple[dict, dict, d
 
 def _compile(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
     def action() -> None:
-        from slimllm.pipeline import compile as compile_pipeline
+        from slimllm.pipeline.compiler import compile as compile_pipeline
 
         if fixed["out"] is None:
             raise UserInputError("--out is required: the directory of the compile run")

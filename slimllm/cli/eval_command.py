@@ -25,7 +25,7 @@ from slimllm.cli.app import (
     run_command,
 )
 from slimllm.cli.options import fixed_option, flag_names, placement_parameters, settings_command, settings_flags
-from slimllm.evaluate import EvalSettings
+from slimllm.evaluation.perplexity import EvalSettings
 
 FLAGS = settings_flags(EvalSettings, "eval")
 
@@ -48,10 +48,10 @@ FIXED = [
 
 def _eval(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
     def action() -> None:
-        from slimllm.artifacts import atomic_write_json
-        from slimllm.eval_backends import open_backend
-        from slimllm.recipes import load_recipe
-        from slimllm.settings import build_settings
+        from slimllm.core.artifacts import atomic_write_json
+        from slimllm.core.settings import build_settings
+        from slimllm.exporters.scorers import open_backend
+        from slimllm.pipeline.recipes import load_recipe
 
         sections = load_recipe(fixed["recipe"]) if fixed["recipe"] is not None else {}
         settings = build_settings(
@@ -80,7 +80,7 @@ def _eval(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
 
 
 def _perplexity(scorer, settings: EvalSettings, bar) -> tuple[dict, list[str]]:
-    from slimllm.evaluate import perplexity_on_text
+    from slimllm.evaluation.perplexity import perplexity_on_text
 
     result = perplexity_on_text(scorer.logits_fn, scorer.tokenizer, settings, progress=bar)
     line = (
@@ -91,9 +91,9 @@ def _perplexity(scorer, settings: EvalSettings, bar) -> tuple[dict, list[str]]:
 
 
 def _divergence(scorer, settings: EvalSettings, fixed: dict[str, Any], bar) -> tuple[dict, list[str]]:
-    from slimllm.divergence import divergence_statistics
-    from slimllm.eval_backends import open_backend
-    from slimllm.evaluate import text_windows
+    from slimllm.evaluation.divergence import divergence_statistics
+    from slimllm.evaluation.perplexity import text_windows
+    from slimllm.exporters.scorers import open_backend
 
     windows, corpus = text_windows(scorer.tokenizer, settings)
     with open_backend(settings.kl_reference, "auto", fixed["device"], fixed["dtype"],
@@ -115,8 +115,8 @@ def _divergence(scorer, settings: EvalSettings, fixed: dict[str, Any], bar) -> t
 
 
 def _accuracy(scorer, settings: EvalSettings, bar) -> tuple[dict, list[str]]:
-    from slimllm.accuracy import evaluate_tasks
-    from slimllm.tasks import read_task
+    from slimllm.evaluation.accuracy import evaluate_tasks
+    from slimllm.evaluation.tasks import read_task
 
     tasks = read_task(settings.task, settings.task_file)
     result = evaluate_tasks(

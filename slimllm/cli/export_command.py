@@ -13,14 +13,14 @@ import typer
 
 from slimllm.cli.app import app, emit, pick_model, run_command
 from slimllm.cli.options import common_parameters, fixed_option, flag_names, settings_command, settings_flags
-from slimllm.errors import UserInputError
+from slimllm.core.errors import UserInputError
 from slimllm.exporters.gguf import GgufExportSettings
 from slimllm.exporters.onnx import OnnxExportSettings
 
 
 def _shared_defaults() -> dict[str, str]:
     """Shown defaults of the flags both targets take, where the two classes' defaults differ."""
-    from slimllm.settings import field_default
+    from slimllm.core.settings import field_default
 
     shown = {}
     for field in ("eval_seq_len", "eval_windows", "generate_tokens"):
@@ -51,8 +51,8 @@ FIXED.insert(2, fixed_option("target", Annotated[str | None, typer.Option("--tar
 
 def export_settings(target: str, recipe: Path | None, given: dict[str, dict[str, Any]]):
     """The settings of one export: class defaults < recipe section < flags given for that target."""
-    from slimllm.recipes import load_recipe
-    from slimllm.settings import build_settings
+    from slimllm.core.settings import build_settings
+    from slimllm.pipeline.recipes import load_recipe
 
     other = "gguf" if target == "onnx" else "onnx"
     own = dict(given.get(target, {}))
@@ -71,7 +71,7 @@ def export_settings(target: str, recipe: Path | None, given: dict[str, dict[str,
 
 def _export(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
     def action() -> None:
-        from slimllm.models import checkpoint_directory
+        from slimllm.models.loading import checkpoint_directory
 
         target = fixed["target"]
         if target not in ("onnx", "gguf"):

@@ -9,8 +9,8 @@ from typing import Any
 
 from slimllm.cli.app import ProgressBar, app, emit, pick_model, placement_of, run_command
 from slimllm.cli.options import common_parameters, flag_names, settings_command, settings_flags
-from slimllm.errors import UserInputError
-from slimllm.healing import HealSettings
+from slimllm.core.errors import UserInputError
+from slimllm.recovery.healing import HealSettings
 
 FLAGS = settings_flags(HealSettings, "heal")
 
@@ -29,8 +29,8 @@ RESUME_HINT = "rerun the same command with --resume to continue from the last sa
 
 def heal_settings(recipe, given: dict[str, dict[str, Any]]) -> HealSettings:
     """Class defaults < the recipe's [heal] table < flags given."""
-    from slimllm.recipes import load_recipe
-    from slimllm.settings import build_settings
+    from slimllm.core.settings import build_settings
+    from slimllm.pipeline.recipes import load_recipe
 
     sections = load_recipe(recipe) if recipe is not None else {}
     return build_settings(HealSettings, sections.get("heal"), given.get("heal", {}), "[heal]",
@@ -39,7 +39,7 @@ def heal_settings(recipe, given: dict[str, dict[str, Any]]) -> HealSettings:
 
 def _heal(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
     def action() -> None:
-        from slimllm.healing import run_heal
+        from slimllm.recovery.healing import run_heal
 
         if fixed["out"] is None:
             raise UserInputError("--out is required: the directory to write the healed checkpoint to")

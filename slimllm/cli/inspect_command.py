@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from slimllm.cli.app import DebugOpt, JsonOpt, app, emit, run_command
-from slimllm.errors import ValidationError
+from slimllm.core.errors import ValidationError
 
 ArtifactArg = Annotated[Path, typer.Argument(help="A .gguf file, an ONNX export directory or a checkpoint directory.")]
 

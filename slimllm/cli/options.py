@@ -23,7 +23,7 @@ from typing import Annotated, Any
 
 import typer
 
-from slimllm.settings import field_default, field_docs
+from slimllm.core.settings import field_default, field_docs
 
 
 @dataclass(frozen=True)

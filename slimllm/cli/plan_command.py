@@ -42,10 +42,10 @@ def _fixed() -> list[inspect.Parameter]:
 
 def _plan(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
     def action() -> None:
-        from slimllm.device import resolve_device
-        from slimllm.memory_plan import GIB, plan_compile
-        from slimllm.models import model_config
-        from slimllm.pipeline import resolve_compile_settings
+        from slimllm.core.device import resolve_device
+        from slimllm.models.loading import model_config
+        from slimllm.pipeline.compiler import resolve_compile_settings
+        from slimllm.pipeline.plan import GIB, plan_compile
 
         compile_flags, prune_flags, overrides = split_compile_flags(given)
         settings = resolve_compile_settings(

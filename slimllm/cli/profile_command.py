@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from slimllm.cli.app import DebugOpt, JsonOpt, ProgressBar, app, emit, run_command
-from slimllm.errors import UserInputError
+from slimllm.core.errors import UserInputError
 
 
 @app.command("profile")
@@ -32,9 +32,9 @@ def profile_command(
     """Measure TTFT, prefill and decode tokens/s and peak memory, dense vs pruned, on every backend of a profile."""
 
     def action() -> None:
-        from slimllm.models import checkpoint_directory
-        from slimllm.profiler import ModelArtifacts, run_profile
-        from slimllm.profiles import load_profile
+        from slimllm.latency.profiler import ModelArtifacts, run_profile
+        from slimllm.latency.profiles import load_profile
+        from slimllm.models.loading import checkpoint_directory
 
         if dense is None or pruned is None:
             raise UserInputError("pass both --dense and --pruned (checkpoint directories or model names)")

@@ -18,10 +18,10 @@ from slimllm.cli.app import (
     run_command,
 )
 from slimllm.cli.options import common_parameters, settings_command, settings_flags
-from slimllm.errors import UserInputError
+from slimllm.core.errors import UserInputError
+from slimllm.latency.report import describe_removal
 from slimllm.pruning.registry import method_settings_sections
 from slimllm.pruning.stage import PruneSettings
-from slimllm.report import describe_removal
 
 
 def _flags():
@@ -55,12 +55,14 @@ FIXED = common_parameters(
 
 def _prune(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
     def action() -> None:
+        from slimllm.pipeline.recipes import load_recipe
         from slimllm.pruning.stage import resolve_prune_settings, run_prune
 
         if fixed["out"] is None:
             raise UserInputError("--out is required: the directory to write the pruned checkpoint to")
         names = {flag.field: flag.flag for flag in FLAGS}
-        settings, method_settings = resolve_prune_settings(fixed["recipe"], given, names)
+        recipe = load_recipe(fixed["recipe"]) if fixed["recipe"] is not None else None
+        settings, method_settings = resolve_prune_settings(recipe, given, names)
         bar = ProgressBar(settings.method.value)
         try:
             result = run_prune(

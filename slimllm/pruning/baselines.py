@@ -16,10 +16,10 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from slimllm.architectures import decoder_layers
-from slimllm.errors import UserInputError
+from slimllm.core.errors import UserInputError
+from slimllm.models.architectures import decoder_layers
+from slimllm.models.layer_io import stream_layers
 from slimllm.pruning.greedy import greedy_removal, without_layers
-from slimllm.pruning.layer_io import stream_layers
 from slimllm.pruning.registry import (
     PlannedWork,
     PruningMethod,

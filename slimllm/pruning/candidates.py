@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from slimllm.errors import UserInputError
+from slimllm.core.errors import UserInputError
 
 
 def layers_to_remove(num_layers: int, remove: int | None, ratio: float | None) -> int:

@@ -30,13 +30,16 @@ from enum import Enum
 import torch
 from torch import nn
 
-from slimllm.architectures import decoder_layers
-from slimllm.artifacts import plain
-from slimllm.device import model_autocast
-from slimllm.errors import UserInputError
-from slimllm.placement import input_device
+from slimllm.core.artifacts import plain
+from slimllm.core.device import model_autocast
+from slimllm.core.errors import UserInputError
+from slimllm.core.placement import input_device
+from slimllm.models.architectures import decoder_layers
 from slimllm.pruning.registry import PlannedWork, PruningMethod, Selection, SelectionRequest, register
-from slimllm.pruning.training import (
+from slimllm.pruning.trsp import RegNorm
+from slimllm.pruning.two_ssp import WidthRounding
+from slimllm.pruning.width import ffn_neuron_scores, ffn_of, ffn_width, keep_ffn_neurons, top_neurons
+from slimllm.recovery.training import (
     MixedPrecisionStepper,
     TrainingCheckpoints,
     batch_schedule,
@@ -48,9 +51,6 @@ from slimllm.pruning.training import (
     training_losses,
     warmup_constant,
 )
-from slimllm.pruning.trsp import RegNorm
-from slimllm.pruning.two_ssp import WidthRounding
-from slimllm.pruning.width import ffn_neuron_scores, ffn_of, ffn_width, keep_ffn_neurons, top_neurons
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from enum import Enum
 import torch
 from torch import nn
 
-from slimllm.architectures import architecture_for, decoder_layers, set_decoder_layers
-from slimllm.placement import execution_device
-from slimllm.pruning.layer_io import layer_input_tensor, layer_output_tensor
+from slimllm.core.placement import execution_device
+from slimllm.models.architectures import architecture_for, decoder_layers, set_decoder_layers
+from slimllm.models.layer_io import layer_input_tensor, layer_output_tensor
 
 
 class GateMode(str, Enum):

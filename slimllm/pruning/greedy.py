@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from slimllm.device import model_autocast
-from slimllm.evaluate import causal_lm_loss_sum
-from slimllm.placement import input_device
-from slimllm.pruning.layer_io import DecoderTrace, attention_skipped, layers_skipped, run_from_layer, trace_decoder
+from slimllm.core.device import model_autocast
+from slimllm.core.placement import input_device
+from slimllm.evaluation.perplexity import causal_lm_loss_sum
+from slimllm.models.layer_io import DecoderTrace, attention_skipped, layers_skipped, run_from_layer, trace_decoder
 
 CandidateLogits = Callable[[DecoderTrace, int], torch.Tensor]
 """Logits of the model (as traced) with one more candidate removed."""

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from slimllm.errors import UserInputError
+from slimllm.core.errors import UserInputError
 
 Progress = Callable[..., None]
 
@@ -128,7 +128,7 @@ class PruningMethod(ABC):
     def default_repair(self, settings: Any) -> Any:
         """The training-free repair used when none is asked for: least squares after a selection that removes layers
         without training the kept ones (it recovers much of the loss in seconds), else none."""
-        from slimllm.pruning.repair import RepairMethod
+        from slimllm.recovery.repair import RepairMethod
 
         if not self.removes_layers or self.transfers_removed_work(settings):
             return RepairMethod.NONE

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from slimllm.errors import UserInputError
+from slimllm.core.errors import UserInputError
 from slimllm.pruning.methods import PruneMethod
-from slimllm.pruning.repair import RepairMethod
+from slimllm.recovery.repair import RepairMethod
 
 
 @dataclass

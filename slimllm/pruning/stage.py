@@ -16,14 +16,15 @@ from typing import Any
 
 import torch
 
-from slimllm.architectures import decoder_layers
-from slimllm.artifacts import check_output_directory, local_inputs, plain
-from slimllm.data import CalibrationData, load_calibration
-from slimllm.device import dtype_name
-from slimllm.errors import UserInputError
-from slimllm.flops import ModelShape
-from slimllm.models import LoadedModel, load_model
-from slimllm.placement import Placement, PlacementNeeds, check_placement_supports, device_map_of
+from slimllm.core.artifacts import check_output_directory, local_inputs, plain
+from slimllm.core.data import CalibrationData, load_calibration
+from slimllm.core.device import dtype_name
+from slimllm.core.errors import UserInputError
+from slimllm.core.placement import Placement, PlacementNeeds, check_placement_supports, device_map_of
+from slimllm.models.architectures import decoder_layers
+from slimllm.models.checkpoints import save_pruned_checkpoint
+from slimllm.models.flops import ModelShape
+from slimllm.models.loading import LoadedModel, load_model
 from slimllm.pruning.candidates import candidate_layers, check_removable, layers_to_remove
 from slimllm.pruning.registry import (
     Selection,
@@ -32,9 +33,9 @@ from slimllm.pruning.registry import (
     method_settings_sections,
     select_layers_with,
 )
-from slimllm.pruning.repair import RepairMethod, repair_before_removal
 from slimllm.pruning.settings import PruneSettings
-from slimllm.pruning.surgery import SurgeryReport, remove_layers, save_pruned_checkpoint
+from slimllm.pruning.surgery import SurgeryReport, remove_layers
+from slimllm.recovery.repair import RepairMethod, repair_before_removal
 
 Progress = Callable[..., None]
 """Called with (done, total) and, from TRSP, keyword details (stage, loss)."""
@@ -193,10 +194,10 @@ def resolve_prune_settings(
     `trsp`) to the values given for it (flags, or a Python caller's overrides). Values given for another method's
     section than the chosen one are an error rather than silently ignored.
     """
-    from slimllm.recipes import load_recipe
-    from slimllm.settings import build_settings
+    from slimllm.core.settings import build_settings, read_toml
 
-    sections = load_recipe(Path(recipe)) if isinstance(recipe, (str, Path)) else dict(recipe or {})
+    # A recipe file's other sections belong to other stages: `slimllm.pipeline.recipes.load_recipe` checks them all.
+    sections = read_toml(Path(recipe), "recipe") if isinstance(recipe, (str, Path)) else dict(recipe or {})
     given = {name: values for name, values in (given or {}).items() if values}
     settings = build_settings(PruneSettings, sections.get("prune"), given.get("prune", {}), "[prune]", flag_names)
     spec = get_method(settings.method)

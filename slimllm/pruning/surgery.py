@@ -13,22 +13,16 @@ After deleting layers the model must still generate with the KV cache and its co
 from __future__ import annotations
 
 import copy
-import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from torch import nn
 
-from slimllm.architectures import architecture_for, decoder_layers, set_decoder_layers
-from slimllm.artifacts import atomic_directory, library_versions
-from slimllm.errors import UserInputError
+from slimllm.core.errors import UserInputError
+from slimllm.models.architectures import architecture_for, decoder_layers, set_decoder_layers
 
 log = logging.getLogger(__name__)
-
-PRUNING_RECORD_FILE = "slimllm_pruning.json"
-
 
 @dataclass
 class SurgeryReport:
@@ -96,43 +90,3 @@ def remove_layers(
             notes.append(f"config field {name!r} has one entry per original layer but is not cut; check it")
             log.warning("config field %r looks per-layer but the registry does not list it", name)
     return model, SurgeryReport(num_layers, kept, removed, notes, kinds)
-
-
-def save_checkpoint(
-    model: nn.Module,
-    tokenizer,
-    out_dir: Path,
-    records: Mapping[str, dict],
-    force: bool = False,
-    protected: Sequence[Path | str | None] = (),
-) -> Path:
-    """Save model (safetensors), tokenizer, generation config and each record (file name -> JSON payload) beside
-    them, atomically.
-
-    `protected` are inputs (the source model) that `force` must never replace."""
-    out_dir = Path(out_dir)
-    with atomic_directory(out_dir, force=force, protected=[p for p in protected if p is not None]) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for file_name, payload in records.items():
-            (tmp / file_name).write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    return out_dir
-
-
-def save_pruned_checkpoint(
-    model: nn.Module,
-    tokenizer,
-    out_dir: Path,
-    record: dict,
-    force: bool = False,
-    protected: Sequence[Path | str | None] = (),
-) -> Path:
-    """Save a pruned model with `slimllm_pruning.json` (the record, its format version and library versions)."""
-    payload = {"format_version": 1, **record, "versions": library_versions()}
-    return save_checkpoint(model, tokenizer, out_dir, {PRUNING_RECORD_FILE: payload}, force, protected)
-
-
-def read_pruning_record(checkpoint_dir: Path) -> dict | None:
-    path = Path(checkpoint_dir) / PRUNING_RECORD_FILE
-    return json.loads(path.read_text()) if path.is_file() else None

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from slimllm.artifacts import plain
-from slimllm.device import model_autocast
-from slimllm.errors import UserInputError
-from slimllm.placement import input_device
+from slimllm.core.artifacts import plain
+from slimllm.core.device import model_autocast
+from slimllm.core.errors import UserInputError
+from slimllm.core.placement import input_device
 from slimllm.pruning.gates import GateMode, GateSet, attach_gates, detach_gates
 from slimllm.pruning.registry import PlannedWork, PruningMethod, Selection, SelectionRequest, register
-from slimllm.pruning.training import (
+from slimllm.recovery.training import (
     MixedPrecisionStepper,
     TrainingCheckpoints,
     batch_schedule,

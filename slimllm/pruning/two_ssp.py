@@ -24,9 +24,9 @@ from enum import Enum
 import torch
 from torch import nn
 
-from slimllm.architectures import decoder_layers
-from slimllm.artifacts import plain
-from slimllm.errors import UserInputError
+from slimllm.core.artifacts import plain
+from slimllm.core.errors import UserInputError
+from slimllm.models.architectures import decoder_layers
 from slimllm.pruning.greedy import greedy_removal, without_attention
 from slimllm.pruning.registry import PlannedWork, PruningMethod, Selection, SelectionRequest, register
 from slimllm.pruning.width import ffn_neuron_scores, ffn_of, ffn_width, keep_ffn_neurons, top_neurons
@@ -211,7 +211,7 @@ class TwoSsp(PruningMethod):
     def select(self, request: SelectionRequest) -> Selection:
         """Both stages on `request.model` (a copy the caller owns): width surgery in place, then a new model whose
         chosen blocks have no attention. No whole layer is removed."""
-        from slimllm.attention_free import remove_attention
+        from slimllm.models.attention_free import remove_attention
 
         settings = request.settings or TwoSspSettings()
         model = request.model

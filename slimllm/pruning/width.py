@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from slimllm.architectures import decoder_layers
-from slimllm.errors import UserInputError
-from slimllm.pruning.layer_io import stream_layers
+from slimllm.core.errors import UserInputError
+from slimllm.models.architectures import decoder_layers
+from slimllm.models.layer_io import stream_layers
 
 Progress = Callable[[int, int], None]
 

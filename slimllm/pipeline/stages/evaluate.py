@@ -1,0 +1,101 @@
+"""Stage `evaluate`: perplexity of the dense model, and perplexity and KL-divergence statistics against it of the
+pruned checkpoint (PyTorch), the ONNX export (onnxruntime) and every GGUF file (llama.cpp), on the same windows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from slimllm.core.artifacts import atomic_write_json
+from slimllm.pipeline.stages import CompileContext, StageSpec, register_stage, source_hash
+from slimllm.pipeline.stages.prune import checkpoint_of
+
+DENSE_LABEL = "dense (PyTorch)"
+
+
+@dataclass(frozen=True)
+class EvaluatedModel:
+    """One model the compile run measures: a label for the report, what to load, and the backend to run it in."""
+
+    label: str
+    spec: str
+    backend: str
+
+
+def evaluated_models(ctx: CompileContext) -> list[EvaluatedModel]:
+    """The pruned checkpoint and every export of this run, in report order (the dense model is the reference)."""
+    models = [EvaluatedModel("pruned (PyTorch)", str(checkpoint_of(ctx)), "torch")]
+    onnx_output = ctx.outputs.get("export_onnx")
+    if onnx_output:
+        models.append(EvaluatedModel(f"pruned (ONNX {onnx_output['variant']})", onnx_output["path"], "onnxruntime"))
+    gguf_output = ctx.outputs.get("export_gguf")
+    if gguf_output:
+        for gguf_type, path in gguf_output["files"].items():
+            models.append(EvaluatedModel(f"pruned (GGUF {gguf_type}, llama.cpp)", path, "llama.cpp"))
+    return models
+
+
+def onnx_device(ctx: CompileContext) -> str:
+    """The device an ONNX export is evaluated on: the export's own provider setting."""
+    provider = str(getattr(ctx.settings["onnx"], "provider", "auto"))
+    return "cuda" if "cuda" in provider.lower() else "cpu" if "cpu" in provider.lower() else ctx.device
+
+
+def _keyed_by(ctx: CompileContext) -> dict[str, Any]:
+    return {
+        "dense_sha256": ctx.dense_sha,
+        "eval": {
+            "data": source_hash(ctx.compile.eval_data),
+            "seq_len": ctx.compile.eval_seq_len,
+            "windows": ctx.compile.eval_windows,
+        },
+    }
+
+
+def _run(ctx: CompileContext) -> tuple[dict[str, Any], dict[str, Any]]:
+    from slimllm.evaluation.divergence import divergence_statistics
+    from slimllm.exporters.parity import eval_windows, perplexity
+    from slimllm.exporters.scorers import open_backend
+
+    perplexities: dict[str, float] = {}
+    divergence: dict[str, dict[str, Any]] = {}
+    with open_backend(str(ctx.dense_dir), "torch", ctx.device, "fp32", placement=ctx.placement) as dense:
+        windows, source = eval_windows(
+            dense.tokenizer, ctx.compile.eval_data, ctx.compile.eval_seq_len, ctx.compile.eval_windows
+        )
+        perplexities[DENSE_LABEL] = perplexity(dense.logits_fn, windows)
+        # One artifact loaded at a time, the dense logits recomputed for each: a forward pass per artifact buys not
+        # holding every runtime's copy of the model at once (per_token_divergences can share one reference pass).
+        for model in evaluated_models(ctx):
+            device = onnx_device(ctx) if model.backend == "onnxruntime" else ctx.device
+            placement = ctx.placement if model.backend == "torch" else None
+            with open_backend(model.spec, model.backend, device, "fp32", context=int(windows.shape[1]),
+                              placement=placement) as scorer:
+                stats = divergence_statistics(scorer.logits_fn, dense.logits_fn, windows)
+            perplexities[model.label] = stats["ppl"]
+            divergence[model.label] = stats | {"backend": scorer.backend}
+    result = {
+        "data": source,
+        "seq_len": int(windows.shape[1]),
+        "windows": int(windows.shape[0]),
+        "tokens_scored": int(windows.shape[0] * (windows.shape[1] - 1)),
+        "perplexity": perplexities,
+        "divergence": divergence,
+        "reference": DENSE_LABEL,
+    }
+    path = ctx.out_dir / "evaluation.json"
+    atomic_write_json(path, result)
+    return {"path": str(path)}, result
+
+
+EVALUATE = register_stage(
+    StageSpec(
+        name="evaluate",
+        run=_run,
+        reads=("prune", "heal", "export_onnx", "export_gguf"),
+        keyed_by=_keyed_by,
+        writes=("evaluation.json",),
+        version=2,  # 2: KL statistics of every artifact against the dense model
+    )
+)
+

@@ -1,0 +1,472 @@
+"""Healing: train a pruned checkpoint back towards the dense model it came from, on a token budget.
+
+    >>> result = run_heal("runs/x/pruned", HealSettings(calib="wiki.valid.tokens", tokens=114_688), "runs/x/healed")
+
+The loss is CE + W·KL(teacher ‖ student) on next-token distributions, the teacher being the dense model (by default
+the one recorded in the checkpoint's `slimllm_pruning.json`). The budget is in tokens, not steps, so that recipes
+compare at equal cost. Scope `full` trains every weight (fp32 master weights, bf16 autocast on CUDA); scope `lora`
+trains low-rank adapters on every linear layer of the decoder (peft) over frozen base weights held in the compute
+dtype, and merges them before saving, so the output is a plain checkpoint that loads in transformers and exports like
+any other. Progress is checkpointed under `<out>.partial/heal/`; `resume=True` continues from there and reaches
+the same weights as an uninterrupted run (the batch order is a pure function of the settings).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimllm.core.artifacts import check_output_directory, content_id, digest, library_versions, local_inputs, plain
+from slimllm.core.device import autocast_dtype, dtype_name, model_autocast
+from slimllm.core.errors import UserInputError, parse_choice
+from slimllm.core.placement import Placement, PlacementNeeds, check_placement_supports, input_device
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[..., None]
+
+HEALING_RECORD_FILE = "slimllm_healing.json"
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The decoder's linear layers that receive adapters (attention and MLP projections, not the LM head)."""
+
+
+class HealScope(str, Enum):
+    FULL = "full"
+    LORA = "lora"
+
+
+DEFAULT_LR = {HealScope.FULL: 1e-4, HealScope.LORA: 1e-3}
+"""Learning rates used when `lr` is not set: adapters start at zero and take a larger step."""
+
+
+@dataclass
+class HealSettings:
+    """How a pruned checkpoint is healed."""
+
+    teacher: str | None = None
+    """The dense model to distil from (default: the source model recorded in the checkpoint)."""
+    calib: str | None = None
+    """Training text: a file, a hub dataset or `self`."""
+    tokens: int = 114_688
+    """Training budget in tokens (steps = tokens / (batch size × block length), rounded up)."""
+    block_len: int = 512
+    """Tokens per training sequence."""
+    batch_size: int = 2
+    """Sequences per step."""
+    lr: float | None = None
+    """AdamW learning rate (default: 1e-4 for full, 1e-3 for lora)."""
+    distill: float = 1.0
+    """W in CE + W·KL(teacher ‖ student); 0 trains on CE alone and needs no teacher."""
+    scope: HealScope = HealScope.FULL
+    """full (every weight) or lora (adapters merged before saving)."""
+    lora_rank: int = 16
+    """Adapter rank for scope lora."""
+    lora_alpha: float = 32.0
+    """Adapter scaling numerator (scale = alpha / rank)."""
+    warmup_steps: int | None = None
+    """Linear LR warm-up steps (default: a tenth of the steps, at most 10)."""
+    save_every: int = 50
+    """Steps between resumable checkpoints."""
+    seed: int = 0
+    """Seed of the block choice and the batch order."""
+
+    def __post_init__(self) -> None:
+        self.scope = parse_choice(HealScope, self.scope, "--scope")
+        if self.tokens < 1:
+            raise UserInputError(f"--tokens must be a positive token budget, got {self.tokens}")
+        if self.block_len < 16 or self.batch_size < 1:
+            raise UserInputError("--block-len must be at least 16 and --batch-size at least 1")
+        if self.lr is not None and not self.lr > 0:
+            raise UserInputError(f"--lr must be positive, got {self.lr}")
+        if self.distill < 0:
+            raise UserInputError(f"--distill must be >= 0, got {self.distill}")
+        if self.lora_rank < 1 or self.lora_alpha <= 0:
+            raise UserInputError("--lora-rank must be at least 1 and --lora-alpha positive")
+        if self.save_every < 1:
+            raise UserInputError(f"--save-every must be at least 1, got {self.save_every}")
+
+    @property
+    def steps(self) -> int:
+        return math.ceil(self.tokens / (self.batch_size * self.block_len))
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.scope]
+
+
+@dataclass
+class HealResult:
+    out_dir: Path | None
+    scope: str
+    steps: int
+    tokens: int
+    seconds: float
+    tokens_per_second: float
+    losses: list[float] = field(default_factory=list)
+    """CE per step."""
+    kl: list[float] = field(default_factory=list)
+    """KL(teacher ‖ student) per step (empty without distillation)."""
+    trainable_params: int = 0
+    resumed_from_step: int = 0
+    peak_memory_gib: float | None = None
+    """Peak CUDA memory allocated during training (None on CPU)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return plain(asdict(self))
+
+
+def check_teacher_matches(student_tokenizer, teacher_tokenizer, student: nn.Module, teacher: nn.Module,
+                          teacher_name: str) -> None:
+    """Distillation compares next-token distributions token by token: both models must share one vocabulary."""
+    student_vocab, teacher_vocab = student.config.vocab_size, teacher.config.vocab_size
+    if student_vocab != teacher_vocab:
+        raise UserInputError(
+            f"--teacher {teacher_name} predicts {teacher_vocab} tokens but the checkpoint predicts {student_vocab}; "
+            "distillation needs the same vocabulary: pass the dense model the checkpoint was pruned from"
+        )
+    if student_tokenizer is not None and teacher_tokenizer is not None:
+        if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+            raise UserInputError(
+                f"--teacher {teacher_name} uses another tokenizer than the checkpoint; distillation needs the same "
+                "tokenizer: pass the dense model the checkpoint was pruned from"
+            )
+
+
+def add_lora_adapters(model: nn.Module, settings: HealSettings) -> nn.Module:
+    """Wrap `model` with LoRA adapters on every decoder projection; the base weights are frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    targets = [t for t in LORA_TARGETS if t in present]
+    if not targets:
+        raise UserInputError(
+            "--scope lora found none of the usual projections (q_proj ... down_proj); use --scope full"
+        )
+    config = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=0.0,
+                        target_modules=targets, bias="none")
+    # peft keeps the adapters in fp32 over bf16/fp16 base weights (autocast_adapter_dtype). Their random A matrices
+    # come from the run's seed, so that a LoRA healing run is repeatable like a full one.
+    with torch.random.fork_rng():
+        torch.manual_seed(settings.seed)
+        return get_peft_model(model, config, autocast_adapter_dtype=True)
+
+
+def merge_lora_adapters(model: nn.Module) -> nn.Module:
+    """Fold the adapters into the base weights (in fp32) and return the plain transformers model."""
+    base_dtype = next(p.dtype for n, p in model.named_parameters() if "lora_" not in n)
+    model = model.float()
+    merged = model.merge_and_unload()
+    return merged.to(base_dtype)
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+class _ResumableState:
+    """`<work>/state.pt`: the trainable weights, the optimizer, the scaler and the step, written atomically."""
+
+    def __init__(self, work_dir: Path, key: str) -> None:
+        self.path = work_dir / "state.pt"
+        self.key = key
+
+    def matches(self) -> bool:
+        """Whether a saved state exists and was written for this key."""
+        if not self.path.is_file():
+            return False
+        return torch.load(self.path, map_location="cpu", weights_only=False, mmap=True).get("key") == self.key
+
+    def load(self) -> dict | None:
+        if not self.path.is_file():
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        if state.get("key") != self.key:
+            raise UserInputError(
+                f"the healing checkpoint in {self.path.parent} was written with other settings or inputs; "
+                "run without --resume (it will be replaced)"
+            )
+        return state
+
+    def save(self, state: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save({**state, "key": self.key}, tmp)
+        os.replace(tmp, self.path)
+
+
+def _prepare_model(model: nn.Module, settings: HealSettings) -> nn.Module:
+    """Scope full: the model itself (fp32 master weights required). Scope lora: the model with adapters."""
+    from slimllm.core.device import set_compute_dtype
+    from slimllm.recovery.training import require_master_weights
+
+    if settings.scope is HealScope.FULL:
+        require_master_weights(model, "healing (--scope full)")
+        for p in model.parameters():  # every weight, whatever an earlier stage left frozen
+            p.requires_grad_(True)
+        return model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    compute = autocast_dtype(model)
+    model = add_lora_adapters(model, settings)
+    if compute is not None:
+        set_compute_dtype(model, compute)
+    return model
+
+
+class _Optimization:
+    """AdamW with warm-up and loss scaling over the trainable parameters; its state saves and restores as one."""
+
+    def __init__(self, model: nn.Module, settings: HealSettings) -> None:
+        from slimllm.recovery.training import MixedPrecisionStepper, default_warmup, warmup_constant
+
+        self.named = trainable_parameters(model)
+        self.optimizer = torch.optim.AdamW([p for _, p in self.named], lr=settings.learning_rate, weight_decay=0.0)
+        warmup = settings.warmup_steps if settings.warmup_steps is not None else default_warmup(settings.steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: warmup_constant(s, warmup))
+        self.stepper = MixedPrecisionStepper(model, self.optimizer)
+
+    def step(self, loss: torch.Tensor, where: str, terms: dict[str, torch.Tensor | None]) -> None:
+        self.stepper.step(loss, where, "--lr", terms)
+        self.scheduler.step()
+
+    def state(self) -> dict:
+        return {
+            "trainable": {name: p.detach().cpu() for name, p in self.named},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.stepper.state_dict(),
+        }
+
+    @torch.no_grad()
+    def restore(self, state: dict) -> None:
+        for name, p in self.named:
+            p.copy_(state["trainable"][name].to(p.device, p.dtype))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.stepper.load_state_dict(state["scaler"])
+
+
+def heal_model(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    settings: HealSettings,
+    teacher: nn.Module | None = None,
+    progress: Progress | None = None,
+    work_dir: Path | None = None,
+    resume: bool = False,
+    state_key: str = "",
+) -> tuple[nn.Module, HealResult]:
+    """Heal `model` in memory; returns the (merged, for lora) model and what was done.
+
+    With `work_dir`, the state is saved every `settings.save_every` steps and, with `resume`, training continues from
+    the last save. The model must hold fp32 weights for scope full (load it with `for_training=True`).
+    """
+    from slimllm.recovery.training import batch_schedule, training_losses
+
+    if settings.distill > 0 and teacher is None:
+        raise UserInputError("healing with --distill > 0 needs a teacher model; pass --teacher or --distill 0")
+    model = _prepare_model(model, settings)
+    optimization = _Optimization(model, settings)
+    device = input_device(model)
+    state_file = _ResumableState(work_dir, state_key) if work_dir is not None else None
+    schedule = batch_schedule(blocks.shape[0], settings.batch_size, settings.steps, settings.seed)
+    result = HealResult(None, settings.scope.value, settings.steps, settings.steps * blocks.shape[1] *
+                        settings.batch_size, 0.0, 0.0,
+                        trainable_params=sum(p.numel() for _, p in optimization.named))
+    if resume and state_file is not None and (state := state_file.load()) is not None:
+        optimization.restore(state)
+        result.losses, result.kl = list(state["losses"]), list(state["kl"])
+        result.resumed_from_step = int(state["step"])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    model.train()
+    try:
+        for step in range(result.resumed_from_step, settings.steps):
+            batch = blocks[schedule[step]].to(device)
+            with model_autocast(model):
+                ce, kl = training_losses(model, batch, teacher if settings.distill > 0 else None)
+            loss = ce if kl is None else ce + settings.distill * kl
+            optimization.step(loss, f"healing step {step}", {"CE": ce, "KL": kl})
+            result.losses.append(float(ce.detach()))
+            if kl is not None:
+                result.kl.append(float(kl.detach()))
+            if progress:
+                _report(progress, result, step, batch.numel(), started, settings.steps)
+            if state_file is not None and (step + 1) % settings.save_every == 0 and step + 1 < settings.steps:
+                state_file.save({"step": step + 1, **optimization.state(), "losses": result.losses, "kl": result.kl})
+    finally:
+        model.eval()
+    result.seconds = time.perf_counter() - started
+    trained_here = (settings.steps - result.resumed_from_step) * settings.batch_size * blocks.shape[1]
+    result.tokens_per_second = trained_here / max(result.seconds, 1e-9)
+    if device.type == "cuda":
+        result.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    if settings.scope is HealScope.LORA:
+        model = merge_lora_adapters(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, result
+
+
+def _report(progress: Progress, result: HealResult, step: int, batch_tokens: int, started: float, steps: int):
+    seconds = max(time.perf_counter() - started, 1e-9)
+    postfix: dict[str, Any] = {"loss": result.losses[-1]}
+    if result.kl:
+        postfix["kl"] = result.kl[-1]
+    postfix["tok/s"] = round((step + 1 - result.resumed_from_step) * batch_tokens / seconds)
+    progress(step + 1, steps, stage=result.scope, **postfix)
+
+
+def training_blocks(source: str, loaded, settings: HealSettings, writer: nn.Module | None = None):
+    """Enough blocks of `source` for the budget without repeating one, or every block the text holds.
+
+    For `self`, `writer` (the teacher: the dense model, not the pruned one) writes enough text for the budget."""
+    from slimllm.core.data import (
+        SELF_SOURCE,
+        DataPurpose,
+        SelfTextSettings,
+        bos_prefix_id,
+        calibration_blocks,
+        load_corpus,
+        token_rows,
+        tokenize_corpus,
+    )
+
+    self_settings = None
+    if source == SELF_SOURCE:
+        self_settings = SelfTextSettings(n_samples=8, min_tokens=int(1.05 * settings.tokens) + settings.block_len,
+                                         seed=settings.seed)
+    corpus = load_corpus(source, DataPurpose.CALIBRATION, model=writer if writer is not None else loaded.model,
+                         tokenizer=loaded.tokenizer, self_settings=self_settings)
+    ids = tokenize_corpus(corpus, loaded.tokenizer)
+    bos_id = bos_prefix_id(loaded.tokenizer)
+    available = token_rows(ids, settings.block_len, bos_id).shape[0]
+    if available < settings.batch_size:
+        raise UserInputError(
+            f"--calib {source} has {ids.numel()} tokens, fewer than one batch of {settings.batch_size} x "
+            f"{settings.block_len}; use a larger text or shorter --block-len"
+        )
+    wanted = min(available, math.ceil(settings.tokens / settings.block_len))
+    return calibration_blocks(ids, wanted, settings.block_len, settings.seed, bos_id), corpus
+
+
+def work_directory(out_dir: Path) -> Path:
+    out_dir = Path(out_dir)
+    return out_dir.with_name(out_dir.name + ".partial") / "heal"
+
+
+def heal_placement_needs(settings: HealSettings) -> PlacementNeeds:
+    """Healing on a model spread with `--device-map`: LoRA only (full healing trains every weight), with every
+    layer resident on a device (the adapters are merged into the base weights before saving)."""
+    full = settings.scope is HealScope.FULL
+    return PlacementNeeds(
+        f"healing with --scope {settings.scope.value}",
+        trains_weights=full,
+        edits_weights=True,
+        alternatives=["--scope lora trains adapters beside frozen weights"] if full else [],
+    )
+
+
+def _frozen_teacher(name: str, student, device: str, dtype: str, placement: Placement | None) -> nn.Module:
+    """The dense model the student is distilled from, checked to share the student's tokenizer and vocabulary."""
+    from slimllm.models.loading import load_model
+
+    loaded = load_model(name, device=device, dtype=dtype, placement=placement)
+    check_teacher_matches(student.tokenizer, loaded.tokenizer, student.model, loaded.model, name)
+    teacher = loaded.model.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def run_heal(
+    checkpoint: str | Path,
+    settings: HealSettings,
+    out_dir: Path | str,
+    force: bool = False,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: Progress | None = None,
+    resume: bool = False,
+    placement: Placement | None = None,
+    restart_stale: bool = False,
+) -> HealResult:
+    """Load, heal and save `checkpoint` to `out_dir` (atomically), with `slimllm_healing.json` beside the weights.
+
+    A resumed run continues only a state written for the same checkpoint content, teacher, text and settings; another
+    state is refused (`slimllm heal --resume`) or, with `restart_stale` (compile, which owns its work directory),
+    discarded.
+
+    With a spreading `placement` (`--device-map auto`) the student and teacher are spread over the GPUs; LoRA
+    healing runs so when every layer is resident on a device, full-weight healing does not."""
+    from slimllm.models.checkpoints import PRUNING_RECORD_FILE, read_pruning_record, save_checkpoint
+    from slimllm.models.loading import load_model
+
+    out_dir = Path(out_dir)
+    checkpoint_path = Path(str(checkpoint)).expanduser()
+    if not checkpoint_path.exists():
+        raise UserInputError(f"checkpoint {checkpoint} does not exist; pass the directory `slimllm prune` wrote")
+    if settings.calib is None:
+        raise UserInputError("healing needs training text: pass --calib (a file, a hub dataset or `self`)")
+    work_dir = work_directory(out_dir)
+    protected = local_inputs(str(checkpoint))
+    if resume and not work_dir.is_dir():
+        raise UserInputError(f"nothing to resume: {work_dir} does not exist; run without --resume")
+    if not resume:
+        check_output_directory(out_dir, force, protected=protected)
+    pruning_record = read_pruning_record(checkpoint_path) if checkpoint_path.is_dir() else None
+    teacher_name = settings.teacher or (pruning_record or {}).get("source_model")
+    if settings.distill > 0 and teacher_name is None:
+        raise UserInputError(
+            f"{checkpoint} records no source model; pass --teacher (the dense model it was pruned from) or --distill 0"
+        )
+    student = load_model(str(checkpoint), device=device, dtype=dtype,
+                         for_training=settings.scope is HealScope.FULL, placement=placement)
+    check_placement_supports(student.model, heal_placement_needs(settings))
+    teacher = _frozen_teacher(teacher_name, student, device, dtype, placement) if settings.distill > 0 else None
+    blocks, corpus = training_blocks(settings.calib, student, settings, writer=teacher)
+    # Keyed by what the checkpoint and the teacher hold, not where they are: a rerun of pruning rewrites the same
+    # directory with other weights, and its resume must not restore the old run's trained weights into it.
+    key = digest({"checkpoint_sha256": content_id(checkpoint_path), "settings": plain(settings),
+                  "teacher": content_id(teacher_name),
+                  "text": corpus.sha256, "device": str(student.device), "dtype": dtype_name(student.dtype)})
+    if resume and restart_stale and not _ResumableState(work_dir, key).matches():
+        log.warning("the healing state in %s is from other inputs or settings; healing starts again", work_dir)
+        resume = False
+    if not resume:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    healed, result = heal_model(student.model, blocks, settings, teacher, progress, work_dir, resume, key)
+    result.out_dir = out_dir
+    record = {
+        "checkpoint": str(checkpoint),
+        "teacher": teacher_name if settings.distill > 0 else None,
+        "settings": plain(settings),
+        "learning_rate": settings.learning_rate,
+        "training_text": {"source": corpus.source, "text_sha256": corpus.sha256, "blocks": int(blocks.shape[0]),
+                          "block_len": settings.block_len},
+        "result": result.to_dict() | {"out_dir": str(out_dir)},
+        "device": str(student.device),
+        "compute_dtype": dtype_name(student.dtype),
+    }
+    records = {HEALING_RECORD_FILE: {"format_version": 1, **record, "versions": library_versions()}}
+    if pruning_record is not None:  # the healed model is still the pruned one: keep what was removed and how
+        records[PRUNING_RECORD_FILE] = pruning_record
+    save_checkpoint(healed, student.tokenizer, out_dir, records, force or resume, protected)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        work_dir.parent.rmdir()  # the .partial directory, when nothing else uses it
+    return result
