@@ -197,7 +197,7 @@ def test_resume_is_keyed_by_the_checkpoints_content_not_its_path(pruned_dir, tin
         run_heal(checkpoint, settings, out, device="cpu", progress=stop_after_two)
     rewritten = PruneSettings(method="last", remove=3, calib=str(text_file))
     run_prune(str(tiny_model_dir("llama")), rewritten, checkpoint, device="cpu", force=True)
-    with pytest.raises(UserInputError, match="other settings or inputs"):
+    with pytest.raises(UserInputError, match="other settings, calibration data or model"):
         run_heal(checkpoint, settings, out, device="cpu", resume=True)
     result = run_heal(checkpoint, settings, out, device="cpu", resume=True, restart_stale=True)
     assert result.resumed_from_step == 0 and len(result.losses) == settings.steps

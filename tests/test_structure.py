@@ -221,3 +221,27 @@ def test_benchmark_rows_do_not_depend_on_their_order(tiny_model_dir, text_file):
         healed = float(sum(p.detach().double().sum() for p in heal.model.parameters()))
         outcomes.append((trsp.removed_layers, weights, heal.removed_layers, healed))
     assert outcomes[0] == outcomes[1]
+
+
+TRAINING_MACHINERY = {"backward", "MixedPrecisionStepper", "GradScaler", "LambdaLR", "zero_grad"}
+"""What a training loop of its own would use; only `slimllm.recovery.training` may."""
+
+
+def _training_machinery_outside_the_loop(paths) -> list[str]:
+    loop = REPO_ROOT / "slimllm" / "recovery" / "training.py"
+    found = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None
+            if name in TRAINING_MACHINERY and path != loop:
+                found.append(f"{path.name}:{node.lineno} {name}")
+    return found
+
+
+def test_one_training_loop(tmp_path):
+    """Healing, fine-tuning, TRSP and DReSS all train through `slimllm.recovery.training.train`: no other module
+    runs a backward pass, scales a loss or schedules a learning rate."""
+    assert _training_machinery_outside_the_loop([*_modules().values(), *(REPO_ROOT / "bench").glob("*.py")]) == []
+    own_loop = tmp_path / "own_loop.py"
+    own_loop.write_text("def fit(model, loss, optimizer):\n    loss.backward()\n    optimizer.step()\n")
+    assert _training_machinery_outside_the_loop([own_loop]) == ["own_loop.py:2 backward"]

@@ -40,7 +40,8 @@ from slimllm.pruning.trsp import RegNorm
 from slimllm.pruning.two_ssp import WidthRounding
 from slimllm.pruning.width import ffn_neuron_scores, ffn_of, ffn_width, keep_ffn_neurons, top_neurons
 from slimllm.recovery.training import (
-    MixedPrecisionStepper,
+    Optimization,
+    StepLosses,
     TrainingCheckpoints,
     batch_schedule,
     cpu_state_dict,
@@ -48,8 +49,7 @@ from slimllm.recovery.training import (
     frozen_teacher,
     require_master_weights,
     run_fingerprint,
-    training_losses,
-    warmup_constant,
+    train,
 )
 
 log = logging.getLogger(__name__)
@@ -272,7 +272,6 @@ def regularize(
 ) -> DressInfo:
     """Train `model` in place on CE (+ KL) while shrinking the selected groups; checkpoints every `save_every`."""
     require_master_weights(model, "DReSS")
-    device = input_device(model)
     steps = math.ceil(settings.reg_tokens / (batch_size * blocks.shape[1])) if settings.reg_tokens else 0
     reference = group_norms(model, settings.reg_norm)
     amounts = shrink_per_step(settings, steps)
@@ -283,50 +282,35 @@ def regularize(
     for p in model.parameters():
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
-    warmup = default_warmup(steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_constant(s, warmup))
-    stepper = MixedPrecisionStepper(model, optimizer)
+    optimization = Optimization(model, [optimizer], default_warmup(steps), "--lr")
     state = checkpoints.load("dress") if resume and checkpoints is not None else None
     if state is not None:
         model.load_state_dict(state["model"], strict=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        stepper.load_state_dict(state["scaler"])
+        optimization.load_state_dict(state["optimization"])
         info = DressInfo(**state["info"])
         info.resumed_from_step = state["step"]
         log.info("resuming DReSS regularization at step %d", state["step"])
-    started = time.perf_counter()
-    model.train()
+
+    def shrink_and_record(step: int, batch: torch.Tensor, losses: StepLosses) -> None:
+        info.losses.append(float(losses.ce.detach()))
+        shrink_groups(model, selected, reference, amounts[step], settings.reg_norm)
+        if losses.kl is not None:
+            info.kl.append(float(losses.kl.detach()))
+        info.penalty.append(group_penalty(model, selected, reference, settings.reg_norm))
+        info.training_tokens += batch.numel()
+        if progress:
+            progress(step + 1, steps, stage="regularize", loss=info.losses[-1])
+        if checkpoints is not None and ((step + 1) % settings.save_every == 0 or step + 1 == steps):
+            checkpoints.save("dress", {"step": step + 1, "model": cpu_state_dict(model),
+                                       "optimization": optimization.state_dict(), "info": info.to_dict()})
+
+    model.eval()  # `train` restores this mode when it ends
     try:
-        for step in range(info.resumed_from_step, steps):
-            batch = blocks[schedule[step]].to(device)
-            with model_autocast(model):
-                ce, kl = training_losses(model, batch, teacher)
-            loss = ce if kl is None else ce + settings.distill * kl
-            stepper.step(loss, f"DReSS step {step}", "--lr", {"CE": ce, "KL": kl})
-            info.losses.append(float(ce.detach()))
-            scheduler.step()
-            shrink_groups(model, selected, reference, amounts[step], settings.reg_norm)
-            if kl is not None:
-                info.kl.append(float(kl.detach()))
-            info.penalty.append(group_penalty(model, selected, reference, settings.reg_norm))
-            info.training_tokens += batch.numel()
-            if progress:
-                progress(step + 1, steps, stage="regularize", loss=info.losses[-1])
-            if checkpoints is not None and ((step + 1) % settings.save_every == 0 or step + 1 == steps):
-                checkpoints.save("dress", {
-                    "step": step + 1,
-                    "model": cpu_state_dict(model),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": stepper.state_dict(),
-                    "info": info.to_dict(),
-                })
+        info.seconds += train(model, blocks, schedule, range(info.resumed_from_step, steps), optimization, "DReSS",
+                              teacher, settings.distill, after_step=shrink_and_record)
     finally:
-        model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
-    info.seconds += time.perf_counter() - started
     info.share_after = selected_output_share(model, selected, probe)
     count = sum(len(s) for s in selected)
     info.selected_norm_after = group_penalty(model, selected, reference, settings.reg_norm) / max(count, 1)

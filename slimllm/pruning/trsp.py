@@ -33,17 +33,16 @@ from slimllm.core.placement import input_device
 from slimllm.pruning.gates import GateMode, GateSet, attach_gates, detach_gates
 from slimllm.pruning.registry import PlannedWork, PruningMethod, Selection, SelectionRequest, register
 from slimllm.recovery.training import (
-    MixedPrecisionStepper,
+    Optimization,
+    StepLosses,
     TrainingCheckpoints,
     batch_schedule,
-    causal_lm_loss,
     cpu_state_dict,
     default_warmup,
     frozen_teacher,
     require_master_weights,
     run_fingerprint,
-    training_losses,
-    warmup_constant,
+    train,
 )
 
 log = logging.getLogger(__name__)
@@ -221,7 +220,6 @@ def run_trsp(
 
 def _stage1(model, gates, blocks, schedule, k, candidates, settings, checkpoints, resume, info, progress):
     started = time.perf_counter()
-    device = input_device(model)
     gate_params = gates.parameters(candidates)
     gate_ids = {id(p) for p in gates.parameters()}
     weights = [p for p in model.parameters() if id(p) not in gate_ids]
@@ -229,7 +227,8 @@ def _stage1(model, gates, blocks, schedule, k, candidates, settings, checkpoints
         p.requires_grad_(settings.train_scope is TrainScope.FULL)
     for i, g in enumerate(gates.layers):
         g.gate.requires_grad_(i in candidates)
-    optimizer = _MultiOptimizer(
+    optimization = Optimization(
+        model,
         [
             torch.optim.SGD(gate_params, lr=settings.gate_lr, momentum=0.9)
             if settings.gate_optimizer is GateOptimizer.SGD
@@ -239,10 +238,9 @@ def _stage1(model, gates, blocks, schedule, k, candidates, settings, checkpoints
             [torch.optim.AdamW(weights, lr=settings.weight_lr, weight_decay=0.0)]
             if settings.train_scope is TrainScope.FULL
             else []
-        )
+        ),
+        warmup_steps=None,
     )
-
-    stepper = MixedPrecisionStepper(model, optimizer.optimizers)
     order: list[int] = []
     start_round = 0
     state = checkpoints.load("stage1") if resume else None
@@ -252,7 +250,7 @@ def _stage1(model, gates, blocks, schedule, k, candidates, settings, checkpoints
         gates.set_gates(state["gates"])
         for i in order:
             gates.switch_off(i)
-        optimizer.load_state_dict(state["optimizer"])
+        optimization.load_state_dict(state["optimization"])
         if state.get("model") is not None:
             model.load_state_dict(state["model"], strict=True)
         info.gate_trajectory = state["trajectory"]
@@ -264,18 +262,19 @@ def _stage1(model, gates, blocks, schedule, k, candidates, settings, checkpoints
     total = settings.training_steps(k)
     for round_index in range(start_round, k):
         alive = [i for i in candidates if i not in order]
-        for step in range(settings.steps_per_round):
-            global_step = round_index * settings.steps_per_round + step
-            batch = blocks[schedule[global_step]].to(device)
-            with model_autocast(model):
-                ce = causal_lm_loss(model, batch)
-            penalty = torch.stack([gates.layers[i].gate.abs() for i in alive]).sum()
-            loss = ce + settings.lambda1 * penalty
-            stepper.step(loss, "stage-1", terms={"CE": ce})
-            info.stage1_losses.append(float(ce.detach()))
+
+        def gate_penalty(_step: int, alive: list[int] = alive) -> torch.Tensor:
+            return settings.lambda1 * torch.stack([gates.layers[i].gate.abs() for i in alive]).sum()
+
+        def record(step: int, batch: torch.Tensor, losses: StepLosses, round_index: int = round_index) -> None:
+            info.stage1_losses.append(float(losses.ce.detach()))
             info.training_tokens += batch.numel()
             if progress:
-                progress(global_step + 1, total, stage=f"select {round_index + 1}/{k}", loss=info.stage1_losses[-1])
+                progress(step + 1, total, stage=f"select {round_index + 1}/{k}", loss=info.stage1_losses[-1])
+
+        first = round_index * settings.steps_per_round
+        train(model, blocks, schedule, range(first, first + settings.steps_per_round), optimization, "stage-1",
+              penalty=gate_penalty, after_step=record)
         values = gates.values()
         chosen = min(alive, key=lambda i: (abs(values[i]), i))
         info.gate_trajectory.append(values)  # gates at the end of the round, before the switch-off
@@ -288,7 +287,7 @@ def _stage1(model, gates, blocks, schedule, k, candidates, settings, checkpoints
                 "round": round_index + 1,
                 "order": order,
                 "gates": gates.values(),
-                "optimizer": optimizer.state_dict(),
+                "optimization": optimization.state_dict(),
                 "model": cpu_state_dict(model) if settings.train_scope is TrainScope.FULL else None,
                 "trajectory": info.gate_trajectory,
                 "losses": info.stage1_losses,
@@ -297,28 +296,6 @@ def _stage1(model, gates, blocks, schedule, k, candidates, settings, checkpoints
         )
     info.stage1_seconds += time.perf_counter() - started
     return order
-
-
-class _MultiOptimizer:
-    """Steps several optimizers as one (the gates and the weights may use different algorithms)."""
-
-    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
-        self.optimizers = optimizers
-
-    def step(self) -> None:
-        for optimizer in self.optimizers:
-            optimizer.step()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> list[dict]:
-        return [optimizer.state_dict() for optimizer in self.optimizers]
-
-    def load_state_dict(self, states: list[dict]) -> None:
-        for optimizer, state in zip(self.optimizers, states, strict=True):
-            optimizer.load_state_dict(state)
 
 
 def _stage2(model, gates, blocks, schedule, order, settings, checkpoints, resume, info, progress, device):
@@ -338,9 +315,7 @@ def _stage2(model, gates, blocks, schedule, order, settings, checkpoints, resume
     fade = settings.stage2 is Stage2Mode.FADE
     trainable = _stage2_trainable(model, gates, set(order) if fade else set())
     optimizer = torch.optim.AdamW(trainable, lr=settings.stage2_lr, weight_decay=0.0)
-    warmup = default_warmup(steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_constant(s, warmup))
-    stepper = MixedPrecisionStepper(model, optimizer)
+    optimization = Optimization(model, [optimizer], default_warmup(steps))
 
     phase_len = max(1, math.ceil(steps / k))
     fade_steps = max(1, round(settings.fade_fraction * steps))
@@ -349,35 +324,35 @@ def _stage2(model, gates, blocks, schedule, order, settings, checkpoints, resume
         start_step = state["step"]
         info.delta_before_stage2 = state["delta_before"]
         model.load_state_dict(state["model"], strict=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        optimization.load_state_dict(state["optimization"])
         info.stage2_losses = state["losses"]
         info.stage2_kl = state.get("kl", [])
         info.training_tokens = state["tokens"]
         info.resumed_from = f"stage 2 step {start_step}"
         log.info("resuming TRSP stage 2 at step %d", start_step)
 
-    for step in range(start_step, steps):
-        active = _set_stage2_gates(gates, order, step, settings, fade_steps, phase_len)
-        batch = blocks[schedule[offset + step]].to(device)
-        with model_autocast(model):
-            ce, kl = training_losses(model, batch, teacher)
-        loss = ce
-        if kl is not None:
-            loss = loss + settings.distill * kl
-        if active and settings.lambda2 > 0:
-            reg = torch.stack([gates.layers[i].last_delta.mean() for i in active]).sum()
-            loss = loss + settings.lambda2 * reg
-        stepper.step(loss, "stage-2", terms={"CE": ce, "KL": kl})
-        scheduler.step()
-        if kl is not None:
-            info.stage2_kl.append(float(kl.detach()))
-        info.stage2_losses.append(float(ce.detach()))
+    active: list[int] = []
+
+    def set_gates(step: int) -> None:
+        active[:] = _set_stage2_gates(gates, order, step, settings, fade_steps, phase_len)
+
+    def transfer_penalty(_step: int) -> torch.Tensor | None:
+        if not active or settings.lambda2 <= 0:
+            return None
+        return settings.lambda2 * torch.stack([gates.layers[i].last_delta.mean() for i in active]).sum()
+
+    def record(step: int, batch: torch.Tensor, losses: StepLosses) -> None:
+        if losses.kl is not None:
+            info.stage2_kl.append(float(losses.kl.detach()))
+        info.stage2_losses.append(float(losses.ce.detach()))
         info.training_tokens += batch.numel()
         if progress:
             progress(offset + step + 1, total, stage="transfer", loss=info.stage2_losses[-1])
         if (step + 1) % phase_len == 0 or step + 1 == steps:  # the end of a phase
-            checkpoints.save("stage2", _stage2_state(step + 1, model, optimizer, scheduler, info))
+            checkpoints.save("stage2", _stage2_state(step + 1, model, optimization, info))
+
+    train(model, blocks, schedule[offset:], range(start_step, steps), optimization, "stage-2", teacher,
+          settings.distill, before_step=set_gates, penalty=transfer_penalty, after_step=record)
     gates.reset()
     info.delta_after_stage2 = _mean_relative_delta(gates, order, model, probe, settings.reg_norm)
     info.stage2_seconds += time.perf_counter() - started
@@ -470,12 +445,11 @@ def _set_stage2_gates(gates: GateSet, order: list[int], step: int, settings: Trs
     return active
 
 
-def _stage2_state(step: int, model, optimizer, scheduler, info: TrspInfo) -> dict:
+def _stage2_state(step: int, model, optimization: Optimization, info: TrspInfo) -> dict:
     return {
         "step": step,
         "model": cpu_state_dict(model),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        "optimization": optimization.state_dict(),
         "losses": info.stage2_losses,
         "kl": info.stage2_kl,
         "tokens": info.training_tokens,

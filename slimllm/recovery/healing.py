@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -29,15 +28,26 @@ import torch
 from torch import nn
 
 from slimllm.core.artifacts import check_output_directory, content_id, digest, library_versions, local_inputs, plain
-from slimllm.core.device import autocast_dtype, dtype_name, model_autocast
+from slimllm.core.device import autocast_dtype, dtype_name
 from slimllm.core.errors import UserInputError, parse_choice
 from slimllm.core.placement import Placement, PlacementNeeds, check_placement_supports, input_device
+from slimllm.recovery.training import (
+    Optimization,
+    StepLosses,
+    TrainingCheckpoints,
+    batch_schedule,
+    default_warmup,
+    require_master_weights,
+    train,
+)
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[..., None]
 
 HEALING_RECORD_FILE = "slimllm_healing.json"
+HEAL_STATE = "state"
+"""The healing checkpoint in the work directory: `<work>/state.pt`."""
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The decoder's linear layers that receive adapters (attention and MLP projections, not the LM head)."""
@@ -176,41 +186,9 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
-class _ResumableState:
-    """`<work>/state.pt`: the trainable weights, the optimizer, the scaler and the step, written atomically."""
-
-    def __init__(self, work_dir: Path, key: str) -> None:
-        self.path = work_dir / "state.pt"
-        self.key = key
-
-    def matches(self) -> bool:
-        """Whether a saved state exists and was written for this key."""
-        if not self.path.is_file():
-            return False
-        return torch.load(self.path, map_location="cpu", weights_only=False, mmap=True).get("key") == self.key
-
-    def load(self) -> dict | None:
-        if not self.path.is_file():
-            return None
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
-        if state.get("key") != self.key:
-            raise UserInputError(
-                f"the healing checkpoint in {self.path.parent} was written with other settings or inputs; "
-                "run without --resume (it will be replaced)"
-            )
-        return state
-
-    def save(self, state: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        torch.save({**state, "key": self.key}, tmp)
-        os.replace(tmp, self.path)
-
-
 def _prepare_model(model: nn.Module, settings: HealSettings) -> nn.Module:
     """Scope full: the model itself (fp32 master weights required). Scope lora: the model with adapters."""
     from slimllm.core.device import set_compute_dtype
-    from slimllm.recovery.training import require_master_weights
 
     if settings.scope is HealScope.FULL:
         require_master_weights(model, "healing (--scope full)")
@@ -226,37 +204,12 @@ def _prepare_model(model: nn.Module, settings: HealSettings) -> nn.Module:
     return model
 
 
-class _Optimization:
-    """AdamW with warm-up and loss scaling over the trainable parameters; its state saves and restores as one."""
-
-    def __init__(self, model: nn.Module, settings: HealSettings) -> None:
-        from slimllm.recovery.training import MixedPrecisionStepper, default_warmup, warmup_constant
-
-        self.named = trainable_parameters(model)
-        self.optimizer = torch.optim.AdamW([p for _, p in self.named], lr=settings.learning_rate, weight_decay=0.0)
-        warmup = settings.warmup_steps if settings.warmup_steps is not None else default_warmup(settings.steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: warmup_constant(s, warmup))
-        self.stepper = MixedPrecisionStepper(model, self.optimizer)
-
-    def step(self, loss: torch.Tensor, where: str, terms: dict[str, torch.Tensor | None]) -> None:
-        self.stepper.step(loss, where, "--lr", terms)
-        self.scheduler.step()
-
-    def state(self) -> dict:
-        return {
-            "trainable": {name: p.detach().cpu() for name, p in self.named},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.stepper.state_dict(),
-        }
-
-    @torch.no_grad()
-    def restore(self, state: dict) -> None:
-        for name, p in self.named:
-            p.copy_(state["trainable"][name].to(p.device, p.dtype))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.stepper.load_state_dict(state["scaler"])
+def _optimization(model: nn.Module, settings: HealSettings) -> tuple[list[tuple[str, nn.Parameter]], Optimization]:
+    """AdamW with warm-up over the trainable parameters (the model's own, or its LoRA adapters)."""
+    named = trainable_parameters(model)
+    optimizer = torch.optim.AdamW([p for _, p in named], lr=settings.learning_rate, weight_decay=0.0)
+    warmup = settings.warmup_steps if settings.warmup_steps is not None else default_warmup(settings.steps)
+    return named, Optimization(model, [optimizer], warmup, "--lr")
 
 
 def heal_model(
@@ -274,43 +227,37 @@ def heal_model(
     With `work_dir`, the state is saved every `settings.save_every` steps and, with `resume`, training continues from
     the last save. The model must hold fp32 weights for scope full (load it with `for_training=True`).
     """
-    from slimllm.recovery.training import batch_schedule, training_losses
-
     if settings.distill > 0 and teacher is None:
         raise UserInputError("healing with --distill > 0 needs a teacher model; pass --teacher or --distill 0")
     model = _prepare_model(model, settings)
-    optimization = _Optimization(model, settings)
+    named, optimization = _optimization(model, settings)
     device = input_device(model)
-    state_file = _ResumableState(work_dir, state_key) if work_dir is not None else None
+    checkpoints = TrainingCheckpoints(work_dir, state_key, "healing") if work_dir is not None else None
     schedule = batch_schedule(blocks.shape[0], settings.batch_size, settings.steps, settings.seed)
     result = HealResult(None, settings.scope.value, settings.steps, settings.steps * blocks.shape[1] *
-                        settings.batch_size, 0.0, 0.0,
-                        trainable_params=sum(p.numel() for _, p in optimization.named))
-    if resume and state_file is not None and (state := state_file.load()) is not None:
-        optimization.restore(state)
+                        settings.batch_size, 0.0, 0.0, trainable_params=sum(p.numel() for _, p in named))
+    if resume and checkpoints is not None and (state := checkpoints.load(HEAL_STATE)) is not None:
+        _restore(named, optimization, state)
         result.losses, result.kl = list(state["losses"]), list(state["kl"])
         result.resumed_from_step = int(state["step"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    model.train()
-    try:
-        for step in range(result.resumed_from_step, settings.steps):
-            batch = blocks[schedule[step]].to(device)
-            with model_autocast(model):
-                ce, kl = training_losses(model, batch, teacher if settings.distill > 0 else None)
-            loss = ce if kl is None else ce + settings.distill * kl
-            optimization.step(loss, f"healing step {step}", {"CE": ce, "KL": kl})
-            result.losses.append(float(ce.detach()))
-            if kl is not None:
-                result.kl.append(float(kl.detach()))
-            if progress:
-                _report(progress, result, step, batch.numel(), started, settings.steps)
-            if state_file is not None and (step + 1) % settings.save_every == 0 and step + 1 < settings.steps:
-                state_file.save({"step": step + 1, **optimization.state(), "losses": result.losses, "kl": result.kl})
-    finally:
-        model.eval()
-    result.seconds = time.perf_counter() - started
+
+    def after_step(step: int, batch: torch.Tensor, losses: StepLosses) -> None:
+        result.losses.append(float(losses.ce.detach()))
+        if losses.kl is not None:
+            result.kl.append(float(losses.kl.detach()))
+        if progress:
+            _report(progress, result, step, batch.numel(), started, settings.steps)
+        if checkpoints is not None and (step + 1) % settings.save_every == 0 and step + 1 < settings.steps:
+            checkpoints.save(HEAL_STATE, {"step": step + 1, "trainable": {name: p.detach().cpu() for name, p in named},
+                                          "optimization": optimization.state_dict(),
+                                          "losses": result.losses, "kl": result.kl})
+
+    model.eval()  # `train` restores this mode when it ends
+    result.seconds = train(model, blocks, schedule, range(result.resumed_from_step, settings.steps), optimization,
+                           "healing", teacher, settings.distill, after_step=after_step)
     trained_here = (settings.steps - result.resumed_from_step) * settings.batch_size * blocks.shape[1]
     result.tokens_per_second = trained_here / max(result.seconds, 1e-9)
     if device.type == "cuda":
@@ -320,6 +267,13 @@ def heal_model(
     for p in model.parameters():
         p.requires_grad_(False)
     return model, result
+
+
+@torch.no_grad()
+def _restore(named: list[tuple[str, nn.Parameter]], optimization: Optimization, state: dict) -> None:
+    for name, p in named:
+        p.copy_(state["trainable"][name].to(p.device, p.dtype))
+    optimization.load_state_dict(state["optimization"])
 
 
 def _report(progress: Progress, result: HealResult, step: int, batch_tokens: int, started: float, steps: int):
@@ -444,7 +398,7 @@ def run_heal(
     key = digest({"checkpoint_sha256": content_id(checkpoint_path), "settings": plain(settings),
                   "teacher": content_id(teacher_name),
                   "text": corpus.sha256, "device": str(student.device), "dtype": dtype_name(student.dtype)})
-    if resume and restart_stale and not _ResumableState(work_dir, key).matches():
+    if resume and restart_stale and not TrainingCheckpoints(work_dir, key, "healing").matches(HEAL_STATE):
         log.warning("the healing state in %s is from other inputs or settings; healing starts again", work_dir)
         resume = False
     if not resume:

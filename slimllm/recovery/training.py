@@ -1,10 +1,14 @@
-"""Small training utilities shared by TRSP and the healing/fine-tuning baselines.
+"""The one training loop: healing, fine-tuning, TRSP's two stages and DReSS's regularization all run `train`.
 
-    >>> schedule = batch_schedule(n_blocks=64, batch_size=2, steps=100, seed=0)
+    >>> optimization = Optimization(model, [torch.optim.AdamW(params, lr=1e-4)], warmup_steps=10, lr_flags="--lr")
+    >>> seconds = train(model, blocks, batch_schedule(64, 2, 100, seed=0), range(100), optimization, "healing")
     >>> log = fine_tune(model, blocks, steps=100, lr=1e-4, batch_size=2, seed=0)
 
-The batch order is a pure function of (blocks, batch size, steps, seed), so a resumed run sees exactly the batches
-an uninterrupted run would have seen.
+`train` owns what every loop shares: the batch order, autocast (bf16 on CUDA over fp32 master weights), CE and the
+distillation KL, non-finite checks before any update, loss scaling for fp16, the warm-up schedule and train/eval
+mode. A caller adds its own penalty and its per-step hook (logging, shrinking, checkpointing), and saves
+`Optimization.state_dict()` in a `TrainingCheckpoints` file to resume. The batch order is a pure function of (blocks,
+batch size, steps, seed), so a resumed run sees exactly the batches an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -151,6 +155,98 @@ class MixedPrecisionStepper:
             self.scaler.load_state_dict(state)
 
 
+class Optimization:
+    """The optimizers of one run stepped as one, each with a warm-up-then-constant schedule (none with `warmup_steps`
+    None), behind one loss scaler; their state saves and restores as one dict."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizers: list[torch.optim.Optimizer],
+        warmup_steps: int | None,
+        lr_flags: str = TRSP_LR_FLAGS,
+    ) -> None:
+        self.optimizers = list(optimizers)
+        self.schedulers = (
+            [torch.optim.lr_scheduler.LambdaLR(o, lambda s: warmup_constant(s, warmup_steps)) for o in self.optimizers]
+            if warmup_steps is not None
+            else []
+        )
+        self.stepper = MixedPrecisionStepper(model, self.optimizers)
+        self.lr_flags = lr_flags
+        """The flags that lower this run's learning rates, named when a loss diverges."""
+
+    def step(self, loss: torch.Tensor, where: str, terms: dict[str, torch.Tensor | None]) -> None:
+        self.stepper.step(loss, where, self.lr_flags, terms)
+        for scheduler in self.schedulers:
+            scheduler.step()
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            "scaler": self.stepper.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
+        for scheduler, saved in zip(self.schedulers, state["schedulers"], strict=True):
+            scheduler.load_state_dict(saved)
+        self.stepper.load_state_dict(state["scaler"])
+
+
+@dataclass
+class StepLosses:
+    """What one step trained on: the total, and its terms (each checked for NaN and infinity before the update)."""
+
+    total: torch.Tensor
+    ce: torch.Tensor
+    kl: torch.Tensor | None = None
+
+
+def train(
+    model: torch.nn.Module,
+    blocks: torch.Tensor,
+    schedule: list[list[int]],
+    steps: range,
+    optimization: Optimization,
+    label: str,
+    teacher: torch.nn.Module | None = None,
+    distill: float = 0.0,
+    before_step: Callable[[int], None] | None = None,
+    penalty: Callable[[int], torch.Tensor | None] | None = None,
+    after_step: Callable[[int, torch.Tensor, StepLosses], None] | None = None,
+) -> float:
+    """Train `model` on `blocks[schedule[step]]` for each of `steps`; returns the seconds it took.
+
+    The loss is CE + `distill` · KL(teacher ‖ model) (the teacher runs only when `distill` > 0) + `penalty(step)`.
+    `before_step(step)` runs before the forward pass (TRSP sets its gates there), `after_step(step, batch, losses)`
+    after the update (logging, DReSS's shrinking, checkpoints). The model's train/eval mode is restored afterwards.
+    """
+    device = input_device(model)
+    started = time.perf_counter()
+    was_training = model.training
+    model.train()
+    try:
+        for step in steps:
+            if before_step is not None:
+                before_step(step)
+            batch = blocks[schedule[step]].to(device)
+            with model_autocast(model):
+                ce, kl = training_losses(model, batch, teacher if distill > 0 else None)
+            loss = ce if kl is None else ce + distill * kl
+            extra = penalty(step) if penalty is not None else None
+            if extra is not None:
+                loss = loss + extra
+            optimization.step(loss, f"{label} step {step}", {"CE": ce, "KL": kl})
+            if after_step is not None:
+                after_step(step, batch, StepLosses(loss, ce, kl))
+    finally:
+        model.train(was_training)
+    return time.perf_counter() - started
+
+
 def warmup_constant(step: int, warmup_steps: int) -> float:
     """LR multiplier: linear warm-up, then constant."""
     return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
@@ -185,43 +281,38 @@ def fine_tune(
     With a `teacher` and `distill` > 0 the loss is CE + distill * KL(teacher || model) (healing by distillation).
     """
     require_master_weights(model, "fine-tuning")
-    device = input_device(model)
     trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    warmup = default_warmup(steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_constant(s, warmup))
-    stepper = MixedPrecisionStepper(model, optimizer)
+    optimization = Optimization(model, [optimizer], default_warmup(steps), "--lr")
     log = TrainingLog()
-    started = time.perf_counter()
-    was_training = model.training
-    model.train()
-    try:
-        for step, indices in enumerate(batch_schedule(blocks.shape[0], batch_size, steps, seed)):
-            batch = blocks[indices].to(device)
-            with model_autocast(model):
-                ce, kl = training_losses(model, batch, teacher if distill > 0 else None)
-            loss = ce if kl is None else ce + distill * kl
-            stepper.step(loss, f"training step {step}", "--lr", {"CE": ce, "KL": kl})
-            scheduler.step()
-            log.steps += 1
-            log.tokens += batch.numel()
-            log.losses.append(float(ce.detach()))
-            if progress:
-                progress(step + 1, steps, loss=log.losses[-1])
-    finally:
-        model.train(was_training)
-    log.seconds = time.perf_counter() - started
+
+    def record(step: int, batch: torch.Tensor, losses: StepLosses) -> None:
+        log.steps += 1
+        log.tokens += batch.numel()
+        log.losses.append(float(losses.ce.detach()))
+        if progress:
+            progress(step + 1, steps, loss=log.losses[-1])
+
+    schedule = batch_schedule(blocks.shape[0], batch_size, steps, seed)
+    log.seconds = train(model, blocks, schedule, range(steps), optimization, "training", teacher, distill,
+                        after_step=record)
     return log
 
 
-class TrainingCheckpoints:
-    """The latest state of each training stage in a work directory (written atomically, one file per stage)."""
+CHECKPOINT_FORMAT = 2
+"""Version of what training checkpoints hold (2: one `Optimization` state); checked with the key, so an older
+checkpoint is refused rather than misread."""
 
-    def __init__(self, work_dir: Path | None, fingerprint: str, method: str) -> None:
+
+class TrainingCheckpoints:
+    """The latest state of each training stage in a work directory (written atomically, one file per stage), keyed by
+    what the run must share with the run that wrote it (`key`: model, data and settings, hashed)."""
+
+    def __init__(self, work_dir: Path | None, key: str, what: str) -> None:
         self.work_dir = Path(work_dir) if work_dir is not None else None
-        self.method = method
-        self.fingerprint = fingerprint
-        """Hash of the run's model, data and settings; saved in every checkpoint and checked on resume."""
+        self.what = what
+        """The run in words ("TRSP", "healing"), for the error a stale checkpoint gets."""
+        self.key = key
 
     def path(self, stage: str) -> Path | None:
         return self.work_dir / f"{stage}.pt" if self.work_dir is not None else None
@@ -231,8 +322,18 @@ class TrainingCheckpoints:
         if path is None:
             return
         buffer = io.BytesIO()
-        torch.save({**state, "fingerprint": self.fingerprint}, buffer)
+        torch.save({**state, "key": self.key, "format": CHECKPOINT_FORMAT}, buffer)
         atomic_write_bytes(path, buffer.getvalue())
+
+    def matches(self, stage: str) -> bool:
+        """Whether the stage has a checkpoint written for this key (read lazily: the weights are not loaded)."""
+        path = self.path(stage)
+        if path is None or not path.is_file():
+            return False
+        return self._written_here(torch.load(path, map_location="cpu", weights_only=False, mmap=True))
+
+    def _written_here(self, state: dict) -> bool:
+        return state.get("key") == self.key and state.get("format") == CHECKPOINT_FORMAT
 
     def load(self, stage: str) -> dict | None:
         """The stage's checkpoint, if any; one made by a run with other settings, data or model is refused."""
@@ -240,11 +341,11 @@ class TrainingCheckpoints:
         if path is None or not path.is_file():
             return None
         state = torch.load(path, map_location="cpu", weights_only=False)
-        if state.get("fingerprint") != self.fingerprint:
+        if not self._written_here(state):
             raise UserInputError(
-                f"the {self.method} checkpoint in {self.work_dir} was made with other settings, calibration data or "
-                f"model (seed, batch size, {self.method} settings and data are hashed); rerun with the same ones, "
-                "or without --resume to start over"
+                f"the {self.what} checkpoint in {self.work_dir} was made with other settings, calibration data or "
+                "model (the settings, data and model are hashed); rerun with the same ones, or without --resume to "
+                "start over (it will be replaced)"
             )
         return state
 
