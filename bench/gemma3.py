@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from slimllm.core.artifacts import atomic_write_json, atomic_write_text, library_versions, machine_info  # noqa: E402
 from slimllm.core.data import shared_data_dir  # noqa: E402
-from slimllm.latency.report import describe_removal  # noqa: E402
+from slimllm.pruning.surgery import describe_removal  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"

@@ -47,11 +47,6 @@ FLAGS = [
                     rename={"outtypes": "--outtype"}, defaults={"outtypes": ",".join(COMPILE_GGUF_TYPES)}),
 ]
 
-COMPILE_SECTION_FLAGS = (
-    "eval_seq_len", "eval_windows", "eval_task", "eval_task_file", "eval_tasks", "heal", "memory_check",
-)
-"""[compile] settings passed as section overrides (the others are compile()'s own arguments)."""
-
 FIXED = common_parameters(
     out_help="Output directory.",
     recipe_help="TOML recipe: [compile], [prune], method, [onnx], [gguf] tables; flags override it.",
@@ -63,17 +58,18 @@ FIXED = common_parameters(
 
 
 def split_compile_flags(given: dict[str, dict[str, Any]]) -> tuple[dict, dict, dict[str, dict[str, Any]]]:
-    """The flags given, as compile() takes them: [compile] flags, prune flags, and per-section overrides."""
-    compile_flags = dict(given.get("compile", {}))
-    prune_flags = given.get("prune", {})
-    overrides = {
-        "compile": {k: compile_flags.pop(k) for k in COMPILE_SECTION_FLAGS if k in compile_flags},
-        "prune": {k: v for k, v in prune_flags.items() if k not in ("method", "remove", "ratio", "calib")},
-        "heal": given.get("heal", {}),
-        "onnx": given.get("onnx", {}),
-        "gguf": given.get("gguf", {}),
-    }
-    return compile_flags, prune_flags, overrides
+    """The flags given, as compile() takes them: [compile] and [prune] flags that are compile()'s own arguments, and
+    every other flag as an override of its recipe section."""
+    from inspect import signature
+
+    from slimllm.pipeline.compiler import compile as compile_pipeline
+
+    arguments = set(signature(compile_pipeline).parameters)
+    own = {section: {k: v for k, v in given.get(section, {}).items() if k in arguments}
+           for section in ("compile", "prune")}
+    overrides = {section: {k: v for k, v in values.items() if k not in own.get(section, {})}
+                 for section, values in given.items()}
+    return own["compile"], own["prune"], overrides
 
 
 def _compile(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:

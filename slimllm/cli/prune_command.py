@@ -19,9 +19,9 @@ from slimllm.cli.app import (
 )
 from slimllm.cli.options import common_parameters, settings_command, settings_flags
 from slimllm.core.errors import UserInputError
-from slimllm.latency.report import describe_removal
 from slimllm.pruning.registry import method_settings_sections
 from slimllm.pruning.stage import PruneSettings
+from slimllm.pruning.surgery import describe_removal
 
 
 def _flags():

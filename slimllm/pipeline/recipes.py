@@ -15,24 +15,19 @@ from slimllm.core.settings import build_settings, read_toml, refuse_unknown_keys
 
 
 def recipe_sections() -> dict[str, type]:
-    """Section name -> settings class: compile's, the prune stage's, each registered method's own, the exporters'."""
+    """Section name -> settings class: [compile], each compile stage's own section (each pruning method's right after
+    [prune]), and [eval] (`slimllm eval`)."""
     from slimllm.evaluation.perplexity import EvalSettings
-    from slimllm.exporters.gguf import GgufExportSettings
-    from slimllm.exporters.onnx import OnnxExportSettings
     from slimllm.pipeline.settings import CompileSettings
+    from slimllm.pipeline.stages import stage_sections
     from slimllm.pruning.registry import method_settings_sections
-    from slimllm.pruning.settings import PruneSettings
-    from slimllm.recovery.healing import HealSettings
 
-    return {
-        "compile": CompileSettings,
-        "prune": PruneSettings,
-        **method_settings_sections(),
-        "heal": HealSettings,
-        "onnx": OnnxExportSettings,
-        "gguf": GgufExportSettings,
-        "eval": EvalSettings,
-    }
+    sections: dict[str, type] = {"compile": CompileSettings}
+    for section, settings_class in stage_sections().items():
+        sections[section] = settings_class
+        if section == "prune":
+            sections.update(method_settings_sections())
+    return {**sections, "eval": EvalSettings}
 
 
 def load_recipe(path: Path) -> dict[str, dict[str, Any]]:

@@ -3,15 +3,18 @@
     >>> [spec.name for spec in compile_stages()]
     ['prune', 'heal', 'export_onnx', 'export_gguf', 'evaluate', 'accuracy', 'profile', 'report']
 
-A stage is a `StageSpec` registered by its module (listed in `BUILTIN_STAGE_MODULES`, in pipeline order). The
-pipeline (`slimllm.pipeline.compiler`) chains the enabled ones; a stage is reused when the digest of its settings
-(`keyed_by`) and of the content hashes of the stages it `reads` is unchanged and its outputs are intact. A stage
-reads other stages only through their declared outputs and results (`CompileContext.outputs` / `.results`), never
-by reaching into their directories.
+A stage is one module of this package that registers a `StageSpec`: its place in the pipeline (`order`), what it
+reads, its recipe section and settings class, and its block of the report. Nothing else lists stages: the pipeline
+(`slimllm.pipeline.compiler`) runs every module here in `order`, the recipe reader takes their sections, and the
+report stage asks each for its blocks. A stage is reused when the digest of its settings (`keyed_by`) and of the
+content hashes of the stages it `reads` is unchanged and its outputs are intact. A stage reads other stages only
+through their declared outputs and results (`CompileContext.outputs` / `.results`), never by reaching into their
+directories. `docs/extending.md` walks through adding one.
 """
 
 from __future__ import annotations
 
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import import_module
@@ -19,18 +22,6 @@ from pathlib import Path
 from typing import Any
 
 Progress = Callable[..., None]
-
-BUILTIN_STAGE_MODULES = (
-    "slimllm.pipeline.stages.prune",
-    "slimllm.pipeline.stages.heal",
-    "slimllm.pipeline.stages.exports",
-    "slimllm.pipeline.stages.evaluate",
-    "slimllm.pipeline.stages.accuracy",
-    "slimllm.pipeline.stages.profile",
-    "slimllm.pipeline.stages.report",
-)
-"""Modules that register the built-in stages, in the order the pipeline runs them."""
-
 
 @dataclass
 class CompileContext:
@@ -69,8 +60,15 @@ class StageSpec:
     name: str
     run: Callable[[CompileContext], tuple[dict[str, Any], dict[str, Any]]]
     """Runs the stage; returns (declared outputs, result record)."""
-    reads: tuple[str, ...] = ()
-    """Stages whose outputs it reads: their content hashes are part of its key."""
+    order: int
+    """Its place in the pipeline: stages run in increasing order (prune 10, heal 20, exports 30-31, ...)."""
+    reads: tuple[str, ...] | None = ()
+    """Stages whose outputs it reads: their content hashes are part of its key. None: every stage before it."""
+    section: str | None = None
+    """Its recipe section (`[heal]`), read into `settings_class`; None when [compile] holds its settings."""
+    settings_class: type | None = None
+    report: Callable[[dict[str, Any], dict[str, bytes]], list[dict[str, Any]]] | None = None
+    """Its blocks of report.md from its result record (images it draws go into the dict); None: it has none."""
     keyed_by: Callable[[CompileContext], dict[str, Any]] = lambda ctx: {}
     """Settings and outside inputs (source hashes) that decide whether an earlier result is still valid."""
     enabled: Callable[[CompileContext], bool] = lambda ctx: True
@@ -91,19 +89,31 @@ def register_stage(spec: StageSpec) -> StageSpec:
 
 
 def compile_stages() -> list[StageSpec]:
-    """Every registered stage, in pipeline order."""
-    for module in BUILTIN_STAGE_MODULES:
-        import_module(module)
-    return list(_STAGES.values())
+    """Every stage of this package, in pipeline order."""
+    for module in pkgutil.iter_modules(__path__):
+        import_module(f"{__name__}.{module.name}")
+    return sorted(_STAGES.values(), key=lambda spec: spec.order)
+
+
+def stages_read(spec: StageSpec) -> tuple[str, ...]:
+    """The stages `spec` reads: its declared ones, or (`reads` None) every stage before it."""
+    if spec.reads is not None:
+        return spec.reads
+    return tuple(other.name for other in compile_stages() if other.order < spec.order)
 
 
 def stage_inputs(spec: StageSpec, ctx: CompileContext) -> dict[str, Any]:
     """What decides reuse: the stage's own key and the content hash of every stage output it reads."""
     return {
         "settings": spec.keyed_by(ctx),
-        "reads": {name: ctx.outputs.get(name, {}).get("sha256") for name in spec.reads},
+        "reads": {name: ctx.outputs.get(name, {}).get("sha256") for name in stages_read(spec)},
         "version": spec.version,
     }
+
+
+def stage_sections() -> dict[str, type]:
+    """Recipe section -> settings class of every stage that has its own section, in pipeline order."""
+    return {spec.section: spec.settings_class for spec in compile_stages() if spec.section is not None}
 
 
 def source_hash(source: str | None) -> str | None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from slimllm.core.artifacts import atomic_write_json
+from slimllm.core.report import Block, heading, paragraph, table
 from slimllm.pipeline.stages import CompileContext, StageSpec, register_stage, source_hash
 from slimllm.pipeline.stages.evaluate import DENSE_LABEL, EvaluatedModel, evaluated_models, onnx_device
 
@@ -82,10 +83,40 @@ def _progress(ctx: CompileContext, index: int, models: int):
     return lambda done, total: ctx.progress(index * total + done, models * total, model=f"{index + 1}/{models}")
 
 
+def _report(accuracy: dict[str, Any], _images: dict[str, bytes]) -> list[Block]:
+    if not accuracy:
+        return []
+    blocks: list[dict[str, Any]] = [heading(f"Zero-shot accuracy: {accuracy['task']}")]
+    if accuracy.get("skipped"):
+        return blocks + [paragraph(f"Not measured: {accuracy['skipped']}.")]
+    rows = [
+        [
+            label,
+            f"{100 * row['acc_norm']:.2f} ± {100 * row['acc_norm_stderr']:.2f}",
+            f"{100 * row['acc']:.2f} ± {100 * row['acc_stderr']:.2f}",
+            f"{100 * row['acc_per_token']:.2f}",
+            f"{100 * row['agreement_with_dense']:.1f} %" if "agreement_with_dense" in row else "",
+            f"{row['seconds']:.0f}",
+        ]
+        for label, row in accuracy["models"].items()
+    ]
+    return blocks + [
+        {"kind": "p", "text": (
+            f"The first {accuracy['tasks']} tasks of `{accuracy['file']}`, scored as lm-evaluation-harness scores "
+            "them (acc: log-likelihood of the ending; acc_norm: per character of the ending), plus llama.cpp's "
+            "per-token rule; ± one standard error. Agreement: tasks on which the model's acc_norm pick is right "
+            "exactly when the dense model's is."
+        )},
+        table(["model", "acc_norm", "acc", "per-token", "agreement", "seconds"], rows),
+    ]
+
+
 ACCURACY = register_stage(
     StageSpec(
         name="accuracy",
         run=_run,
+        order=50,
+        report=_report,
         reads=("prune", "heal", "export_onnx", "export_gguf"),
         keyed_by=_keyed_by,
         enabled=lambda ctx: ctx.compile.eval_task is not None,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from slimllm.core.artifacts import atomic_write_json
+from slimllm.core.report import Block, heading, table
 from slimllm.pipeline.stages import CompileContext, StageSpec, register_stage, source_hash
 from slimllm.pipeline.stages.prune import checkpoint_of
 
@@ -88,14 +89,58 @@ def _run(ctx: CompileContext) -> tuple[dict[str, Any], dict[str, Any]]:
     return {"path": str(path)}, result
 
 
+def _report(evaluation: dict[str, Any], _images: dict[str, bytes]) -> list[Block]:
+    return _perplexity_blocks(evaluation) + _divergence_blocks(evaluation)
+
+
+def _perplexity_blocks(evaluation: dict[str, Any]) -> list[Block]:
+    if not evaluation:
+        return []
+    return [
+        heading("Perplexity"),
+        {"kind": "p", "text": (
+            f"`{evaluation['data']}`, {evaluation['windows']} windows x {evaluation['seq_len']} tokens "
+            f"({evaluation['tokens_scored']} tokens scored), the same windows for every row."
+        )},
+        table(["model", "perplexity"], [[k, f"{v:.3f}"] for k, v in evaluation["perplexity"].items()]),
+    ]
+
+
+def _divergence_blocks(evaluation: dict[str, Any]) -> list[Block]:
+    divergence = evaluation.get("divergence")
+    if not divergence:
+        return []
+    rows = [
+        [
+            label,
+            f"{stats['ppl_ratio']:.4f}",
+            f"{stats['kld']['mean']:.5f} ± {stats['kld']['stderr']:.5f}",
+            f"{stats['kld']['99%']:.4f}",
+            f"{stats['kld']['max']:.3f}",
+            f"{100 * stats['same_top1']['mean']:.2f} %",
+            f"{100 * stats['delta_p']['rms']:.2f} %",
+        ]
+        for label, stats in divergence.items()
+    ]
+    return [
+        heading("Divergence from the dense model"),
+        {"kind": "p", "text": (
+            "KL(dense || model) per predicted token on the same windows, as `llama-perplexity --kl-divergence` "
+            "reports it; Δp is the model's probability of the actual next token minus the dense model's."
+        )},
+        table(["model", "PPL ratio", "mean KLD", "KLD 99%", "KLD max", "same top-1", "Δp RMS"], rows),
+    ]
+
+
 EVALUATE = register_stage(
     StageSpec(
         name="evaluate",
         run=_run,
+        order=40,
+        report=_report,
         reads=("prune", "heal", "export_onnx", "export_gguf"),
         keyed_by=_keyed_by,
         writes=("evaluation.json",),
         version=2,  # 2: KL statistics of every artifact against the dense model
     )
 )
-

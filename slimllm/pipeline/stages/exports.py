@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from slimllm.core.artifacts import plain
+from slimllm.core.report import Block, heading, paragraph, table
+from slimllm.exporters.gguf import GgufExportSettings
+from slimllm.exporters.onnx import OnnxExportSettings
 from slimllm.pipeline.stages import CompileContext, StageSpec, register_stage
 from slimllm.pipeline.stages.prune import checkpoint_of
 
@@ -49,10 +52,54 @@ def check_summaries(checks: list[dict]) -> list[dict]:
     ]
 
 
+def _onnx_report(onnx: dict[str, Any], _images: dict[str, bytes]) -> list[Block]:
+    rows = [[c["name"], c["passed"], _figure(c), _bound(c)] for c in onnx["checks"]]
+    return [
+        heading("Parity of the exports: ONNX"),
+        paragraph(f"ONNX `{onnx['variant']}` against PyTorch, validated on {onnx['provider']}:"),
+        table(["check", "passed", "figure", "bound"], rows),
+        *[paragraph(note) for note in onnx.get("notes", [])],
+    ]
+
+
+def _gguf_report(gguf: dict[str, Any], _images: dict[str, bytes]) -> list[Block]:
+    rows = [
+        [name, f"{info['bytes'] / 2**20:.1f} MiB", f"{info['ppl']:.3f}", f"{info['ppl_ratio']:.4f}",
+         f"{100 * info['argmax_agreement']:.1f} %", info["passed"]]
+        for name, info in gguf["files"].items()
+    ]
+    blocks = [
+        heading("Parity of the exports: GGUF"),
+        paragraph("GGUF files in llama.cpp against PyTorch:"),
+        table(["file", "size", "PPL", "PPL / PyTorch", "argmax agreement", "passed"], rows),
+    ]
+    token_checks = [
+        c for checks in gguf["checks"].values() for c in checks if c["name"].startswith("token ids identical")
+    ]
+    if token_checks:
+        blocks.append(paragraph(f"Tokenizer: {token_checks[0]['name']} for every file."))
+    blocks += [{"kind": "code", "text": f"[{label}] {text}"} for label, text in gguf.get("greedy", {}).items()]
+    return blocks
+
+
+def _figure(check: dict[str, Any]) -> str:
+    if check.get("value") is None:
+        return str(check.get("metric"))
+    return f"{check['metric']} {check['value']:.4g}"
+
+
+def _bound(check: dict[str, Any]) -> str:
+    return "" if check.get("bound") is None else f"{check['bound']:.3g}"
+
+
 EXPORT_ONNX = register_stage(
     StageSpec(
         name="export_onnx",
         run=_run_onnx,
+        order=30,
+        section="onnx",
+        settings_class=OnnxExportSettings,
+        report=_onnx_report,
         reads=("prune", "heal"),
         keyed_by=lambda ctx: {"onnx": plain(ctx.settings["onnx"])},
         enabled=_wants("onnx"),
@@ -63,6 +110,10 @@ EXPORT_GGUF = register_stage(
     StageSpec(
         name="export_gguf",
         run=_run_gguf,
+        order=31,
+        section="gguf",
+        settings_class=GgufExportSettings,
+        report=_gguf_report,
         reads=("prune", "heal"),
         keyed_by=lambda ctx: {"gguf": plain(ctx.settings["gguf"])},
         enabled=_wants("gguf"),

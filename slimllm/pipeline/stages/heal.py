@@ -8,6 +8,7 @@ from typing import Any
 from slimllm.core.artifacts import plain
 from slimllm.pipeline.stages import CompileContext, StageSpec, register_stage, source_hash
 from slimllm.pipeline.stages.prune import pruned_checkpoint
+from slimllm.recovery.healing import HealSettings
 
 
 def _keyed_by(ctx: CompileContext) -> dict[str, Any]:
@@ -37,6 +38,9 @@ HEAL = register_stage(
     StageSpec(
         name="heal",
         run=_run,
+        order=20,
+        section="heal",
+        settings_class=HealSettings,
         reads=("prune",),
         keyed_by=_keyed_by,
         enabled=lambda ctx: ctx.settings.get("heal") is not None and ctx.settings.get("prune") is not None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from slimllm.core.report import Block, heading
 from slimllm.pipeline.stages import CompileContext, StageSpec, register_stage
 from slimllm.pipeline.stages.prune import checkpoint_of, checkpoint_sha
 
@@ -49,10 +50,25 @@ def _run(ctx: CompileContext) -> tuple[dict[str, Any], dict[str, Any]]:
     }
 
 
+def _report(result: dict[str, Any], images: dict[str, bytes]) -> list[Block]:
+    from slimllm.latency.report import latency_blocks, latency_chart_png
+
+    latency = result.get("latency")
+    if not latency:
+        return []
+    blocks = [heading("Latency"), *latency_blocks(latency)]
+    if latency["summary"]:
+        images["latency.png"] = latency_chart_png(latency)
+        blocks.append({"kind": "img", "src": "latency.png", "alt": "latency chart"})
+    return blocks
+
+
 PROFILE = register_stage(
     StageSpec(
         name="profile",
         run=_run,
+        order=60,
+        report=_report,
         reads=("prune", "heal", "export_onnx", "export_gguf"),
         keyed_by=_keyed_by,
         enabled=lambda ctx: ctx.compile.profile is not None,

@@ -6,7 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from slimllm.core.artifacts import plain
+from slimllm.core.report import Block, heading, paragraph, table
 from slimllm.pipeline.stages import CompileContext, StageSpec, register_stage, source_hash
+from slimllm.pruning.settings import PruneSettings
+from slimllm.pruning.surgery import describe_removal
 
 NO_PRUNING = "none"
 """`--method none`: compile the dense model as it is."""
@@ -82,6 +85,65 @@ def checkpoint_sha(ctx: CompileContext) -> str:
     return ctx.outputs[final_stage(ctx)]["sha256"]
 
 
+def _report(prune: dict[str, Any], images: dict[str, bytes]) -> list[Block]:
+    blocks: list[dict[str, Any]] = [heading("Pruning")]
+    if prune.get("method") in (None, "none"):
+        return blocks + [paragraph("No layers removed (`--method none`): the dense model was exported.")]
+    removed = prune.get("removed_layers", [])
+    before, after = prune.get("params_before", 0), prune.get("params_after", 0)
+    what = prune.get("summary") or (
+        f"removed {len(removed)} of {prune.get('original_num_layers')} layers (original indices "
+        f"{describe_removal(removed, prune.get('removed_kinds') or {}, prune.get('compute_removed') or {})})"
+    )
+    blocks.append({"kind": "p", "text": (
+        f"Method `{prune['method']}`: {what}; parameters {before / 1e6:.1f}M -> {after / 1e6:.1f}M "
+        f"({100 * (1 - after / before):.1f} % fewer). Pruning took {prune.get('seconds', 0):.0f} s"
+        + (" (resumed from a checkpoint)." if prune.get("resumed") else ".")
+    )})
+    details = prune.get("details", {})
+    if details.get("gate_trajectory"):
+        images["gates.png"] = _gate_trajectory_png(details["gate_trajectory"], details.get("selection_order", []))
+        blocks.append({"kind": "img", "src": "gates.png", "alt": "TRSP gate trajectory"})
+    deltas = details.get("delta_before_stage2", {})
+    if deltas:
+        after_stage2 = details.get("delta_after_stage2", {})
+        rows = [[layer, f"{deltas[layer]:.3f}", f"{after_stage2.get(layer, float('nan')):.3f}"] for layer in deltas]
+        blocks.append(paragraph("Relative ||y - x|| of the selected layers around stage 2:"))
+        blocks.append(table(["layer", "before stage 2", "after stage 2"], rows))
+    return blocks
+
+
+def _gate_trajectory_png(trajectory: list[list[float]], selection_order: list[int]) -> bytes:
+    """Every layer's gate after every TRSP stage-1 round; the selected layers are drawn in colour."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    rounds = list(range(1, len(trajectory) + 1))
+    layers = len(trajectory[0]) if trajectory else 0
+    for layer in range(layers):
+        values = [row[layer] for row in trajectory]
+        if layer in selection_order:
+            label = f"layer {layer} (round {selection_order.index(layer) + 1})"
+            axis.plot(rounds, values, marker="o", linewidth=1.6, label=label)
+        else:
+            axis.plot(rounds, values, color="#bbbbbb", linewidth=0.8)
+    axis.set_xlabel("stage-1 round")
+    axis.set_ylabel("gate value at the end of the round")
+    axis.set_title("TRSP gate trajectory (grey: kept layers)")
+    axis.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
 PRUNE = register_stage(
-    StageSpec(name="prune", run=_run, keyed_by=_keyed_by, writes=("pruned", "pruned.partial"))
+    StageSpec(name="prune", run=_run, order=10, keyed_by=_keyed_by, writes=("pruned", "pruned.partial"),
+              section="prune", settings_class=PruneSettings, report=_report)
 )
