@@ -42,8 +42,8 @@ def _trsp(out: Path) -> str:
     from slimllm.core.data import load_calibration
     from slimllm.models.checkpoints import save_pruned_checkpoint
     from slimllm.models.loading import load_model
+    from slimllm.pruning.methods.trsp import TrspSettings, run_trsp
     from slimllm.pruning.surgery import remove_layers
-    from slimllm.pruning.trsp import TrspSettings, run_trsp
 
     loaded = load_model("smollm2-135m", device="cuda", for_training=True)
     model = loaded.model

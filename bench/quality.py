@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,12 +50,18 @@ from slimllm.evaluation.sequence_scoring import torch_shared_prefix_log_probs  #
 from slimllm.evaluation.tasks import read_task  # noqa: E402
 from slimllm.models.loading import LoadedModel, load_model  # noqa: E402
 from slimllm.pipeline.recipes import build_settings, load_recipe  # noqa: E402
-from slimllm.pruning.dress import DressSettings, NeuronScore  # noqa: E402
-from slimllm.pruning.methods import BASELINE_METHODS, PruneMethod  # noqa: E402
+from slimllm.pruning.choices import PruneMethod  # noqa: E402
+from slimllm.pruning.methods.dress import DressSettings, NeuronScore  # noqa: E402
+from slimllm.pruning.methods.trsp import Stage2Mode, TrainScope, TrspSettings  # noqa: E402
+from slimllm.pruning.registry import (  # noqa: E402
+    BenchmarkVariant,
+    PruningMethod,
+    all_methods,
+    get_method,
+    method_settings_sections,
+)
 from slimllm.pruning.stage import PruneSettings, count_parameters, prune_in_memory  # noqa: E402
 from slimllm.pruning.surgery import remove_layers  # noqa: E402
-from slimllm.pruning.trsp import Stage2Mode, TrainScope, TrspSettings  # noqa: E402
-from slimllm.pruning.two_ssp import TwoSspSettings  # noqa: E402
 from slimllm.recovery.healing import HealScope, HealSettings, heal_model  # noqa: E402
 from slimllm.recovery.repair import RepairMethod, repair_before_removal  # noqa: E402
 from slimllm.recovery.training import fine_tune, frozen_teacher  # noqa: E402
@@ -135,13 +142,23 @@ class BenchSettings:
     """DReSS's regularization tokens; prune-then-fine-tune gets them as extra fine-tuning."""
     recovery_tokens: int = 16_384
     """The recovery fine-tune (healing: CE + 1 x KL to dense) after the width rows' removal."""
+    method_settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Other methods' settings from the recipe's sections (`[2ssp]`, `[dress]`, ...), by method name."""
+
+    def configured(self, method: PruningMethod) -> Any:
+        """The settings the benchmark runs `method` with: the recipe's (TRSP's are `trsp`), else its defaults."""
+        configured = {"trsp": self.trsp, **self.method_settings}
+        return configured.get(method.name) or method.default_settings()
 
 
 @dataclass
-class TrspRun:
+class MethodRun:
+    """A method's selection and removal, as `prune_in_memory` made it."""
+
     model: torch.nn.Module
     removed_layers: list[int]
-    selection_details: dict
+    details: dict
+    summary: str
     seconds: float
 
 
@@ -157,17 +174,33 @@ class Bench:
         self.settings = settings
         self.calibration = calibration
         self.train_calibration = train_calibration
-        self._trsp_runs: dict[str, TrspRun] = {}
+        self._runs: dict[str, MethodRun] = {}
 
-    def trsp_run(self, trsp: TrspSettings) -> TrspRun:
-        key = digest({"prune": self.settings.prune, "trsp": trsp})
-        if key not in self._trsp_runs:
-            prune = dataclasses.replace(self.settings.prune, method=PruneMethod.TRSP)
-            pruned, report, selection, seconds = prune_in_memory(
-                self.loaded, prune, self.train_calibration or self.calibration, method_settings=trsp
-            )
-            self._trsp_runs[key] = TrspRun(pruned, report.removed_layers, selection.details, seconds)
-        return self._trsp_runs[key]
+    def method_run(self, method: str, method_settings=None, repair: RepairMethod | None = RepairMethod.NONE,
+                   calibration=None, remove: int | None | str = "k") -> MethodRun:
+        """`method` with `method_settings` (None: its defaults), repaired with `repair` (None: the method's default
+        repair); trains on the training blocks when the method trains. `remove` None: the method sets its own target
+        (2SSP, DReSS)."""
+        spec = get_method(method)
+        if calibration is None:
+            calibration = (self.train_calibration or self.calibration) if spec.trains_weights else self.calibration
+        prune = dataclasses.replace(self.settings.prune, method=PruneMethod(method), repair=repair)
+        if remove != "k":
+            prune = dataclasses.replace(prune, remove=remove)
+        key = digest({"prune": prune, "method": method_settings, "blocks": list(calibration.blocks.shape)})
+        if key not in self._runs:
+            pruned, report, selection, seconds = prune_in_memory(self.loaded, prune, calibration,
+                                                                 method_settings=method_settings)
+            self._runs[key] = MethodRun(pruned, report.removed_layers, selection.details, selection.summary, seconds)
+        return self._runs[key]
+
+    def trsp_run(self, trsp: TrspSettings | None = None) -> MethodRun:
+        return self.method_run("trsp", trsp or self.settings.trsp)
+
+    @property
+    def trsp_tokens(self) -> int:
+        """The TRSP row's training tokens: the budget every row that heals at equal tokens gets."""
+        return self.trsp_run().details["training_tokens"]
 
     @property
     def heal_lr(self) -> float:
@@ -208,158 +241,73 @@ class Bench:
 RowBuilder = Callable[[Bench], Row]
 
 
-def baseline_row(method: PruneMethod, repair: RepairMethod = RepairMethod.NONE) -> RowBuilder:
-    """A method that selects without training; with `repair`, the training-free repair folded in before removal."""
+def _selection_notes(details: dict, summary: str, settings) -> str:
+    """What a selection did, in words: its summary, or TRSP's selection order and stage-2 transfer."""
+    if "selection_order" not in details:
+        return summary
+    transfer = ", ".join(
+        f"{k}: {details['delta_before_stage2'][k]:.3f}->{details['delta_after_stage2'][k]:.3f}"
+        for k in details.get("delta_before_stage2", {})
+    )
+    return (f"selection order {details['selection_order']}; stage 2 {settings.stage2.value}; "
+            f"relative |y-x| before/after stage 2: {transfer}")
+
+
+def select_row(method: PruningMethod, variant: BenchmarkVariant) -> RowBuilder:
+    """The method as the benchmark's recipe configures it ([trsp] for TRSP, defaults otherwise), with the variant's
+    options over its settings, removed with the variant's repair. Option `sparsity` "depth": the block-parameter
+    sparsity of removing k whole layers; `limit_calibration`: score on the first `--sleb-blocks` blocks."""
 
     def build(bench: Bench) -> Row:
-        prune = dataclasses.replace(bench.settings.prune, method=method, repair=repair)
-        calibration, notes = bench.calibration, ""
-        limit = bench.settings.sleb_blocks if method is PruneMethod.SLEB else None
-        if limit is not None and calibration.blocks.shape[0] > limit:
-            calibration = dataclasses.replace(calibration, blocks=calibration.blocks[:limit])
+        options = dict(variant.options)
+        calibration, notes = None, ""
+        if options.pop("limit_calibration", False) and bench.calibration.blocks.shape[0] > bench.settings.sleb_blocks:
+            limit = bench.settings.sleb_blocks
+            calibration = dataclasses.replace(bench.calibration, blocks=bench.calibration.blocks[:limit])
             notes = f"first {limit} calibration blocks (cost: one suffix forward per candidate per step)"
-        pruned, report, selection, seconds = prune_in_memory(bench.loaded, prune, calibration)
-        name = method.value if repair is RepairMethod.NONE else f"{method.value}+{repair.value}"
-        row = Row(name, pruned, report.removed_layers, seconds, notes=notes)
-        if "repair" in selection.details:
-            row.extra = {"repair": selection.details["repair"]}
+        if options.get("sparsity") == "depth":
+            options["sparsity"] = bench.settings.prune.remove / bench.loaded.model.config.num_hidden_layers
+        base = bench.settings.configured(method)
+        settings = dataclasses.replace(base, **options) if base is not None else None
+        run = bench.method_run(method.name, settings, _repair(variant), calibration,
+                               "k" if method.removes_layers else None)
+        row = Row(variant.name, run.model, run.removed_layers, run.seconds,
+                  training_tokens=run.details.get("training_tokens", 0),
+                  notes=notes or _selection_notes(run.details, run.summary, settings))
+        if "repair" in run.details:
+            row.extra = {"repair": run.details["repair"]}
+        elif method.trains_weights or method.edits_model:
+            row.extra = {method.name: run.details}
         return row
 
     return build
 
 
-def twossp_row(bench: Bench) -> Row:
-    """2SSP at the block-parameter sparsity of removing k whole layers (k / N: every block is the same size)."""
-    num_layers = bench.loaded.model.config.num_hidden_layers
-    sparsity = bench.settings.prune.remove / num_layers
-    prune = dataclasses.replace(bench.settings.prune, method=PruneMethod("2ssp"), remove=None)
-    pruned, _, selection, seconds = prune_in_memory(bench.loaded, prune, bench.calibration,
-                                                    method_settings=TwoSspSettings(sparsity=sparsity))
-    details = selection.details
-    return Row("2ssp", pruned, [], seconds, notes=selection.summary,
-               extra={key: details[key] for key in ("ffn_kept", "attention_removed", "achieved_sparsity",
-                                                    "width_seconds", "attention_seconds")})
-
-
-def width_row(score: NeuronScore, regularize: bool, recover: bool) -> RowBuilder:
-    """FFN-width rows at `--width-sparsity`, all through DReSS's selection so that they remove the same neurons:
-    `2ssp-width` removes them at once (2SSP's score, no training), `2ssp-width+ft` then fine-tunes for DReSS's
-    regularization plus recovery tokens, `dress` regularizes first and recovers with the same fine-tune (equal
-    tokens); `dress-magnitude` and `dress-random` are the ablation of the selection score."""
+def trsp_stage1_row(_method: PruningMethod, variant: BenchmarkVariant) -> RowBuilder:
+    """TRSP's stage-1 selection removed without knowledge transfer (the ablation), with the variant's repair, then
+    (option `heal`) healed by distillation for the rest of the trsp row's token budget (its total minus stage 1's)."""
+    repair, heal = _repair(variant) or RepairMethod.NONE, dict(variant.options).get("heal", False)
 
     def build(bench: Bench) -> Row:
-        settings = bench.settings
-        dress = DressSettings(sparsity=settings.width_sparsity, score=score,
-                              reg_tokens=settings.dress_tokens if regularize else 0, lr=bench.heal_lr)
-        prune = dataclasses.replace(settings.prune, method=PruneMethod("dress"), remove=None)
-        pruned, _, selection, seconds = prune_in_memory(bench.loaded, prune, bench.train_calibration,
-                                                        method_settings=dress)
-        details = selection.details
-        name = "dress" if regularize else "2ssp-width"
-        name += f"-{score.value}" if score is not NeuronScore.ACTIVATION else ""
-        notes = f"FFN {details['ffn_width_before']} -> {details['ffn_kept']}"
-        tokens = details["training_tokens"]
-        if regularize:
-            notes += (f"; {details['steps']} regularization steps, selected share of FFN output "
-                      f"{details['share_before']:.3f} -> {details['share_after']:.3f}")
-        extra = {key: details[key] for key in ("ffn_kept", "achieved_width_sparsity", "share_before", "share_after",
-                                               "selected_norm_after", "steps", "penalty")}
-        if recover:
-            budget = settings.recovery_tokens + (0 if regularize else settings.dress_tokens)
-            pruned, result, heal = bench.heal(pruned, budget)
-            seconds += result.seconds
-            tokens += result.tokens
-            notes += f"; {result.steps} recovery steps (CE + KL, lr {heal.learning_rate})"
-            name += "" if regularize else "+ft"
-            extra["heal"] = result.to_dict()
-        return Row(name, pruned, [], seconds, training_tokens=tokens, notes=notes, extra=extra)
-
-    return build
-
-
-def trsp_row(bench: Bench) -> Row:
-    trsp = bench.settings.trsp
-    run = bench.trsp_run(trsp)
-    details = run.selection_details
-    transfer = ", ".join(
-        f"{k}: {details['delta_before_stage2'][k]:.3f}->{details['delta_after_stage2'][k]:.3f}"
-        for k in details.get("delta_before_stage2", {})
-    )
-    notes = (
-        f"selection order {details['selection_order']}; stage 2 {trsp.stage2.value}; "
-        f"relative |y-x| before/after stage 2: {transfer}"
-    )
-    row = Row("trsp", run.model, run.removed_layers, run.seconds, training_tokens=details["training_tokens"],
-              notes=notes)
-    row.extra = {"trsp": details}
-    return row
-
-
-def trsp_no_stage2_row(bench: Bench) -> Row:
-    """TRSP's stage-1 selection removed without knowledge transfer (the ablation)."""
-    trsp = bench.settings.trsp
-    prune = bench.settings.prune
-    if trsp.train_scope is TrainScope.GATES:
+        trsp, prune = bench.settings.trsp, bench.settings.prune
+        ablation_only = repair is RepairMethod.NONE and not heal
+        if ablation_only and trsp.train_scope is not TrainScope.GATES:  # stage 1 trained the weights: run it alone
+            run = bench.trsp_run(dataclasses.replace(trsp, stage2=Stage2Mode.NONE))
+            return Row(variant.name, run.model, run.removed_layers, run.seconds,
+                       training_tokens=run.details["training_tokens"])
         # Gate-only stage 1 leaves the weights untouched: the ablation is the dense model minus the same layers.
-        details = bench.trsp_run(trsp).selection_details
-        pruned, report = remove_layers(bench.loaded.model, sorted(details["selection_order"]))
-        return Row(
-            "trsp-no-stage2",
-            pruned,
-            report.removed_layers,
-            details["stage1_seconds"],
-            training_tokens=len(details["stage1_losses"]) * prune.batch_size * prune.block_len,
-            notes="the trsp row's stage-1 selection, removed without stage 2",
-        )
-    run = bench.trsp_run(dataclasses.replace(trsp, stage2=Stage2Mode.NONE))
-    return Row("trsp-no-stage2", run.model, run.removed_layers, run.seconds,
-               training_tokens=run.selection_details["training_tokens"])
-
-
-def heal_row(distill: bool) -> RowBuilder:
-    """ShortGPT's removal, then fine-tuning with the same number of tokens as the trsp row.
-
-    Plain LM fine-tuning (`shortgpt+heal`), or with the distillation term TRSP's stage 2 uses (`shortgpt+heal-kd`,
-    weight: the recipe's, or 1 when it has none), which separates what distillation buys from what regularizing
-    before removal buys.
-    """
-
-    def build(bench: Bench) -> Row:
-        tokens = bench.trsp_run(bench.settings.trsp).selection_details["training_tokens"]
-        prune = dataclasses.replace(bench.settings.prune, method=PruneMethod.SHORTGPT)
-        pruned, report, _, selection_seconds = prune_in_memory(bench.loaded, prune, bench.calibration)
-        weight = (bench.settings.trsp.distill or 1.0) if distill else 0.0
-        teacher = frozen_teacher(bench.loaded.model) if distill else None
-        log = bench.fine_tune(pruned, tokens, teacher=teacher, distill=weight)
-        loss = f"CE + {weight} x KL to dense" if distill else "CE"
-        return Row(
-            "shortgpt+heal-kd" if distill else "shortgpt+heal",
-            pruned,
-            report.removed_layers,
-            selection_seconds + log.seconds,
-            training_tokens=log.tokens,
-            notes=f"{log.steps} AdamW steps at lr {bench.heal_lr} on {loss} (same tokens as trsp)",
-        )
-
-    return build
-
-
-def trsp_selection_with_repair_row(repair: RepairMethod, heal: bool) -> RowBuilder:
-    """TRSP's stage-1 selection removed with a training-free repair, then (with `heal`) healed by distillation for
-    the rest of the trsp row's token budget (its total minus what stage 1 used)."""
-
-    def build(bench: Bench) -> Row:
-        details = bench.trsp_run(bench.settings.trsp).selection_details
-        stage1_tokens = len(details["stage1_losses"]) * bench.settings.prune.batch_size * bench.settings.prune.block_len
+        details = bench.trsp_run().details
+        stage1_tokens = len(details["stage1_losses"]) * prune.batch_size * prune.block_len
         layers = sorted(details["selection_order"])
         model, record, seconds = bench.removal_with_repair(layers, repair)
-        name = f"trsp-no-stage2+{repair.value}"
-        row = Row(name, model, layers, details["stage1_seconds"] + seconds, training_tokens=stage1_tokens,
-                  notes="the trsp row's stage-1 selection, repaired and removed without stage 2")
-        row.extra = {"repair": record}
+        row = Row(variant.name, model, layers, details["stage1_seconds"] + seconds, training_tokens=stage1_tokens,
+                  notes="the trsp row's stage-1 selection, " + ("repaired and " if record else "")
+                        + "removed without stage 2")
+        if record:
+            row.extra = {"repair": record}
         if heal:
             model, result, settings = bench.heal(model, details["training_tokens"] - stage1_tokens)
-            row = Row(f"trsp+{repair.value}+heal", model, layers, row.seconds + result.seconds,
+            row = Row(variant.name, model, layers, row.seconds + result.seconds,
                       training_tokens=stage1_tokens + result.tokens,
                       notes=f"trsp stage-1 selection, {repair.value}, then {result.steps} steps of healing "
                             f"(CE + KL, lr {settings.learning_rate})")
@@ -369,64 +317,116 @@ def trsp_selection_with_repair_row(repair: RepairMethod, heal: bool) -> RowBuild
     return build
 
 
-def shortgpt_repair_heal_row(repair: RepairMethod, scope: HealScope) -> RowBuilder:
-    """ShortGPT's removal with a training-free repair, then healing by distillation at the trsp row's budget."""
+def _repair(variant: BenchmarkVariant) -> RepairMethod | None:
+    return RepairMethod(variant.repair) if variant.repair is not None else None
+
+
+def fine_tune_row(method: PruningMethod, variant: BenchmarkVariant) -> RowBuilder:
+    """The method's removal (with the variant's repair), then fine-tuning with as many tokens as the trsp row.
+
+    Plain LM fine-tuning, or (option `distill`) with the distillation term TRSP's stage 2 uses (weight: the recipe's,
+    or 1 when it has none), which separates what distillation buys from what regularizing before removal buys.
+    """
+    distill = dict(variant.options).get("distill", False)
 
     def build(bench: Bench) -> Row:
-        tokens = bench.trsp_run(bench.settings.trsp).selection_details["training_tokens"]
-        prune = dataclasses.replace(bench.settings.prune, method=PruneMethod.SHORTGPT, repair=repair)
-        pruned, report, selection, seconds = prune_in_memory(bench.loaded, prune, bench.calibration)
-        model, result, settings = bench.heal(pruned, tokens, scope)
-        suffix = "heal" if scope is HealScope.FULL else "heal-lora"
-        row = Row(f"shortgpt+{repair.value}+{suffix}", model, report.removed_layers, seconds + result.seconds,
+        tokens = bench.trsp_tokens
+        run = bench.method_run(method.name, repair=_repair(variant))
+        pruned = copy.deepcopy(run.model)
+        weight = (bench.settings.trsp.distill or 1.0) if distill else 0.0
+        teacher = frozen_teacher(bench.loaded.model) if distill else None
+        log = bench.fine_tune(pruned, tokens, teacher=teacher, distill=weight)
+        loss = f"CE + {weight} x KL to dense" if distill else "CE"
+        return Row(variant.name, pruned, run.removed_layers, run.seconds + log.seconds, training_tokens=log.tokens,
+                   notes=f"{log.steps} AdamW steps at lr {bench.heal_lr} on {loss} (same tokens as trsp)")
+
+    return build
+
+
+def heal_row(method: PruningMethod, variant: BenchmarkVariant) -> RowBuilder:
+    """The method's removal with the variant's repair, then healing by distillation at the trsp row's budget (option
+    `scope`: full or lora)."""
+    repair, scope = _repair(variant), HealScope(dict(variant.options).get("scope", "full"))
+
+    def build(bench: Bench) -> Row:
+        tokens = bench.trsp_tokens
+        run = bench.method_run(method.name, repair=repair)
+        model, result, settings = bench.heal(copy.deepcopy(run.model), tokens, scope)
+        row = Row(variant.name, model, run.removed_layers, run.seconds + result.seconds,
                   training_tokens=result.tokens,
                   notes=f"{result.steps} steps of {scope.value} healing (CE + KL, lr {settings.learning_rate}, "
-                        f"{result.trainable_params / 1e6:.2f}M trainable) after {repair.value} (same tokens as trsp)")
-        row.extra = {"repair": selection.details.get("repair"), "heal": result.to_dict()}
+                        f"{result.trainable_params / 1e6:.2f}M trainable) after "
+                        f"{variant.repair or 'the default repair'} (same tokens as trsp)")
+        row.extra = {"repair": run.details.get("repair"), "heal": result.to_dict()}
         return row
+
+    return build
+
+
+def width_row(method: PruningMethod, variant: BenchmarkVariant) -> RowBuilder:
+    """FFN width removed at `--width-sparsity` through the method's selection with the variant's `score`;
+    `regularize` spends `--dress-tokens` first, `recover` fine-tunes after removal so that every recovered row has
+    seen the same tokens."""
+    options = dict(variant.options)
+    score, regularize, recover = NeuronScore(options["score"]), options["regularize"], options["recover"]
+
+    def build(bench: Bench) -> Row:
+        settings = bench.settings
+        dress = DressSettings(sparsity=settings.width_sparsity, score=score,
+                              reg_tokens=settings.dress_tokens if regularize else 0, lr=bench.heal_lr)
+        run = bench.method_run(method.name, dress, calibration=bench.train_calibration, remove=None)
+        details, pruned, seconds = run.details, copy.deepcopy(run.model), run.seconds
+        notes = f"FFN {details['ffn_width_before']} -> {details['ffn_kept']}"
+        tokens = details["training_tokens"]
+        if regularize:
+            notes += (f"; {details['steps']} regularization steps, selected share of FFN output "
+                      f"{details['share_before']:.3f} -> {details['share_after']:.3f}")
+        extra = {key: details[key] for key in ("ffn_kept", "achieved_width_sparsity", "share_before", "share_after",
+                                               "selected_norm_after", "steps", "penalty")}
+        if recover:
+            pruned, result, heal = bench.heal(pruned, settings.recovery_tokens + (0 if regularize else
+                                                                                   settings.dress_tokens))
+            seconds += result.seconds
+            tokens += result.tokens
+            notes += f"; {result.steps} recovery steps (CE + KL, lr {heal.learning_rate})"
+            extra["heal"] = result.to_dict()
+        return Row(variant.name, pruned, [], seconds, training_tokens=tokens, notes=notes, extra=extra)
 
     return build
 
 
 def dense_ft_row(bench: Bench) -> Row:
     """The dense model fine-tuned with the same tokens: how much of a gain is only domain adaptation."""
-    tokens = bench.trsp_run(bench.settings.trsp).selection_details["training_tokens"]
     model = copy.deepcopy(bench.loaded.model)
-    log = bench.fine_tune(model, tokens)
+    log = bench.fine_tune(model, bench.trsp_tokens)
     return Row("dense+ft", model, [], log.seconds, training_tokens=log.tokens,
                notes=f"{log.steps} AdamW steps at lr {bench.heal_lr} (same tokens as trsp)")
 
 
-TRAINING_ROWS = ("trsp", "trsp-no-stage2", "trsp-no-stage2+lsq", "trsp+lsq+heal", "shortgpt+heal",
-                 "shortgpt+heal-kd", "shortgpt+lsq+heal", "shortgpt+lsq+heal-lora", "dense+ft", "2ssp-width",
-                 "2ssp-width+ft", "dress", "dress-magnitude", "dress-random")
-
-# The rows this benchmark knows, in report order: the TRSP rows, the healing rows, then one row per registered
-# method that selects without training.
-ROW_BUILDERS: dict[str, RowBuilder] = {
-    "trsp": trsp_row,
-    "trsp-no-stage2": trsp_no_stage2_row,
-    "trsp-no-stage2+lsq": trsp_selection_with_repair_row(RepairMethod.LSQ, heal=False),
-    "trsp+lsq+heal": trsp_selection_with_repair_row(RepairMethod.LSQ, heal=True),
-    "shortgpt+lsq+heal": shortgpt_repair_heal_row(RepairMethod.LSQ, HealScope.FULL),
-    "shortgpt+lsq+heal-lora": shortgpt_repair_heal_row(RepairMethod.LSQ, HealScope.LORA),
-    "shortgpt+heal": heal_row(distill=False),
-    "shortgpt+heal-kd": heal_row(distill=True),
-    "dense+ft": dense_ft_row,
-    "2ssp": twossp_row,
-    "2ssp-width": width_row(NeuronScore.ACTIVATION, regularize=False, recover=False),
-    "2ssp-width+ft": width_row(NeuronScore.ACTIVATION, regularize=False, recover=True),
-    "dress": width_row(NeuronScore.ACTIVATION, regularize=True, recover=True),
-    "dress-magnitude": width_row(NeuronScore.MAGNITUDE, regularize=True, recover=True),
-    "dress-random": width_row(NeuronScore.RANDOM, regularize=True, recover=True),
-    **{method.value: baseline_row(method) for method in BASELINE_METHODS},
-    **{
-        f"{method.value}+{repair.value}": baseline_row(method, repair)
-        for repair in RepairMethod
-        if repair is not RepairMethod.NONE
-        for method in BASELINE_METHODS
-    },
+ROW_KINDS: dict[str, Callable[[PruningMethod, BenchmarkVariant], RowBuilder]] = {
+    "select": select_row,
+    "trsp-stage1": trsp_stage1_row,
+    "fine-tune": fine_tune_row,
+    "heal": heal_row,
+    "width": width_row,
 }
+"""How each kind of `BenchmarkVariant` is built."""
+
+
+def _registered_rows() -> tuple[dict[str, RowBuilder], set[str]]:
+    """Every registered method's benchmark variants in registry order, then dense+ft; and the rows that train."""
+    builders: dict[str, RowBuilder] = {}
+    training: set[str] = {"dense+ft"}
+    for method in all_methods().values():
+        for variant in method.benchmark_variants():
+            builders[variant.name] = ROW_KINDS[variant.kind](method, variant)
+            if variant.trains:
+                training.add(variant.name)
+    builders["dense+ft"] = dense_ft_row
+    return builders, training
+
+
+ROW_BUILDERS, TRAINING_ROWS = _registered_rows()
 
 
 def _command_line(args: argparse.Namespace) -> str:
@@ -510,7 +510,7 @@ def write_markdown(path: Path, payload: dict) -> None:
     atomic_write_text(path, "\n".join(lines))
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--remove", type=int, default=8)
@@ -569,15 +569,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--tag", default="", help="Suffix for the result file names (e.g. trsp).")
     parser.add_argument("--device", default="auto")
-    args = parser.parse_args(argv)
+    return parser
 
-    rows_wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = [r for r in rows_wanted if r not in ROW_BUILDERS]
-    if unknown:
-        parser.error(f"unknown rows {unknown}; known: {', '.join(ROW_BUILDERS)}")
 
-    started = time.perf_counter()
-    loaded = load_model(args.model, device=args.device, for_training=True)
+def _bench(args: argparse.Namespace, loaded: LoadedModel, rows_wanted: list[str]) -> Bench:
+    """The shared calibration (and training) blocks and every row's settings, from the command line and recipe."""
     prune = PruneSettings(
         remove=args.remove,
         protect_first=args.protect_first,
@@ -590,13 +586,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     recipe = load_recipe(args.trsp_recipe) if args.trsp_recipe else {}
     if recipe.get("prune"):
-        print(
-            f"[quality] note: the [prune] table of {args.trsp_recipe} is not used here; the command line sets "
-            "the shared calibration",
-            file=sys.stderr,
-        )
+        print(f"[quality] note: the [prune] table of {args.trsp_recipe} is not used here; the command line sets "
+              "the shared calibration", file=sys.stderr)
+    others = {name: build_settings(cls, recipe[name], {}, f"[{name}]")
+              for name, cls in method_settings_sections().items() if name in recipe and name != "trsp"}
     settings = BenchSettings(prune, build_settings(TrspSettings, recipe.get("trsp"), {}, "[trsp]"), args.sleb_blocks,
-                             args.heal_lr, args.width_sparsity, args.dress_tokens, args.recovery_tokens)
+                             args.heal_lr, args.width_sparsity, args.dress_tokens, args.recovery_tokens, others)
     calibration = load_calibration(
         args.calib, loaded.model, loaded.tokenizer, args.calib_blocks, args.block_len, args.seed, args.dev_fraction
     )
@@ -606,29 +601,43 @@ def main(argv: list[str] | None = None) -> int:
             args.calib, loaded.model, loaded.tokenizer, args.train_blocks, args.block_len, args.seed,
             args.dev_fraction,
         )
-    bench = Bench(loaded, settings, calibration, train_calibration)
-    rows: list[Row] = []
-    for name in rows_wanted:
+    return Bench(loaded, settings, calibration, train_calibration)
+
+
+def _run_rows(bench: Bench, names: list[str]) -> list[Row]:
+    rows = []
+    for name in names:
         print(f"[quality] {name} ...", file=sys.stderr, flush=True)
         row = ROW_BUILDERS[name](bench)
         # The process peak so far: for the first row, its own peak (plus the loaded dense model and the data).
         row.extra["peak_rss_gib_after_row"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        print(
-            f"[quality] {name}: removed {row.removed_layers} in {row.seconds:.1f} s",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(f"[quality] {name}: removed {row.removed_layers} in {row.seconds:.1f} s", file=sys.stderr, flush=True)
         rows.append(row)
+    return rows
 
+
+def _row_record(name: str, result, model, **fields) -> dict:
+    """One row of the result file: its test-split figures and how it was made."""
+    return {
+        "name": name,
+        "perplexity": result.perplexity,
+        "mean_nll": result.mean_nll,
+        "kl_to_dense": getattr(result, "kl_to_reference", 0.0),
+        "top1_agreement": getattr(result, "top1_agreement", 1.0),
+        "params": count_parameters(model),
+        **fields,
+    }
+
+
+def _payload(args: argparse.Namespace, bench: Bench, rows: list[Row], started: float) -> dict:
+    """Score the dense model and every row on the same test windows (and the development slice and HellaSwag),
+    and the whole result record."""
+    loaded = bench.loaded
     corpus = load_corpus(args.eval_data, DataPurpose.EVALUATION)
     windows = split_windows(
         tokenize_corpus(corpus, loaded.tokenizer), args.seq_len, args.max_windows, bos_prefix_id(loaded.tokenizer)
     )
-    print(
-        f"[quality] scoring dense + {len(rows)} rows on {windows.shape[0]} windows ...",
-        file=sys.stderr,
-        flush=True,
-    )
+    print(f"[quality] scoring dense + {len(rows)} rows on {windows.shape[0]} windows ...", file=sys.stderr, flush=True)
     eval_started = time.perf_counter()
     dense_result, results = compare_with_reference(
         torch_logits_fn(loaded.model), {row.name: torch_logits_fn(row.model) for row in rows}, windows
@@ -636,26 +645,16 @@ def main(argv: list[str] | None = None) -> int:
     eval_seconds = time.perf_counter() - eval_started
     development = development_scores(args, loaded, rows)
     hellaswag = hellaswag_scores(args, loaded, rows)
-
-    num_layers = loaded.model.config.num_hidden_layers
-    payload = {
+    relative = {key: str(getattr(args, key).relative_to(REPO_ROOT) if getattr(args, key).is_relative_to(REPO_ROOT)
+                          else getattr(args, key)) for key in ("out_dir", "trsp_recipe")}
+    return {
         "benchmark": "quality",
         "model": args.model,
-        "original_num_layers": num_layers,
+        "original_num_layers": loaded.model.config.num_hidden_layers,
         "command": _command_line(args),
-        "settings": {
-            **vars(args),
-            "out_dir": str(
-                args.out_dir.relative_to(REPO_ROOT) if args.out_dir.is_relative_to(REPO_ROOT) else args.out_dir
-            ),
-            "trsp_recipe": str(
-                args.trsp_recipe.relative_to(REPO_ROOT)
-                if args.trsp_recipe.is_relative_to(REPO_ROOT)
-                else args.trsp_recipe
-            ),
-        },
-        "calibration": calibration.describe(),
-        "training_calibration": train_calibration.describe() if train_calibration is not None else None,
+        "settings": {**vars(args), **relative},
+        "calibration": bench.calibration.describe(),
+        "training_calibration": bench.train_calibration.describe() if bench.train_calibration is not None else None,
         "eval": {
             "data": args.eval_data,
             "data_sha256": corpus.sha256,
@@ -667,37 +666,12 @@ def main(argv: list[str] | None = None) -> int:
             "hellaswag_file": str(args.hellaswag_file),
         },
         "rows": [
-            {
-                "name": "dense",
-                "perplexity": dense_result.perplexity,
-                "mean_nll": dense_result.mean_nll,
-                "kl_to_dense": 0.0,
-                "top1_agreement": 1.0,
-                "removed_layers": [],
-                "params": count_parameters(loaded.model),
-                "seconds": 0.0,
-                "training_tokens": 0,
-                **development.get("dense", {}),
-                **hellaswag.get("dense", {}),
-            }
-        ]
-        + [
-            {
-                "name": row.name,
-                "perplexity": results[row.name].perplexity,
-                "mean_nll": results[row.name].mean_nll,
-                "kl_to_dense": results[row.name].kl_to_reference,
-                "top1_agreement": results[row.name].top1_agreement,
-                "removed_layers": row.removed_layers,
-                "params": count_parameters(row.model),
-                "seconds": row.seconds,
-                "training_tokens": row.training_tokens,
-                "notes": row.notes,
-                **development.get(row.name, {}),
-                **hellaswag.get(row.name, {}),
-                **row.extra,
-            }
-            for row in rows
+            _row_record("dense", dense_result, loaded.model, removed_layers=[], seconds=0.0, training_tokens=0,
+                        **development.get("dense", {}), **hellaswag.get("dense", {})),
+            *(_row_record(row.name, results[row.name], row.model, removed_layers=row.removed_layers,
+                          seconds=row.seconds, training_tokens=row.training_tokens, notes=row.notes,
+                          **development.get(row.name, {}), **hellaswag.get(row.name, {}), **row.extra)
+              for row in rows),
         ],
         "device": str(loaded.device),
         "dtype": str(loaded.dtype).replace("torch.", ""),
@@ -706,6 +680,20 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": time.perf_counter() - started,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    rows_wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows_wanted if r not in ROW_BUILDERS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; known: {', '.join(ROW_BUILDERS)}")
+    started = time.perf_counter()
+    loaded = load_model(args.model, device=args.device, for_training=True)
+    bench = _bench(args, loaded, rows_wanted)
+    rows = _run_rows(bench, rows_wanted)
+    payload = _payload(args, bench, rows, started)
     stem = f"quality-{_slug(args.model)}-k{args.remove}" + (f"-{args.tag}" if args.tag else "")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out_dir / f"{stem}.json", payload)

@@ -131,8 +131,8 @@ def test_exporters_refuse_what_they_cannot_write_in_one_line(tmp_path, smollm2_t
 
 
 def test_2ssp_prune_stage_records_both_stages(tiny_model_dir, tmp_path):
+    from slimllm.pruning.methods.two_ssp import TwoSspSettings
     from slimllm.pruning.stage import PruneSettings, run_prune
-    from slimllm.pruning.two_ssp import TwoSspSettings
 
     source = tiny_model_dir("qwen2")
     settings = PruneSettings(method="2ssp", calib=str(CALIB_FILE), calib_blocks=4, block_len=32)

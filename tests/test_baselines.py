@@ -7,9 +7,9 @@ from conftest import IDENTITY_LAYER, TINY_ARCHITECTURES, build_tiny_model
 from slimllm.core.errors import UserInputError
 from slimllm.evaluation.perplexity import causal_lm_loss_sum
 from slimllm.models.architectures import decoder_layers
-from slimllm.pruning.baselines import select_layers
 from slimllm.pruning.candidates import candidate_layers, check_removable, layers_to_remove
-from slimllm.pruning.methods import BASELINE_METHODS, PruneMethod
+from slimllm.pruning.choices import BASELINE_METHODS, PruneMethod
+from slimllm.pruning.methods.baselines import select_layers
 from slimllm.pruning.surgery import remove_layers
 
 SCORE_METHODS = (PruneMethod.SHORTGPT, PruneMethod.ANGULAR, PruneMethod.SLEB)
@@ -120,7 +120,7 @@ def test_block_by_block_scores_equal_whole_model_passes(arch_name):
     import torch.nn.functional as F
 
     from slimllm.models.layer_io import trace_decoder
-    from slimllm.pruning.baselines import angular_distances, block_influence
+    from slimllm.pruning.methods.baselines import angular_distances, block_influence
     from slimllm.pruning.width import ffn_neuron_scores, ffn_of
 
     model = build_tiny_model(arch_name, num_layers=5, seed=3).eval()

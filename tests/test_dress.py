@@ -12,7 +12,7 @@ from test_cli import _assert_user_error, run_cli
 
 from slimllm.core.errors import UserInputError
 from slimllm.models.architectures import decoder_layers
-from slimllm.pruning.dress import (
+from slimllm.pruning.methods.dress import (
     DressSettings,
     NeuronScore,
     RegSchedule,
@@ -24,8 +24,8 @@ from slimllm.pruning.dress import (
     shrink_groups,
     shrink_per_step,
 )
-from slimllm.pruning.trsp import RegNorm
-from slimllm.pruning.two_ssp import WidthRounding
+from slimllm.pruning.methods.trsp import RegNorm
+from slimllm.pruning.methods.two_ssp import WidthRounding
 from slimllm.pruning.width import keep_ffn_neurons
 from slimllm.recovery.training import TrainingCheckpoints
 

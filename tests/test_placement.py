@@ -28,8 +28,8 @@ from slimllm.core.placement import (
 )
 from slimllm.models.loading import load_model
 from slimllm.pipeline.plan import MachineMemory, StagePlan, check_fits
+from slimllm.pruning.methods.trsp import TrspSettings
 from slimllm.pruning.stage import PruneSettings, run_prune
-from slimllm.pruning.trsp import TrspSettings
 
 GIB = 2**30
 

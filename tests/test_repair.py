@@ -229,9 +229,9 @@ def test_repair_after_trsp_stage2_is_refused_before_any_work(tiny_model_dir):
     """Stage 2 trains the kept layers to do without the removed ones; fitting the removed layers' outputs afterwards
     would undo it. TRSP with --stage2 none (gates-only stage 1) may be repaired."""
     from slimllm.models.loading import load_model
+    from slimllm.pruning.methods.trsp import TrspSettings
     from slimllm.pruning.settings import PruneSettings
     from slimllm.pruning.stage import prune_in_memory
-    from slimllm.pruning.trsp import TrspSettings
 
     loaded = load_model(str(tiny_model_dir("llama")), device="cpu", for_training=True)
     settings = PruneSettings(method="trsp", remove=1, repair="lsq")

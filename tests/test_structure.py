@@ -161,7 +161,7 @@ def test_method_registry_drives_choices_recipes_and_benchmark_rows():
 
     from slimllm.cli.prune_command import FLAGS
     from slimllm.pipeline.recipes import recipe_sections
-    from slimllm.pruning.methods import PruneMethod
+    from slimllm.pruning.choices import PruneMethod
     from slimllm.pruning.registry import all_methods, method_settings_sections
 
     names = list(all_methods())
@@ -171,8 +171,10 @@ def test_method_registry_drives_choices_recipes_and_benchmark_rows():
     trsp_flags = {flag.flag for flag in FLAGS if flag.section == "trsp"}
     assert {"--lambda1", "--stage2", "--distill"} <= trsp_flags
     assert {"--sparsity", "--alpha", "--width-multiple", "--stage"} <= {f.flag for f in FLAGS if f.section == "2ssp"}
-    baselines = [name for name, method in all_methods().items() if not method.trains_weights]
-    assert set(baselines) <= set(quality.ROW_BUILDERS)
+    variants = [v.name for method in all_methods().values() for v in method.benchmark_variants()]
+    assert list(quality.ROW_BUILDERS) == [*variants, "dense+ft"]  # every row is a registered method's variant
+    assert {"shortgpt", "shortgpt+lsq", "random+comp", "trsp", "2ssp", "dress", "shortgpt+lsq+heal"} <= set(variants)
+    assert {v.kind for method in all_methods().values() for v in method.benchmark_variants()} <= set(quality.ROW_KINDS)
 
 
 def test_every_settings_field_is_a_flag_and_a_recipe_key_with_help():
@@ -203,8 +205,8 @@ def test_benchmark_rows_do_not_depend_on_their_order(tiny_model_dir, text_file):
 
     from slimllm.core.data import load_calibration
     from slimllm.models.loading import load_model
+    from slimllm.pruning.methods.trsp import TrspSettings
     from slimllm.pruning.stage import PruneSettings
-    from slimllm.pruning.trsp import TrspSettings
 
     loaded = load_model(str(tiny_model_dir("llama")), device="cpu", for_training=True)
     calibration = load_calibration(str(text_file), loaded.model, loaded.tokenizer, 4, 32, 0)

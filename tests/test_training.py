@@ -28,14 +28,14 @@ def _fine_tune(model, teacher):
 
 
 def _trsp(model, teacher):
-    from slimllm.pruning.trsp import Stage2Mode, TrspSettings, run_trsp
+    from slimllm.pruning.methods.trsp import Stage2Mode, TrspSettings, run_trsp
 
     settings = TrspSettings(steps_per_round=2, stage2=Stage2Mode.FADE, stage2_steps=4, distill=1.0)
     run_trsp(model, _blocks(), 1, range(3), settings, batch_size=2)
 
 
 def _dress(model, teacher):
-    from slimllm.pruning.dress import DressSettings, regularize
+    from slimllm.pruning.methods.dress import DressSettings, regularize
 
     selected = [list(range(16)) for _ in range(3)]
     regularize(model, _blocks(), selected, DressSettings(reg_lambda=1.0, reg_tokens=4 * 2 * 16, distill=1.0))

@@ -12,8 +12,8 @@ from slimllm.models.architectures import decoder_layers
 from slimllm.models.checkpoints import PRUNING_RECORD_FILE
 from slimllm.pipeline.recipes import build_settings, load_recipe
 from slimllm.pruning.gates import GateMode, attach_gates, detach_gates
+from slimllm.pruning.methods.trsp import Stage2Mode, TrspSettings, run_trsp
 from slimllm.pruning.surgery import remove_layers
-from slimllm.pruning.trsp import Stage2Mode, TrspSettings, run_trsp
 from slimllm.recovery.training import distillation_kl, fine_tune, frozen_teacher
 
 IDS = torch.tensor([[7, 300, 25, 4000, 12, 9, 77, 1500]])

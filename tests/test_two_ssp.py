@@ -9,7 +9,7 @@ from conftest import TINY_ARCHITECTURES, build_tiny_model
 from slimllm.core.errors import UserInputError
 from slimllm.models.architectures import decoder_layers
 from slimllm.models.layer_io import attention_skipped
-from slimllm.pruning.two_ssp import (
+from slimllm.pruning.methods.two_ssp import (
     BlockParameters,
     TwoSspStage,
     WidthRounding,

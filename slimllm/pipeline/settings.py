@@ -79,7 +79,7 @@ class CompileSettings:
 
 def method_choices() -> type[Enum]:
     """The registered pruning methods plus `none` (compile the dense model), as one closed set for `--method`."""
-    from slimllm.pruning.methods import PruneMethod
+    from slimllm.pruning.choices import PruneMethod
 
     return Enum("MethodChoice", {m.name: m.value for m in PruneMethod} | {"NONE": NO_PRUNING}, type=str)
 

@@ -7,11 +7,12 @@
 A method declares its name, a one-line description, whether it reads calibration text, whether it trains weights,
 and the settings class of its own hyperparameters (None where it has none). The CLI's `--method` choices, the
 recipe sections (`[trsp]`, ...), the `compile` pipeline and the quality benchmark's rows all come from here, so a
-new method is one module that registers itself, plus its tests; its module is named in `BUILTIN_METHOD_MODULES`.
+new method is one module in `slimllm/pruning/methods/` that registers itself, plus its tests (`docs/extending.md`).
 """
 
 from __future__ import annotations
 
+import pkgutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,15 +25,6 @@ import torch
 from slimllm.core.errors import UserInputError
 
 Progress = Callable[..., None]
-
-BUILTIN_METHOD_MODULES = (
-    "slimllm.pruning.trsp",
-    "slimllm.pruning.two_ssp",
-    "slimllm.pruning.dress",
-    "slimllm.pruning.baselines",
-)
-"""Modules that register the methods shipped with slimllm, in the order the CLI lists them."""
-
 
 @dataclass
 class Selection:
@@ -77,6 +69,25 @@ class SelectionRequest:
 
 
 @dataclass(frozen=True)
+class BenchmarkVariant:
+    """One row of the quality benchmark (`bench/quality.py`) that a method asks for, under the row's name."""
+
+    name: str
+    kind: str = "select"
+    """How the benchmark builds the row. `select`: the method as the benchmark's recipe configures it (with
+    `options` over its settings), removed with `repair`. Other kinds are experiments on a method that the benchmark
+    implements: `trsp-stage1` (TRSP's selection without stage 2), `heal` and `fine-tune` (healing at the TRSP row's
+    token budget), `width` (FFN-width removal, regularized or not, recovered or not)."""
+    repair: str | None = "none"
+    """The training-free repair folded in before removal (`slimllm.recovery.repair.RepairMethod` value); None: the
+    method's default (`PruningMethod.default_repair`)."""
+    options: tuple[tuple[str, Any], ...] = ()
+    """Settings of the method, or of the kind, as (name, value) pairs."""
+    trains: bool = False
+    """The row trains (it draws its batches from the benchmark's training blocks)."""
+
+
+@dataclass(frozen=True)
 class PlannedWork:
     """A method's arithmetic and training, as the memory plan sees them (`PruningMethod.planned_work`)."""
 
@@ -98,6 +109,8 @@ class PruningMethod(ABC):
 
     name: ClassVar[str]
     description: ClassVar[str]
+    rank: ClassVar[int]
+    """Where `--method` lists it (lower first): TRSP 10, 2SSP 20, DReSS 30, then the baselines from 40."""
     needs_calibration: ClassVar[bool] = True
     trains_weights: ClassVar[bool] = False
     """The method updates weights: the model is held in fp32 master weights and works on a copy."""
@@ -108,6 +121,17 @@ class PruningMethod(ABC):
     (2SSP's `--sparsity`) sets False and gets k = 0 and every layer as a candidate."""
     edits_model: ClassVar[bool] = False
     """`select` changes weights or shapes (surgery): it works on a copy of the loaded model."""
+
+    def benchmark_variants(self) -> list[BenchmarkVariant]:
+        """The quality benchmark's rows for this method: by default the method as configured, and, for a method that
+        removes whole layers without training, each training-free repair beside it."""
+        variants = [BenchmarkVariant(self.name, trains=self.trains_weights)]
+        if self.removes_layers and not self.trains_weights and not self.edits_model:
+            from slimllm.recovery.repair import RepairMethod
+
+            variants += [BenchmarkVariant(f"{self.name}+{r.value}", repair=r.value)
+                         for r in RepairMethod if r is not RepairMethod.NONE]
+        return variants
 
     def default_settings(self) -> Any:
         return self.settings_class() if self.settings_class is not None else None
@@ -163,22 +187,14 @@ def register(cls: type[PruningMethod]) -> type[PruningMethod]:
     return cls
 
 
-def _load_builtin_methods() -> None:
-    for module in BUILTIN_METHOD_MODULES:
-        import_module(module)
-
-
 def all_methods() -> dict[str, PruningMethod]:
-    """Every registered method by name: the built-in ones in `BUILTIN_METHOD_MODULES` order, then any others, each
-    module's methods in the order they were registered (whichever module happened to be imported first)."""
-    _load_builtin_methods()
-    order = {module: rank for rank, module in enumerate(BUILTIN_METHOD_MODULES)}
-    registered = list(_METHODS.items())
-    ranked = sorted(
-        range(len(registered)),
-        key=lambda i: (order.get(type(registered[i][1]).__module__, len(order)), i),
-    )
-    return {registered[i][0]: registered[i][1] for i in ranked}
+    """Every registered method by name, in `rank` order: each module of `slimllm.pruning.methods` is imported (and
+    registers its methods) first, so no list of modules is kept anywhere."""
+    import slimllm.pruning.methods as package
+
+    for module in pkgutil.iter_modules(package.__path__):
+        import_module(f"{package.__name__}.{module.name}")
+    return dict(sorted(_METHODS.items(), key=lambda item: (item[1].rank, item[0])))
 
 
 def method_names() -> list[str]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from slimllm.core.errors import UserInputError
-from slimllm.pruning.methods import PruneMethod
+from slimllm.pruning.choices import PruneMethod
 from slimllm.recovery.repair import RepairMethod
 
 

@@ -31,7 +31,7 @@ from slimllm.core.device import model_autocast
 from slimllm.core.errors import UserInputError
 from slimllm.core.placement import input_device
 from slimllm.pruning.gates import GateMode, GateSet, attach_gates, detach_gates
-from slimllm.pruning.registry import PlannedWork, PruningMethod, Selection, SelectionRequest, register
+from slimllm.pruning.registry import BenchmarkVariant, PlannedWork, PruningMethod, Selection, SelectionRequest, register
 from slimllm.recovery.training import (
     Optimization,
     StepLosses,
@@ -361,12 +361,23 @@ def _stage2(model, gates, blocks, schedule, order, settings, checkpoints, resume
 @register
 class Trsp(PruningMethod):
     name = "trsp"
+    rank = 10
     description = (
         "Two-stage regularization-based structured pruning: learned gates select, knowledge transfer, removal."
     )
     trains_weights = True
     settings_class = TrspSettings
     spread_alternative = "--train-scope gates --stage2 none trains only the gates"
+
+    def benchmark_variants(self) -> list[BenchmarkVariant]:
+        """TRSP as configured, and the ablation of stage 2: its stage-1 selection removed as it is, with least squares,
+        and with least squares then healing for the rest of TRSP's token budget."""
+        return [
+            BenchmarkVariant("trsp", trains=True),
+            BenchmarkVariant("trsp-no-stage2", "trsp-stage1", trains=True),
+            BenchmarkVariant("trsp-no-stage2+lsq", "trsp-stage1", repair="lsq", trains=True),
+            BenchmarkVariant("trsp+lsq+heal", "trsp-stage1", repair="lsq", options=(("heal", True),), trains=True),
+        ]
 
     def updates_weights(self, settings: TrspSettings | None) -> bool:
         return self.transfers_removed_work(settings)

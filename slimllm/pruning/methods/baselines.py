@@ -10,6 +10,7 @@ the removal and evaluation path, so comparisons between methods are made in one 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
@@ -21,6 +22,7 @@ from slimllm.models.architectures import decoder_layers
 from slimllm.models.layer_io import stream_layers
 from slimllm.pruning.greedy import greedy_removal, without_layers
 from slimllm.pruning.registry import (
+    BenchmarkVariant,
     PlannedWork,
     PruningMethod,
     Selection,
@@ -112,7 +114,20 @@ def select_layers(
 @register
 class ShortGPT(PruningMethod):
     name = "shortgpt"
+    rank = 40
     description = "ShortGPT Block Influence: remove the k layers whose output is most similar to their input."
+
+    def benchmark_variants(self) -> list[BenchmarkVariant]:
+        """The baseline rows, and healing after ShortGPT's removal at TRSP's token budget: plain fine-tuning, with
+        TRSP's distillation term, and (after least squares) full-weight and LoRA healing."""
+        return [
+            *super().benchmark_variants(),
+            BenchmarkVariant("shortgpt+heal", "fine-tune", repair=None, trains=True),
+            BenchmarkVariant("shortgpt+heal-kd", "fine-tune", repair=None, options=(("distill", True),), trains=True),
+            BenchmarkVariant("shortgpt+lsq+heal", "heal", repair="lsq", options=(("scope", "full"),), trains=True),
+            BenchmarkVariant("shortgpt+lsq+heal-lora", "heal", repair="lsq", options=(("scope", "lora"),),
+                             trains=True),
+        ]
 
     def select(self, request: SelectionRequest) -> Selection:
         influence = block_influence(request.model, request.blocks, request.batch_size, request.progress)
@@ -123,6 +138,7 @@ class ShortGPT(PruningMethod):
 @register
 class Angular(PruningMethod):
     name = "angular"
+    rank = 50
     description = "Gromov et al.: the contiguous block of k layers with the smallest angular distance across it."
 
     def select(self, request: SelectionRequest) -> Selection:
@@ -146,7 +162,14 @@ class Angular(PruningMethod):
 @register
 class Sleb(PruningMethod):
     name = "sleb"
+    rank = 60
     description = "SLEB-style greedy: repeatedly remove the layer whose removal hurts the calibration loss least."
+
+    def benchmark_variants(self) -> list[BenchmarkVariant]:
+        """Scored on the benchmark's first `--sleb-blocks` calibration blocks: the greedy search costs one suffix
+        forward per candidate per step."""
+        return [dataclasses.replace(v, options=(*v.options, ("limit_calibration", True)))
+                for v in super().benchmark_variants()]
 
     def planned_work(self, settings, k, num_layers, calib_blocks, block_len, batch_size) -> PlannedWork:
         # k rounds, each scoring every remaining candidate (about half a pass each: only the suffix re-runs).
@@ -163,6 +186,7 @@ class Sleb(PruningMethod):
 @register
 class Last(PruningMethod):
     name = "last"
+    rank = 70
     description = "The last k candidate layers (the final layer is protected by default)."
     needs_calibration = False
 
@@ -173,6 +197,7 @@ class Last(PruningMethod):
 @register
 class Random(PruningMethod):
     name = "random"
+    rank = 80
     description = "k candidate layers drawn with the seed."
     needs_calibration = False
 

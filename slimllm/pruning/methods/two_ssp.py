@@ -28,7 +28,7 @@ from slimllm.core.artifacts import plain
 from slimllm.core.errors import UserInputError
 from slimllm.models.architectures import decoder_layers
 from slimllm.pruning.greedy import greedy_removal, without_attention
-from slimllm.pruning.registry import PlannedWork, PruningMethod, Selection, SelectionRequest, register
+from slimllm.pruning.registry import BenchmarkVariant, PlannedWork, PruningMethod, Selection, SelectionRequest, register
 from slimllm.pruning.width import ffn_neuron_scores, ffn_of, ffn_width, keep_ffn_neurons, top_neurons
 
 Progress = Callable[..., None]
@@ -196,10 +196,16 @@ def _summary(scores: torch.Tensor) -> dict[str, float]:
 @register
 class TwoSsp(PruningMethod):
     name = "2ssp"
+    rank = 20
     description = "2SSP: keep the top FFN neurons of every block, then remove whole attention modules greedily."
     settings_class = TwoSspSettings
     removes_layers = False
     edits_model = True
+
+
+    def benchmark_variants(self) -> list[BenchmarkVariant]:
+        """2SSP at the block-parameter sparsity of removing the benchmark's k whole layers (`sparsity` "depth")."""
+        return [BenchmarkVariant("2ssp", options=(("sparsity", "depth"),))]
 
     def planned_work(self, settings, k, num_layers, calib_blocks, block_len, batch_size) -> PlannedWork:
         settings = settings or TwoSspSettings()

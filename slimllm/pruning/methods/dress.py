@@ -35,9 +35,9 @@ from slimllm.core.device import model_autocast
 from slimllm.core.errors import UserInputError
 from slimllm.core.placement import input_device
 from slimllm.models.architectures import decoder_layers
-from slimllm.pruning.registry import PlannedWork, PruningMethod, Selection, SelectionRequest, register
-from slimllm.pruning.trsp import RegNorm
-from slimllm.pruning.two_ssp import WidthRounding
+from slimllm.pruning.methods.trsp import RegNorm
+from slimllm.pruning.methods.two_ssp import WidthRounding
+from slimllm.pruning.registry import BenchmarkVariant, PlannedWork, PruningMethod, Selection, SelectionRequest, register
 from slimllm.pruning.width import ffn_neuron_scores, ffn_of, ffn_width, keep_ffn_neurons, top_neurons
 from slimllm.recovery.training import (
     Optimization,
@@ -320,11 +320,31 @@ def regularize(
 @register
 class Dress(PruningMethod):
     name = "dress"
+    rank = 30
     description = "DReSS: train the chosen FFN neurons' information out of them, then remove them (width)."
     settings_class = DressSettings
     trains_weights = True
     removes_layers = False
     edits_model = True
+
+
+    def benchmark_variants(self) -> list[BenchmarkVariant]:
+        """FFN-width rows at the benchmark's width sparsity, all through DReSS's selection so that they remove the same
+        neurons: `2ssp-width` removes them at once (2SSP's score, no training), `2ssp-width+ft` then fine-tunes for
+        DReSS's regularization plus recovery tokens, `dress` regularizes first and recovers with the same fine-tune
+        (equal tokens); `dress-magnitude` and `dress-random` are the ablation of the selection score."""
+
+        def width(name: str, score: NeuronScore, regularize: bool, recover: bool) -> BenchmarkVariant:
+            options = (("score", score.value), ("regularize", regularize), ("recover", recover))
+            return BenchmarkVariant(name, "width", options=options, trains=True)
+
+        return [
+            width("2ssp-width", NeuronScore.ACTIVATION, regularize=False, recover=False),
+            width("2ssp-width+ft", NeuronScore.ACTIVATION, regularize=False, recover=True),
+            width("dress", NeuronScore.ACTIVATION, regularize=True, recover=True),
+            width("dress-magnitude", NeuronScore.MAGNITUDE, regularize=True, recover=True),
+            width("dress-random", NeuronScore.RANDOM, regularize=True, recover=True),
+        ]
 
     def planned_work(self, settings, k, num_layers, calib_blocks, block_len, batch_size) -> PlannedWork:
         settings = settings or DressSettings()
