@@ -22,13 +22,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from speed_common import REPO_ROOT as ROOT  # noqa: E402
+from speed_common import RESULTS_DIR  # noqa: E402
+
 from slimllm.core.artifacts import atomic_write_json, atomic_write_text, library_versions, machine_info  # noqa: E402
 from slimllm.core.data import shared_data_dir  # noqa: E402
-from slimllm.core.errors import ValidationError  # noqa: E402
+from slimllm.core.errors import (
+    ValidationError,  # noqa: E402
+    first_line,  # noqa: E402
+)
 from slimllm.models.loading import checkpoint_directory  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = ROOT / "bench" / "results"
 DATA_DIR = shared_data_dir()
 ONNX_VARIANTS = {
     # label: (which model, engine, quant)
@@ -67,7 +71,7 @@ def onnx_row(label: str, checkpoint: Path, engine: str, quant: str, work: Path, 
 
         failed = out.with_name(out.name + ".failed") / "validation.json"
         validation = json.loads(failed.read_text()) if failed.is_file() else {"checks": []}
-        error, files = str(exc).splitlines()[0], {}
+        error, files = first_line(exc), {}
     return {"label": label, "engine": engine, "quant": quant, "passed": error is None, "error": error,
             "megabytes": round(sum(files.values()) / 2**20, 1), "checks": validation.get("checks", []),
             "seconds": round(time.perf_counter() - started, 1)}

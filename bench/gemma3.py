@@ -21,12 +21,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from speed_common import REPO_ROOT as ROOT  # noqa: E402
+from speed_common import RESULTS_DIR  # noqa: E402
+
 from slimllm.core.artifacts import atomic_write_json, atomic_write_text, library_versions, machine_info  # noqa: E402
 from slimllm.core.data import shared_data_dir  # noqa: E402
 from slimllm.pruning.surgery import describe_removal  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = ROOT / "bench" / "results"
 RECIPE = ROOT / "examples" / "recipes" / "gemma3-270m.toml"
 EVAL_DATA = shared_data_dir() / "wiki.test.raw"
 TARGET_SECONDS = 20 * 60

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from slimllm.core.data import shared_data_dir  # noqa: E402
+from slimllm.core.errors import first_line  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = shared_data_dir()
@@ -114,7 +115,7 @@ def main() -> int:
         try:
             outcome, detail = "passed", step()
         except Exception as exc:  # noqa: BLE001 - every failure is reported in the table
-            outcome, detail, failed = "FAILED", f"{type(exc).__name__}: {exc}".splitlines()[0][:200], True
+            outcome, detail, failed = "FAILED", f"{type(exc).__name__}: {first_line(exc)}"[:200], True
         rows.append((name, outcome, f"{time.perf_counter() - started:.0f}", detail))
     print(f"\ngpu-check on {torch.cuda.get_device_name(0)}\n")
     print("| step | outcome | s | detail |\n|---|---|---:|---|")

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from speed_common import HELLASWAG_FILE  # noqa: E402
+from speed_common import HELLASWAG_FILE, REPO_ROOT, RESULTS_DIR  # noqa: E402
 
 from slimllm.core.artifacts import (  # noqa: E402
     atomic_write_json,
@@ -66,8 +66,6 @@ from slimllm.recovery.healing import HealScope, HealSettings, heal_model  # noqa
 from slimllm.recovery.repair import RepairMethod, repair_before_removal  # noqa: E402
 from slimllm.recovery.training import fine_tune, frozen_teacher  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO_ROOT / "bench" / "results"
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "examples" / "recipes" / "smollm2-135m-cpu.toml"
 
 

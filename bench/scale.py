@@ -42,6 +42,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from speed_common import REPO_ROOT as ROOT  # noqa: E402
+from speed_common import RESULTS_DIR  # noqa: E402
+
 from slimllm.core.artifacts import (  # noqa: E402
     atomic_write_json,
     atomic_write_text,
@@ -52,8 +55,6 @@ from slimllm.core.data import shared_data_dir  # noqa: E402
 from slimllm.core.memory import peak_rss, process_tree_memory  # noqa: E402
 from slimllm.models.loading import checkpoint_directory  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = ROOT / "bench" / "results"
 SHARED = shared_data_dir().parent
 GIB = 2**30
 

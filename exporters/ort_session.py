@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slimllm.core.errors import ExportError, MissingDependencyError, UserInputError
+from slimllm.core.errors import ExportError, MissingDependencyError, UserInputError, first_line
 from slimllm.exporters.parity import position_ids_from_mask
 
 log = logging.getLogger(__name__)
@@ -102,8 +102,7 @@ class OrtCausalLM:
         try:
             self.session = ort.InferenceSession(str(self.model_path), sess_options=options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own pybind exception types
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ExportError(f"onnxruntime cannot load {self.model_path}: {first_line}") from exc
+            raise ExportError(f"onnxruntime cannot load {self.model_path}: {first_line(exc)}") from exc
         self.active_providers = self.session.get_providers()
         self.fallback = self.active_providers[0] != ORT_PROVIDER_NAMES[self.provider]
         if self.fallback:

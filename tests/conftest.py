@@ -67,6 +67,23 @@ TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 """One tiny fixture per registry entry; `test_registry_has_tiny_fixtures` keeps the two in step."""
 
 
+TINY_COMPILE_SECTION = """
+[compile]
+eval_seq_len = 64
+eval_windows = 2
+eval_task = "none"
+heal = false
+"""
+"""[compile] of the tiny compile runs: short evaluation, no HellaSwag, no healing."""
+
+TINY_GGUF_SECTION = """
+[gguf]
+outtypes = ["q8_0"]
+tokenizer_lines = 20
+"""
+"""[gguf] of the tiny compile runs: one Q8_0 file, a short tokenizer check."""
+
+
 def build_tiny_model(
     arch_name: str,
     tied: bool = True,

@@ -57,23 +57,10 @@ def test_prune_writes_a_loadable_checkpoint(tiny_model_dir, text_file, tmp_path)
 
 
 def test_prune_text_summary(tiny_model_dir, tmp_path):
-    result = run_cli(
-        "prune",
-        str(tiny_model_dir("llama")),
-        "--method",
-        "last",
-        "--ratio",
-        "0.34",
-        # The default calibration (the model writes 8k tokens itself) is measured elsewhere; a file keeps this fast.
-        "--calib",
-        str(CALIB_FILE),
-        "--calib-blocks",
-        "4",
-        "--block-len",
-        "32",
-        "--out",
-        str(tmp_path / "p"),
-    )
+    # The default calibration (the model writes 8k tokens itself) is measured elsewhere; a file keeps this fast.
+    calib = ["--calib", str(CALIB_FILE), "--calib-blocks", "4", "--block-len", "32"]
+    result = run_cli("prune", str(tiny_model_dir("llama")), "--method", "last", "--ratio", "0.34", *calib,
+                     "--out", str(tmp_path / "p"))
     assert result.exit_code == 0, result.output
     assert "removed 2 of 6 layers with last: [3, 4]" in result.stdout
     assert "parameters" in result.stdout and "time" in result.stdout
@@ -120,18 +107,8 @@ def test_prune_refuses_non_empty_out_without_force(tiny_model_dir, tmp_path):
 def test_prune_refuses_calibrating_on_test_split(tiny_model_dir, tmp_path):
     from conftest import EVAL_FILE
 
-    result = run_cli(
-        "prune",
-        str(tiny_model_dir("llama")),
-        "--method",
-        "shortgpt",
-        "--remove",
-        "1",
-        "--calib",
-        str(EVAL_FILE),
-        "--out",
-        str(tmp_path / "p"),
-    )
+    result = run_cli("prune", str(tiny_model_dir("llama")), "--method", "shortgpt", "--remove", "1",
+                     "--calib", str(EVAL_FILE), "--out", str(tmp_path / "p"))
     _assert_user_error(result, "refusing to calibrate on wiki.test.raw")
 
 

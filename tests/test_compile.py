@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import EVAL_FILE, REPO_ROOT
+from conftest import EVAL_FILE, REPO_ROOT, TINY_COMPILE_SECTION, TINY_GGUF_SECTION
 from test_cli import _assert_user_error, run_cli
 
 import slimllm
@@ -17,13 +17,7 @@ from slimllm.cli.app import ProgressBar
 from slimllm.pipeline.compiler import MANIFEST_FILE
 from slimllm.pipeline.stages import compile_stages
 
-TINY_RECIPE = """
-[compile]
-eval_seq_len = 64
-eval_windows = 2
-eval_task = "none"
-heal = false
-
+TINY_RECIPE = TINY_COMPILE_SECTION + """
 [prune]
 method = "trsp"
 calib_blocks = 8
@@ -33,11 +27,7 @@ batch_size = 2
 [trsp]
 steps_per_round = 2
 stage2_steps = 4
-
-[gguf]
-outtypes = ["q8_0"]
-tokenizer_lines = 20
-"""
+""" + TINY_GGUF_SECTION
 
 TINY_PROFILE = """
 [profile]

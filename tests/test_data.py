@@ -116,32 +116,18 @@ def test_self_text_is_seeded_and_cached(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("SLIMLLM_CACHE_DIR", str(tmp_path / "cache"))
     loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
     settings = SelfTextSettings(n_samples=4, max_new_tokens=24, batch_size=2, seed=7)
-    first = load_corpus(
-        "self",
-        DataPurpose.CALIBRATION,
-        model=loaded.model,
-        tokenizer=loaded.tokenizer,
-        self_settings=settings,
-    )
+    def write(settings: SelfTextSettings):
+        return load_corpus("self", DataPurpose.CALIBRATION, model=loaded.model, tokenizer=loaded.tokenizer,
+                           self_settings=settings)
+
+    first = write(settings)
     cached = list((tmp_path / "cache" / "self-text").glob("*.json"))
     assert len(cached) == 1
     cached[0].unlink()
-    again = load_corpus(
-        "self",
-        DataPurpose.CALIBRATION,
-        model=loaded.model,
-        tokenizer=loaded.tokenizer,
-        self_settings=settings,
-    )
+    again = write(settings)
     assert first.documents == again.documents  # regenerated with the same seed: identical
     assert len(first.documents) == 4 and first.kind == "self"
-    other = load_corpus(
-        "self",
-        DataPurpose.CALIBRATION,
-        model=loaded.model,
-        tokenizer=loaded.tokenizer,
-        self_settings=SelfTextSettings(n_samples=4, max_new_tokens=24, batch_size=2, seed=8),
-    )
+    other = write(SelfTextSettings(n_samples=4, max_new_tokens=24, batch_size=2, seed=8))
     assert other.documents != first.documents
     blocks = load_calibration("self", loaded.model, loaded.tokenizer, n_blocks=2, block_len=32, seed=0)
     assert blocks.blocks.shape == (2, 32) and blocks.kind == "self"

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from conftest import CALIB_FILE, EVAL_FILE
+from conftest import CALIB_FILE, EVAL_FILE, TINY_COMPILE_SECTION, TINY_GGUF_SECTION
 from safetensors.torch import load_file
 from test_cli import _assert_user_error, run_cli
 
@@ -274,23 +274,13 @@ def test_plan_holds_a_spread_models_weights_to_the_host_budget():
     assert here.host_weights_cap == budget and MachineMemory.here("cpu").host_weights_cap is None
 
 
-SPREAD_RECIPE = """
-[compile]
-eval_seq_len = 64
-eval_windows = 2
-eval_task = "none"
-heal = false
-
+SPREAD_RECIPE = TINY_COMPILE_SECTION + """
 [prune]
 method = "shortgpt"
 calib_blocks = 4
 block_len = 64
 repair = "none"
-
-[gguf]
-outtypes = ["q8_0"]
-tokenizer_lines = 20
-"""
+""" + TINY_GGUF_SECTION
 
 
 @pytest.mark.slow

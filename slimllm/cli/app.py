@@ -70,6 +70,14 @@ def placement_of(fixed: dict):
 
     return Placement.parse(fixed.get("device_map"), fixed.get("max_memory"), fixed.get("offload_folder"),
                            fixed.get("device", "auto"))
+
+
+def run_options(fixed: dict) -> dict:
+    """The keywords every command that writes a model passes on: --force, --resume, --device (with its placement)
+    and --dtype."""
+    return {"force": fixed["force"], "resume": fixed["resume"], "device": fixed["device"],
+            "placement": placement_of(fixed), "dtype": fixed["dtype"]}
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 DebugOpt = Annotated[
     bool, typer.Option("--debug", envvar="SLIMLLM_DEBUG", help="Show full tracebacks (also SLIMLLM_DEBUG=1).")

@@ -16,8 +16,8 @@ from slimllm.cli.app import (
     app,
     emit,
     pick_model,
-    placement_of,
     run_command,
+    run_options,
 )
 from slimllm.cli.options import common_parameters, settings_command, settings_flags
 from slimllm.core.errors import UserInputError
@@ -93,12 +93,8 @@ def _compile(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
                 profile=compile_flags.get("profile", "default"),
                 recipe=fixed["recipe"],
                 overrides=overrides,
-                resume=fixed["resume"],
-                force=fixed["force"],
-                device=fixed["device"],
-                placement=placement_of(fixed),
-                dtype=fixed["dtype"],
                 progress=bar,
+                **run_options(fixed),
                 command=shlex.join(["slimllm", *sys.argv[1:]]) if sys.argv[1:2] == ["compile"] else None,
             )
         finally:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from slimllm.cli.app import ProgressBar, app, emit, pick_model, placement_of, run_command
+from slimllm.cli.app import ProgressBar, app, emit, pick_model, run_command, run_options
 from slimllm.cli.options import common_parameters, flag_names, settings_command, settings_flags
 from slimllm.core.errors import UserInputError
 from slimllm.recovery.healing import HealSettings
@@ -52,12 +52,8 @@ def _heal(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
                 pick_model(fixed["checkpoint"], fixed["model_option"]),
                 settings,
                 fixed["out"],
-                force=fixed["force"],
-                device=fixed["device"],
-                placement=placement_of(fixed),
-                dtype=fixed["dtype"],
                 progress=bar,
-                resume=fixed["resume"],
+                **run_options(fixed),
             )
         finally:
             bar.close()

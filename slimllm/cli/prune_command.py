@@ -14,8 +14,8 @@ from slimllm.cli.app import (
     app,
     emit,
     pick_model,
-    placement_of,
     run_command,
+    run_options,
 )
 from slimllm.cli.options import common_parameters, settings_command, settings_flags
 from slimllm.core.errors import UserInputError
@@ -69,13 +69,9 @@ def _prune(fixed: dict[str, Any], given: dict[str, dict[str, Any]]) -> None:
                 pick_model(fixed["model"], fixed["model_option"]),
                 settings,
                 fixed["out"],
-                force=fixed["force"],
-                device=fixed["device"],
-                placement=placement_of(fixed),
-                dtype=fixed["dtype"],
                 progress=bar,
                 method_settings=method_settings,
-                resume=fixed["resume"],
+                **run_options(fixed),
             )
         finally:
             bar.close()

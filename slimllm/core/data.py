@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from slimllm.core.artifacts import atomic_write_json, cache_dir, sha256_text
-from slimllm.core.errors import UserInputError
+from slimllm.core.errors import UserInputError, first_line
 from slimllm.core.placement import input_device, parameter_value
 
 log = logging.getLogger(__name__)
@@ -198,9 +198,8 @@ def _read_hub(name: str, purpose: DataPurpose) -> list[str]:
             entry.path, entry.name, data_files=entry.data_files, split=entry.splits[purpose]
         )
     except Exception as exc:  # datasets raises many unrelated types for network and hub failures
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserInputError(
-            f"could not download the {name} dataset ({first_line}); check your network, or pass a local "
+            f"could not download the {name} dataset ({first_line(exc)}); check your network, or pass a local "
             f".txt/.jsonl/.parquet file or `{SELF_SOURCE}`"
         ) from exc
     return [row for row in dataset[entry.text_field] if row and row.strip()]

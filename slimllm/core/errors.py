@@ -47,3 +47,9 @@ def parse_choice(enum_type, value, option: str):
     except ValueError:
         choices = ", ".join(str(member.value) for member in enum_type)
         raise UserInputError(f"unknown {option} {value!r}; use one of {choices}") from None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): what a one-line error quotes."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from slimllm.core.errors import UserInputError
+from slimllm.core.progress import Progress
 from slimllm.evaluation.sequence_scoring import SequenceGroup, SequenceLogProbs, shared_prefix_length
 from slimllm.evaluation.tasks import MultipleChoiceTask
-
-Progress = Callable[..., None]
-
 
 RULES = ("acc", "acc_norm", "acc_per_token")
 

@@ -21,6 +21,7 @@ from slimllm.core.data import DataPurpose, bos_prefix_id, load_corpus, token_row
 from slimllm.core.device import model_autocast
 from slimllm.core.errors import UserInputError
 from slimllm.core.placement import input_device
+from slimllm.core.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,6 @@ def split_windows(
     return windows if max_windows is None else windows[:max_windows]
 
 
-Progress = Callable[[int, int], None]
 """Called with (windows done, windows total) after every batch."""
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]

@@ -19,7 +19,6 @@ import logging
 import multiprocessing
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,10 +32,10 @@ from slimllm.core.artifacts import (
     sha256_tree,
 )
 from slimllm.core.errors import SlimllmError, UserInputError
+from slimllm.core.progress import Progress
 from slimllm.latency.profiles import BackendKind, BackendSpec, TargetProfile
 from slimllm.models.flops import ModelShape, ideal_speedup
 
-Progress = Callable[..., None]
 PROMPT_SEED = 1234
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import torch
 
 from slimllm.core.artifacts import atomic_directory, cache_dir, cache_lock
 from slimllm.core.device import inference_precision, resolve_device, set_compute_dtype, training_precision
-from slimllm.core.errors import UserInputError
+from slimllm.core.errors import UserInputError, first_line
 from slimllm.core.placement import Placement, device_map_of, input_device, release_offload_folder_with
 from slimllm.models.architectures import Architecture, architecture_for
 from slimllm.models.gguf_metadata import gguf_add_special_tokens, gguf_special_token_ids, gguf_tokenizer_model
@@ -243,13 +243,12 @@ def _load_config(source: ModelSource, trust_remote_code: bool):
         target = str(source.path) if source.path else source.spec
         return read_config(target, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if source.kind is SourceKind.HUB:
             raise UserInputError(
-                f"could not load {source.spec!r} from the Hugging Face Hub ({first_line}); check the id and your "
+                f"could not load {source.spec!r} from the Hugging Face Hub ({first_line(exc)}); check the id and your "
                 "network, or pass a local model directory"
             ) from exc
-        raise UserInputError(f"could not read the model config from {source.spec} ({first_line})") from exc
+        raise UserInputError(f"could not read the model config from {source.spec} ({first_line(exc)})") from exc
 
 
 def _load_weights_and_tokenizer(
@@ -277,8 +276,7 @@ def _load_weights_and_tokenizer(
     except (OSError, ValueError) as exc:
         if "offload_folder" in placed:
             shutil.rmtree(placed["offload_folder"], ignore_errors=True)
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserInputError(f"could not load the model from {source.spec} ({first_line})") from exc
+        raise UserInputError(f"could not load the model from {source.spec} ({first_line(exc)})") from exc
     notes: list[str] = []
     if source.kind is SourceKind.GGUF_FILE:
         assert source.path is not None
@@ -365,9 +363,8 @@ def checkpoint_directory(spec: str) -> Path:
             )
         )
     except Exception as exc:  # noqa: BLE001 - hub errors come in many types; all mean "could not get it"
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserInputError(
-            f"could not download {source.spec!r} from the Hugging Face Hub ({first_line}); check the id and your "
+            f"could not download {source.spec!r} from the Hugging Face Hub ({first_line(exc)}); check the id and your "
             "network, or pass a local model directory"
         ) from exc
 
@@ -440,8 +437,7 @@ def model_config(spec: str):
     try:
         return read_config(source.spec)
     except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserInputError(
-            f"could not read the configuration of {source.spec!r} from the Hugging Face Hub ({first_line}); check "
+            f"could not read the configuration of {source.spec!r} from the Hugging Face Hub ({first_line(exc)}); check "
             "the id and your network, or pass a local model directory"
         ) from exc

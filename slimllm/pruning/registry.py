@@ -23,8 +23,8 @@ from typing import Any, ClassVar
 import torch
 
 from slimllm.core.errors import UserInputError
+from slimllm.core.progress import Progress
 
-Progress = Callable[..., None]
 
 @dataclass
 class Selection:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from slimllm.core.data import CalibrationData, load_calibration
 from slimllm.core.device import dtype_name
 from slimllm.core.errors import UserInputError
 from slimllm.core.placement import Placement, PlacementNeeds, check_placement_supports, device_map_of
+from slimllm.core.progress import Progress
 from slimllm.models.architectures import decoder_layers
 from slimllm.models.checkpoints import save_pruned_checkpoint
 from slimllm.models.flops import ModelShape
@@ -37,7 +37,6 @@ from slimllm.pruning.settings import PruneSettings
 from slimllm.pruning.surgery import SurgeryReport, remove_layers
 from slimllm.recovery.repair import RepairMethod, repair_before_removal
 
-Progress = Callable[..., None]
 """Called with (done, total) and, from TRSP, keyword details (stage, loss)."""
 
 

@@ -13,16 +13,15 @@ smaller `intermediate_size`, so it loads, exports and runs everywhere unchanged.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from slimllm.core.errors import UserInputError
+from slimllm.core.progress import Progress
 from slimllm.models.architectures import decoder_layers
 from slimllm.models.layer_io import stream_layers
-
-Progress = Callable[[int, int], None]
 
 FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 

@@ -18,7 +18,6 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -31,6 +30,7 @@ from slimllm.core.artifacts import check_output_directory, content_id, digest, l
 from slimllm.core.device import autocast_dtype, dtype_name
 from slimllm.core.errors import UserInputError, parse_choice
 from slimllm.core.placement import Placement, PlacementNeeds, check_placement_supports, input_device
+from slimllm.core.progress import Progress
 from slimllm.recovery.training import (
     Optimization,
     StepLosses,
@@ -42,8 +42,6 @@ from slimllm.recovery.training import (
 )
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[..., None]
 
 HEALING_RECORD_FILE = "slimllm_healing.json"
 HEAL_STATE = "state"

@@ -27,7 +27,7 @@ Its figure is ‖α·x_i − x_{i+1}‖ / ‖x_{i+1}‖ against α = 1.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from enum import Enum
 
@@ -36,10 +36,9 @@ from torch import nn
 
 from slimllm.core.errors import UserInputError
 from slimllm.core.placement import input_device
+from slimllm.core.progress import Progress
 from slimllm.models.architectures import architecture_for, decoder_layers, get_submodule
 from slimllm.models.layer_io import layer_input_tensor, layer_output_tensor, layers_skipped
-
-Progress = Callable[..., None]
 
 
 class RepairMethod(str, Enum):

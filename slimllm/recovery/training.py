@@ -28,8 +28,7 @@ from slimllm.core.artifacts import atomic_write_bytes
 from slimllm.core.device import autocast_dtype, model_autocast
 from slimllm.core.errors import SlimllmError, UserInputError
 from slimllm.core.placement import input_device
-
-Progress = Callable[..., None]
+from slimllm.core.progress import Progress
 
 
 def batch_schedule(n_blocks: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:

@@ -21,7 +21,8 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any
 
-Progress = Callable[..., None]
+from slimllm.core.progress import Progress
+
 
 @dataclass
 class CompileContext:

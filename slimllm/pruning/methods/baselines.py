@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from slimllm.core.errors import UserInputError
+from slimllm.core.progress import Progress
 from slimllm.models.architectures import decoder_layers
 from slimllm.models.layer_io import stream_layers
 from slimllm.pruning.greedy import greedy_removal, without_layers
@@ -31,8 +32,6 @@ from slimllm.pruning.registry import (
     register,
     select_layers_with,
 )
-
-Progress = Callable[[int, int], None]
 
 __all__ = ["Selection", "select_layers", "block_influence", "angular_distances", "sleb_greedy"]
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
@@ -34,6 +34,7 @@ from slimllm.core.artifacts import plain
 from slimllm.core.device import model_autocast
 from slimllm.core.errors import UserInputError
 from slimllm.core.placement import input_device
+from slimllm.core.progress import Progress
 from slimllm.models.architectures import decoder_layers
 from slimllm.pruning.methods.trsp import RegNorm
 from slimllm.pruning.methods.two_ssp import WidthRounding
@@ -53,8 +54,6 @@ from slimllm.recovery.training import (
 )
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[..., None]
 
 
 class NeuronScore(str, Enum):

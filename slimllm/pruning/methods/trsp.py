@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -30,6 +30,7 @@ from slimllm.core.artifacts import plain
 from slimllm.core.device import model_autocast
 from slimllm.core.errors import UserInputError
 from slimllm.core.placement import input_device
+from slimllm.core.progress import Progress
 from slimllm.pruning.gates import GateMode, GateSet, attach_gates, detach_gates
 from slimllm.pruning.registry import BenchmarkVariant, PlannedWork, PruningMethod, Selection, SelectionRequest, register
 from slimllm.recovery.training import (
@@ -46,8 +47,6 @@ from slimllm.recovery.training import (
 )
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[..., None]
 
 
 class TrainScope(str, Enum):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -26,12 +26,11 @@ from torch import nn
 
 from slimllm.core.artifacts import plain
 from slimllm.core.errors import UserInputError
+from slimllm.core.progress import Progress
 from slimllm.models.architectures import decoder_layers
 from slimllm.pruning.greedy import greedy_removal, without_attention
 from slimllm.pruning.registry import BenchmarkVariant, PlannedWork, PruningMethod, Selection, SelectionRequest, register
 from slimllm.pruning.width import ffn_neuron_scores, ffn_of, ffn_width, keep_ffn_neurons, top_neurons
-
-Progress = Callable[..., None]
 
 
 class WidthRounding(str, Enum):
