@@ -31,7 +31,7 @@ DATA_DIR ?= ../shared/data/wikitext2
 EVAL_DATA := $(if $(wildcard $(DATA_DIR)/wiki.test.raw),$(DATA_DIR)/wiki.test.raw,wikitext2)
 DEMO_OUT ?= runs/demo
 
-.PHONY: install install-gpu gpu-check test test-fast demo lint bench-quality bench-speed bench-eval-reference bench-export-parity bench-hellaswag bench-heal-memory bench-scale bench-scale-3b bench-gemma3 llama-tools clean
+.PHONY: install install-gpu gpu-check test test-fast demo docs lint bench-quality bench-speed bench-eval-reference bench-export-parity bench-hellaswag bench-heal-memory bench-scale bench-scale-3b bench-gemma3 llama-tools clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -69,6 +69,10 @@ test-fast: install
 demo: install
 	$(BIN)/slimllm compile smollm2-135m --recipe examples/recipes/smollm2-135m-demo.toml \
 		--eval-data $(EVAL_DATA) --out $(DEMO_OUT)
+
+# docs/cli.md is generated from the commands and their settings classes; tests/test_docs.py keeps it current.
+docs: install
+	$(BIN)/python -m slimllm.cli.reference > docs/cli.md
 
 lint: install
 	$(BIN)/ruff check slimllm exporters tests bench examples

@@ -249,3 +249,26 @@ def test_one_training_loop(tmp_path):
     own_loop = tmp_path / "own_loop.py"
     own_loop.write_text("def fit(model, loss, optimizer):\n    loss.backward()\n    optimizer.step()\n")
     assert _training_machinery_outside_the_loop([own_loop]) == ["own_loop.py:2 backward"]
+
+
+def test_stages_and_methods_are_found_not_listed():
+    """Every module of the stages and methods folders registers itself; the recipe sections, the report stage's
+    reads and the method order come from those registrations, and no module list is kept anywhere."""
+    import pkgutil
+
+    import slimllm.pipeline.stages as stages_package
+    import slimllm.pruning.methods as methods_package
+    from slimllm.pipeline.recipes import recipe_sections
+    from slimllm.pipeline.stages import compile_stages, stage_sections, stages_read
+    from slimllm.pruning.registry import all_methods, method_settings_sections
+
+    stages = compile_stages()
+    stage_modules = {spec.run.__module__.rsplit(".", 1)[1] for spec in stages}
+    assert stage_modules == {m.name for m in pkgutil.iter_modules(stages_package.__path__)}
+    assert [spec.order for spec in stages] == sorted(spec.order for spec in stages)
+    assert set(stages_read(stages[-1])) == {spec.name for spec in stages[:-1]}  # the report reads every stage
+    method_modules = {type(m).__module__.rsplit(".", 1)[1] for m in all_methods().values()}
+    assert method_modules == {m.name for m in pkgutil.iter_modules(methods_package.__path__)}
+    assert set(recipe_sections()) == {"compile", "eval", *stage_sections(), *method_settings_sections()}
+    for path in _modules().values():
+        assert "BUILTIN_" not in path.read_text(), f"{path.name} keeps a hand-written list of modules"

@@ -16,7 +16,7 @@ class PruneSettings:
 
     method: PruneMethod = PruneMethod.SHORTGPT
     """Pruning method (default: ShortGPT, which with the least-squares repair and healing is the best measured
-    recipe at 8 of 30 layers of SmolLM2-135M; see README, Recovery)."""
+    recipe at 8 of 30 layers of SmolLM2-135M; see docs/benchmarks.md, Recovery)."""
     remove: int | None = None
     """Number of layers to remove (exclusive with `ratio`)."""
     ratio: float | None = None

@@ -3,20 +3,20 @@
     >>> tasks = read_task("hellaswag", Path("../shared/data/hellaswag/hellaswag_val_full.txt"))
     >>> tasks[0].context, tasks[0].endings[tasks[0].label]
 
-A task format is a reader from a file to `MultipleChoiceTask`s, registered by name with `register_task`; ARC, PIQA
-or WinoGrande plug in by writing their reader. Scoring (`slimllm.evaluation.accuracy`) is the same for every format.
+A task format is a reader from a file to `MultipleChoiceTask`s, registered by name with `register_task` in a module
+of this package (every module here is imported); ARC, PIQA or WinoGrande plug in by writing their reader. Scoring
+(`slimllm.evaluation.accuracy`) is the same for every format.
 """
 
 from __future__ import annotations
 
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
 
 from slimllm.core.errors import UserInputError
-
-BUILTIN_TASK_MODULES = ("slimllm.evaluation.tasks.hellaswag",)
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,10 @@ def register_task(task_format: TaskFormat) -> TaskFormat:
 
 
 def task_formats() -> dict[str, TaskFormat]:
-    for module in BUILTIN_TASK_MODULES:
-        import_module(module)
-    return dict(_FORMATS)
+    """Every registered task format by name (each module of this package registers its own)."""
+    for module in pkgutil.iter_modules(__path__):
+        import_module(f"{__name__}.{module.name}")
+    return dict(sorted(_FORMATS.items()))
 
 
 def default_task_file(name: str) -> Path:
