@@ -4,8 +4,9 @@
     >>> loaded = slimllm.load_model("smollm2-135m")
 
 The stages are plain functions: `load_model`, `run_prune`, `evaluate_model`, `run_profile`, and `compile` chains
-them. The exporters live in `slimllm.exporters` (`slimllm.exporters.onnx.export_onnx`,
-`slimllm.exporters.gguf.export_gguf`); their sources sit in the repository's top-level `exporters/` folder.
+them; `run_frontier` measures the dense model's quantization ladder against pruned variants and chooses one.
+The exporters live in `slimllm.exporters` (`slimllm.exporters.onnx.export_onnx`, `slimllm.exporters.gguf.export_gguf`);
+their sources sit in the repository's top-level `exporters/` folder.
 Attributes are imported lazily so that `import slimllm` stays cheap for the CLI.
 """
 
@@ -25,6 +26,8 @@ _EXPORTS = {
     "compile": "slimllm.pipeline.compiler",
     "CompileSettings": "slimllm.pipeline.compiler",
     "run_profile": "slimllm.latency.profiler",
+    "run_frontier": "slimllm.frontier.run",
+    "FrontierSettings": "slimllm.frontier.settings",
     "load_profile": "slimllm.latency.profiles",
 }
 

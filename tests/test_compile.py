@@ -29,6 +29,16 @@ steps_per_round = 2
 stage2_steps = 4
 """ + TINY_GGUF_SECTION
 
+TINY_FRONTIER = """
+[frontier]
+gguf_types = ["q8_0"]
+onnx_variants = []
+pruned = []
+eval_seq_len = 64
+eval_windows = 2
+task = "none"
+"""
+
 TINY_PROFILE = """
 [profile]
 name = "tiny"
@@ -81,13 +91,16 @@ def _compile_args(model, out, recipe, text_file, *extra):
 
 @pytest.mark.slow
 def test_compile_all_end_to_end_then_reuse(tiny_model_dir, tmp_path, recipe_with_tasks, tiny_profile, text_file):
+    """Every stage, the frontier included (the dense model's Q8_0 against this run's), then a rerun reusing all."""
     out, recipe = tmp_path / "run", recipe_with_tasks
+    recipe.write_text(recipe.read_text().replace("[compile]\n", "[compile]\nfrontier = true\n") + TINY_FRONTIER)
     result = slimllm.compile(
         str(tiny_model_dir("llama")), out=out, target="all", remove=2, calib=str(text_file),
         eval_data=str(EVAL_FILE), profile=str(tiny_profile), recipe=recipe,
     )
     registered = [spec.name for spec in compile_stages()]
-    assert registered == ["prune", "heal", "export_onnx", "export_gguf", "evaluate", "accuracy", "profile", "report"]
+    assert registered == ["prune", "heal", "export_onnx", "export_gguf", "evaluate", "accuracy", "profile", "frontier",
+                          "report"]
     stages = [name for name in registered if name != "heal"]  # the recipe turns healing off
     assert result.ran_stages == stages and not result.reused_stages
     manifest = json.loads((out / MANIFEST_FILE).read_text())
@@ -118,17 +131,19 @@ def test_compile_all_end_to_end_then_reuse(tiny_model_dir, tmp_path, recipe_with
     report = (out / "report.md").read_text()
     for fragment in ("removed 2 of 6 layers", "gates.png", "Parity of the exports", "](latency.png)",
                      "tg8 tok/s", "slimllm compile", "## Divergence from the dense model", "## Zero-shot accuracy",
-                     "| pruned (GGUF Q8_0, llama.cpp) |"):
+                     "| pruned (GGUF Q8_0, llama.cpp) |", "## Deployment frontier", "compiled q8_0"):
         assert fragment in report
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2  # the gate trajectory and the latency chart
+    assert html.count("data:image/png;base64,") == 3  # the gate trajectory, the latency chart, the frontier
+    frontier = json.loads((out / "frontier" / "frontier.json").read_text())
+    assert {c["name"] for c in frontier["candidates"]} == {"dense q8_0", "compiled q8_0"}
     assert (out / "gguf" / "pruned-Q8_0.gguf").is_file() and (out / "onnx" / "model.onnx").is_file()
 
     started = time.perf_counter()
     again = run_cli(*_compile_args(tiny_model_dir("llama"), out, recipe, text_file, "--profile", str(tiny_profile)))
     assert again.exit_code == 0, again.output
     assert time.perf_counter() - started < 60
-    reused = "reused finished stages: prune, export_onnx, export_gguf, evaluate, accuracy, profile, report"
+    reused = "reused finished stages: prune, export_onnx, export_gguf, evaluate, accuracy, profile, frontier, report"
     assert reused in again.output
 
 

@@ -257,6 +257,7 @@ _ONE_H100 = MachineMemory(128 * GIB, 80 * GIB, "cuda:0", 16, gpu_bytes=(80 * GIB
 RECIPE_MACHINES = {
     # recipe: (the model's published shape, the machine its header names)
     "smollm2-135m-demo.toml": (_SMOLLM2, _TWO_CORES),
+    "smollm2-135m-frontier.toml": (_SMOLLM2, _TWO_CORES),
     "smollm2-135m-cpu.toml": (_SMOLLM2, _TWO_CORES),
     "smollm2-135m-dress.toml": (_SMOLLM2, _TWO_CORES),
     "smollm2-135m-recovery.toml": (_SMOLLM2, _TWO_CORES),

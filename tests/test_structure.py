@@ -88,7 +88,7 @@ def test_a_cycle_would_be_found():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-PIPELINE_STEPS = ["pruning", "recovery", "exporters", "evaluation", "latency"]
+PIPELINE_STEPS = ["pruning", "recovery", "exporters", "evaluation", "latency", "frontier"]
 """The pipeline's steps as packages, in the order a model goes through them."""
 FOUNDATIONS = {"core": set(), "models": {"core"}}
 """Packages beneath every step, and the only packages each of them may import."""

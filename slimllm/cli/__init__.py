@@ -9,6 +9,7 @@ from slimllm.cli import (  # noqa: F401  (each module registers its command)
     compile_command,
     eval_command,
     export_command,
+    frontier_command,
     heal_command,
     inspect_command,
     plan_command,

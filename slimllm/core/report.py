@@ -99,13 +99,13 @@ def html_page(blocks: list[dict[str, Any]], images: dict[str, bytes]) -> str:
     return "\n".join(out)
 
 
-def write_report(out_dir: Path, blocks: list[Block], images: dict[str, bytes]) -> list[Path]:
-    """report.md (+ its images) and report.html (images embedded), atomically."""
+def write_report(out_dir: Path, blocks: list[Block], images: dict[str, bytes], stem: str = "report") -> list[Path]:
+    """`<stem>.md` (+ its images) and `<stem>.html` (images embedded), atomically."""
     out_dir = Path(out_dir)
     written = []
     for name, data in images.items():
         atomic_write_bytes(out_dir / name, data)
         written.append(out_dir / name)
-    atomic_write_text(out_dir / "report.md", markdown(blocks))
-    atomic_write_text(out_dir / "report.html", html_page(blocks, images))
-    return [*written, out_dir / "report.md", out_dir / "report.html"]
+    atomic_write_text(out_dir / f"{stem}.md", markdown(blocks))
+    atomic_write_text(out_dir / f"{stem}.html", html_page(blocks, images))
+    return [*written, out_dir / f"{stem}.md", out_dir / f"{stem}.html"]

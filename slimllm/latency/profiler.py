@@ -378,6 +378,43 @@ class _Measuring:
                 worker.kill()
 
 
+def measure_in_turn(
+    spec: BackendSpec, artifacts: dict[str, Path], profile: TargetProfile, vocab: int, progress: Progress | None = None
+) -> dict[str, dict[str, Any]]:
+    """Latency of several artifacts on one backend, each in its own worker process, measured in turn inside every
+    repeat (the order rotating from repeat to repeat, so that drift spreads over all of them).
+
+    Returns, per name, `ppN`/`tgN` tokens/s (median, min, max over the repeats) and the worker's peak memory.
+    """
+    context = multiprocessing.get_context("spawn")
+    max_context = max(max(profile.prompt_lengths), profile.generate_tokens) + 16
+    prompts = _prompts(profile.prompt_lengths, vocab)
+    names = list(artifacts)
+    samples: dict[str, dict[str, list[float]]] = {name: {} for name in names}
+    workers: dict[str, _Worker] = {}
+    total, done = len(names) * (profile.warmup + profile.repeats), 0
+    try:
+        for name in names:
+            workers[name] = _Worker(context, spec, artifacts[name], profile.resolved_threads, max_context)
+        for repeat in range(profile.warmup + profile.repeats):
+            shift = repeat % len(names)
+            for name in names[shift:] + names[:shift]:
+                result = workers[name].measure(prompts, profile.generate_tokens)
+                done += 1
+                if progress:
+                    progress(done, total, stage=f"latency {name}")
+                if repeat >= profile.warmup:
+                    for length, seconds in result["prefill_s"].items():
+                        samples[name].setdefault(f"pp{length}", []).append(int(length) / seconds)
+                    samples[name].setdefault(f"tg{profile.generate_tokens}", []).append(
+                        profile.generate_tokens / result["generate_s"])
+        memory = {name: worker.stop() for name, worker in workers.items()}
+    finally:
+        for worker in workers.values():
+            worker.kill()
+    return {name: {key: _stats(values) for key, values in samples[name].items()} | memory[name] for name in names}
+
+
 class ProfileIncompleteError(SlimllmError):
     """At least one backend of the profile failed; the report was written, marked partial."""
 

@@ -223,6 +223,10 @@ class Workload:
     """The pruning method's training runs a frozen dense teacher beside the student."""
     train_checkpointed: bool = False
     """The pruning method's training recomputes activations in backward (gradient checkpointing)."""
+    frontier_candidates: int = 0
+    """Artifacts the frontier stage measures (models × quantization types); 0 when it does not run."""
+    frontier_heal_tokens: int = 0
+    """Tokens the frontier stage heals its own pruned variants on, all of them together."""
 
 
 def _logits(model: ModelFootprint, tokens: int) -> int:
@@ -369,12 +373,27 @@ def plan_stages(dense: ModelFootprint, work: Workload, machine: MachineMemory) -
         weights, mapped = _scoring_weights(stage, held(stage, dense, W_map), held(stage, pruned, P_map), artifact_copy)
         add(stage, base + weights + 6 * _logits(dense, work.eval_seq_len), max(W, P) if stage == "accuracy" else W + P,
             flops, counts, mapped=mapped)
-    if work.profile:
-        add("profile", base + 2 * W, W, 2 * dense.parameters * 2048 * 2 * max(1, work.eval_artifacts),
-            "one benchmark worker at a time, holding the model it times")
+    _measuring_stages(add, dense, pruned, work, frozen_bytes)
     add("report", base + RETAINED_BYTES + RETAINED_SHARE * W, 0, 0,
         "the run's records and plots, in a process that keeps what its allocator held for earlier stages")
     return plans
+
+
+def _measuring_stages(add: Callable[..., None], dense: ModelFootprint, pruned: ModelFootprint, work: Workload,
+                      frozen_bytes: int) -> None:
+    """The latency profile and the frontier (each candidate exported, scored beside the dense model and timed; its
+    own pruned variants healed one at a time)."""
+    base, W, P = PROCESS_BASE_BYTES, dense.fp32_bytes, pruned.fp32_bytes  # noqa: N806
+    if work.profile:
+        add("profile", base + 2 * W, W, 2 * dense.parameters * 2048 * 2 * max(1, work.eval_artifacts),
+            "one benchmark worker at a time, holding the model it times")
+    if work.frontier_candidates:
+        training = _training_bytes(pruned, "full", work.heal_batch or 2, work.heal_block_len or 512, frozen_bytes)
+        per_candidate = 2 * 2 * dense.parameters * (work.eval_tokens + work.task_tokens) + 2 * dense.parameters * 2048
+        add("frontier", base + max(2 * W + 6 * _logits(dense, work.eval_seq_len), training + W + P), W + P,
+            6 * pruned.parameters * work.frontier_heal_tokens + work.frontier_candidates * per_candidate,
+            f"{work.frontier_candidates} candidates, each exported, scored beside the dense model (KLD, the task) "
+            "and timed one at a time; its pruned variants healed one at a time, with the dense teacher")
 
 
 ALTERNATIVES: dict[str, list[tuple[str, dict[str, Any]]]] = {
@@ -386,6 +405,7 @@ ALTERNATIVES: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "export_onnx": [("--target gguf (GGUF streams one tensor at a time)", {"onnx_quant": None})],
     "accuracy": [("--eval-task none", {"task_tokens": 0})],
     "profile": [("--profile none", {"profile": False})],
+    "frontier": [("[frontier] pruned = [] (the dense ladder and this run's model only)", {"frontier_heal_tokens": 0})],
 }
 """Per stage, the settings that lower its peak, in the order they are offered, as Workload changes."""
 
@@ -491,7 +511,21 @@ def workload_for(settings: dict[str, Any], dense: ModelFootprint) -> Workload:
         eval_artifacts=artifacts,
         task_tokens=compile_settings.eval_tasks * HELLASWAG_TOKENS_PER_TASK if compile_settings.eval_task else 0,
         profile=compile_settings.profile is not None,
+        **_frontier_work(settings, prune is not None),
     )
+
+
+def _frontier_work(settings: dict[str, Any], pruned: bool) -> dict[str, int]:
+    """The frontier stage's candidates (models × ladder) and healing tokens, when `[compile] frontier` is on."""
+    frontier = settings.get("frontier")
+    if frontier is None or not settings["compile"].frontier:
+        return {}
+    variants = len(frontier.pruned)
+    models = 1 + variants + int(pruned)
+    heal = settings["heal"]
+    heal_tokens = variants * (heal.tokens if heal is not None and frontier.heal else 0)
+    return {"frontier_candidates": models * (len(frontier.gguf_types) + len(frontier.onnx_variants)),
+            "frontier_heal_tokens": heal_tokens}
 
 
 def stored_in_fp32(config) -> bool:

@@ -55,6 +55,9 @@ class CompileSettings:
     """Heal the pruned model before exporting (the [heal] settings); --no-heal skips it."""
     memory_check: bool = True
     """Refuse up front a run whose estimated peak memory (`slimllm plan`) exceeds the machine's."""
+    frontier: bool = False
+    """Measure the deployment frontier after profiling: the dense model's quantization ladder against this run's
+    model (and the [frontier] pruned variants) through the same ladder, on the profile (`slimllm frontier`)."""
 
     def __post_init__(self) -> None:
         self.target = parse_choice(Target, self.target, "--target")
@@ -118,7 +121,7 @@ def resolve_settings(
     given = {key: compile_flags.get(key) for key in ("eval_data", "eval_seq_len", "eval_windows")}
     onnx_settings, gguf_settings = _export_settings(recipe_sections, flag_sections, compile_settings, given)
     heal_settings = _heal_settings(merged, flag_sections, compile_settings, prune_settings)
-    return {
+    resolved = {
         "compile": compile_settings,
         "method": method_value,
         "method_source": method_source,
@@ -129,6 +132,13 @@ def resolve_settings(
         "onnx": onnx_settings,
         "gguf": gguf_settings,
     }
+    from slimllm.pipeline.stages import stage_sections
+
+    for section, settings_class in stage_sections().items():  # a stage's own section that nothing above resolves
+        if section not in resolved:
+            resolved[section] = build_settings(settings_class, recipe_sections.get(section),
+                                               flag_sections.get(section, {}), f"[{section}]")
+    return resolved
 
 
 def _prune_settings(sections, method, remove, ratio, calib):
