@@ -99,8 +99,8 @@ def test_compile_all_end_to_end_then_reuse(tiny_model_dir, tmp_path, recipe_with
         eval_data=str(EVAL_FILE), profile=str(tiny_profile), recipe=recipe,
     )
     registered = [spec.name for spec in compile_stages()]
-    assert registered == ["prune", "heal", "export_onnx", "export_gguf", "evaluate", "accuracy", "profile", "frontier",
-                          "report"]
+    builtin = ["prune", "heal", "export_onnx", "export_gguf", "evaluate", "accuracy", "profile", "frontier", "report"]
+    assert [name for name in registered if name in builtin] == builtin  # a new stage takes its place by its order
     stages = [name for name in registered if name != "heal"]  # the recipe turns healing off
     assert result.ran_stages == stages and not result.reused_stages
     manifest = json.loads((out / MANIFEST_FILE).read_text())

@@ -84,6 +84,20 @@ def test_bad_settings_are_one_clear_error(values, fragment):
         FrontierSettings(**values)
 
 
+def test_a_variant_takes_the_recipes_prune_and_heal_settings_under_its_own_method_and_budget():
+    from slimllm.frontier.models import variant_settings
+
+    sections = {"prune": {"method": "trsp", "remove": 8, "repair": "lsq", "calib_blocks": 7},
+                "heal": {"tokens": 4096}, "2ssp": {"alpha": 2.0}}
+    prune, own, heal = variant_settings(parse_variant("shortgpt:0.27"), sections)
+    assert (prune.method.value, prune.remove, prune.ratio, prune.repair.value, prune.calib_blocks) == \
+        ("shortgpt", None, 0.27, "lsq", 7)
+    assert heal.tokens == 4096 and heal.calib == prune.calib
+    prune, own, _ = variant_settings(parse_variant("2ssp:0.15:stage=width"), sections)
+    assert prune.repair is None  # the recipe's layer repair does not apply to a method that removes no layer
+    assert (own.sparsity, own.stage.value, own.alpha) == (0.15, "width", 2.0)
+
+
 def test_variants_parse_to_their_method_budget_and_options():
     assert parse_variant("shortgpt:8").label == "shortgpt-8"
     assert parse_variant("2ssp:0.25:stage=width").options == (("stage", "width"),)

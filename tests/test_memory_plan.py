@@ -262,6 +262,7 @@ RECIPE_MACHINES = {
     "smollm2-135m-dress.toml": (_SMOLLM2, _TWO_CORES),
     "smollm2-135m-recovery.toml": (_SMOLLM2, _TWO_CORES),
     "gemma3-270m.toml": (_GEMMA3_270M, _TWO_CORES),
+    "gemma3-270m-frontier.toml": (_GEMMA3_270M, _TWO_CORES),
     "llama3-8b-gpu.toml": (_LLAMA3_8B, _ONE_H100),
 }
 

@@ -60,7 +60,9 @@ def variant_settings(variant: PrunedVariant, sections: dict[str, dict[str, Any]]
     from slimllm.recovery.healing import HealSettings
 
     method = get_method(variant.method)
-    prune_values = {k: v for k, v in sections.get("prune", {}).items() if k not in ("method", "remove", "ratio")}
+    own_target = ("method", "remove", "ratio") + (() if method.removes_layers else ("repair",))
+    # the recipe's repair is for layer removal: a method that removes no layer (2SSP, DReSS) takes its default
+    prune_values = {k: v for k, v in sections.get("prune", {}).items() if k not in own_target}
     budget = {}
     if method.removes_layers:
         budget = {"remove": int(variant.budget)} if variant.budget >= 1 else {"ratio": variant.budget}

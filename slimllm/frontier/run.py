@@ -90,7 +90,7 @@ def run_frontier(
     items, skipped = _within_budget(items, models[0], settings, cache, clock, progress, started)
     results = _measure(items, models[0], settings, specs, profile, cache, clock, progress)
     results += skipped
-    return _finish(out_dir, model, settings, profile, results, clock, cache, started)
+    return _finish(out_dir, model, settings, profile, results, clock, cache, started, models)
 
 
 def _check_baseline(settings: FrontierSettings, specs: dict) -> None:
@@ -178,7 +178,7 @@ def frontier_verdicts(results: list[CandidateResult]) -> dict[str, dict[str, dic
     return verdicts
 
 
-def _finish(out_dir, model, settings, profile, results, clock, cache, started) -> FrontierResult:
+def _finish(out_dir, model, settings, profile, results, clock, cache, started, models) -> FrontierResult:
     from slimllm.frontier.report import write_frontier_report
 
     measured = [r for r in results if r.decode is not None]
@@ -191,10 +191,18 @@ def _finish(out_dir, model, settings, profile, results, clock, cache, started) -
         "benchmark": "frontier", "model": model, "profile": profile.to_dict(),
         "settings": plain(settings), "candidates": [r.to_dict() for r in results], "frontier": result.verdicts,
         "choice": choice.to_dict(), "seconds": clock.seconds, "measured_this_run": cache.measured,
+        "models": {m.label: {"checkpoint": str(m.checkpoint), "sha256": m.sha256, "seconds": _prepared_in(m.record)}
+                   for m in models},
         "machine": machine_info(), "versions": library_versions(),
     }
     write_frontier_report(out_dir, payload, results, result.verdicts, choice)
     return result
+
+
+def _prepared_in(record: dict[str, Any]) -> dict[str, float]:
+    """The seconds pruning and healing took when the model was made (in this run or an earlier one)."""
+    return {step: float(record[step]["seconds"]) for step in ("prune", "heal")
+            if isinstance(record.get(step), dict) and "seconds" in record[step]}
 
 
 def _copy_best(out_dir: Path, winner: CandidateResult) -> None:
