@@ -79,7 +79,8 @@ def choose(results: list[CandidateResult], constraints: dict[str, float], baseli
         return Choice(None, "No constraint was given, so no candidate was chosen: pass --min-speedup, "
                             "--min-tokens-per-s, --max-size, --max-kld or --max-ppl-ratio.")
     base = next((r for r in results if r.name == baseline), None)
-    checks = {r.name: [Check(n, values(r, base)[n], limit) for n, limit in constraints.items()] for r in results}
+    read = {r.name: values(r, base) for r in results}
+    checks = {r.name: [Check(n, read[r.name][n], limit) for n, limit in constraints.items()] for r in results}
     feasible = [r for r in results if all(c.miss == 0 for c in checks[r.name])]
     if not feasible:
         return Choice(None, _nothing_fits(results, checks), checks)

@@ -108,8 +108,9 @@ def _pruned(dense: FrontierModel, variant: PrunedVariant, settings: FrontierSett
     home = work_dir / "models" / f"{variant.label}-{key[:12]}"
     final = home / ("healed" if settings.heal else "pruned")
     record_path = home / MODEL_RECORD
-    if record_path.is_file() and json.loads(record_path.read_text()).get("key") == key and final.is_dir():
-        return FrontierModel(variant.label, final, sha256_tree(final), json.loads(record_path.read_text()))
+    earlier = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if earlier.get("key") == key and final.is_dir():
+        return FrontierModel(variant.label, final, sha256_tree(final), earlier)
     shutil.rmtree(home, ignore_errors=True)  # an unfinished earlier attempt under this key: ours to replace
     stage = _labelled(progress, f"{variant.label}: prune")
     pruned = run_prune(str(dense.checkpoint), prune, home / "pruned", device=device, method_settings=own,

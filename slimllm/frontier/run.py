@@ -77,7 +77,7 @@ def run_frontier(
     profile = load_profile(profile) if not isinstance(profile, TargetProfile) else profile
     specs = backend_specs(profile, settings)
     check_backends_available(profile)
-    _check_baseline(settings, specs)
+    _check_baseline(settings)
     if not (out_dir / "work").is_dir():  # a directory an earlier frontier run left is ours to continue
         check_output_directory(out_dir, force, protected=local_inputs(model))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -93,7 +93,7 @@ def run_frontier(
     return _finish(out_dir, model, settings, profile, results, clock, cache, started, models)
 
 
-def _check_baseline(settings: FrontierSettings, specs: dict) -> None:
+def _check_baseline(settings: FrontierSettings) -> None:
     names = [f"dense {q}" for q in (*settings.gguf_types, *settings.onnx_variants)]
     if "min_speedup" in settings.constraints() and settings.baseline not in names:
         raise UserInputError(f"--baseline {settings.baseline!r} is not a candidate of this run; use one of "
