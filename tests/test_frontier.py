@@ -199,3 +199,43 @@ def test_a_profile_without_the_backend_a_ladder_needs_is_one_clear_line(tiny_mod
     assert not (tmp_path / "f").exists()
     result = run_cli("frontier", str(tiny_model_dir("llama")), "--out", str(tmp_path / "f"), "--gguf-types", "q9_k")
     _assert_user_error(result, "unknown quantization type 'q9_k' in --gguf-types")
+
+
+def test_a_candidate_that_fails_its_export_check_is_listed_with_the_figure_and_not_exported_again(
+        tiny_model_dir, tmp_path):
+    """A sharp model (large embeddings) with outliers that Q4_0's one scale per 32 weights cannot hold: the file is
+    written, fails its perplexity check against its own checkpoint, and the frontier records that instead of
+    stopping; a rerun reads the kept record."""
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slimllm.core.artifacts import sha256_tree
+    from slimllm.frontier.candidates import Candidate, CandidateCheckFailed, export_candidate
+    from slimllm.frontier.models import FrontierModel
+
+    model_dir = tmp_path / "outliers"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama", hidden=256))
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(50.0)
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight[:, ::32] = 40.0
+    model.save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(tiny_model_dir("llama", hidden=256)).save_pretrained(model_dir)
+    candidate = Candidate(FrontierModel("dense", model_dir, sha256_tree(model_dir), {}), "llama.cpp", "q4_0")
+    settings = FrontierSettings(gguf_types=["q4_0"], onnx_variants=[], pruned=[], eval_data=str(EVAL_FILE),
+                                eval_seq_len=64, eval_windows=2, task=None)
+    with pytest.raises(CandidateCheckFailed) as failed:
+        export_candidate(candidate, tmp_path / "work", settings)
+    assert failed.value.reason.startswith("failed its export check: Q4_0: PPL") and failed.value.size_bytes > 0
+    started = time.perf_counter()
+    with pytest.raises(CandidateCheckFailed) as again:
+        export_candidate(candidate, tmp_path / "work", settings)
+    assert again.value.reason == failed.value.reason and time.perf_counter() - started < 1.0
+    # In a run, the candidate is a result with the failed figure as its note, and nothing to measure.
+    from slimllm.frontier.run import _Clock, _exported
+
+    items, listed = _exported([candidate], tmp_path / "work", settings, _Clock(), None)
+    assert items == [] and [r.name for r in listed] == ["dense q4_0"]
+    assert listed[0].notes == [failed.value.reason] and listed[0].speed is None and listed[0].size_bytes > 0

@@ -64,31 +64,75 @@ def frontier_candidates(models: list[FrontierModel], settings: FrontierSettings,
     return candidates
 
 
+class CandidateCheckFailed(Exception):
+    """The candidate's artifact failed its own export check (its quality against the checkpoint it was made from):
+    a measurement, not an error. The frontier lists it with the failed figure and measures it no further."""
+
+    def __init__(self, reason: str, size_bytes: int) -> None:
+        super().__init__(reason)
+        self.reason, self.size_bytes = reason, size_bytes
+
+
 def export_candidate(candidate: Candidate, work_dir: Path, settings: FrontierSettings,
                      progress: Progress | None = None) -> Path:
     """The candidate's validated artifact (a .gguf file, or an ONNX export directory): reused when an earlier run
-    exported the same model content with the same settings, else exported now."""
-    from slimllm.exporters.gguf import GgufExportSettings, export_gguf
-    from slimllm.exporters.onnx import OnnxExportSettings, export_onnx
+    exported the same model content with the same settings, else exported now. An artifact that fails its export
+    check raises `CandidateCheckFailed`, now and in later runs (the failed export's record is kept and read)."""
+    from slimllm.core.errors import ValidationError
     from slimllm.exporters.records import read_export_record, reusable_export
 
     target = candidate.export_dir(work_dir)
-    if candidate.backend == LLAMA_CPP:
-        export_settings = GgufExportSettings(outtypes=[candidate.quant], eval_data=settings.eval_data,
-                                             eval_seq_len=settings.eval_seq_len, eval_windows=2, tokenizer_lines=50)
-        export = export_gguf
-    else:
-        quant = "none" if candidate.quant == "fp32" else candidate.quant
-        export_settings = OnnxExportSettings(quant=quant, provider="cpu", eval_data=settings.eval_data,
-                                             eval_windows=2)
-        export = export_onnx
+    export, export_settings = _exporter(candidate, settings)
+    failed = target.with_name(target.name + ".failed")
+    if (record := _failed_record(failed, candidate.model.sha256, export_settings)) is not None:
+        raise CandidateCheckFailed(*_failure(record))
     if reusable_export(target, candidate.model.sha256, export_settings) is None:
         if progress:
             progress(0, 1, stage=f"export {candidate.name}")
-        export(candidate.model.checkpoint, target, export_settings, force=True)
+        try:
+            export(candidate.model.checkpoint, target, export_settings, force=True)
+        except ValidationError as exc:
+            record = _failed_record(failed, candidate.model.sha256, export_settings)
+            raise CandidateCheckFailed(*(_failure(record) if record else (str(exc), 0))) from exc
     if candidate.backend == ONNXRUNTIME:
         return target
     return target / next(iter(read_export_record(target)["files"]))
+
+
+def _exporter(candidate: Candidate, settings: FrontierSettings):
+    """The export function and its settings for the candidate: the same validation for every candidate."""
+    from slimllm.exporters.gguf import GgufExportSettings, export_gguf
+    from slimllm.exporters.onnx import OnnxExportSettings, export_onnx
+
+    if candidate.backend == LLAMA_CPP:
+        export_settings = GgufExportSettings(outtypes=[candidate.quant], eval_data=settings.eval_data,
+                                             eval_seq_len=settings.eval_seq_len, eval_windows=2, tokenizer_lines=50)
+        return export_gguf, export_settings
+    quant = "none" if candidate.quant == "fp32" else candidate.quant
+    return export_onnx, OnnxExportSettings(quant=quant, provider="cpu", eval_data=settings.eval_data, eval_windows=2)
+
+
+def _failed_record(failed: Path, source_sha256: str, export_settings) -> dict | None:
+    """The record of a failed export of this very model content and settings, if one was kept."""
+    import json
+
+    from slimllm.core.artifacts import plain
+    from slimllm.exporters.records import read_export_record
+
+    record = read_export_record(failed)
+    if record is None or record.get("validation_passed", True) or record.get("source_sha256") != source_sha256:
+        return None
+    return record if record.get("settings") == json.loads(json.dumps(plain(export_settings))) else None
+
+
+def _failure(record: dict) -> tuple[str, int]:
+    """What failed, in figures, and the size of the failed artifact."""
+    files = record.get("files", {})
+    reasons = [f"{info.get('type', name)}: PPL {info['ppl']:.2f} against {info['reference_ppl']:.2f} of its own "
+               f"checkpoint (× {info['ppl_ratio']:.2f})" for name, info in files.items()
+               if not info.get("passed", True) and "ppl_ratio" in info]
+    reason = "failed its export check: " + ("; ".join(reasons) or "see validation.json of the failed export")
+    return reason, sum(int(info.get("bytes", 0)) for info in files.values())
 
 
 def artifact_bytes(artifact: Path) -> int:

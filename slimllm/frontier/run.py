@@ -8,6 +8,7 @@ set per backend, choose, and write the table, the charts and the chosen artifact
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,14 @@ from slimllm.core.artifacts import (
 )
 from slimllm.core.errors import SlimllmError, UserInputError
 from slimllm.core.progress import Progress
-from slimllm.frontier.candidates import Candidate, artifact_bytes, backend_specs, export_candidate, frontier_candidates
+from slimllm.frontier.candidates import (
+    Candidate,
+    CandidateCheckFailed,
+    artifact_bytes,
+    backend_specs,
+    export_candidate,
+    frontier_candidates,
+)
 from slimllm.frontier.choice import Choice, choose
 from slimllm.frontier.measure import Measured, MeasurementCache, measure_quality, measure_speed, measure_task
 from slimllm.frontier.models import prepare_models
@@ -34,6 +42,8 @@ from slimllm.frontier.pareto import Interval, Point, pareto
 from slimllm.frontier.results import CandidateResult
 from slimllm.frontier.settings import FrontierSettings
 from slimllm.latency.profiles import TargetProfile
+
+log = logging.getLogger(__name__)
 
 PROXY_WINDOWS = 2
 
@@ -86,10 +96,10 @@ def run_frontier(
     started = time.perf_counter()
     models = prepare_models(model, settings, sections or {}, work, device, progress, extra)
     clock.phase("models", started)
-    items = _exported(frontier_candidates(models, settings, specs), work, settings, clock, progress)
+    items, failed = _exported(frontier_candidates(models, settings, specs), work, settings, clock, progress)
     items, skipped = _within_budget(items, models[0], settings, cache, clock, progress, started)
     results = _measure(items, models[0], settings, specs, profile, cache, clock, progress)
-    results += skipped
+    results += skipped + failed
     return _finish(out_dir, model, settings, profile, results, clock, cache, started, models)
 
 
@@ -101,16 +111,24 @@ def _check_baseline(settings: FrontierSettings) -> None:
 
 
 def _exported(candidates: list[Candidate], work: Path, settings: FrontierSettings, clock: _Clock,
-              progress: Progress | None) -> list[Measured]:
+              progress: Progress | None) -> tuple[list[Measured], list[CandidateResult]]:
+    """Every candidate's validated artifact; a candidate whose artifact fails its export check is listed with the
+    failed figure instead and measured no further."""
     started = time.perf_counter()
-    items = []
+    items, failed = [], []
     for index, candidate in enumerate(candidates):
         if progress:
             progress(index, len(candidates), stage=f"export {candidate.name}")
-        artifact = export_candidate(candidate, work, settings)
+        try:
+            artifact = export_candidate(candidate, work, settings)
+        except CandidateCheckFailed as exc:
+            log.warning("%s %s", candidate.name, exc.reason)
+            failed.append(CandidateResult(candidate.name, candidate.model.label, candidate.backend, candidate.quant,
+                                          "", exc.size_bytes, notes=[exc.reason]))
+            continue
         items.append(Measured(candidate, artifact, sha256_tree(artifact)))
     clock.phase("exports", started)
-    return items
+    return items, failed
 
 
 def _within_budget(items, dense, settings, cache, clock, progress, started) -> tuple[list[Measured], list]:
