@@ -281,6 +281,11 @@ def test_divergence_statistics_match_a_direct_computation(tiny):
     second_half = kld.reshape(2, 23)[:, 12:]
     assert half["tokens"] == second_half.size == 22 and half["first_scored"] == 12
     assert half["kld"]["mean"] == pytest.approx(float(second_half.mean()), rel=1e-4)
+    # Both protocols from the one whole-window pass: its second-half perplexities are those of the `first=12` pass.
+    assert half["second_half"] is None and stats["second_half"]["tokens"] == 22
+    for key in ("ppl", "reference_ppl", "ppl_ratio"):
+        assert stats["second_half"][key] == pytest.approx(half[key], rel=1e-5)
+    assert stats["second_half"]["ppl"] != pytest.approx(stats["ppl"], rel=1e-3)
 
 
 def test_cli_kl_reference(tiny_model_dir, tmp_path):

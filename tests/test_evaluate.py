@@ -25,12 +25,18 @@ def test_perplexity_matches_transformers_loss(tiny_model_dir, tmp_path):
     ids = loaded.tokenizer(
         "\n\n".join(line for line in text.read_text().splitlines() if line.strip()), return_tensors="pt"
     ).input_ids[0]
-    losses = []
+    losses, second_halves = [], []
     with torch.no_grad():
         for w in range(5):
             window = ids[w * 64 : (w + 1) * 64][None]
             losses.append(float(loaded.model(window, labels=window).loss))
+            # llama-perplexity's protocol: only the tokens predicted from position 32 on (labels 33..63)
+            labels = window.clone()
+            labels[:, :33] = -100
+            second_halves.append(float(loaded.model(window, labels=labels).loss))
     assert result.perplexity == pytest.approx(math.exp(sum(losses) / 5), rel=1e-5)
+    assert result.tokens_scored_second_half == 5 * 31
+    assert result.perplexity_second_half == pytest.approx(math.exp(sum(second_halves) / 5), rel=1e-5)
 
 
 def test_split_windows_errors():

@@ -85,7 +85,8 @@ def _perplexity(scorer, settings: EvalSettings, bar) -> tuple[dict, list[str]]:
     result = perplexity_on_text(scorer.logits_fn, scorer.tokenizer, settings, progress=bar)
     line = (
         f"perplexity {result.perplexity:.3f}  ({result.tokens_scored} tokens in {result.windows} windows "
-        f"of {result.seq_len}, {result.seconds:.1f} s on {scorer.backend})"
+        f"of {result.seq_len}, {result.seconds:.1f} s on {scorer.backend}); over each window's second half "
+        f"(llama-perplexity's protocol) {result.perplexity_second_half:.3f}"
     )
     return result.to_dict(), [line]
 
@@ -103,10 +104,15 @@ def _divergence(scorer, settings: EvalSettings, fixed: dict[str, Any], bar) -> t
         stats |= {"reference": reference.model, "reference_backend": reference.backend}
     stats |= {"data": settings.data, "data_sha256": corpus.sha256, "windows": int(windows.shape[0]),
               "seq_len": settings.seq_len}
-    kld, same, delta_p = stats["kld"], stats["same_top1"], stats["delta_p"]
+    kld, same, delta_p, half = stats["kld"], stats["same_top1"], stats["delta_p"], stats["second_half"]
+    second_half = [] if half is None else [
+        f"second halves (llama-perplexity's protocol): PPL {half['ppl']:.4f} vs reference {half['reference_ppl']:.4f} "
+        f"(ratio {half['ppl_ratio']:.4f}) on {half['tokens']} tokens"
+    ]
     return stats, [
         f"PPL {stats['ppl']:.4f} vs reference {stats['reference_ppl']:.4f} (ratio {stats['ppl_ratio']:.4f}) on "
         f"{stats['tokens']} tokens",
+        *second_half,
         f"mean KLD {kld['mean']:.6f} ± {kld['stderr']:.6f}; max {kld['max']:.4f}, 99.9% {kld['99.9%']:.4f}, "
         f"99% {kld['99%']:.4f}, median {kld['median']:.6f}",
         f"same top-1 {100 * same['mean']:.3f} ± {100 * same['stderr']:.3f} %; Δp mean {100 * delta_p['mean']:.3f} %, "

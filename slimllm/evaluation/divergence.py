@@ -8,7 +8,8 @@ and Δp, the model's probability of the actual next token minus the reference's.
 their ratio, mean KLD with its standard error and percentiles (max, 99.9, 99, 95, 90, median, 10, 5, 1, min), the
 "same top" percentage with its standard error, and Δp's mean, RMS and percentiles. By default every prediction of
 each window is scored; `first=seq_len // 2` scores the second half only, as llama-perplexity does (each scored token
-then has at least half a window of context; see docs/design-notes.md).
+then has at least half a window of context; see docs/design-notes.md). Scoring whole windows, the summary also gives
+both perplexities over each window's second half (`second_half`), so that one pass reports both protocols.
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ def per_token_divergences(
     """One pass over the windows, the reference's logits computed once per window for every candidate.
 
     Returns the reference's NLL of each predicted token (positions `first`.. of each window) and, per candidate,
-    each token's KLD, same-top-1 flag, Δp, NLL and the reference's NLL. Nothing is kept across windows but these.
+    each token's KLD, same-top-1 flag, Δp, NLL, the reference's NLL and the position in its window of the logit that
+    predicted it. Nothing is kept across windows but these.
     """
     reference_nll: list[np.ndarray] = []
+    positions = np.tile(np.arange(first, windows.shape[1] - 1, dtype=np.int32), windows.shape[0])
     parts = {name: {"kld": [], "same_top1": [], "delta_p": [], "nll": []} for name in candidates}
     for index in range(windows.shape[0]):
         window = windows[index : index + 1]
@@ -60,7 +63,8 @@ def per_token_divergences(
             progress(index + 1, windows.shape[0])
     reference_all = np.concatenate(reference_nll)
     per_candidate = {
-        name: {key: np.concatenate(chunks) for key, chunks in values.items()} | {"reference_nll": reference_all}
+        name: {key: np.concatenate(chunks) for key, chunks in values.items()}
+        | {"reference_nll": reference_all, "position": positions}
         for name, values in parts.items()
     }
     return reference_all, per_candidate
@@ -91,16 +95,31 @@ def _percentiles(values: np.ndarray) -> dict[str, float]:
     return {name: float(np.percentile(values, q)) for name, q in PERCENTILES.items()}
 
 
+def perplexities(per_token: dict[str, np.ndarray], where: np.ndarray | slice = slice(None)) -> dict[str, float]:
+    """The model's and the reference's perplexity over the selected tokens, and their ratio."""
+    ppl = math.exp(float(per_token["nll"][where].mean(dtype=np.float64)))
+    reference_ppl = math.exp(float(per_token["reference_nll"][where].mean(dtype=np.float64)))
+    return {"ppl": ppl, "reference_ppl": reference_ppl, "ppl_ratio": ppl / reference_ppl}
+
+
+def second_half(per_token: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The tokens llama-perplexity scores (predicted from a logit at position >= seq_len // 2 of its window), or None
+    when the values hold no positions or were already scored from the middle of the window on."""
+    position = per_token.get("position")
+    if position is None or position.size == 0 or position.min() > 0:
+        return None
+    return position >= (int(position.max()) + 2) // 2
+
+
 def summarize(per_token: dict[str, np.ndarray]) -> dict[str, Any]:
     """The statistics llama-perplexity prints, from per-token values."""
     kld, same, delta_p = per_token["kld"], per_token["same_top1"].astype(np.float64), per_token["delta_p"]
-    ppl = math.exp(float(per_token["nll"].mean()))
-    reference_ppl = math.exp(float(per_token["reference_nll"].mean()))
+    whole = perplexities(per_token)
+    half = second_half(per_token)
     return {
         "tokens": int(len(kld)),
-        "ppl": ppl,
-        "reference_ppl": reference_ppl,
-        "ppl_ratio": ppl / reference_ppl,
+        **whole,
+        "second_half": None if half is None else perplexities(per_token, half) | {"tokens": int(half.sum())},
         "kld": {"mean": float(kld.mean()), "stderr": _stderr(kld), **_percentiles(kld)},
         "same_top1": {"mean": float(same.mean()), "stderr": _stderr(same)},
         "delta_p": {

@@ -5,6 +5,8 @@
 
 Protocol: join the documents with blank lines, tokenize once, cut non-overlapping windows of `seq_len` tokens and
 score every predicted token (seq_len - 1 per window). The windows are independent (no context carried over).
+The same pass also scores each window's second half alone (the predictions from position seq_len // 2 on), which is
+llama-perplexity's protocol: its figures compare with `perplexity_second_half`, not with `perplexity`.
 """
 
 from __future__ import annotations
@@ -76,6 +78,10 @@ class PerplexityResult:
     data: str = ""
     data_sha256: str = ""
     seconds: float = 0.0
+    perplexity_second_half: float | None = None
+    """Over each window's second half only (llama-perplexity's protocol: every scored token has at least half a
+    window of context)."""
+    tokens_scored_second_half: int = 0
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -116,30 +122,56 @@ def torch_logits_fn(model) -> LogitsFn:
     return logits
 
 
-def causal_lm_loss_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token cross-entropy (in fp32) and the number of predicted tokens."""
+def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Next-token NLL (fp32) of every predicted token, shape [b, t - 1]: entry j is predicted by the logit at j."""
     targets = input_ids[:, 1:].to(logits.device)
     predicted = logits[:, :-1].float()
     # log Z - logit of the target: one read of the logits, no log-softmax copy (the greedy searches call this often)
-    nll = torch.logsumexp(predicted, dim=-1) - predicted.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return float(nll.sum(dtype=torch.float64)), targets.numel()
+    return torch.logsumexp(predicted, dim=-1) - predicted.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def causal_lm_loss_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token cross-entropy (in fp32) and the number of predicted tokens."""
+    nll = token_nll(logits, input_ids)
+    return float(nll.sum(dtype=torch.float64)), nll.numel()
+
+
+@dataclass
+class NllSums:
+    """Summed NLL and token counts over whole windows and over each window's second half."""
+
+    whole: float = 0.0
+    whole_tokens: int = 0
+    second_half: float = 0.0
+    second_half_tokens: int = 0
+
+
+def nll_sums_of_windows(
+    logits_fn: LogitsFn, windows: torch.Tensor, batch_size: int = 1, progress: Progress | None = None
+) -> NllSums:
+    """Token NLLs summed over all windows, whole and from each window's middle on (both protocols in one pass)."""
+    sums = NllSums()
+    half = windows.shape[1] // 2
+    if progress:
+        progress(0, windows.shape[0])
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start : start + batch_size]
+        nll = token_nll(logits_fn(batch), batch)
+        sums.whole += float(nll.sum(dtype=torch.float64))
+        sums.whole_tokens += nll.numel()
+        sums.second_half += float(nll[:, half:].sum(dtype=torch.float64))
+        sums.second_half_tokens += nll[:, half:].numel()
+        if progress:
+            progress(min(start + batch_size, windows.shape[0]), windows.shape[0])
+    return sums
 
 
 def perplexity_of_windows(
     logits_fn: LogitsFn, windows: torch.Tensor, batch_size: int = 1, progress: Progress | None = None
 ) -> tuple[float, int]:
     """Sum of token NLLs over all windows and the count of scored tokens."""
-    total_nll, total_tokens = 0.0, 0
-    if progress:
-        progress(0, windows.shape[0])
-    for start in range(0, windows.shape[0], batch_size):
-        batch = windows[start : start + batch_size]
-        nll, count = causal_lm_loss_sum(logits_fn(batch), batch)
-        total_nll += nll
-        total_tokens += count
-        if progress:
-            progress(min(start + batch_size, windows.shape[0]), windows.shape[0])
-    return total_nll, total_tokens
+    sums = nll_sums_of_windows(logits_fn, windows, batch_size, progress)
+    return sums.whole, sums.whole_tokens
 
 
 def evaluate_model(loaded, settings: EvalSettings, progress: Progress | None = None) -> PerplexityResult:
@@ -162,12 +194,14 @@ def perplexity_on_text(
     """Perplexity of any backend's logits on the settings' text (the same windows for every backend)."""
     started = time.perf_counter()
     windows, corpus = text_windows(tokenizer, settings)
-    nll, tokens = perplexity_of_windows(logits_fn, windows, settings.batch_size, progress)
-    mean_nll = nll / tokens
+    sums = nll_sums_of_windows(logits_fn, windows, settings.batch_size, progress)
+    mean_nll = sums.whole / sums.whole_tokens
     return PerplexityResult(
         perplexity=math.exp(mean_nll),
         mean_nll=mean_nll,
-        tokens_scored=tokens,
+        tokens_scored=sums.whole_tokens,
+        perplexity_second_half=math.exp(sums.second_half / sums.second_half_tokens),
+        tokens_scored_second_half=sums.second_half_tokens,
         windows=windows.shape[0],
         seq_len=settings.seq_len,
         data=settings.data,

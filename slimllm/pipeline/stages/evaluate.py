@@ -3,6 +3,7 @@ pruned checkpoint (PyTorch), the ONNX export (onnxruntime) and every GGUF file (
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,16 +56,20 @@ def _keyed_by(ctx: CompileContext) -> dict[str, Any]:
 
 def _run(ctx: CompileContext) -> tuple[dict[str, Any], dict[str, Any]]:
     from slimllm.evaluation.divergence import divergence_statistics
-    from slimllm.exporters.parity import eval_windows, perplexity
+    from slimllm.evaluation.perplexity import nll_sums_of_windows
+    from slimllm.exporters.parity import eval_windows
     from slimllm.exporters.scorers import open_backend
 
     perplexities: dict[str, float] = {}
+    second_halves: dict[str, float] = {}
     divergence: dict[str, dict[str, Any]] = {}
     with open_backend(str(ctx.dense_dir), "torch", ctx.device, "fp32", placement=ctx.placement) as dense:
         windows, source = eval_windows(
             dense.tokenizer, ctx.compile.eval_data, ctx.compile.eval_seq_len, ctx.compile.eval_windows
         )
-        perplexities[DENSE_LABEL] = perplexity(dense.logits_fn, windows)
+        dense_sums = nll_sums_of_windows(dense.logits_fn, windows)
+        perplexities[DENSE_LABEL] = math.exp(dense_sums.whole / dense_sums.whole_tokens)
+        second_halves[DENSE_LABEL] = math.exp(dense_sums.second_half / dense_sums.second_half_tokens)
         # One artifact loaded at a time, the dense logits recomputed for each: a forward pass per artifact buys not
         # holding every runtime's copy of the model at once (per_token_divergences can share one reference pass).
         for model in evaluated_models(ctx):
@@ -74,6 +79,7 @@ def _run(ctx: CompileContext) -> tuple[dict[str, Any], dict[str, Any]]:
                               placement=placement) as scorer:
                 stats = divergence_statistics(scorer.logits_fn, dense.logits_fn, windows)
             perplexities[model.label] = stats["ppl"]
+            second_halves[model.label] = stats["second_half"]["ppl"]
             divergence[model.label] = stats | {"backend": scorer.backend}
     result = {
         "data": source,
@@ -81,6 +87,7 @@ def _run(ctx: CompileContext) -> tuple[dict[str, Any], dict[str, Any]]:
         "windows": int(windows.shape[0]),
         "tokens_scored": int(windows.shape[0] * (windows.shape[1] - 1)),
         "perplexity": perplexities,
+        "perplexity_second_half": second_halves,
         "divergence": divergence,
         "reference": DENSE_LABEL,
     }
@@ -96,14 +103,22 @@ def _report(evaluation: dict[str, Any], _images: dict[str, bytes]) -> list[Block
 def _perplexity_blocks(evaluation: dict[str, Any]) -> list[Block]:
     if not evaluation:
         return []
+    halves = evaluation.get("perplexity_second_half", {})  # absent from an evaluation.json written before it existed
     return [
         heading("Perplexity"),
         {"kind": "p", "text": (
             f"`{evaluation['data']}`, {evaluation['windows']} windows x {evaluation['seq_len']} tokens "
-            f"({evaluation['tokens_scored']} tokens scored), the same windows for every row."
+            f"({evaluation['tokens_scored']} tokens scored), the same windows for every row. The second column "
+            "scores only each window's second half, as `llama-perplexity` does: compare llama.cpp's figures with it."
         )},
-        table(["model", "perplexity"], [[k, f"{v:.3f}"] for k, v in evaluation["perplexity"].items()]),
+        table(["model", "perplexity (whole windows)", "perplexity (second halves)"],
+              [[label, f"{value:.3f}", _maybe(halves.get(label))]
+               for label, value in evaluation["perplexity"].items()]),
     ]
+
+
+def _maybe(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
 
 
 def _divergence_blocks(evaluation: dict[str, Any]) -> list[Block]:
