@@ -156,3 +156,14 @@ def test_block_by_block_scores_equal_whole_model_passes(arch_name):
         handle.remove()
     for got, want in zip(ffn_neuron_scores(model, blocks, batch_size=2), sums, strict=True):
         torch.testing.assert_close(got, want / 5, rtol=1e-5, atol=1e-6)
+
+
+def test_the_output_aware_greedy_removes_the_layer_that_changes_no_prediction_first(model_with_identity_layer):
+    model, blocks = model_with_identity_layer
+    selection = select_layers(model, PruneMethod("sleb-kl"), 2, blocks, range(4), batch_size=4)
+    order, first_step = selection.details["removal_order"], selection.details["step_kl"][0]
+    assert order[0] == IDENTITY_LAYER and sorted(order) == selection.removed_layers
+    # Removing the identity layer leaves every prediction as it was (KL 0 up to the stored top-k's fp16 rounding);
+    # any other layer moves them.
+    assert first_step[str(IDENTITY_LAYER)] == pytest.approx(0.0, abs=1e-3)
+    assert min(v for k, v in first_step.items() if k != str(IDENTITY_LAYER)) > 1e-2

@@ -25,6 +25,14 @@ CandidateLogits = Callable[[DecoderTrace, int], torch.Tensor]
 Removal = Callable[[list[int]], contextlib.AbstractContextManager[CandidateLogits]]
 """Enter: the model runs without the given candidates; yields how to score one more removal from a trace."""
 
+Criterion = Callable[[torch.Tensor, torch.Tensor, list[int]], tuple[float, int]]
+"""(logits, batch, the batch's rows of the blocks) -> (summed loss, tokens scored); lower is better."""
+
+
+def calibration_loss(logits: torch.Tensor, batch: torch.Tensor, _rows: list[int]) -> tuple[float, int]:
+    """The next-token cross-entropy on the calibration text (SLEB's criterion)."""
+    return causal_lm_loss_sum(logits, batch)
+
 
 @dataclass
 class GreedySearch:
@@ -43,8 +51,9 @@ def greedy_removal(
     batch_size: int,
     removal: Removal,
     progress: Callable[[int, int], None] | None = None,
+    criterion: Criterion = calibration_loss,
 ) -> GreedySearch:
-    """`count` rounds of greedy removal; ties go to the lower index."""
+    """`count` rounds of greedy removal by `criterion` (default: the calibration loss); ties go to the lower index."""
     device = input_device(model)
     search = GreedySearch()
     for round_index in range(count):
@@ -56,8 +65,9 @@ def greedy_removal(
                 batch = blocks[start : start + batch_size].to(device)
                 with model_autocast(model):
                     trace = trace_decoder(model, batch, keep_kwargs=True)
+                    rows = list(range(start, start + batch.shape[0]))
                     for candidate in alive:
-                        loss, scored = causal_lm_loss_sum(candidate_logits(trace, candidate), batch)
+                        loss, scored = criterion(candidate_logits(trace, candidate), batch, rows)
                         loss_sums[candidate] += loss
                 tokens += scored
         search.mean_losses.append({str(c): loss_sums[c] / tokens for c in alive})

@@ -1,4 +1,5 @@
-"""Baseline layer-selection methods: ShortGPT, angular block, SLEB, last-k and random.
+"""Baseline layer-selection methods: ShortGPT, angular block, SLEB, SLEB scored by the KL to the unpruned model
+(output-aware), last-k and random.
 
     >>> selection = select_layers(model, "shortgpt", k=8, blocks=calib_blocks, candidates=range(30))
     >>> selection.removed_layers
@@ -33,7 +34,7 @@ from slimllm.pruning.registry import (
     select_layers_with,
 )
 
-__all__ = ["Selection", "select_layers", "block_influence", "angular_distances", "sleb_greedy"]
+__all__ = ["Selection", "select_layers", "block_influence", "angular_distances", "sleb_greedy", "kl_greedy"]
 
 
 @torch.no_grad()
@@ -180,6 +181,55 @@ class Sleb(PruningMethod):
             request.model, request.blocks, request.k, list(request.candidates), request.batch_size, request.progress
         )
         return Selection(sorted(order), details={"removal_order": order, "step_losses": history})
+
+
+def kl_greedy(
+    model,
+    blocks: torch.Tensor,
+    k: int,
+    candidates: Sequence[int],
+    batch_size: int,
+    progress: Progress | None = None,
+    top_k: int = 64,
+) -> tuple[list[int], list[dict[str, float]]]:
+    """Output-aware greedy: k times, remove the layer whose removal moves the model's next-token distributions least
+    from the unpruned model's (KL on the calibration blocks, the unpruned top-`top_k` stored once before the search).
+
+    Returns the removal order and, per step, the mean KL of every candidate's removal.
+    """
+    from slimllm.recovery.teacher_targets import compute_teacher_targets
+
+    dense = compute_teacher_targets(model, blocks, top_k, batch_size)
+
+    def kl_to_dense(logits: torch.Tensor, batch: torch.Tensor, rows: list[int]) -> tuple[float, int]:
+        predicted = logits[:, :-1].float()
+        count = predicted.shape[0] * predicted.shape[1]
+        return float(dense.kl(predicted, rows)) * count, count
+
+    search = greedy_removal(model, blocks, k, candidates, batch_size, without_layers(model), progress, kl_to_dense)
+    return search.removed, search.mean_losses
+
+
+@register
+class SlebKl(PruningMethod):
+    name = "sleb-kl"
+    rank = 65
+    description = ("Output-aware greedy: repeatedly remove the layer whose removal moves the next-token distributions "
+                   "least from the unpruned model's (KL on the calibration blocks).")
+
+    def benchmark_variants(self) -> list[BenchmarkVariant]:
+        return [dataclasses.replace(v, options=(*v.options, ("limit_calibration", True)))
+                for v in super().benchmark_variants()]
+
+    def planned_work(self, settings, k, num_layers, calib_blocks, block_len, batch_size) -> PlannedWork:
+        candidates = sum(num_layers - r for r in range(k))
+        return PlannedWork(selection_tokens=calib_blocks * block_len * (1 + max(1, candidates // 2)))
+
+    def select(self, request: SelectionRequest) -> Selection:
+        order, history = kl_greedy(
+            request.model, request.blocks, request.k, list(request.candidates), request.batch_size, request.progress
+        )
+        return Selection(sorted(order), details={"removal_order": order, "step_kl": history})
 
 
 @register
