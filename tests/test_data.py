@@ -133,6 +133,23 @@ def test_self_text_is_seeded_and_cached(tiny_model_dir, tmp_path, monkeypatch):
     assert blocks.blocks.shape == (2, 32) and blocks.kind == "self"
 
 
+def test_more_self_text_continues_the_cached_batches_and_less_is_their_prefix(tiny_model_dir, tmp_path, monkeypatch):
+    from slimllm.core.data import generate_self_text
+
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
+    small, large = (SelfTextSettings(n_samples=n, max_new_tokens=16, batch_size=2, seed=3) for n in (2, 6))
+    monkeypatch.setenv("SLIMLLM_CACHE_DIR", str(tmp_path / "scratch"))
+    from_scratch = generate_self_text(loaded.model, loaded.tokenizer, large)
+    monkeypatch.setenv("SLIMLLM_CACHE_DIR", str(tmp_path / "grown"))
+    first = generate_self_text(loaded.model, loaded.tokenizer, small)
+    grown = generate_self_text(loaded.model, loaded.tokenizer, large)  # continues after the small request's batch
+    assert first == from_scratch[:2] and grown == from_scratch and len(grown) == 6
+    cache = next((tmp_path / "grown" / "self-text").glob("*.json"))
+    stamp = cache.stat().st_mtime_ns
+    assert generate_self_text(loaded.model, loaded.tokenizer, small) == first  # a prefix, nothing written
+    assert cache.stat().st_mtime_ns == stamp
+
+
 def test_self_text_is_not_for_evaluation():
     with pytest.raises(UserInputError, match="calibration only"):
         load_corpus("self", DataPurpose.EVALUATION)

@@ -59,3 +59,38 @@ def test_a_non_finite_loss_term_stops_training_before_the_weights_change(loop, t
         LOOPS[loop](model, teacher)
     poisoned = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
     assert not poisoned, f"{loop}: non-finite weights after a non-finite {term}: {poisoned[:3]}"
+
+
+def test_learning_rate_schedules_warm_up_then_hold_or_decay_to_a_tenth():
+    from slimllm.recovery.training import FINAL_LR_FRACTION, LrSchedule, lr_multiplier
+
+    warm = [lr_multiplier(s, 4, 20, LrSchedule.COSINE) for s in range(4)]
+    assert warm == [0.25, 0.5, 0.75, 1.0]
+    assert [lr_multiplier(s, 4, 20, LrSchedule.CONSTANT) for s in (4, 10, 19)] == [1.0, 1.0, 1.0]
+    for schedule in (LrSchedule.COSINE, LrSchedule.LINEAR):
+        decay = [lr_multiplier(s, 4, 20, schedule) for s in range(4, 20)]
+        assert decay[0] == pytest.approx(1.0) and decay[-1] == pytest.approx(FINAL_LR_FRACTION)
+        assert all(a > b for a, b in zip(decay, decay[1:], strict=False))
+    # Cosine holds the peak longer than linear and falls faster at the end.
+    assert lr_multiplier(8, 4, 20, LrSchedule.COSINE) > lr_multiplier(8, 4, 20, LrSchedule.LINEAR)
+    assert lr_multiplier(17, 4, 20, LrSchedule.COSINE) < lr_multiplier(17, 4, 20, LrSchedule.LINEAR)
+
+
+def test_a_decaying_schedule_drives_the_optimizer_and_resumes_where_it_stopped():
+    from slimllm.recovery.training import LrSchedule, Optimization
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    optimization = Optimization(model, [optimizer], 2, "--lr", LrSchedule.LINEAR, total_steps=10)
+    rates = []
+    for _ in range(6):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimization.step(model(torch.ones(1, 2)).sum(), "test", {})
+    state = optimization.state_dict()
+    optimizer2 = torch.optim.SGD(model.parameters(), lr=1.0)
+    resumed = Optimization(model, [optimizer2], 2, "--lr", LrSchedule.LINEAR, total_steps=10)
+    resumed.load_state_dict(state)
+    assert rates[:3] == pytest.approx([0.5, 1.0, 1.0]) and rates[3] < rates[2]
+    assert optimizer2.param_groups[0]["lr"] == pytest.approx(optimizer.param_groups[0]["lr"])
+    with pytest.raises(ValueError, match="total steps"):
+        Optimization(model, [optimizer], 2, "--lr", LrSchedule.COSINE)

@@ -101,6 +101,8 @@ class SelfTextSettings:
     """Documents generated together."""
     seed: int = 0
     """Sampling seed; the same seed and model give the same text."""
+    prompts: tuple[str, ...] | None = None
+    """What the documents start from, cycled (None: `SELF_PROMPTS`; an empty string: the start token alone)."""
 
 
 # Varied openings, so the generated text covers narrative, expository, technical and conversational registers.
@@ -341,50 +343,75 @@ def model_fingerprint(model) -> str:
 
 @torch.no_grad()
 def generate_self_text(model, tokenizer, settings: SelfTextSettings) -> list[str]:
-    """Sample documents from the model itself, from varied short openings; cached on disk per model and settings."""
-    key = sha256_text(model_fingerprint(model) + json.dumps(settings.__dict__, sort_keys=True))[:24]
+    """Sample documents from the model itself, from varied short openings; cached on disk per model and settings.
+
+    The documents come in seeded batches, so a request for less text is a prefix of one for more: the cache holds the
+    batches written so far and the random state after them, keyed without `n_samples` and `min_tokens`, and a larger
+    request continues where the last one stopped, writing the documents a run from scratch would have written."""
+    sampling = {k: v for k, v in settings.__dict__.items() if k not in ("n_samples", "min_tokens")}
+    key = sha256_text(model_fingerprint(model) + json.dumps(sampling, sort_keys=True))[:24]
     cache_file = cache_dir() / "self-text" / f"{key}.json"
-    if cache_file.is_file():
-        return json.loads(cache_file.read_text())["documents"]
+    cached = json.loads(cache_file.read_text()) if cache_file.is_file() else {"batches": []}
+    documents, tokens = [], 0
+    for batch in cached["batches"]:
+        if len(documents) >= settings.n_samples and tokens >= settings.min_tokens:
+            break
+        documents.extend(batch["documents"])
+        tokens += batch["tokens"]
+    if len(documents) >= settings.n_samples and tokens >= settings.min_tokens:
+        return documents
+    if cached["batches"] and not cached.get("rng_state"):  # batches whose random state was not kept: start over
+        cached, documents, tokens = {"batches": []}, [], 0
+    log.info("writing text with the model itself (at least %d documents and %d tokens; cached for next time)",
+             settings.n_samples, settings.min_tokens)
+    batches = _sample_batches(model, tokenizer, settings, cached, len(documents), tokens)
+    atomic_write_json(cache_file, {"settings": sampling, "batches": cached["batches"] + batches["new"],
+                                   "rng_state": batches["rng_state"]})
+    return documents + [d for batch in batches["new"] for d in batch["documents"]]
+
+
+def _sample_batches(model, tokenizer, settings: SelfTextSettings, cached: dict, documents: int, tokens: int) -> dict:
+    """Generate batches after the cached ones until the request is met; returns them and the random state after."""
     device = input_device(model)
-    log.info(
-        "writing calibration text with the model itself (at least %d documents and %d tokens; cached for next time)",
-        settings.n_samples,
-        settings.min_tokens,
-    )
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(settings.seed)
+    prompts = settings.prompts or SELF_PROMPTS
+    start_text = tokenizer.bos_token or tokenizer.eos_token or ""
+    saved_cpu = torch.random.get_rng_state()
+    saved_cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    if cached["batches"]:
+        state = cached["rng_state"]
+        torch.random.set_rng_state(torch.tensor(state["cpu"], dtype=torch.uint8))
+        if device.type == "cuda" and state.get("cuda") is not None:
+            torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8), device)
+    else:
+        torch.manual_seed(settings.seed)
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
-    documents: list[str] = []
-    tokens = 0
-    batch_index = 0
+    new: list[dict] = []
+    batch_index = len(cached["batches"])
     try:
-        while len(documents) < settings.n_samples or tokens < settings.min_tokens:
-            if batch_index > 10 * max(1, settings.n_samples // settings.batch_size) + 100:
+        while documents < settings.n_samples or tokens < settings.min_tokens:
+            if batch_index > 10 * max(1, settings.n_samples // settings.batch_size) + 100 + len(cached["batches"]):
                 raise UserInputError("the model stops generating almost at once; calibrate on a text file instead")
             start = batch_index * settings.batch_size
-            batch = [SELF_PROMPTS[(start + i) % len(SELF_PROMPTS)] for i in range(settings.batch_size)]
+            batch = [prompts[(start + i) % len(prompts)] or start_text for i in range(settings.batch_size)]
             batch_index += 1
             encoded = tokenizer(batch, return_tensors="pt", padding=True).to(device)
-            output = model.generate(
-                **encoded,
-                do_sample=True,
-                temperature=settings.temperature,
-                top_p=settings.top_p,
-                max_new_tokens=settings.max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            new_documents = [t.strip() for t in tokenizer.batch_decode(output, skip_special_tokens=True)]
-            new_documents = [d for d in new_documents if d]
-            documents.extend(new_documents)
+            output = model.generate(**encoded, do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
+                                    max_new_tokens=settings.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+            written = [t.strip() for t in tokenizer.batch_decode(output, skip_special_tokens=True)]
+            written = [d for d in written if d]
             # +2 for the blank line that joins documents
-            tokens += sum(len(tokenizer(d, verbose=False)["input_ids"]) + 2 for d in new_documents)
+            count = sum(len(tokenizer(d, verbose=False)["input_ids"]) + 2 for d in written)
+            new.append({"documents": written, "tokens": count})
+            documents, tokens = documents + len(written), tokens + count
+        state = {"cpu": torch.random.get_rng_state().tolist(),
+                 "cuda": torch.cuda.get_rng_state(device).tolist() if device.type == "cuda" else None}
     finally:
         tokenizer.padding_side = padding_side
-        torch.random.set_rng_state(generator_state)
-    atomic_write_json(cache_file, {"settings": settings.__dict__, "documents": documents})
-    return documents
+        torch.random.set_rng_state(saved_cpu)
+        if saved_cuda is not None:
+            torch.cuda.set_rng_state(saved_cuda, device)
+    return {"new": new, "rng_state": state}
 
 
 @dataclass(frozen=True)

@@ -27,11 +27,14 @@ import torch
 from torch import nn
 
 from slimllm.core.artifacts import check_output_directory, content_id, digest, library_versions, local_inputs, plain
+from slimllm.core.data import SELF_SOURCE
 from slimllm.core.device import autocast_dtype, dtype_name
 from slimllm.core.errors import UserInputError, parse_choice
 from slimllm.core.placement import Placement, PlacementNeeds, check_placement_supports, input_device
 from slimllm.core.progress import Progress
+from slimllm.recovery.teacher_targets import cached_teacher_targets
 from slimllm.recovery.training import (
+    LrSchedule,
     Optimization,
     StepLosses,
     TrainingCheckpoints,
@@ -40,6 +43,7 @@ from slimllm.recovery.training import (
     require_master_weights,
     train,
 )
+from slimllm.recovery.training_text import TeacherPrompts, TeacherText, training_text
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +90,20 @@ class HealSettings:
     """Adapter scaling numerator (scale = alpha / rank)."""
     warmup_steps: int | None = None
     """Linear LR warm-up steps (default: a tenth of the steps, at most 10)."""
+    lr_schedule: LrSchedule = LrSchedule.CONSTANT
+    """After the warm-up: constant, or cosine / linear decay to a tenth of the peak by the last step."""
+    teacher_text: float = 0.0
+    """Share of the training blocks cut from text the teacher samples itself (0: only `calib`; `calib self` is 1)."""
+    teacher_prompts: TeacherPrompts = TeacherPrompts.OPENINGS
+    """What the teacher's samples start from: openings (fixed varied openings), calibration (the first tokens of
+    random places in `calib`) or none (the start token alone)."""
+    teacher_temperature: float = 0.8
+    """Sampling temperature of the teacher's text."""
+    teacher_top_p: float = 0.95
+    """Nucleus threshold of the teacher's text."""
+    teacher_top_k: int = 0
+    """0 runs the teacher on every batch; k > 0 stores the teacher's top-k log-probabilities of the training blocks
+    once (cached on disk by content) and distils on that support with the tail mass as one outcome."""
     save_every: int = 50
     """Steps between resumable checkpoints."""
     seed: int = 0
@@ -93,6 +111,12 @@ class HealSettings:
 
     def __post_init__(self) -> None:
         self.scope = parse_choice(HealScope, self.scope, "--scope")
+        self.lr_schedule = parse_choice(LrSchedule, self.lr_schedule, "--lr-schedule")
+        self.teacher_prompts = self.written_text.prompts  # checks the teacher-text settings, parses the choice
+        if self.teacher_top_k < 0:
+            raise UserInputError(
+                f"--teacher-top-k must be 0 (run the teacher) or a positive k, got {self.teacher_top_k}"
+            )
         if self.tokens < 1:
             raise UserInputError(f"--tokens must be a positive token budget, got {self.tokens}")
         if self.block_len < 16 or self.batch_size < 1:
@@ -109,6 +133,10 @@ class HealSettings:
     @property
     def steps(self) -> int:
         return math.ceil(self.tokens / (self.batch_size * self.block_len))
+
+    @property
+    def written_text(self) -> TeacherText:
+        return TeacherText(self.teacher_text, self.teacher_prompts, self.teacher_temperature, self.teacher_top_p)
 
     @property
     def learning_rate(self) -> float:
@@ -131,6 +159,8 @@ class HealResult:
     resumed_from_step: int = 0
     peak_memory_gib: float | None = None
     """Peak CUDA memory allocated during training (None on CPU)."""
+    teacher_seconds: float = 0.0
+    """The one teacher pass that stored its top-k (`teacher_top_k`; 0 when read from the cache or not used)."""
 
     def to_dict(self) -> dict[str, Any]:
         return plain(asdict(self))
@@ -207,7 +237,7 @@ def _optimization(model: nn.Module, settings: HealSettings) -> tuple[list[tuple[
     named = trainable_parameters(model)
     optimizer = torch.optim.AdamW([p for _, p in named], lr=settings.learning_rate, weight_decay=0.0)
     warmup = settings.warmup_steps if settings.warmup_steps is not None else default_warmup(settings.steps)
-    return named, Optimization(model, [optimizer], warmup, "--lr")
+    return named, Optimization(model, [optimizer], warmup, "--lr", settings.lr_schedule, settings.steps)
 
 
 def heal_model(
@@ -219,21 +249,32 @@ def heal_model(
     work_dir: Path | None = None,
     resume: bool = False,
     state_key: str = "",
+    teacher_key: str | None = None,
 ) -> tuple[nn.Module, HealResult]:
     """Heal `model` in memory; returns the (merged, for lora) model and what was done.
 
     With `work_dir`, the state is saved every `settings.save_every` steps and, with `resume`, training continues from
-    the last save. The model must hold fp32 weights for scope full (load it with `for_training=True`).
+    the last save. The model must hold fp32 weights for scope full (load it with `for_training=True`). With
+    `settings.teacher_top_k`, the teacher's pass over `blocks` is stored under `teacher_key` (default: a fingerprint
+    of the teacher's weights).
     """
     if settings.distill > 0 and teacher is None:
         raise UserInputError("healing with --distill > 0 needs a teacher model; pass --teacher or --distill 0")
+    teacher_seconds = 0.0
+    if settings.distill > 0 and settings.teacher_top_k > 0:
+        from slimllm.core.data import model_fingerprint
+
+        targets = cached_teacher_targets(teacher, blocks, settings.teacher_top_k,
+                                         teacher_key or model_fingerprint(teacher), settings.batch_size, progress)
+        teacher, teacher_seconds = targets, targets.seconds
     model = _prepare_model(model, settings)
     named, optimization = _optimization(model, settings)
     device = input_device(model)
     checkpoints = TrainingCheckpoints(work_dir, state_key, "healing") if work_dir is not None else None
     schedule = batch_schedule(blocks.shape[0], settings.batch_size, settings.steps, settings.seed)
     result = HealResult(None, settings.scope.value, settings.steps, settings.steps * blocks.shape[1] *
-                        settings.batch_size, 0.0, 0.0, trainable_params=sum(p.numel() for _, p in named))
+                        settings.batch_size, 0.0, 0.0, trainable_params=sum(p.numel() for _, p in named),
+                        teacher_seconds=teacher_seconds)
     if resume and checkpoints is not None and (state := checkpoints.load(HEAL_STATE)) is not None:
         _restore(named, optimization, state)
         result.losses, result.kl = list(state["losses"]), list(state["kl"])
@@ -281,39 +322,6 @@ def _report(progress: Progress, result: HealResult, step: int, batch_tokens: int
         postfix["kl"] = result.kl[-1]
     postfix["tok/s"] = round((step + 1 - result.resumed_from_step) * batch_tokens / seconds)
     progress(step + 1, steps, stage=result.scope, **postfix)
-
-
-def training_blocks(source: str, loaded, settings: HealSettings, writer: nn.Module | None = None):
-    """Enough blocks of `source` for the budget without repeating one, or every block the text holds.
-
-    For `self`, `writer` (the teacher: the dense model, not the pruned one) writes enough text for the budget."""
-    from slimllm.core.data import (
-        SELF_SOURCE,
-        DataPurpose,
-        SelfTextSettings,
-        bos_prefix_id,
-        calibration_blocks,
-        load_corpus,
-        token_rows,
-        tokenize_corpus,
-    )
-
-    self_settings = None
-    if source == SELF_SOURCE:
-        self_settings = SelfTextSettings(n_samples=8, min_tokens=int(1.05 * settings.tokens) + settings.block_len,
-                                         seed=settings.seed)
-    corpus = load_corpus(source, DataPurpose.CALIBRATION, model=writer if writer is not None else loaded.model,
-                         tokenizer=loaded.tokenizer, self_settings=self_settings)
-    ids = tokenize_corpus(corpus, loaded.tokenizer)
-    bos_id = bos_prefix_id(loaded.tokenizer)
-    available = token_rows(ids, settings.block_len, bos_id).shape[0]
-    if available < settings.batch_size:
-        raise UserInputError(
-            f"--calib {source} has {ids.numel()} tokens, fewer than one batch of {settings.batch_size} x "
-            f"{settings.block_len}; use a larger text or shorter --block-len"
-        )
-    wanted = min(available, math.ceil(settings.tokens / settings.block_len))
-    return calibration_blocks(ids, wanted, settings.block_len, settings.seed, bos_id), corpus
 
 
 def work_directory(out_dir: Path) -> Path:
@@ -389,27 +397,34 @@ def run_heal(
     student = load_model(str(checkpoint), device=device, dtype=dtype,
                          for_training=settings.scope is HealScope.FULL, placement=placement)
     check_placement_supports(student.model, heal_placement_needs(settings))
-    teacher = _frozen_teacher(teacher_name, student, device, dtype, placement) if settings.distill > 0 else None
-    blocks, corpus = training_blocks(settings.calib, student, settings, writer=teacher)
+    needs_teacher = settings.distill > 0 or settings.teacher_text > 0 or settings.calib == SELF_SOURCE
+    if needs_teacher and teacher_name is None:
+        raise UserInputError(f"{checkpoint} records no source model to write the training text; pass --teacher")
+    teacher = _frozen_teacher(teacher_name, student, device, dtype, placement) if needs_teacher else None
+    text = training_text(settings.calib, student.tokenizer, settings.tokens, settings.block_len, settings.batch_size,
+                         settings.seed, teacher, settings.written_text)
+    blocks = text.blocks
     # Keyed by what the checkpoint and the teacher hold, not where they are: a rerun of pruning rewrites the same
     # directory with other weights, and its resume must not restore the old run's trained weights into it.
     key = digest({"checkpoint_sha256": content_id(checkpoint_path), "settings": plain(settings),
                   "teacher": content_id(teacher_name),
-                  "text": corpus.sha256, "device": str(student.device), "dtype": dtype_name(student.dtype)})
+                  "text": text.sha256, "device": str(student.device), "dtype": dtype_name(student.dtype)})
     if resume and restart_stale and not TrainingCheckpoints(work_dir, key, "healing").matches(HEAL_STATE):
         log.warning("the healing state in %s is from other inputs or settings; healing starts again", work_dir)
         resume = False
     if not resume:
         shutil.rmtree(work_dir, ignore_errors=True)
-    healed, result = heal_model(student.model, blocks, settings, teacher, progress, work_dir, resume, key)
+    distilled_from = teacher if settings.distill > 0 else None
+    healed, result = heal_model(student.model, blocks, settings, distilled_from, progress, work_dir, resume, key,
+                                teacher_key=content_id(teacher_name) if distilled_from is not None else None)
     result.out_dir = out_dir
     record = {
         "checkpoint": str(checkpoint),
         "teacher": teacher_name if settings.distill > 0 else None,
         "settings": plain(settings),
         "learning_rate": settings.learning_rate,
-        "training_text": {"source": corpus.source, "text_sha256": corpus.sha256, "blocks": int(blocks.shape[0]),
-                          "block_len": settings.block_len},
+        "training_text": {"source": text.source, "text_sha256": text.sha256, "blocks": int(blocks.shape[0]),
+                          "teacher_blocks": text.teacher_blocks, "block_len": settings.block_len},
         "result": result.to_dict() | {"out_dir": str(out_dir)},
         "device": str(student.device),
         "compute_dtype": dtype_name(student.dtype),

@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from slimllm.core.device import autocast_dtype, model_autocast
 from slimllm.core.errors import SlimllmError, UserInputError
 from slimllm.core.placement import input_device
 from slimllm.core.progress import Progress
+from slimllm.recovery.teacher_targets import TeacherTargets
 
 
 def batch_schedule(n_blocks: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
@@ -46,17 +48,26 @@ def causal_lm_loss(model, input_ids: torch.Tensor) -> torch.Tensor:
     return training_losses(model, input_ids)[0]
 
 
+Teacher = torch.nn.Module | TeacherTargets
+"""What distillation compares with: the dense model run on every batch, or its stored top-k (`teacher_targets`)."""
+
+
 def training_losses(
-    model, input_ids: torch.Tensor, teacher: torch.nn.Module | None = None
+    model, input_ids: torch.Tensor, teacher: Teacher | None = None, rows: list[int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(cross-entropy, KL(teacher || model)) per predicted token; the KL is None without a teacher.
 
-    The teacher runs without gradient; both losses are computed in fp32 even under autocast.
+    A teacher model runs without gradient; stored targets are looked up by the batch's `rows` of the training blocks.
+    Both losses are computed in fp32 even under autocast.
     """
     logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
     if teacher is None:
         return ce, None
+    if isinstance(teacher, TeacherTargets):
+        if rows is None:
+            raise ValueError("stored teacher targets need the batch's rows of the training blocks")
+        return ce, teacher.kl(logits, rows)
     with torch.no_grad():
         teacher_logits = teacher(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
     return ce, distillation_kl(logits, teacher_logits)
@@ -154,9 +165,33 @@ class MixedPrecisionStepper:
             self.scaler.load_state_dict(state)
 
 
+class LrSchedule(str, Enum):
+    """The learning rate after the linear warm-up: held, or decayed to a tenth of the peak by the last step."""
+
+    CONSTANT = "constant"
+    COSINE = "cosine"
+    LINEAR = "linear"
+
+
+FINAL_LR_FRACTION = 0.1
+"""Where a decaying schedule ends, as a fraction of the peak learning rate."""
+
+
+def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: LrSchedule) -> float:
+    """The learning-rate factor of `step`: linear warm-up to 1, then `schedule` over the remaining steps."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule is LrSchedule.CONSTANT:
+        return 1.0
+    span = max(1, total_steps - max(warmup_steps, 0) - 1)
+    done = min(1.0, (step - max(warmup_steps, 0)) / span)
+    shape = 0.5 * (1.0 + math.cos(math.pi * done)) if schedule is LrSchedule.COSINE else 1.0 - done
+    return FINAL_LR_FRACTION + (1.0 - FINAL_LR_FRACTION) * shape
+
+
 class Optimization:
-    """The optimizers of one run stepped as one, each with a warm-up-then-constant schedule (none with `warmup_steps`
-    None), behind one loss scaler; their state saves and restores as one dict."""
+    """The optimizers of one run stepped as one, each with a warm-up and then a constant or decaying schedule (none
+    with `warmup_steps` None), behind one loss scaler; their state saves and restores as one dict."""
 
     def __init__(
         self,
@@ -164,10 +199,15 @@ class Optimization:
         optimizers: list[torch.optim.Optimizer],
         warmup_steps: int | None,
         lr_flags: str = TRSP_LR_FLAGS,
+        schedule: LrSchedule = LrSchedule.CONSTANT,
+        total_steps: int = 0,
     ) -> None:
         self.optimizers = list(optimizers)
+        if schedule is not LrSchedule.CONSTANT and total_steps < 1:
+            raise ValueError(f"a {schedule.value} schedule needs the run's total steps")
         self.schedulers = (
-            [torch.optim.lr_scheduler.LambdaLR(o, lambda s: warmup_constant(s, warmup_steps)) for o in self.optimizers]
+            [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_multiplier(s, warmup_steps, total_steps, schedule))
+             for o in self.optimizers]
             if warmup_steps is not None
             else []
         )
@@ -211,7 +251,7 @@ def train(
     steps: range,
     optimization: Optimization,
     label: str,
-    teacher: torch.nn.Module | None = None,
+    teacher: Teacher | None = None,
     distill: float = 0.0,
     before_step: Callable[[int], None] | None = None,
     penalty: Callable[[int], torch.Tensor | None] | None = None,
@@ -219,7 +259,8 @@ def train(
 ) -> float:
     """Train `model` on `blocks[schedule[step]]` for each of `steps`; returns the seconds it took.
 
-    The loss is CE + `distill` · KL(teacher ‖ model) (the teacher runs only when `distill` > 0) + `penalty(step)`.
+    The loss is CE + `distill` · KL(teacher ‖ model) (the teacher runs only when `distill` > 0; stored targets must
+    have been computed on `blocks`) + `penalty(step)`.
     `before_step(step)` runs before the forward pass (TRSP sets its gates there), `after_step(step, batch, losses)`
     after the update (logging, DReSS's shrinking, checkpoints). The model's train/eval mode is restored afterwards.
     """
@@ -233,7 +274,7 @@ def train(
                 before_step(step)
             batch = blocks[schedule[step]].to(device)
             with model_autocast(model):
-                ce, kl = training_losses(model, batch, teacher if distill > 0 else None)
+                ce, kl = training_losses(model, batch, teacher if distill > 0 else None, schedule[step])
             loss = ce if kl is None else ce + distill * kl
             extra = penalty(step) if penalty is not None else None
             if extra is not None:
@@ -244,11 +285,6 @@ def train(
     finally:
         model.train(was_training)
     return time.perf_counter() - started
-
-
-def warmup_constant(step: int, warmup_steps: int) -> float:
-    """LR multiplier: linear warm-up, then constant."""
-    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
 def default_warmup(steps: int) -> int:
