@@ -31,7 +31,7 @@ DATA_DIR ?= ../shared/data/wikitext2
 EVAL_DATA := $(if $(wildcard $(DATA_DIR)/wiki.test.raw),$(DATA_DIR)/wiki.test.raw,wikitext2)
 DEMO_OUT ?= runs/demo
 
-.PHONY: install install-gpu gpu-check test test-fast demo docs lint bench-quality bench-speed bench-eval-reference bench-export-parity bench-hellaswag bench-heal-memory bench-scale bench-scale-3b bench-gemma3 llama-tools clean
+.PHONY: install install-gpu gpu-check gpu-heal gpu-bundle bench-healing test test-fast demo docs lint bench-quality bench-speed bench-eval-reference bench-export-parity bench-hellaswag bench-heal-memory bench-scale bench-scale-3b bench-gemma3 llama-tools clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,16 @@ install-gpu: $(STAMP)
 gpu-check: install-gpu
 	$(BIN)/python bench/gpu_check.py
 
+# The CUDA healing rows (4 M and 16 M tokens, bf16 autocast over fp32 master weights) of bench/healing.py.
+gpu-heal: install-gpu
+	$(BIN)/python bench/healing.py --device cuda --tokens 4194304 16777216 --batch-size 32 --generate-batch 256 \
+		--hellaswag-tasks 1000 --rows wikitext "half teacher text" --tag gpu
+
+# For a GPU machine without network: wheels, the embedded model and the data in parts of at most 55 MiB under
+# .gpu/, one part per call of `bash bench/gpu_machine.sh` there (docs/guide.md, GPU).
+gpu-bundle: install
+	$(BIN)/python bench/gpu_bundle.py
+
 test: install
 	$(BIN)/ruff check slimllm exporters tests bench examples
 	$(BIN)/python -m pytest
@@ -79,6 +89,9 @@ lint: install
 
 bench-quality: install
 	$(BIN)/python bench/quality.py
+
+bench-healing: install
+	$(BIN)/python bench/healing.py
 
 bench-speed: install
 	$(BIN)/python bench/onnx_speed.py

@@ -357,11 +357,11 @@ def main() -> None:
         "device": str(scorer.device), "dense": dense, "rows": rows, "ties": tie_note(rows),
         "step_timing": timing,
     }
-    stem = args.results_dir / f"healing-{Path(args.model).stem if args.model.endswith('.gguf') else args.model}"
-    stem = stem.with_name(stem.name + (f"-{args.tag}" if args.tag else ""))
-    atomic_write_json(stem.with_suffix(".json"), payload)
-    atomic_write_text(stem.with_suffix(".md"), markdown(payload))
-    print(f"wrote {stem}.json and .md")
+    model = Path(args.model).stem.replace(".", "-") if args.model.endswith(".gguf") else args.model
+    stem = f"healing-{model}" + (f"-{args.tag}" if args.tag else "")
+    atomic_write_json(args.results_dir / f"{stem}.json", payload)
+    atomic_write_text(args.results_dir / f"{stem}.md", markdown(payload))
+    print(f"wrote {args.results_dir / stem}.json and .md")
 
 
 if __name__ == "__main__":
