@@ -324,6 +324,22 @@ def _report(progress: Progress, result: HealResult, step: int, batch_tokens: int
     progress(step + 1, steps, stage=result.scope, **postfix)
 
 
+def _healing_record(checkpoint, teacher_name: str | None, settings: HealSettings, text, result: HealResult,
+                    out_dir: Path, student) -> dict[str, Any]:
+    """What `slimllm_healing.json` records beside the healed weights."""
+    return {
+        "checkpoint": str(checkpoint),
+        "teacher": teacher_name if settings.distill > 0 else None,
+        "settings": plain(settings),
+        "learning_rate": settings.learning_rate,
+        "training_text": {"source": text.source, "text_sha256": text.sha256, "blocks": int(text.blocks.shape[0]),
+                          "teacher_blocks": text.teacher_blocks, "block_len": settings.block_len},
+        "result": result.to_dict() | {"out_dir": str(out_dir)},
+        "device": str(student.device),
+        "compute_dtype": dtype_name(student.dtype),
+    }
+
+
 def work_directory(out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     return out_dir.with_name(out_dir.name + ".partial") / "heal"
@@ -418,17 +434,7 @@ def run_heal(
     healed, result = heal_model(student.model, blocks, settings, distilled_from, progress, work_dir, resume, key,
                                 teacher_key=content_id(teacher_name) if distilled_from is not None else None)
     result.out_dir = out_dir
-    record = {
-        "checkpoint": str(checkpoint),
-        "teacher": teacher_name if settings.distill > 0 else None,
-        "settings": plain(settings),
-        "learning_rate": settings.learning_rate,
-        "training_text": {"source": text.source, "text_sha256": text.sha256, "blocks": int(blocks.shape[0]),
-                          "teacher_blocks": text.teacher_blocks, "block_len": settings.block_len},
-        "result": result.to_dict() | {"out_dir": str(out_dir)},
-        "device": str(student.device),
-        "compute_dtype": dtype_name(student.dtype),
-    }
+    record = _healing_record(checkpoint, teacher_name, settings, text, result, out_dir, student)
     records = {HEALING_RECORD_FILE: {"format_version": 1, **record, "versions": library_versions()}}
     if pruning_record is not None:  # the healed model is still the pruned one: keep what was removed and how
         records[PRUNING_RECORD_FILE] = pruning_record
