@@ -22,7 +22,7 @@ from slimllm.core.errors import UserInputError
 from slimllm.core.progress import Progress
 from slimllm.models.architectures import decoder_layers
 from slimllm.models.layer_io import stream_layers
-from slimllm.pruning.greedy import greedy_removal, without_layers
+from slimllm.pruning.greedy import Criterion, calibration_loss, greedy_removal, without_layers
 from slimllm.pruning.registry import (
     BenchmarkVariant,
     PlannedWork,
@@ -84,12 +84,14 @@ def sleb_greedy(
     candidates: Sequence[int],
     batch_size: int,
     progress: Progress | None = None,
+    criterion: Criterion = calibration_loss,
 ) -> tuple[list[int], list[dict[str, float]]]:
-    """SLEB-style greedy: k times, remove the layer whose removal gives the lowest calibration loss.
+    """SLEB-style greedy: k times, remove the layer whose removal gives the lowest `criterion` (default: the
+    calibration loss).
 
-    Returns the removal order and, per step, the mean loss of every candidate's removal.
+    Returns the removal order and, per step, the mean criterion of every candidate's removal.
     """
-    search = greedy_removal(model, blocks, k, candidates, batch_size, without_layers(model), progress)
+    search = greedy_removal(model, blocks, k, candidates, batch_size, without_layers(model), progress, criterion)
     return search.removed, search.mean_losses
 
 
@@ -206,24 +208,20 @@ def kl_greedy(
         count = predicted.shape[0] * predicted.shape[1]
         return float(dense.kl(predicted, rows)) * count, count
 
-    search = greedy_removal(model, blocks, k, candidates, batch_size, without_layers(model), progress, kl_to_dense)
-    return search.removed, search.mean_losses
+    return sleb_greedy(model, blocks, k, candidates, batch_size, progress, kl_to_dense)
 
 
 @register
-class SlebKl(PruningMethod):
+class SlebKl(Sleb):
     name = "sleb-kl"
     rank = 65
     description = ("Output-aware greedy: repeatedly remove the layer whose removal moves the next-token distributions "
                    "least from the unpruned model's (KL on the calibration blocks).")
 
-    def benchmark_variants(self) -> list[BenchmarkVariant]:
-        return [dataclasses.replace(v, options=(*v.options, ("limit_calibration", True)))
-                for v in super().benchmark_variants()]
-
     def planned_work(self, settings, k, num_layers, calib_blocks, block_len, batch_size) -> PlannedWork:
-        candidates = sum(num_layers - r for r in range(k))
-        return PlannedWork(selection_tokens=calib_blocks * block_len * (1 + max(1, candidates // 2)))
+        # SLEB's search, plus one pass of the unpruned model to store its top-64.
+        work = super().planned_work(settings, k, num_layers, calib_blocks, block_len, batch_size)
+        return PlannedWork(selection_tokens=work.selection_tokens + calib_blocks * block_len)
 
     def select(self, request: SelectionRequest) -> Selection:
         order, history = kl_greedy(
