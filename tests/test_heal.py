@@ -14,6 +14,7 @@ from slimllm.recovery.healing import (
     HealSettings,
     add_lora_adapters,
     heal_model,
+    layers_next_to_cuts,
     merge_lora_adapters,
 )
 from slimllm.recovery.training import distillation_kl
@@ -101,6 +102,32 @@ def test_resume_reaches_the_weights_of_an_uninterrupted_run(teacher_and_student,
     assert result.resumed_from_step == 2 and len(result.losses) == 4
     for (name, a), (_, b) in zip(resumed.named_parameters(), uninterrupted.named_parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_layers_next_to_cuts_are_the_kept_neighbours_of_every_removed_run():
+    # SmolLM2's demo cut: 3, 12-15, 17, 25-26 removed from 30 layers
+    kept = [i for i in range(30) if i not in (3, 12, 13, 14, 15, 17, 25, 26)]
+    assert [kept[i] for i in layers_next_to_cuts(kept, 30)] == [2, 4, 11, 16, 18, 24, 27]
+    assert layers_next_to_cuts([0, 1, 2], 4) == [2]  # the last layer removed: its predecessor
+    assert layers_next_to_cuts([1, 2, 3], 4) == [0]
+    assert layers_next_to_cuts([0, 1, 2], 3) == []
+
+
+def test_cuts_scope_trains_only_the_layers_next_to_the_cuts_and_the_final_norm(teacher_and_student):
+    from slimllm.core.errors import UserInputError
+
+    teacher, student = teacher_and_student  # layers 2 and 3 of 6 removed: kept 0, 1, 4, 5
+    before = copy.deepcopy(student.state_dict())
+    with pytest.raises(UserInputError, match="--scope cuts"):
+        heal_model(copy.deepcopy(student), _blocks(), _settings(scope="cuts"), teacher)
+    healed, result = heal_model(student, _blocks(), _settings(scope="cuts"), teacher,
+                                trainable_layers=layers_next_to_cuts([0, 1, 4, 5], 6))
+    changed = {name for name, value in healed.state_dict().items() if not torch.equal(value, before[name])}
+    assert changed and all(name.startswith(("model.layers.1.", "model.layers.2.", "model.norm.")) for name in changed)
+    assert any(name.startswith("model.layers.1.") for name in changed)
+    assert any(name.startswith("model.layers.2.") for name in changed) and "model.norm.weight" in changed
+    layer = sum(p.numel() for p in healed.model.layers[1].parameters())
+    assert result.trainable_params == 2 * layer + healed.model.norm.weight.numel()
 
 
 def test_weights_loaded_in_bf16_keep_fp32_master_copies_that_change(tiny_model_dir):
@@ -216,6 +243,25 @@ def test_heal_command_writes_a_plain_checkpoint_with_both_records(pruned_dir, tm
     assert record["result"]["tokens"] == 128 and len(record["result"]["kl"]) == 2
     assert (out / "slimllm_pruning.json").is_file() and not (tmp_path / "healed.partial").exists()
     assert AutoModelForCausalLM.from_pretrained(str(out)).config.num_hidden_layers == 4
+
+
+def test_heal_command_with_cuts_scope_reads_the_cuts_from_the_pruning_record(pruned_dir, tmp_path, text_file):
+    from test_cli import run_cli
+    from transformers import AutoModelForCausalLM
+
+    record = json.loads((pruned_dir / "slimllm_pruning.json").read_text())
+    near = layers_next_to_cuts(record["kept_layers"], record["original_num_layers"])
+    assert near and len(near) < len(record["kept_layers"])
+    out = tmp_path / "healed"
+    result = run_cli("heal", str(pruned_dir), "--calib", str(text_file), "--tokens", "128", "--block-len", "32",
+                     "--scope", "cuts", "--lr", "1e-2", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    before = AutoModelForCausalLM.from_pretrained(str(pruned_dir)).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(str(out)).state_dict()
+    changed = {name for name in after if not torch.equal(after[name], before[name])}
+    trained = {name.split(".")[2] for name in changed if name.startswith("model.layers.")}
+    assert trained == {str(i) for i in near}
+    assert all(name.startswith(("model.layers.", "model.norm.")) for name in changed)
 
 
 @pytest.mark.parametrize(

@@ -241,7 +241,7 @@ def _training_bytes(model: ModelFootprint, scope: str, batch: int, block_len: in
     activations), and the logits four times (student, teacher, both log-softmaxes for the KL term)."""
     tokens = batch * block_len
     frozen = frozen_bytes * model.parameters
-    if scope == "full":
+    if scope in ("full", "cuts"):  # cuts trains some of the layers: the full state bounds it
         state = 4 * model.fp32_bytes
     elif scope == "lora":
         adapters = model.num_layers * 16 * (4 * model.hidden_size + 3 * (model.hidden_size + model.intermediate_size))

@@ -58,9 +58,11 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class HealScope(str, Enum):
     FULL = "full"
     LORA = "lora"
+    CUTS = "cuts"
+    """The kept layers next to each cut and the final norm (from the checkpoint's pruning record); the rest frozen."""
 
 
-DEFAULT_LR = {HealScope.FULL: 1e-4, HealScope.LORA: 1e-3}
+DEFAULT_LR = {HealScope.FULL: 1e-4, HealScope.LORA: 1e-3, HealScope.CUTS: 1e-4}
 """Learning rates used when `lr` is not set: adapters start at zero and take a larger step."""
 
 
@@ -83,7 +85,7 @@ class HealSettings:
     distill: float = 1.0
     """W in CE + W·KL(teacher ‖ student); 0 trains on CE alone and needs no teacher."""
     scope: HealScope = HealScope.FULL
-    """full (every weight) or lora (adapters merged before saving)."""
+    """full (every weight), lora (adapters merged before saving) or cuts (the layers next to each cut)."""
     lora_rank: int = 16
     """Adapter rank for scope lora."""
     lora_alpha: float = 32.0
@@ -214,14 +216,39 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
-def _prepare_model(model: nn.Module, settings: HealSettings) -> nn.Module:
-    """Scope full: the model itself (fp32 master weights required). Scope lora: the model with adapters."""
-    from slimllm.core.device import set_compute_dtype
+def layers_next_to_cuts(kept_layers: list[int], num_layers: int) -> list[int]:
+    """Indices (in the pruned model) of the kept layers right before or right after a run of removed layers, given
+    the original indices of the kept layers in order and the original number of layers."""
+    near = []
+    for position, original in enumerate(kept_layers):
+        following = kept_layers[position + 1] if position + 1 < len(kept_layers) else num_layers
+        preceding = kept_layers[position - 1] if position else -1
+        if following != original + 1 or preceding != original - 1:
+            near.append(position)
+    return near
 
-    if settings.scope is HealScope.FULL:
-        require_master_weights(model, "healing (--scope full)")
-        for p in model.parameters():  # every weight, whatever an earlier stage left frozen
-            p.requires_grad_(True)
+
+def _prepare_model(model: nn.Module, settings: HealSettings, trainable_layers: list[int] | None) -> nn.Module:
+    """Scope full: the model itself (fp32 master weights required). Scope cuts: the same with only
+    `trainable_layers` and the final norm trainable. Scope lora: the model with adapters."""
+    from slimllm.core.device import set_compute_dtype
+    from slimllm.models.architectures import architecture_for, decoder_layers, get_submodule
+
+    if settings.scope in (HealScope.FULL, HealScope.CUTS):
+        require_master_weights(model, f"healing (--scope {settings.scope.value})")
+        if settings.scope is HealScope.FULL:
+            model.requires_grad_(True)  # every weight, whatever an earlier stage left frozen
+            return model
+        if not trainable_layers:
+            raise UserInputError(
+                "--scope cuts trains the layers next to each removed layer, and this model records none removed "
+                "(a checkpoint `slimllm prune` wrote removes layers); use --scope full"
+            )
+        model.requires_grad_(False)
+        layers = decoder_layers(model)
+        for index in trainable_layers:
+            layers[index].requires_grad_(True)
+        get_submodule(model, architecture_for(model.config).final_norm_path).requires_grad_(True)
         return model
     for p in model.parameters():
         p.requires_grad_(False)
@@ -250,13 +277,14 @@ def heal_model(
     resume: bool = False,
     state_key: str = "",
     teacher_key: str | None = None,
+    trainable_layers: list[int] | None = None,
 ) -> tuple[nn.Module, HealResult]:
     """Heal `model` in memory; returns the (merged, for lora) model and what was done.
 
     With `work_dir`, the state is saved every `settings.save_every` steps and, with `resume`, training continues from
     the last save. The model must hold fp32 weights for scope full (load it with `for_training=True`). With
     `settings.teacher_top_k`, the teacher's pass over `blocks` is stored under `teacher_key` (default: a fingerprint
-    of the teacher's weights).
+    of the teacher's weights). Scope cuts trains `trainable_layers` (see `layers_next_to_cuts`) and the final norm.
     """
     if settings.distill > 0 and teacher is None:
         raise UserInputError("healing with --distill > 0 needs a teacher model; pass --teacher or --distill 0")
@@ -267,7 +295,7 @@ def heal_model(
         targets = cached_teacher_targets(teacher, blocks, settings.teacher_top_k,
                                          teacher_key or model_fingerprint(teacher), settings.batch_size, progress)
         teacher, teacher_seconds = targets, targets.seconds
-    model = _prepare_model(model, settings)
+    model = _prepare_model(model, settings, trainable_layers)
     named, optimization = _optimization(model, settings)
     device = input_device(model)
     checkpoints = TrainingCheckpoints(work_dir, state_key, "healing") if work_dir is not None else None
@@ -348,7 +376,7 @@ def work_directory(out_dir: Path) -> Path:
 def heal_placement_needs(settings: HealSettings) -> PlacementNeeds:
     """Healing on a model spread with `--device-map`: LoRA only (full healing trains every weight), with every
     layer resident on a device (the adapters are merged into the base weights before saving)."""
-    full = settings.scope is HealScope.FULL
+    full = settings.scope is not HealScope.LORA
     return PlacementNeeds(
         f"healing with --scope {settings.scope.value}",
         trains_weights=full,
@@ -411,7 +439,7 @@ def run_heal(
             f"{checkpoint} records no source model; pass --teacher (the dense model it was pruned from) or --distill 0"
         )
     student = load_model(str(checkpoint), device=device, dtype=dtype,
-                         for_training=settings.scope is HealScope.FULL, placement=placement)
+                         for_training=settings.scope is not HealScope.LORA, placement=placement)
     check_placement_supports(student.model, heal_placement_needs(settings))
     needs_teacher = settings.distill > 0 or settings.teacher_text > 0 or settings.calib == SELF_SOURCE
     if needs_teacher and teacher_name is None:
@@ -431,8 +459,11 @@ def run_heal(
     if not resume:
         shutil.rmtree(work_dir, ignore_errors=True)
     distilled_from = teacher if settings.distill > 0 else None
+    record = pruning_record or {}
+    near_cuts = layers_next_to_cuts(record.get("kept_layers", []), record.get("original_num_layers", 0))
     healed, result = heal_model(student.model, blocks, settings, distilled_from, progress, work_dir, resume, key,
-                                teacher_key=content_id(teacher_name) if distilled_from is not None else None)
+                                teacher_key=content_id(teacher_name) if distilled_from is not None else None,
+                                trainable_layers=near_cuts if settings.scope is HealScope.CUTS else None)
     result.out_dir = out_dir
     record = _healing_record(checkpoint, teacher_name, settings, text, result, out_dir, student)
     records = {HEALING_RECORD_FILE: {"format_version": 1, **record, "versions": library_versions()}}
