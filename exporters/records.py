@@ -22,12 +22,15 @@ def read_export_record(directory: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def reusable_export(directory: Path, source_sha256: str, settings: Any) -> dict[str, Any] | None:
+def reusable_export(directory: Path, source_sha256: str, settings: Any, passed: bool = True) -> dict[str, Any] | None:
     """The export record in `directory` if it was made from the checkpoint with this content hash and these very
-    settings, else None: an export is reused by what it was made from, never by where it lies."""
+    settings and its validation `passed` (False: the kept record of a failed export), else None: an export is reused
+    by what it was made from, never by where it lies."""
     from slimllm.core.artifacts import plain
 
     record = read_export_record(directory)
-    if record is None or record.get("source_sha256") != source_sha256 or not record.get("validation_passed", True):
+    if record is None or record.get("source_sha256") != source_sha256:
+        return None
+    if bool(record.get("validation_passed", True)) is not passed:
         return None
     return record if record.get("settings") == json.loads(json.dumps(plain(settings))) else None

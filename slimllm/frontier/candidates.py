@@ -84,7 +84,7 @@ def export_candidate(candidate: Candidate, work_dir: Path, settings: FrontierSet
     target = candidate.export_dir(work_dir)
     export, export_settings = _exporter(candidate, settings)
     failed = target.with_name(target.name + ".failed")
-    if (record := _failed_record(failed, candidate.model.sha256, export_settings)) is not None:
+    if (record := reusable_export(failed, candidate.model.sha256, export_settings, passed=False)) is not None:
         raise CandidateCheckFailed(*_failure(record))
     if reusable_export(target, candidate.model.sha256, export_settings) is None:
         if progress:
@@ -92,7 +92,7 @@ def export_candidate(candidate: Candidate, work_dir: Path, settings: FrontierSet
         try:
             export(candidate.model.checkpoint, target, export_settings, force=True)
         except ValidationError as exc:
-            record = _failed_record(failed, candidate.model.sha256, export_settings)
+            record = reusable_export(failed, candidate.model.sha256, export_settings, passed=False)
             raise CandidateCheckFailed(*(_failure(record) if record else (str(exc), 0))) from exc
     if candidate.backend == ONNXRUNTIME:
         return target
@@ -110,19 +110,6 @@ def _exporter(candidate: Candidate, settings: FrontierSettings):
         return export_gguf, export_settings
     quant = "none" if candidate.quant == "fp32" else candidate.quant
     return export_onnx, OnnxExportSettings(quant=quant, provider="cpu", eval_data=settings.eval_data, eval_windows=2)
-
-
-def _failed_record(failed: Path, source_sha256: str, export_settings) -> dict | None:
-    """The record of a failed export of this very model content and settings, if one was kept."""
-    import json
-
-    from slimllm.core.artifacts import plain
-    from slimllm.exporters.records import read_export_record
-
-    record = read_export_record(failed)
-    if record is None or record.get("validation_passed", True) or record.get("source_sha256") != source_sha256:
-        return None
-    return record if record.get("settings") == json.loads(json.dumps(plain(export_settings))) else None
 
 
 def _failure(record: dict) -> tuple[str, int]:

@@ -19,6 +19,7 @@ import logging
 import multiprocessing
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,22 @@ def _worker(connection, spec_values: dict, artifact: str, threads: int, max_cont
             pass
 
 
+WORKER_PRELOAD = ("torch", "transformers", "transformers.modeling_utils")
+"""What the worker server imports once, so that each worker starts without importing it again."""
+
+
+def worker_context():
+    """Where worker processes come from: a fork server that has imported torch and transformers once (each worker
+    forked from it starts in a fraction of a second instead of importing them afresh, a few seconds on 2 cores), or
+    fresh interpreters where the platform has no fork server. Neither inherits the caller's state: no model, no
+    thread pool, no CUDA context (importing torch does not create one)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(WORKER_PRELOAD))
+    return context
+
+
 class _Worker:
     def __init__(self, context, spec: BackendSpec, artifact: Path, threads: int, max_context: int) -> None:
         self.connection, child = context.Pipe()
@@ -219,6 +236,10 @@ class _Worker:
             target=_worker, args=(child, values, str(artifact), threads, max_context), daemon=True
         )
         self.process.start()
+        self.info: dict | None = None
+
+    def wait_ready(self) -> None:
+        """Wait until the worker has loaded its model (workers started together load theirs at the same time)."""
         self.info = self._receive("ready")
 
     def _receive(self, expected: str) -> Any:
@@ -340,79 +361,88 @@ class _Measuring:
 
     def __init__(self, profile: TargetProfile, models: dict[str, ModelArtifacts], prompts, progress) -> None:
         self.profile, self.models, self.prompts, self.progress = profile, models, prompts, progress
-        self.max_context = max(max(profile.prompt_lengths), profile.generate_tokens) + 16
-        self.context = multiprocessing.get_context("spawn")
+        self.context = worker_context()
         self.total = len(measurements(profile)) * (profile.warmup + profile.repeats) * 2
         self.done = 0
 
     def measure(self, row: Measurement) -> tuple[dict[str, Any], dict[str, Any]]:
         """(samples, runtime record) of one row; the workers are always stopped."""
-        profile, threads = self.profile, self.profile.resolved_threads
-        workers: dict[str, _Worker] = {}
-        try:
-            for name in ("dense", "pruned"):
-                artifact = row.artifact(self.models[name])
-                workers[name] = _Worker(self.context, row.spec, artifact, threads, self.max_context)
-            row_samples = {name: {"prefill_s": {}, "generate_s": []} for name in workers}
-            for repeat in range(profile.warmup + profile.repeats):
-                for name in ["dense", "pruned"] if repeat % 2 == 0 else ["pruned", "dense"]:
-                    result = workers[name].measure(self.prompts, profile.generate_tokens)
-                    self.done += 1
-                    if self.progress:
-                        self.progress(self.done, self.total, stage=row.label)
-                    if repeat >= profile.warmup:
-                        for length, seconds in result["prefill_s"].items():
-                            row_samples[name]["prefill_s"].setdefault(length, []).append(seconds)
-                        row_samples[name]["generate_s"].append(result["generate_s"])
-            memory = {name: worker.stop() for name, worker in workers.items()}
-            return row_samples, {
-                "backend": row.spec.kind.value,
-                "spec": {k: v for k, v in row.spec.__dict__.items() if k != "kind"},
-                "gguf_type": row.gguf_type,
-                "artifacts": {name: str(row.artifact(self.models[name])) for name in self.models},
-                "runtime": workers["dense"].info,
-                "memory": memory,
-            }
-        finally:
-            for worker in workers.values():
-                worker.kill()
+        artifacts = {name: row.artifact(self.models[name]) for name in ("dense", "pruned")}
+
+        def step() -> None:
+            self.done += 1
+            if self.progress:
+                self.progress(self.done, self.total, stage=row.label)
+
+        row_samples, memory, info = measure_rotating(row.spec, artifacts, self.profile, self.prompts, self.context,
+                                                     step)
+        return row_samples, {
+            "backend": row.spec.kind.value,
+            "spec": {k: v for k, v in row.spec.__dict__.items() if k != "kind"},
+            "gguf_type": row.gguf_type,
+            "artifacts": {name: str(path) for name, path in artifacts.items()},
+            "runtime": info,
+            "memory": memory,
+        }
+
+
+def measure_rotating(spec: BackendSpec, artifacts: dict[str, Path], profile: TargetProfile, prompts: list[list[int]],
+                     context, step: Callable[[], None]) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict]:
+    """Every artifact in its own worker process, each measured once per repeat, the order rotating from repeat to
+    repeat so that drift spreads over all of them (with two artifacts: alternating). `step` is called after each
+    measurement; the workers are always stopped.
+
+    Returns per name the seconds of the repeats after the warm-up (`prefill_s` per prompt length, `generate_s`), per
+    name the worker's peak memory, and the first worker's runtime information."""
+    max_context = max(max(profile.prompt_lengths), profile.generate_tokens) + 16
+    names = list(artifacts)
+    samples: dict[str, dict[str, Any]] = {name: {"prefill_s": {}, "generate_s": []} for name in names}
+    workers: dict[str, _Worker] = {}
+    try:
+        for name in names:
+            workers[name] = _Worker(context, spec, artifacts[name], profile.resolved_threads, max_context)
+        for worker in workers.values():
+            worker.wait_ready()
+        for repeat in range(profile.warmup + profile.repeats):
+            shift = repeat % len(names)
+            for name in names[shift:] + names[:shift]:
+                result = workers[name].measure(prompts, profile.generate_tokens)
+                step()
+                if repeat >= profile.warmup:
+                    for length, seconds in result["prefill_s"].items():
+                        samples[name]["prefill_s"].setdefault(length, []).append(seconds)
+                    samples[name]["generate_s"].append(result["generate_s"])
+        info = workers[names[0]].info
+        memory = {name: worker.stop() for name, worker in workers.items()}
+    finally:
+        for worker in workers.values():
+            worker.kill()
+    return samples, memory, info
 
 
 def measure_in_turn(
     spec: BackendSpec, artifacts: dict[str, Path], profile: TargetProfile, vocab: int, progress: Progress | None = None
 ) -> dict[str, dict[str, Any]]:
     """Latency of several artifacts on one backend, each in its own worker process, measured in turn inside every
-    repeat (the order rotating from repeat to repeat, so that drift spreads over all of them).
+    repeat (see `measure_rotating`).
 
     Returns, per name, `ppN`/`tgN` tokens/s (median, min, max over the repeats) and the worker's peak memory.
     """
-    context = multiprocessing.get_context("spawn")
-    max_context = max(max(profile.prompt_lengths), profile.generate_tokens) + 16
-    prompts = _prompts(profile.prompt_lengths, vocab)
-    names = list(artifacts)
-    samples: dict[str, dict[str, list[float]]] = {name: {} for name in names}
-    workers: dict[str, _Worker] = {}
-    total, done = len(names) * (profile.warmup + profile.repeats), 0
-    try:
-        for name in names:
-            workers[name] = _Worker(context, spec, artifacts[name], profile.resolved_threads, max_context)
-        for repeat in range(profile.warmup + profile.repeats):
-            shift = repeat % len(names)
-            for name in names[shift:] + names[:shift]:
-                result = workers[name].measure(prompts, profile.generate_tokens)
-                done += 1
-                if progress:
-                    progress(done, total, stage=f"latency {name}")
-                if repeat >= profile.warmup:
-                    for length, seconds in result["prefill_s"].items():
-                        samples[name].setdefault(f"pp{length}", []).append(int(length) / seconds)
-                    samples[name].setdefault(f"tg{profile.generate_tokens}", []).append(
-                        profile.generate_tokens / result["generate_s"])
-        memory = {name: worker.stop() for name, worker in workers.items()}
-    finally:
-        for worker in workers.values():
-            worker.kill()
-    return {name: {key: _stats(values) for key, values in samples[name].items()} | memory[name] for name in names}
+    total, done = len(artifacts) * (profile.warmup + profile.repeats), 0
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, total, stage="latency")
+
+    samples, memory, _ = measure_rotating(spec, artifacts, profile, _prompts(profile.prompt_lengths, vocab),
+                                          worker_context(), step)
+    rates = {name: {f"pp{length}": [int(length) / s for s in seconds]
+                    for length, seconds in samples[name]["prefill_s"].items()}
+             | {f"tg{profile.generate_tokens}": [profile.generate_tokens / s for s in samples[name]["generate_s"]]}
+             for name in artifacts}
+    return {name: {key: _stats(values) for key, values in rates[name].items()} | memory[name] for name in artifacts}
 
 
 class ProfileIncompleteError(SlimllmError):
