@@ -19,6 +19,7 @@ import shutil
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -251,10 +252,37 @@ def _load_config(source: ModelSource, trust_remote_code: bool):
         raise UserInputError(f"could not read the model config from {source.spec} ({first_line(exc)})") from exc
 
 
+@contextlib.contextmanager
+def _one_gguf_parse():
+    """transformers parses a GGUF file's metadata anew for the config, for the weights and for the tokenizer: each
+    parse walks every vocabulary entry through gguf-py (seconds for a 49k vocabulary, over ten for Gemma's 262k).
+    Within this block each file is parsed once, and the parsed reader (read-only, its tensors memory-mapped) serves
+    every later request."""
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
+    original = gguf.GGUFReader
+    readers: dict[tuple, Any] = {}
+
+    def shared_reader(path, mode: str = "r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared_reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def _load_weights_and_tokenizer(
     source: ModelSource, dtype: torch.dtype, trust_remote_code: bool, placement: Placement | None = None
 ):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     placed = placement.from_pretrained_kwargs() if placement is not None else {}
     kwargs: dict = {"dtype": dtype, **placed}
@@ -265,14 +293,11 @@ def _load_weights_and_tokenizer(
         location = str(source.path) if source.path else source.spec
         kwargs["trust_remote_code"] = trust_remote_code
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        with _one_gguf_parse() if source.kind is SourceKind.GGUF_FILE else contextlib.nullcontext():
+            model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+            tokenizer = _tokenizer(source, location, kwargs)
         if "offload_folder" in placed:
             release_offload_folder_with(model, Path(placed["offload_folder"]))
-        if source.kind is SourceKind.GGUF_FILE and gguf_tokenizer_model(source.path) == "llama":
-            tokenizer = sentencepiece_tokenizer_from_gguf(source.path)
-        else:
-            tok_kwargs = {"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}
-            tokenizer = AutoTokenizer.from_pretrained(location, **tok_kwargs)
     except (OSError, ValueError) as exc:
         if "offload_folder" in placed:
             shutil.rmtree(placed["offload_folder"], ignore_errors=True)
@@ -292,6 +317,17 @@ def _load_weights_and_tokenizer(
         if hasattr(tokenizer, "vocab_file"):
             tokenizer.vocab_file = None
     return model, tokenizer, notes
+
+
+def _tokenizer(source: ModelSource, location: str, kwargs: dict):
+    """The tokenizer: rebuilt from a GGUF's SentencePiece vocabulary, else transformers' (from the GGUF or the
+    directory)."""
+    from transformers import AutoTokenizer
+
+    if source.kind is SourceKind.GGUF_FILE and gguf_tokenizer_model(source.path) == "llama":
+        return sentencepiece_tokenizer_from_gguf(source.path)
+    tok_kwargs = {"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}
+    return AutoTokenizer.from_pretrained(location, **tok_kwargs)
 
 
 _CONVERSION_RECIPE = "v4"
