@@ -63,11 +63,10 @@ def exported_gguf(checkpoint: Path, target: Path, gguf_types: list[str], eval_da
     earlier export of this checkpoint's content with the same settings is there."""
     from slimllm.core.artifacts import sha256_tree
     from slimllm.exporters.gguf import GgufExportSettings, export_gguf
-    from slimllm.exporters.records import reusable_export
+    from slimllm.exporters.records import export_or_reuse
 
     settings = GgufExportSettings(outtypes=gguf_types, eval_data=eval_data, eval_windows=2)
-    if reusable_export(target, sha256_tree(checkpoint), settings) is None:
-        export_gguf(checkpoint, target, settings, force=True)
+    export_or_reuse(export_gguf, checkpoint, target, sha256_tree(checkpoint), settings)
     return {t.upper(): next(target.glob(f"*-{t.upper()}.gguf")) for t in gguf_types}
 
 

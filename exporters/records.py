@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,19 @@ def read_export_record(directory: Path) -> dict[str, Any] | None:
     """The export record of a directory, or None where there is none (not an export, or not a finished one)."""
     path = Path(directory) / EXPORT_RECORD_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def export_or_reuse(export: Callable[..., Any], checkpoint: Path, target: Path, source_sha256: str, settings: Any,
+                    rebuild: bool = False, announce: Callable[[], None] | None = None) -> bool:
+    """Export `checkpoint` into `target` (a directory the caller owns) with `settings`, unless `target` holds an
+    export of the same content with the same settings that passed its checks and `rebuild` is off. `announce` runs
+    just before an export. True when it exported."""
+    if not rebuild and reusable_export(target, source_sha256, settings) is not None:
+        return False
+    if announce is not None:
+        announce()
+    export(checkpoint, target, settings, force=True)
+    return True
 
 
 def reusable_export(directory: Path, source_sha256: str, settings: Any, passed: bool = True) -> dict[str, Any] | None:

@@ -79,21 +79,20 @@ def export_candidate(candidate: Candidate, work_dir: Path, settings: FrontierSet
     exported the same model content with the same settings, else exported now. An artifact that fails its export
     check raises `CandidateCheckFailed`, now and in later runs (the failed export's record is kept and read)."""
     from slimllm.core.errors import ValidationError
-    from slimllm.exporters.records import read_export_record, reusable_export
+    from slimllm.exporters.records import export_or_reuse, read_export_record, reusable_export
 
     target = candidate.export_dir(work_dir)
     export, export_settings = _exporter(candidate, settings)
     failed = target.with_name(target.name + ".failed")
     if (record := reusable_export(failed, candidate.model.sha256, export_settings, passed=False)) is not None:
         raise CandidateCheckFailed(*_failure(record))
-    if reusable_export(target, candidate.model.sha256, export_settings) is None:
-        if progress:
-            progress(0, 1, stage=f"export {candidate.name}")
-        try:
-            export(candidate.model.checkpoint, target, export_settings, force=True)
-        except ValidationError as exc:
-            record = reusable_export(failed, candidate.model.sha256, export_settings, passed=False)
-            raise CandidateCheckFailed(*(_failure(record) if record else (str(exc), 0))) from exc
+    announce = (lambda: progress(0, 1, stage=f"export {candidate.name}")) if progress else None
+    try:
+        export_or_reuse(export, candidate.model.checkpoint, target, candidate.model.sha256, export_settings,
+                        announce=announce)
+    except ValidationError as exc:
+        record = reusable_export(failed, candidate.model.sha256, export_settings, passed=False)
+        raise CandidateCheckFailed(*(_failure(record) if record else (str(exc), 0))) from exc
     if candidate.backend == ONNXRUNTIME:
         return target
     return target / next(iter(read_export_record(target)["files"]))

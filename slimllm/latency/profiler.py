@@ -144,7 +144,7 @@ def prepare_artifacts(
     """
     from slimllm.exporters.gguf import GgufExportSettings, export_gguf
     from slimllm.exporters.onnx import OnnxExportSettings, export_onnx
-    from slimllm.exporters.records import read_export_record, reusable_export
+    from slimllm.exporters.records import export_or_reuse, read_export_record
 
     notes: list[str] = []
     for name, model in models.items():
@@ -164,10 +164,9 @@ def prepare_artifacts(
                     eval_data=eval_data,
                     eval_windows=2,
                 )
-                if rebuild or reusable_export(target, model.checkpoint_sha256(), settings) is None:
-                    if progress:
-                        progress(0, 1, stage=f"export {name} {variant}")
-                    export_onnx(model.checkpoint, target, settings, force=True)
+                stage = f"export {name} {variant}"
+                if export_or_reuse(export_onnx, model.checkpoint, target, model.checkpoint_sha256(), settings, rebuild,
+                                   _announce(progress, stage)):
                     notes.append(f"exported {name} to ONNX ({variant}) for profiling")
                 model.onnx[variant] = target
             elif spec.kind is BackendKind.LLAMA_CPP:
@@ -176,14 +175,18 @@ def prepare_artifacts(
                     continue
                 target = work_dir / name / f"gguf-{'-'.join(t.lower() for t in missing)}"
                 settings = GgufExportSettings(outtypes=missing, eval_data=eval_data, eval_windows=2, tokenizer_lines=50)
-                if rebuild or reusable_export(target, model.checkpoint_sha256(), settings) is None:
-                    if progress:
-                        progress(0, 1, stage=f"export {name} GGUF {','.join(missing)}")
-                    export_gguf(model.checkpoint, target, settings, force=True)
+                stage = f"export {name} GGUF {','.join(missing)}"
+                if export_or_reuse(export_gguf, model.checkpoint, target, model.checkpoint_sha256(), settings, rebuild,
+                                   _announce(progress, stage)):
                     notes.append(f"exported {name} to GGUF ({', '.join(m.upper() for m in missing)}) for profiling")
                 for file_name, info in read_export_record(target)["files"].items():
                     model.gguf[info["type"]] = target / file_name
     return notes
+
+
+def _announce(progress: Progress | None, stage: str):
+    """A callback that shows `stage` on the progress bar (None without one)."""
+    return (lambda: progress(0, 1, stage=stage)) if progress else None
 
 
 def _worker(connection, spec_values: dict, artifact: str, threads: int, max_context: int) -> None:
