@@ -10,9 +10,10 @@ every row the same number of tokens. Each row is scored against the dense model 
 (perplexity over whole windows and over their second halves, as llama-perplexity scores, and KLD), on the development
 slice (the last tenth of the validation text, which no row calibrates, trains or writes prompts from: choices are
 made on it), and on HellaSwag (acc_norm and llama.cpp's per-token rule, with standard errors). Rows are cached one
-by one under --work-dir, keyed by their settings, so an interrupted run resumes at the row it was healing. With
-several --tokens, every row heals at each budget; --max-minutes skips the rows that would not finish in time (each
-estimated from the tokens/s the run has measured), and says so.
+by one under --work-dir, keyed by their settings, and a row's training state is saved every 50 steps, so an
+interrupted run resumes inside the row it was healing. With several --tokens, every row heals at each budget;
+--max-minutes skips the rows that would not finish in time (each estimated from the tokens/s the run has measured),
+and says so.
 
 Writes bench/results/healing-<model>[-<tag>].json and .md with the machine, library versions and settings.
 """
@@ -25,6 +26,7 @@ import dataclasses
 import json
 import math
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -60,23 +62,53 @@ from slimllm.evaluation.tasks import read_task  # noqa: E402
 from slimllm.models.loading import load_model  # noqa: E402
 from slimllm.pruning.settings import PruneSettings  # noqa: E402
 from slimllm.pruning.stage import prune_in_memory  # noqa: E402
-from slimllm.recovery.healing import HealSettings, heal_model  # noqa: E402
+from slimllm.recovery.healing import HealScope, HealSettings, heal_model, layers_next_to_cuts  # noqa: E402
 from slimllm.recovery.training import frozen_teacher  # noqa: E402
 from slimllm.recovery.training_text import training_text  # noqa: E402
 
 DEV_FRACTION = 0.1
 """The development slice: the last tenth of the validation text."""
 
-ROWS: dict[str, tuple[dict[str, Any], str]] = {
-    "wikitext": ({}, "the demo's healing: WikiText-2 blocks, the teacher run on every batch, constant LR 1e-4"),
-    "wikitext, stored top-64": ({"teacher_top_k": 64}, "the teacher's top-64 stored once; no teacher pass per step"),
-    "teacher text": ({"teacher_text": 1.0, "teacher_prompts": "calibration"},
-                     "every block written by the dense model from 16-token WikiText openings (T 0.8, top-p 0.95)"),
-    "half teacher text": ({"teacher_text": 0.5, "teacher_prompts": "calibration"},
-                          "half the blocks WikiText-2, half written by the dense model"),
-    "cosine 3e-4": ({"lr_schedule": "cosine", "lr": 3e-4}, "peak LR 3e-4, cosine decay to a tenth"),
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One lever: what differs from the demo's pruning and healing."""
+
+    description: str
+    heal: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """HealSettings that differ from the demo's."""
+    prune: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """PruneSettings that differ from the demo's (another selection, fewer calibration blocks)."""
+    method: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The method's own settings; `sparsity: "depth"` is the block-parameter share of removing --remove layers."""
+    rounds: int = 1
+    """Iterative pruning: remove --remove / rounds layers, heal --tokens / rounds, re-score on the healed model,
+    repeat (each round's text drawn with its own seed)."""
+
+
+ROWS: dict[str, Row] = {
+    "wikitext": Row("the demo's healing: WikiText-2 blocks, the teacher run on every batch, constant LR 1e-4"),
+    "wikitext, stored top-64": Row("the teacher's top-64 stored once; no teacher pass per step",
+                                   {"teacher_top_k": 64}),
+    "teacher text": Row("every block written by the dense model from 16-token WikiText openings (T 0.8, top-p 0.95)",
+                        {"teacher_text": 1.0, "teacher_prompts": "calibration"}),
+    "half teacher text": Row("half the blocks WikiText-2, half written by the dense model",
+                             {"teacher_text": 0.5, "teacher_prompts": "calibration"}),
+    "cosine 3e-4": Row("peak LR 3e-4, cosine decay to a tenth", {"lr_schedule": "cosine", "lr": 3e-4}),
+    "shortgpt, 8 blocks": Row("ShortGPT selection and least-squares repair on 8 calibration blocks instead of 32 (the "
+                              "control of the sleb-kl row)", prune={"calib_blocks": 8}),
+    "sleb-kl, 8 blocks": Row("output-aware selection: greedy by the KL to the unpruned model's top-64, re-scored after "
+                             "each removal, on 8 calibration blocks (its search costs one suffix pass per candidate "
+                             "per step); least-squares repair on the same blocks", prune={"method": "sleb-kl",
+                                                                                          "calib_blocks": 8}),
+    "iterative 2 x 4": Row("ShortGPT removes 4 layers, repair, heal half the tokens; ShortGPT re-scores the healed "
+                           "model and removes 4 more, repair, heal the other half", rounds=2),
+    "cuts scope": Row("only the kept layers next to each cut and the final norm train (full healing trains every "
+                      "weight)", {"scope": "cuts"}),
+    "2ssp width + attention": Row("2SSP at the same block-parameter share as removing the layers (FFN neurons of "
+                                  "every block, then whole attention modules), no repair, healed like the depth rows",
+                                  prune={"method": "2ssp", "repair": "none"}, method={"sparsity": "depth"}),
 }
-"""Row name -> (HealSettings that differ from the demo's, what the row is)."""
+"""Row name -> what differs from the demo's pruning and healing."""
 
 
 def arguments() -> argparse.Namespace:
@@ -142,16 +174,43 @@ class Scorer:
         return scores
 
 
-def prune(args: argparse.Namespace, loaded) -> tuple[torch.nn.Module, PruneSettings, list[int]]:
-    """The demo's pruning (or --method's selection with the demo's repair), calibrated without the development
-    slice."""
-    settings = PruneSettings(method=args.method, remove=args.remove, calib=args.calib, calib_blocks=args.calib_blocks,
-                             block_len=512, batch_size=2, repair="lsq")
+@dataclasses.dataclass
+class Pruned:
+    """A pruned model and what was removed, in the dense model's layer indices."""
+
+    model: torch.nn.Module
+    settings: PruneSettings
+    removed: list[int]
+    kept: list[int]
+    summary: str = ""
+
+
+def prune(args: argparse.Namespace, loaded, row: Row, remove: int | None = None, kept: list[int] | None = None,
+          seed: int = 0) -> Pruned:
+    """The demo's pruning (or the row's selection with the demo's repair), calibrated without the development slice.
+    `kept`: the dense model's indices of `loaded`'s layers (a model pruned before, for iterative rounds)."""
+    from slimllm.pruning.registry import get_method
+
+    num_layers = loaded.model.config.num_hidden_layers
+    kept = kept if kept is not None else list(range(num_layers))
+    spec = get_method(row.prune.get("method", args.method))
+    count = (remove or args.remove) if spec.removes_layers else None  # 2SSP and DReSS set their own target
+    settings = PruneSettings(**({"method": args.method, "remove": count, "calib": args.calib,
+                                 "calib_blocks": args.calib_blocks, "block_len": 512, "batch_size": 2, "repair": "lsq",
+                                 "seed": seed} | row.prune))
+    method_settings = None
+    if spec.settings_class is not None:
+        own = dict(row.method)
+        if own.get("sparsity") == "depth":
+            own["sparsity"] = args.remove / num_layers
+        method_settings = spec.settings_class(**own)
     calibration = load_calibration(args.calib, loaded.model, loaded.tokenizer, settings.calib_blocks,
                                    settings.block_len, settings.seed, holdout=DEV_FRACTION)
-    model, _, selection, _ = prune_in_memory(loaded, settings, calibration)
-    say(f"removed layers {selection.removed_layers}")
-    return model, settings, selection.removed_layers
+    model, _, selection, _ = prune_in_memory(loaded, settings, calibration, method_settings=method_settings)
+    removed = [kept[i] for i in selection.removed_layers]
+    say(f"{settings.method.value} removed layers {removed} {selection.summary}")
+    return Pruned(model, settings, removed, [k for i, k in enumerate(kept) if i not in selection.removed_layers],
+                  selection.summary)
 
 
 def demo_heal_settings(args: argparse.Namespace, tokens: int, **overrides) -> HealSettings:
@@ -159,36 +218,73 @@ def demo_heal_settings(args: argparse.Namespace, tokens: int, **overrides) -> He
                             "block_len": 512, "batch_size": args.batch_size} | overrides))
 
 
-def heal_row(args: argparse.Namespace, loaded, pruned: torch.nn.Module, settings: HealSettings) -> dict[str, Any]:
-    """Heal a copy of the pruned model as `settings` say; returns the timings and the healed model."""
+def heal_row(args: argparse.Namespace, loaded, pruned: Pruned, settings: HealSettings,
+             state_dir: Path) -> dict[str, Any]:
+    """Heal a copy of the pruned model as `settings` say; returns the timings and the healed model. The training
+    state is saved under `state_dir` every `settings.save_every` steps, and a rerun continues from it."""
     teacher = frozen_teacher(loaded.model)
     written = dataclasses.replace(settings.written_text, batch_size=args.generate_batch)
     text = training_text(settings.calib, loaded.tokenizer, settings.tokens, settings.block_len, settings.batch_size,
                          settings.seed, teacher, written, holdout=DEV_FRACTION)
-    student = copy.deepcopy(pruned)
+    student = copy.deepcopy(pruned.model)
     for p in student.parameters():
         p.requires_grad_(True)
+    near_cuts = None
+    if settings.scope is HealScope.CUTS:
+        near_cuts = layers_next_to_cuts(pruned.kept, len(pruned.kept) + len(pruned.removed))
     healed, result = heal_model(student, text.blocks, settings, teacher if settings.distill > 0 else None,
-                                teacher_key=f"dense {args.model}")
+                                work_dir=state_dir, resume=True, state_key=state_dir.name,
+                                teacher_key=f"dense {args.model}", trainable_layers=near_cuts)
+    if result.resumed_from_step:
+        say(f"continued from step {result.resumed_from_step} of {result.steps}")
     return {"model": healed, "tokens": result.tokens, "heal_seconds": result.seconds,
             "tokens_per_s": result.tokens_per_second, "teacher_seconds": result.teacher_seconds,
             "first_run_tokens_per_s": result.tokens / (result.seconds + result.teacher_seconds),
             "text": text.source, "teacher_blocks": text.teacher_blocks, "final_ce": result.losses[-1],
-            "final_kl": result.kl[-1] if result.kl else None, "peak_memory_gib": result.peak_memory_gib}
+            "final_kl": result.kl[-1] if result.kl else None, "peak_memory_gib": result.peak_memory_gib,
+            "trainable_params": result.trainable_params, "removed_layers": pruned.removed,
+            "prune_summary": pruned.summary}
 
 
-def run_rows(args: argparse.Namespace, loaded, pruned, scorer: Scorer) -> dict[str, dict[str, Any]]:
+def heal_iteratively(args: argparse.Namespace, loaded, row: Row, settings: HealSettings,
+                     state_dir: Path) -> dict[str, Any]:
+    """`row.rounds` rounds of prune --remove / rounds layers, heal --tokens / rounds; the figures of all rounds."""
+    current, kept, rounds, timings = loaded, None, [], {}
+    for index in range(row.rounds):
+        pruned = prune(args, current, row, remove=args.remove // row.rounds, kept=kept, seed=index)
+        round_settings = dataclasses.replace(settings, tokens=settings.tokens // row.rounds, seed=index)
+        healed = heal_row(args, loaded, pruned, round_settings, state_dir.with_name(f"{state_dir.name}-{index}"))
+        current, kept = dataclasses.replace(loaded, model=healed["model"]), pruned.kept
+        rounds.append({key: value for key, value in healed.items() if key != "model"})
+        for key in ("tokens", "heal_seconds", "teacher_seconds"):
+            timings[key] = timings.get(key, 0) + healed[key]
+    return rounds[-1] | timings | {
+        "model": current.model, "removed_layers": sorted(set(range(len(kept) + args.remove)) - set(kept)),
+        "tokens_per_s": timings["tokens"] / timings["heal_seconds"],
+        "first_run_tokens_per_s": timings["tokens"] / (timings["heal_seconds"] + timings["teacher_seconds"]),
+        "rounds": rounds}
+
+
+def prune_key(row: Row) -> str:
+    return digest({"prune": row.prune, "method": row.method})
+
+
+def run_rows(args: argparse.Namespace, loaded, scorer: Scorer, demo: Pruned) -> dict[str, dict[str, Any]]:
     """Every row at every budget, each cached as soon as it is scored; rows past --max-minutes are skipped."""
     rows: dict[str, dict[str, Any]] = {}
+    pruned_models = {prune_key(ROWS["wikitext"]): demo}
     started, rate, scoring_seconds = time.perf_counter(), None, 0.0
     for tokens in args.tokens:
         for name in args.rows:
             label = name if len(args.tokens) == 1 else f"{name}, {tokens:,} tokens"
-            overrides, description = ROWS[name]
-            settings = demo_heal_settings(args, tokens, **overrides)
+            row = ROWS[name]
+            settings = demo_heal_settings(args, tokens, **row.heal)
+            pruning = {"prune": row.prune, "method_settings": row.method, "rounds": row.rounds}
             key = digest({"row": plain(settings), "model": args.model, "remove": args.remove,
                           **({"method": args.method, "calib_blocks": args.calib_blocks}
                              if (args.method, args.calib_blocks) != ("shortgpt", 32) else {}),
+                          **({"pruning": pruning} if pruning != {"prune": {}, "method_settings": {}, "rounds": 1}
+                             else {}),
                           "scoring": scoring(args), "device": str(scorer.device)})
             cached = args.work_dir / "rows" / f"{key[:24]}.json"
             if cached.is_file():
@@ -200,17 +296,26 @@ def run_rows(args: argparse.Namespace, loaded, pruned, scorer: Scorer) -> dict[s
                 if expected > args.max_minutes:
                     say(f"{label}: skipped, it would end after {expected:.1f} of {args.max_minutes} minutes")
                     rows[label] = {"skipped": f"would end after {expected:.1f} of {args.max_minutes} minutes",
-                                   "description": description}
+                                   "description": row.description}
                     continue
             say(f"{label}: healing {settings.tokens} tokens ...")
-            row = heal_row(args, loaded, pruned, settings)
-            model, rate = row.pop("model"), row["tokens_per_s"]
+            state_dir = args.work_dir / "state" / key[:24]
+            if row.rounds > 1:
+                result = heal_iteratively(args, loaded, row, settings, state_dir)
+            else:
+                if prune_key(row) not in pruned_models:
+                    pruned_models[prune_key(row)] = prune(args, loaded, row)
+                result = heal_row(args, loaded, pruned_models[prune_key(row)], settings, state_dir)
+            model, rate = result.pop("model"), result["tokens_per_s"]
             scored = time.perf_counter()
-            row |= {"description": description, "settings": plain(settings)} | scorer.score(model)
+            result |= {"description": row.description, "settings": plain(settings), "pruning": pruning}
+            result |= scorer.score(model)
             scoring_seconds = time.perf_counter() - scored
-            atomic_write_json(cached, row)
-            rows[label] = row
-            say(f"{label}: PPL {row['ppl']:.3f}, KLD {row['kld']:.4f}, {row['tokens_per_s']:.0f} tok/s")
+            atomic_write_json(cached, result)
+            for finished in state_dir.parent.glob(f"{state_dir.name}*"):
+                shutil.rmtree(finished, ignore_errors=True)
+            rows[label] = result
+            say(f"{label}: PPL {result['ppl']:.3f}, KLD {result['kld']:.4f}, {result['tokens_per_s']:.0f} tok/s")
     return rows
 
 
@@ -273,7 +378,7 @@ def markdown(payload: dict[str, Any]) -> str:
             f"| {row['dev_ppl']:.3f} | {row['dev_kld']:.4f} | {_pct(row, 'acc_norm')} | {_pct(row, 'acc_per_token')} "
             f"| {row['tokens_per_s']:.0f} | {row['first_run_tokens_per_s']:.0f} | {payload['ties'].get(name, '')} |"
         )
-    lines += ["", "Rows:", ""] + [f"- **{name}**: {row['description']}." for name, row in rows.items()]
+    lines += ["", "Rows:", ""] + [f"- **{name}**: {row['description']}.{_removal(row)}" for name, row in rows.items()]
     lines += ["", "train tok/s excludes the one teacher pass a stored top-k needs; first-run tok/s includes it (a "
               "rerun, a resume or another candidate on the same blocks reads the stored pass instead).", ""]
     timing = payload.get("step_timing")
@@ -288,6 +393,16 @@ def markdown(payload: dict[str, Any]) -> str:
             f"{timing['teacher_pass_seconds']:.1f} s for {timing['teacher_pass_tokens']} tokens.", "",
         ]
     return "\n".join(lines)
+
+
+def _removal(row: dict[str, Any]) -> str:
+    """What the row's pruning removed, where it differs from the demo's (rows that prune their own way)."""
+    if not row.get("pruning") or row["pruning"] == {"prune": {}, "method_settings": {}, "rounds": 1}:
+        return ""
+    parts = [f"removed layers {row['removed_layers']}"] if row.get("removed_layers") else []
+    parts += [row["prune_summary"]] if row.get("prune_summary") else []
+    parts += [f"round {i + 1} removed {r['removed_layers']}" for i, r in enumerate(row.get("rounds", []))]
+    return " " + "; ".join(parts) + "." if parts else ""
 
 
 def _pct(row: dict[str, Any], metric: str) -> str:
@@ -339,21 +454,35 @@ def step_timing(args: argparse.Namespace, loaded, pruned: torch.nn.Module) -> di
             "speedup": per_step["teacher every batch"] / per_step["stored top-64"]}
 
 
+def cached_step_timing(args: argparse.Namespace, loaded, demo: Pruned) -> dict[str, Any]:
+    """`step_timing`, kept under --work-dir keyed by what it measures, so that a rerun that adds rows reports the
+    timing measured alone instead of measuring it again beside other work."""
+    key = digest({"model": args.model, "removed": demo.removed, "batch_size": args.batch_size,
+                  "steps": args.step_timing, "device": str(next(loaded.model.parameters()).device)})
+    cached = args.work_dir / f"step-timing-{key[:16]}.json"
+    if cached.is_file():
+        say("step timing: cached")
+        return json.loads(cached.read_text())
+    timing = step_timing(args, loaded, demo.model)
+    atomic_write_json(cached, timing)
+    return timing
+
+
 def main() -> None:
     args = arguments()
     torch.manual_seed(0)
     loaded = load_model(args.model, device=args.device, for_training=True)
     scorer = Scorer(args, loaded)
     dense = dense_scores(args, loaded, scorer)
-    pruned, prune_settings, removed = prune(args, loaded)
-    rows = run_rows(args, loaded, pruned, scorer)
-    timing = step_timing(args, loaded, pruned) if args.step_timing else None
+    demo = prune(args, loaded, Row("the demo's pruning"))
+    rows = run_rows(args, loaded, scorer, demo)
+    timing = cached_step_timing(args, loaded, demo) if args.step_timing else None
     payload = {
         "command": "python bench/healing.py " + shlex.join(sys.argv[1:]),
         "machine": machine_info(), "versions": library_versions(),
         "settings": vars(args) | {"work_dir": str(args.work_dir), "results_dir": str(args.results_dir),
-                                  "prune": plain(dataclasses.asdict(prune_settings)), "dev_fraction": DEV_FRACTION,
-                                  "removed_layers": removed},
+                                  "prune": plain(dataclasses.asdict(demo.settings)), "dev_fraction": DEV_FRACTION,
+                                  "removed_layers": demo.removed},
         "device": str(scorer.device), "dense": dense, "rows": rows, "ties": tie_note(rows),
         "step_timing": timing,
     }
