@@ -214,22 +214,6 @@ def _worker(connection, spec_values: dict, artifact: str, threads: int, max_cont
             pass
 
 
-WORKER_PRELOAD = ("torch", "transformers", "transformers.modeling_utils")
-"""What the worker server imports once, so that each worker starts without importing it again."""
-
-
-def worker_context():
-    """Where worker processes come from: a fork server that has imported torch and transformers once (each worker
-    forked from it starts in a fraction of a second instead of importing them afresh, a few seconds on 2 cores), or
-    fresh interpreters where the platform has no fork server. Neither inherits the caller's state: no model, no
-    thread pool, no CUDA context (importing torch does not create one)."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(list(WORKER_PRELOAD))
-    return context
-
-
 class _Worker:
     def __init__(self, context, spec: BackendSpec, artifact: Path, threads: int, max_context: int) -> None:
         self.connection, child = context.Pipe()
@@ -364,7 +348,7 @@ class _Measuring:
 
     def __init__(self, profile: TargetProfile, models: dict[str, ModelArtifacts], prompts, progress) -> None:
         self.profile, self.models, self.prompts, self.progress = profile, models, prompts, progress
-        self.context = worker_context()
+        self.context = multiprocessing.get_context("spawn")
         self.total = len(measurements(profile)) * (profile.warmup + profile.repeats) * 2
         self.done = 0
 
@@ -440,7 +424,7 @@ def measure_in_turn(
             progress(done, total, stage="latency")
 
     samples, memory, _ = measure_rotating(spec, artifacts, profile, _prompts(profile.prompt_lengths, vocab),
-                                          worker_context(), step)
+                                          multiprocessing.get_context("spawn"), step)
     rates = {name: {f"pp{length}": [int(length) / s for s in seconds]
                     for length, seconds in samples[name]["prefill_s"].items()}
              | {f"tg{profile.generate_tokens}": [profile.generate_tokens / s for s in samples[name]["generate_s"]]}
