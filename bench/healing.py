@@ -84,6 +84,14 @@ class Row:
     """Iterative pruning: remove --remove / rounds layers, heal --tokens / rounds, re-score on the healed model,
     repeat (each round's text drawn with its own seed)."""
 
+    @property
+    def pruning(self) -> dict[str, Any]:
+        """How the row prunes, as its cache key and result record it."""
+        return {"prune": self.prune, "method_settings": self.method, "rounds": self.rounds}
+
+
+DEMO_PRUNING = Row("the demo's pruning").pruning
+"""A row that prunes as the demo does (its cache key leaves the pruning out, as it did before rows could change it)."""
 
 ROWS: dict[str, Row] = {
     "wikitext": Row("the demo's healing: WikiText-2 blocks, the teacher run on every batch, constant LR 1e-4"),
@@ -279,12 +287,11 @@ def run_rows(args: argparse.Namespace, loaded, scorer: Scorer, demo: Pruned) -> 
             label = name if len(args.tokens) == 1 else f"{name}, {tokens:,} tokens"
             row = ROWS[name]
             settings = demo_heal_settings(args, tokens, **row.heal)
-            pruning = {"prune": row.prune, "method_settings": row.method, "rounds": row.rounds}
+            pruning = row.pruning
             key = digest({"row": plain(settings), "model": args.model, "remove": args.remove,
                           **({"method": args.method, "calib_blocks": args.calib_blocks}
                              if (args.method, args.calib_blocks) != ("shortgpt", 32) else {}),
-                          **({"pruning": pruning} if pruning != {"prune": {}, "method_settings": {}, "rounds": 1}
-                             else {}),
+                          **({"pruning": pruning} if pruning != DEMO_PRUNING else {}),
                           "scoring": scoring(args), "device": str(scorer.device)})
             cached = args.work_dir / "rows" / f"{key[:24]}.json"
             if cached.is_file():
@@ -397,7 +404,7 @@ def markdown(payload: dict[str, Any]) -> str:
 
 def _removal(row: dict[str, Any]) -> str:
     """What the row's pruning removed, where it differs from the demo's (rows that prune their own way)."""
-    if not row.get("pruning") or row["pruning"] == {"prune": {}, "method_settings": {}, "rounds": 1}:
+    if not row.get("pruning") or row["pruning"] == DEMO_PRUNING:
         return ""
     parts = [f"removed layers {row['removed_layers']}"] if row.get("removed_layers") else []
     parts += [row["prune_summary"]] if row.get("prune_summary") else []
