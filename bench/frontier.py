@@ -34,6 +34,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", default="cpu-x86")
     parser.add_argument("--out", type=Path, default=None, help="Work directory (default: runs/frontier-<model>).")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--tag", default="", help="Suffix of the result file names (frontier-<model>-<tag>).")
     return parser.parse_args(argv)
 
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from slimllm.pipeline.recipes import load_recipe
 
     args = _arguments(argv)
-    slug = re.sub(r"[^a-z0-9.]+", "-", args.model.lower()).strip("-")
+    slug = re.sub(r"[^a-z0-9.]+", "-", f"{args.model} {args.tag}".lower()).strip("-")
     out = args.out or REPO_ROOT / "runs" / f"frontier-{slug}"
     sections = load_recipe(args.recipe)
     settings = build_settings(FrontierSettings, sections.get("frontier"), {}, "[frontier]")
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     run_frontier(args.model, settings, args.profile, out, sections)
     recipe = args.recipe.resolve()
     recipe = recipe.relative_to(REPO_ROOT) if recipe.is_relative_to(REPO_ROOT) else recipe
-    command = f"python bench/frontier.py --model {args.model} --recipe {recipe} --profile {args.profile}"
+    command = f"python bench/frontier.py --model {args.model} --recipe {recipe} --profile {args.profile}" + (
+        f" --tag {args.tag}" if args.tag else "")
     payload = json.loads((out / "frontier.json").read_text())
     payload |= {"command": command, "bench_seconds": time.perf_counter() - started,
                 "machine": machine_info(), "versions": library_versions()}

@@ -258,6 +258,7 @@ RECIPE_MACHINES = {
     # recipe: (the model's published shape, the machine its header names)
     "smollm2-135m-demo.toml": (_SMOLLM2, _TWO_CORES),
     "smollm2-135m-frontier.toml": (_SMOLLM2, _TWO_CORES),
+    "smollm2-135m-width-frontier.toml": (_SMOLLM2, _TWO_CORES),
     "smollm2-135m-cpu.toml": (_SMOLLM2, _TWO_CORES),
     "smollm2-135m-dress.toml": (_SMOLLM2, _TWO_CORES),
     "smollm2-135m-recovery.toml": (_SMOLLM2, _TWO_CORES),
