@@ -58,6 +58,22 @@ def test_rounding_moves_the_width_to_a_multiple_and_reports_the_achieved_sparsit
     assert (rounded.sparsity > exact.sparsity) == (rounded.ffn_kept < exact.ffn_kept)
 
 
+def test_attention_modules_take_up_what_rounding_the_width_up_left_of_the_target():
+    """SmolLM2-135M's shape at 33 %: K = 911 rounds up to 1024, and seven more attention modules than the rule's
+    three bring the sparsity to the target; without filling it stops at 27.5 %. K rounded down keeps the rule's N_A."""
+    params = _mha_params(30, 576, 1536, 3, 9)
+    filled = balance_budget(params, 30, 1536, 0.33)
+    rule = balance_budget(params, 30, 1536, 0.33, fill_rounding=False)
+    assert (filled.ffn_kept, filled.ffn_kept_unrounded) == (rule.ffn_kept, rule.ffn_kept_unrounded) == (1024, 911)
+    assert (rule.attention_modules, filled.attention_modules) == (3, 10)
+    assert rule.sparsity == pytest.approx(0.275, abs=1e-3)
+    assert abs(filled.sparsity - 0.33) < 0.5 * params.attention / params.main
+    rounded_down = balance_budget(params, 30, 1536, 0.25)
+    assert rounded_down.ffn_kept < rounded_down.ffn_kept_unrounded
+    assert rounded_down == balance_budget(params, 30, 1536, 0.25, fill_rounding=False)
+    assert balance_budget(params, 30, 1536, 0.33, stage=TwoSspStage.WIDTH).attention_modules == 0
+
+
 def test_unreachable_targets_are_one_clear_error():
     params = _mha_params(30, 576, 1536, 3, 9)
     with pytest.raises(UserInputError, match="sparsity"):

@@ -99,9 +99,11 @@ def balance_budget(
     alpha: float = 1.5,
     rounding: WidthRounding = WidthRounding.M256,
     stage: TwoSspStage = TwoSspStage.BOTH,
+    fill_rounding: bool = True,
 ) -> Budget:
     """N_A and K for a target sparsity; one stage alone takes the whole target. An unreachable target is a user
-    error saying what the model allows."""
+    error saying what the model allows. With `fill_rounding`, what rounding K up leaves of the target goes to more
+    attention modules (K rounded down keeps the rule's N_A: the target is passed, not missed)."""
     if not 0.0 < sparsity < 1.0:
         raise UserInputError(f"--sparsity must be between 0 and 1 (exclusive), got {sparsity}")
     if alpha <= 0:
@@ -137,7 +139,12 @@ def balance_budget(
     multiple = rounding.multiple
     k = k_exact if stage is TwoSspStage.ATTENTION else min(d_ff, max(multiple, multiple * round(k_exact / multiple)))
     per_neuron = params.ffn / d_ff
-    removed = n_attention * (params.attention + params.input_norm) + num_layers * (d_ff - k) * per_neuron
+    per_attention = params.attention + params.input_norm
+    if fill_rounding and stage is TwoSspStage.BOTH and k > k_exact:
+        # Rounding the width up left part of the target unspent: more attention modules take it up.
+        short = target - num_layers * (d_ff - k) * per_neuron
+        n_attention = min(num_layers - 1, max(n_attention, round(short / per_attention)))
+    removed = n_attention * per_attention + num_layers * (d_ff - k) * per_neuron
     return Budget(n_attention, k, k_exact, removed / params.main)
 
 
@@ -178,6 +185,9 @@ class TwoSspSettings:
     """Run both stages, or one alone with the whole target: width (FFN neurons) or attention (whole modules)."""
     attention_blocks: int = 4
     """Calibration blocks on which stage 2 measures perplexity (the reference uses one 2048-token sequence)."""
+    fill_rounding: bool = True
+    """When rounding the FFN width up leaves the target short, remove more attention modules to reach it (false:
+    the balancing rule's count, and the sparsity falls short by what the rounding kept)."""
 
     def __post_init__(self) -> None:
         self.width_multiple = WidthRounding(getattr(self.width_multiple, "value", str(self.width_multiple)))
@@ -224,7 +234,7 @@ class TwoSsp(PruningMethod):
         num_layers = len(decoder_layers(model))
         d_ff = ffn_width(model)
         budget = balance_budget(params, num_layers, d_ff, settings.sparsity, settings.alpha,
-                                settings.width_multiple, settings.stage)
+                                settings.width_multiple, settings.stage, settings.fill_rounding)
         details: dict = {
             "twossp_settings": plain(settings),
             "attention_params_per_block": params.attention,
