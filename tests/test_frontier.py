@@ -144,6 +144,9 @@ def test_a_frontier_run_measures_every_candidate_then_measures_only_what_is_new(
     for result in first.results:
         assert result.decode.value > 0 and result.prefill.value > 0 and result.size_bytes > 0
         assert result.kld >= 0 and result.quality["ppl"] > 0 and result.speed["peak_rss_bytes"] > 0
+        # llama-perplexity's protocol beside the whole windows: the second half of each 64-token window.
+        half = result.quality["second_half"]
+        assert 0 < 2 * half["tokens"] <= result.quality["tokens"] and half["ppl"] > 0
     by_name = {r.name: r for r in first.results}
     assert by_name["dense f16"].kld < by_name["last-1 f16"].kld  # removing a layer moves further than rounding
     assert set(first.verdicts) == {"llama.cpp", "onnxruntime"}
@@ -153,7 +156,10 @@ def test_a_frontier_run_measures_every_candidate_then_measures_only_what_is_new(
     payload = json.loads((out / "frontier.json").read_text())
     assert len(payload["candidates"]) == 6 and payload["choice"]["winner"] == first.choice.winner.name
     assert (out / "frontier-llama.cpp.png").is_file()
-    assert "frontier-onnxruntime.png" in (out / "frontier.md").read_text()
+    report = (out / "frontier.md").read_text()
+    assert "frontier-onnxruntime.png" in report and "| PPL | PPL ½ |" in report
+    half = by_name["last-1 q8_0"].quality["second_half"]["ppl"]
+    assert f"| {by_name['last-1 q8_0'].quality['ppl']:.2f} | {half:.2f} |" in report
     assert sorted(first.measured) == sorted(f"{kind} {name}" for kind in ("quality", "speed") for name in names)
 
     # One more quantization type: only its two candidates are exported and measured.

@@ -4,8 +4,9 @@
     >>> quality = measure_quality(artifacts, dense, settings, cache)       # KLD, perplexity against the dense model
 
 Quality is the KL divergence from the dense model (PyTorch, fp32) on the same windows, its 99th percentile, the
-share of tokens with the same top-1 and the perplexity, as `slimllm eval --kl-reference` reports them; the task is
-zero-shot multiple choice (acc_norm and its standard error); latency is the profile's prompt and generation lengths
+share of tokens with the same top-1 and the perplexity, over whole windows and over each window's second half
+(llama-perplexity's protocol), as `slimllm eval --kl-reference` reports them; the task is zero-shot multiple choice
+(acc_norm and llama.cpp's per-token rule, with standard errors); latency is the profile's prompt and generation lengths
 in each backend, the candidates measured in turn. A result is reused when the artifact's content, the protocol and
 (for latency) the machine are the same: adding a candidate measures only that candidate.
 """
@@ -55,9 +56,14 @@ class MeasurementCache:
         self.measured.append(f"{kind} {name}")
 
 
+QUALITY_VERSION = 2
+"""Bumped when a quality record gains or changes a figure (2: perplexity over each window's second half)."""
+
+
 def quality_key(item: Measured, dense: FrontierModel, settings: FrontierSettings, windows: int) -> str:
     return digest({"artifact": item.sha256, "backend": item.candidate.backend, "dense": dense.sha256,
-                   "data": content_id(settings.eval_data), "seq_len": settings.eval_seq_len, "windows": windows})
+                   "data": content_id(settings.eval_data), "seq_len": settings.eval_seq_len, "windows": windows,
+                   "version": QUALITY_VERSION})
 
 
 def measure_quality(items: list[Measured], dense: FrontierModel, settings: FrontierSettings, cache: MeasurementCache,
@@ -80,7 +86,8 @@ def measure_quality(items: list[Measured], dense: FrontierModel, settings: Front
                 with open_backend(str(item.artifact), item.candidate.backend, "cpu", "fp32",
                                   context=int(ids.shape[1])) as scorer:
                     stats = divergence_statistics(scorer.logits_fn, reference.logits_fn, ids)
-                value = {key: stats[key] for key in ("ppl", "reference_ppl", "ppl_ratio", "kld", "same_top1", "tokens")
+                value = {key: stats[key] for key in ("ppl", "reference_ppl", "ppl_ratio", "second_half", "kld",
+                                                     "same_top1", "tokens")
                          if key in stats} | {"windows": int(ids.shape[0]), "seq_len": int(ids.shape[1])}
                 cache.put(kind, quality_key(item, dense, settings, windows), item.candidate.name, value)
                 found[item.candidate.name] = value

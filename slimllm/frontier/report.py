@@ -57,6 +57,8 @@ def _row(r: CandidateResult, verdicts: dict[str, dict[str, str | None]]) -> list
 
     kld = r.quality.get("kld", {})
     task = f"{100 * r.task['acc_norm']:.1f} ± {100 * r.task['acc_norm_stderr']:.1f}" if r.task else ""
+    per_token = f"{100 * r.task['acc_per_token']:.1f}" if r.task and "acc_per_token" in r.task else ""
+    half = (r.quality.get("second_half") or {}).get("ppl")
     on = [axis for axis, verdict in verdicts.items() if r.name in verdict and verdict[r.name] is None]
     dominated = [f"on {axis} by {by}" for axis, verdict in verdicts.items() if (by := verdict.get(r.name))]
     status = "; ".join(filter(None, ["on the frontier of " + ", ".join(on) if on else "",
@@ -65,11 +67,13 @@ def _row(r: CandidateResult, verdicts: dict[str, dict[str, str | None]]) -> list
     return [r.name, f"{r.size_bytes / 2**20:.1f}", rate(r.decode), rate(r.prefill),
             f"{kld['mean']:.4f} ± {kld.get('stderr', 0):.4f}" if kld else "", f"{kld.get('99%', 0):.3f}" if kld else "",
             f"{100 * r.quality['same_top1']['mean']:.1f}" if "same_top1" in r.quality else "",
-            f"{r.quality['ppl']:.2f}" if "ppl" in r.quality else "", task, memory, status]
+            f"{r.quality['ppl']:.2f}" if "ppl" in r.quality else "", f"{half:.2f}" if half else "", task, per_token,
+            memory, status]
 
 
-HEADER = ["candidate", "MiB", "decode tok/s", "prefill tok/s", "mean KLD", "KLD 99%", "same top-1 %", "PPL",
-          "task acc_norm %", "peak RSS MiB", "frontier"]
+HEADER = ["candidate", "MiB", "decode tok/s", "prefill tok/s", "mean KLD", "KLD 99%", "same top-1 %", "PPL", "PPL ½",
+          "task acc_norm %", "task per-token %", "peak RSS MiB", "frontier"]
+"""PPL ½: over each window's second half, llama-perplexity's protocol. Per-token: llama.cpp's HellaSwag rule."""
 
 
 def frontier_blocks(payload: dict[str, Any], results: list[CandidateResult], verdicts, choice: Choice,
