@@ -11,3 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 Progress = Callable[..., None]
+
+
+def announcer(progress: Progress | None, stage: str) -> Callable[[], None] | None:
+    """A callback that shows `stage` on the progress bar before a step starts (None without a bar)."""
+    return (lambda: progress(0, 1, stage=stage)) if progress else None

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slimllm.core.errors import UserInputError
-from slimllm.core.progress import Progress
+from slimllm.core.progress import Progress, announcer
 from slimllm.frontier.models import FrontierModel
 from slimllm.frontier.settings import FrontierSettings
 from slimllm.latency.profiles import BackendKind, BackendSpec, TargetProfile
@@ -86,10 +86,9 @@ def export_candidate(candidate: Candidate, work_dir: Path, settings: FrontierSet
     failed = target.with_name(target.name + ".failed")
     if (record := reusable_export(failed, candidate.model.sha256, export_settings, passed=False)) is not None:
         raise CandidateCheckFailed(*_failure(record))
-    announce = (lambda: progress(0, 1, stage=f"export {candidate.name}")) if progress else None
     try:
         export_or_reuse(export, candidate.model.checkpoint, target, candidate.model.sha256, export_settings,
-                        announce=announce)
+                        announce=announcer(progress, f"export {candidate.name}"))
     except ValidationError as exc:
         record = reusable_export(failed, candidate.model.sha256, export_settings, passed=False)
         raise CandidateCheckFailed(*(_failure(record) if record else (str(exc), 0))) from exc

@@ -33,7 +33,7 @@ from slimllm.core.artifacts import (
     sha256_tree,
 )
 from slimllm.core.errors import SlimllmError, UserInputError
-from slimllm.core.progress import Progress
+from slimllm.core.progress import Progress, announcer
 from slimllm.latency.profiles import BackendKind, BackendSpec, TargetProfile
 from slimllm.models.flops import ModelShape, ideal_speedup
 
@@ -166,7 +166,7 @@ def prepare_artifacts(
                 )
                 stage = f"export {name} {variant}"
                 if export_or_reuse(export_onnx, model.checkpoint, target, model.checkpoint_sha256(), settings, rebuild,
-                                   _announce(progress, stage)):
+                                   announcer(progress, stage)):
                     notes.append(f"exported {name} to ONNX ({variant}) for profiling")
                 model.onnx[variant] = target
             elif spec.kind is BackendKind.LLAMA_CPP:
@@ -177,16 +177,11 @@ def prepare_artifacts(
                 settings = GgufExportSettings(outtypes=missing, eval_data=eval_data, eval_windows=2, tokenizer_lines=50)
                 stage = f"export {name} GGUF {','.join(missing)}"
                 if export_or_reuse(export_gguf, model.checkpoint, target, model.checkpoint_sha256(), settings, rebuild,
-                                   _announce(progress, stage)):
+                                   announcer(progress, stage)):
                     notes.append(f"exported {name} to GGUF ({', '.join(m.upper() for m in missing)}) for profiling")
                 for file_name, info in read_export_record(target)["files"].items():
                     model.gguf[info["type"]] = target / file_name
     return notes
-
-
-def _announce(progress: Progress | None, stage: str):
-    """A callback that shows `stage` on the progress bar (None without one)."""
-    return (lambda: progress(0, 1, stage=stage)) if progress else None
 
 
 def _worker(connection, spec_values: dict, artifact: str, threads: int, max_context: int) -> None:
